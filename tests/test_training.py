@@ -1,0 +1,278 @@
+"""Tests of `neurolm_nb.training` (nbs/06_training.ipynb): schedule, parameter groups, sharding,
+accumulation, atomic checkpoints, and — with real processes — DDP under torchrun (gloo, CPU) and an
+exact resume after SIGKILL."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neurolm_nb.core import latest_checkpoint, load_checkpoint
+from neurolm_nb.training import (DemoMLP, ShardedBatchSampler, TrainConfig, build_optimizer, check_param_groups,
+                                 checkpoint_path, demo_loss, demo_task, epoch_order, launch_torchrun, lr_at, read_metrics,
+                                 resolve_schedule, run_demo, save_train_checkpoint, train, weight_decay_groups)
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=8, batch_size=16, weight_decay=0.01, grad_clip=1.0,
+                device="cpu", progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights_after(cfg: TrainConfig, dropout: float = 0.0, **train_kw) -> dict:
+    model, data, loss_fn = demo_task(n=256, dropout=dropout, seed=cfg.seed)
+    train(model, data, loss_fn, cfg, **train_kw)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+# --- schedule, groups, sharding ---------------------------------------------------------------
+
+def test_lr_schedule_endpoints_and_shape():
+    args = dict(lr=6e-4, min_lr=6e-5, warmup_steps=20, max_steps=220)
+    assert lr_at(0, **args) == pytest.approx(6e-4 / 20)
+    assert lr_at(19, **args) == pytest.approx(6e-4)          # warm-up ends at the peak
+    assert lr_at(20, **args) == pytest.approx(6e-4)          # cosine starts at the peak
+    assert lr_at(120, **args) == pytest.approx(3.3e-4)       # half-way: mean of peak and floor
+    assert lr_at(220, **args) == pytest.approx(6e-5)         # ends at the floor
+    assert lr_at(10_000, **args) == pytest.approx(6e-5)
+    warm = [lr_at(s, **args) for s in range(20)]
+    assert np.allclose(np.diff(warm), 6e-4 / 20)             # linear
+    decay = [lr_at(s, **args) for s in range(20, 221)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))     # monotone
+    assert lr_at(0, 1.0, 0.1, 0, 10) == pytest.approx(1.0)   # no warm-up
+    with pytest.raises(ValueError, match="step"):
+        lr_at(-1, **args)
+
+
+def test_resolve_schedule_from_epochs():
+    s = resolve_schedule(TrainConfig(batch_size=4, accum_steps=2, epochs=5, warmup_epochs=0.5), 130, world_size=2)
+    assert (s.global_batch, s.steps_per_epoch, s.max_steps, s.warmup_steps) == (16, 8, 40, 4)
+    with pytest.raises(ValueError, match="10 samples"):
+        resolve_schedule(TrainConfig(batch_size=8), 10, world_size=2)
+
+
+def test_param_groups_cover_every_parameter_exactly_once():
+    model = DemoMLP()
+    model.net[0].bias.requires_grad_(False)  # frozen parameters need no group
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    in_groups = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(in_groups) == len(set(in_groups))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(in_groups) == trainable
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    # name patterns move matrices to the no-decay group too
+    groups = weight_decay_groups(model, 0.1, no_decay=["net.4.*"])
+    assert any(p is model.net[4].weight for p in groups[1]["params"])
+    # a forgotten or duplicated parameter is an error that names it
+    groups = weight_decay_groups(model, 0.1)
+    with pytest.raises(ValueError, match=r"net\.1\.weight"):
+        check_param_groups(model, [groups[0]])
+    with pytest.raises(ValueError, match=r"net\.0\.weight"):
+        check_param_groups(model, groups + [{"params": [model.net[0].weight]}])
+    with pytest.raises(ValueError, match="not a parameter"):
+        check_param_groups(model, groups + [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+
+
+def test_lr_scale_groups_follow_the_schedule():
+    model, data, loss_fn = demo_task(n=64, dropout=0.0)
+    head = list(model.net[4].parameters())
+    groups = [{"params": head, "lr_scale": 0.25},
+              {"params": [p for p in model.parameters() if all(p is not h for h in head)]}]
+    seen = []
+    cfg = small_cfg(max_steps=3, batch_size=16, warmup_steps=2)
+    train(model, data, loss_fn, cfg, param_groups=groups,
+          callbacks=[lambda s: seen.append([g["lr"] for g in s.optimizer.param_groups])])
+    expected = [lr_at(k, cfg.lr, cfg.min_lr, 2, 3) for k in range(3)]
+    assert np.allclose(seen, [[0.25 * e, e] for e in expected])
+
+
+def test_sharding_union_of_ranks_is_the_single_process_batch():
+    n, seed = 203, 7
+    one = ShardedBatchSampler(n, batch_size=12, seed=seed)
+    two = [ShardedBatchSampler(n, batch_size=3, world_size=2, rank=r, accum_steps=2, seed=seed) for r in range(2)]
+    for epoch in range(3):
+        for s in [one, *two]:
+            s.set_epoch(epoch)
+        single = list(one)
+        per_rank = [list(s) for s in two]
+        assert len(single) == n // 12 and all(len(p) == 2 * (n // 12) for p in per_rank)
+        for k, batch in enumerate(single):
+            union = sorted(per_rank[0][2 * k] + per_rank[0][2 * k + 1] + per_rank[1][2 * k] + per_rank[1][2 * k + 1])
+            assert union == sorted(batch)
+        used = [i for b in single for i in b]
+        assert len(set(used)) == len(used) == 12 * (n // 12)
+    # resume position: starting at update 5 yields exactly the tail of the full epoch
+    one.set_epoch(2)
+    full = list(one)
+    one.set_epoch(2, start_step=5)
+    assert list(one) == full[5:]
+    assert not np.array_equal(epoch_order(n, 0, seed), epoch_order(n, 1, seed))
+    assert np.array_equal(epoch_order(n, 1, seed, shuffle=False), np.arange(n))
+
+
+# --- the loop, in process ----------------------------------------------------------------------
+
+def test_gradient_accumulation_equals_one_bigger_batch():
+    big = weights_after(small_cfg(batch_size=16))
+    accumulated = weights_after(small_cfg(batch_size=8, accum_steps=2))
+    start = demo_task(n=256, dropout=0.0)[0].state_dict()
+    assert_same(big, accumulated, atol=1e-6)
+    assert max((big[k] - start[k]).abs().max().item() for k in big) > 1e-3  # training moved the weights
+
+
+def test_metrics_state_and_eval_do_not_disturb_training(tmp_path):
+    progress = []
+
+    def loss_with_state(model, batch, state):
+        progress.append(state.progress)
+        return demo_loss(model, batch)
+
+    def noisy_eval(model):  # draws random numbers: must not change what training draws
+        return {"noise": torch.rand(3).sum()}
+
+    cfg = small_cfg(max_steps=4, out_dir=str(tmp_path / "a"), eval_every=2, log_every=1)
+    model, data, _ = demo_task(n=256, dropout=0.3)
+    result = train(model, data, loss_with_state, cfg, eval_fn=noisy_eval)
+    assert progress == [0.0, 0.25, 0.5, 0.75]
+    rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"step", "epoch", "lr", "loss", "acc", "grad_norm", "samples_per_s", "time"} <= set(rows[0])
+    assert "eval_noise" in rows[1] and "eval_noise" not in rows[0]
+    assert rows == result.history
+    plain = weights_after(small_cfg(max_steps=4), dropout=0.3)
+    assert_same({k: v for k, v in model.state_dict().items()}, plain)
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    cfg = small_cfg(max_steps=4, ckpt_every=2, keep_last=1, out_dir=str(out))
+    weights_after(cfg, dropout=0.1)
+    ckpt_dir = out / "checkpoints"
+    good = checkpoint_path(ckpt_dir, 4)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [good.name]
+    before = good.read_bytes()
+
+    class FailsInsideWriter:  # pickled after the big tensor: the temporary file is half written
+        def __reduce__(self):
+            raise OSError("disk full (simulated)")
+
+    for step in (6, 4):  # a new step, and overwriting the existing one
+        with pytest.raises(OSError, match="disk full"):
+            save_train_checkpoint({"model": torch.zeros(100_000), "x": FailsInsideWriter()}, ckpt_dir, step, keep_last=1)
+        assert sorted(p.name for p in ckpt_dir.iterdir()) == [good.name]  # no temp file, nothing pruned
+        assert good.read_bytes() == before
+    # a temp file left by a process killed mid-write is ignored and cleaned up on resume
+    (ckpt_dir / ".step_00000006.pt.abc123.tmp").write_bytes(b"partial")
+    assert latest_checkpoint(ckpt_dir) == good
+    model, data, loss_fn = demo_task(n=256, dropout=0.1)
+    result = train(model, data, loss_fn, small_cfg(max_steps=6, ckpt_every=2, keep_last=1, out_dir=str(out)))
+    assert result.resumed_from == good and result.step == 6
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [checkpoint_path(ckpt_dir, 6).name]
+    assert load_checkpoint(good.with_name("step_00000006.pt"))["step"] == 6
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    flags = ["--steps", "6", "--warmup-steps", "2", "--lr", "3e-3", "--min-lr", "3e-4", "--weight-decay", "0.01",
+             "--grad-clip", "1.0", "--dropout", "0", "--seed", "3", "--n-samples", "256", "--device", "cpu"]
+    # 2 ranks × batch 2 × 2 accumulation steps = global batch 8
+    proc = launch_torchrun(2, ["neurolm_nb.training", "--demo", "--no-progress", "--out-dir", tmp_path / "ddp",
+                               "--batch-size", "2", "--accum-steps", "2", *flags], env={"OMP_NUM_THREADS": "1"})
+    assert '"world_size": 2' in proc.stdout
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "ddp" / "checkpoints"))
+    assert ckpt["step"] == 6 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    cfg = small_cfg(max_steps=6, warmup_steps=2, batch_size=8, seed=3, out_dir=str(tmp_path / "one"))
+    model, data, loss_fn = demo_task(n=256, dropout=0.0, seed=3)
+    train(model, data, loss_fn, cfg)
+    assert_same(ckpt["model"], model.state_dict(), atol=1e-6)
+    start = demo_task(n=256, dropout=0.0, seed=3)[0].state_dict()
+    assert max((ckpt["model"][k] - start[k]).abs().max().item() for k in start) > 1e-3
+    # the logged loss of the two ranks is the mean over the global batch, as in one process
+    ddp_rows, one_rows = read_metrics(tmp_path / "ddp" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert np.allclose([r["loss"] for r in ddp_rows], [r["loss"] for r in one_rows], atol=1e-6)
+    assert np.allclose([r["grad_norm"] for r in ddp_rows], [r["grad_norm"] for r in one_rows], rtol=1e-5)
+
+
+@contextlib.contextmanager
+def one_thread():
+    "Compute like the OMP_NUM_THREADS=1 subprocesses, so results can be compared bit for bit."
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    # dropout on and shuffled data crossing an epoch boundary: RNG and data position must come back
+    flags = ["--demo", "--no-progress", "--steps", "24", "--ckpt-every", "4", "--batch-size", "8",
+             "--n-samples", "128", "--dropout", "0.3", "--warmup-steps", "3", "--lr", "3e-3", "--seed", "5",
+             "--device", "cpu"]
+    victim = subprocess.Popen([sys.executable, "-m", "neurolm_nb.training", "--out-dir", str(tmp_path / "killed"),
+                               "--step-delay", "0.15", *flags], env=SUBPROCESS_ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ckpt_dir = tmp_path / "killed" / "checkpoints"
+        deadline = time.time() + 90
+        while True:
+            last = latest_checkpoint(ckpt_dir)
+            if last is not None and load_step(last) >= 8:
+                break
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint after 90 s"
+            time.sleep(0.02)
+        os.kill(victim.pid, signal.SIGKILL)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = load_step(latest_checkpoint(ckpt_dir))
+    assert 8 <= killed_at < 24, killed_at
+
+    with one_thread():  # the uninterrupted reference run
+        straight = run_demo(["--out-dir", tmp_path / "straight", *flags])
+
+    with one_thread():
+        resumed = run_demo(["--out-dir", tmp_path / "killed", *flags])
+    assert resumed.resumed_from is not None and load_step(resumed.resumed_from) == killed_at
+    a = load_checkpoint(straight.checkpoint)
+    b = load_checkpoint(resumed.checkpoint)
+    assert a["step"] == b["step"] == 24 and (a["epoch"], a["batch_in_epoch"]) == (b["epoch"], b["batch_in_epoch"]) == (1, 8)
+    assert_same(a["model"], b["model"])  # bit for bit
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    rows_a, rows_b = read_metrics(tmp_path / "straight" / "metrics.jsonl"), read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["lr"]) for r in rows_a] == [(r["step"], r["loss"], r["lr"]) for r in rows_b]
+    assert [r["step"] for r in rows_b] == list(range(1, 25))  # rows the killed run wrote after its checkpoint are gone
+
+
+def load_step(path: Path) -> int:
+    return int(path.stem.split("_")[-1])
+
+
+def test_launch_torchrun_failure_reports_the_output_tail():
+    with pytest.raises(RuntimeError, match="(?s)exit code.*nothing to do"):
+        launch_torchrun(1, ["neurolm_nb.training", "--steps", "3"])
