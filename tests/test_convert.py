@@ -1,0 +1,184 @@
+"""Official checkpoints (neurolm_nb.convert): every manifest key mapped with its shape, strict errors that
+name the key, bit-exact round trips through files in the official formats, and the reference fixtures."""
+import argparse
+import warnings
+
+import pytest
+import torch
+
+from neurolm_nb.convert import (
+    CheckpointMismatchError, fixture_state_dict, load_official_labram_vqnsp, load_official_neurolm_tokenizer,
+    official_key_table, read_checkpoint, to_official_labram_vqnsp, to_official_neurolm_tokenizer,
+)
+from neurolm_nb.core import load_json, save_checkpoint
+from neurolm_nb.vq import VQConfig, VQTokenizer, load_tokenizer, save_tokenizer
+
+torch.set_num_threads(1)
+
+
+def manifest(fixtures_dir, name):
+    return load_json(fixtures_dir / "manifests" / f"{name}.json")
+
+
+def meta_state_dict(info):
+    return {k["key"]: torch.empty(k["shape"], device="meta") for k in info["keys"]}
+
+
+@pytest.mark.parametrize("name", ["neurolm_VQ_Align", "labram_vqnsp_base", "labram_vqnsp_large"])
+def test_every_manifest_key_maps_with_its_shape(fixtures_dir, name):
+    info = manifest(fixtures_dir, name)
+    sd = meta_state_dict(info)
+    assert len(sd) == info["n_keys"]
+    load = load_official_neurolm_tokenizer if name.startswith("neurolm") else load_official_labram_vqnsp
+    write = to_official_neurolm_tokenizer if name.startswith("neurolm") else to_official_labram_vqnsp
+    model = load(sd)  # strict: any unmapped or misshaped key would raise
+    back = write(model)
+    assert {k: list(v.shape) for k, v in back.items()} == {k["key"]: k["shape"] for k in info["keys"]}
+    assert sum(v.numel() for v in model.state_dict().values()) == info["total_numel_state_dict"]
+
+
+def test_full_size_neurolm_values_land_on_the_right_keys(fixtures_dir):
+    "A full-size VQ_Align state dict whose every tensor holds its own number: loading and writing back keeps each."
+    info = manifest(fixtures_dir, "neurolm_VQ_Align")
+    # stride-0 views of one scalar per key: full shapes, 172 numbers of memory
+    sd = {k["key"]: torch.tensor(float(i)).expand(k["shape"]) for i, k in enumerate(info["keys"])}
+    model = load_official_neurolm_tokenizer(sd)
+    assert model.config.encoder_depth == 12 and model.config.decoder_depth == 4
+    assert model.config.text_vocab_size == 50257 and model.config.n_codes == 8192
+    ours = model.state_dict()
+    assert ours["encoder.blocks.7.attn.qkv.weight"][0, 0] == sd["VQ.encoder.blocks.7.attn.c_attn.weight"][0, 0]
+    assert ours["quantizer.codebook"][0, 0] == sd["VQ.quantize.embedding.weight"][0, 0]
+    back = to_official_neurolm_tokenizer(model)
+    for key, value in sd.items():
+        assert back[key].shape == value.shape and back[key].reshape(-1)[0] == value.reshape(-1)[0], key
+
+
+def test_full_size_labram_round_trip_with_random_values(fixtures_dir):
+    info = manifest(fixtures_dir, "labram_vqnsp_base")
+    g = torch.Generator().manual_seed(0)
+    sd = {k["key"]: torch.randn(k["shape"], generator=g) for k in info["keys"]}
+    model = load_official_labram_vqnsp({"model": sd, "epoch": 9, "args": argparse.Namespace(code_dim=64)})
+    assert model.config.to_dict() == VQConfig.labram().to_dict()
+    back = to_official_labram_vqnsp(model)
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_project_format_to_official_file_and_back_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    mine = VQTokenizer(VQConfig.tiny()).eval()
+    save_tokenizer(mine, tmp_path / "mine.pt")
+    official = to_official_neurolm_tokenizer(load_tokenizer(tmp_path / "mine.pt"), as_checkpoint=True)
+    assert set(official) == {"model", "encoder_args", "decoder_args", "iter_num", "epoch"}
+    assert official["encoder_args"]["n_layer"] == 2 and official["decoder_args"]["in_chans"] == 16
+    # the official scripts save a torch.compile'd model: keys carry `_orig_mod.` (N15)
+    official["model"] = {"_orig_mod." + k: v for k, v in official["model"].items()}
+    save_checkpoint(official, tmp_path / "VQ.pt")
+    back = load_official_neurolm_tokenizer(tmp_path / "VQ.pt").eval()
+    assert back.config == mine.config
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in mine.state_dict().items())
+    g = torch.Generator().manual_seed(1)
+    X, chans = torch.randn(2, 12, 200, generator=g), torch.randint(0, 136, (2, 12), generator=g)
+    times, mask = torch.arange(12).repeat(2, 1) // 3, torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    with torch.no_grad():
+        a, b = mine(X, chans, times, mask), back(X, chans, times, mask)
+    assert torch.equal(a.features, b.features) and torch.equal(a.codes, b.codes)
+    assert all(torch.equal(a.reconstructions[k], b.reconstructions[k]) for k in a.reconstructions)
+
+
+def test_labram_checkpoint_with_namespace_and_dropped_keys(tmp_path):
+    torch.manual_seed(0)
+    model = VQTokenizer(VQConfig.labram(encoder_depth=2, decoder_depth=1, n_codes=128)).eval()
+    sd = to_official_labram_vqnsp(model)
+    sd["loss_fn.scale"] = torch.ones(1)        # LaBraM's tokenizer loader drops loss*/teacher*/scaling* keys
+    sd["teacher.w"] = torch.ones(2)
+    torch.save({"model": sd, "args": argparse.Namespace(codebook_emd_dim=64, lr=5e-5), "epoch": 3}, tmp_path / "vqnsp.pth")
+    back = load_official_labram_vqnsp(tmp_path / "vqnsp.pth")  # weights_only=True + argparse.Namespace
+    assert back.config.encoder_depth == 2 and back.config.n_codes == 128
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+class _Opaque:  # a class no safe loader allows
+    pass
+
+
+def test_untrusted_pickles_are_refused_unless_trusted(tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save({"model": {}, "extra": _Opaque()}, path)
+    with pytest.raises(RuntimeError, match=r"odd.pth .*_Opaque.*trusted=True"):
+        read_checkpoint(path)
+    assert isinstance(read_checkpoint(path, trusted=True)["extra"], _Opaque)
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        read_checkpoint(tmp_path / "absent.pth")
+
+
+@pytest.fixture
+def small_official():
+    torch.manual_seed(0)
+    model = VQTokenizer(VQConfig.tiny(encoder_depth=1))
+    return model, to_official_neurolm_tokenizer(model)
+
+
+def test_missing_key_is_named_with_its_shape(small_official):
+    model, sd = small_official
+    del sd["VQ.decoder_raw.blocks.0.mlp.c_fc.weight"]
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"missing key 'VQ.decoder_raw.blocks.0.mlp.c_fc.weight' \(expected shape \[256, 64\]\)"):
+        load_official_neurolm_tokenizer(sd, model=VQTokenizer(model.config))
+
+
+def test_wrong_shape_is_named_with_expected_and_found(small_official):
+    model, sd = small_official
+    sd["VQ.encode_task_layer.2.weight"] = torch.zeros(8, 64)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"'VQ.encode_task_layer.2.weight': expected shape \[16, 64\], found \[8, 64\]"):
+        load_official_neurolm_tokenizer(sd, model=VQTokenizer(model.config))
+
+
+def test_unexpected_key_is_named_and_non_strict_loads_the_rest(small_official):
+    model, sd = small_official
+    sd["VQ.encoder.blocks.0.attn.bias"] = torch.zeros(4)
+    with pytest.raises(CheckpointMismatchError, match="unexpected key 'VQ.encoder.blocks.0.attn.bias'"):
+        load_official_neurolm_tokenizer(sd)
+    del sd["wte.weight"]
+    target = VQTokenizer(model.config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_official_neurolm_tokenizer(sd, model=target, strict=False)
+    text = " ".join(str(w.message) for w in caught)
+    assert "VQ.encoder.blocks.0.attn.bias" in text and "wte.weight" in text
+    assert torch.equal(loaded.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+
+
+def test_a_labram_checkpoint_is_not_a_neurolm_one(fixtures_dir):
+    sd = meta_state_dict(manifest(fixtures_dir, "labram_vqnsp_base"))
+    with pytest.raises(CheckpointMismatchError, match="VQ.encoder.fc_norm.weight"):
+        load_official_neurolm_tokenizer(sd)
+    with pytest.raises(KeyError, match="no official labram name"):
+        official_key_table(VQTokenizer(VQConfig.tiny()), "labram")
+
+
+def test_args_that_contradict_the_weights_are_refused(small_official):
+    model, sd = small_official
+    ckpt = to_official_neurolm_tokenizer(model, as_checkpoint=True)
+    ckpt["encoder_args"]["n_layer"] = 12
+    with pytest.raises(CheckpointMismatchError, match="n_layer=12"):
+        load_official_neurolm_tokenizer(ckpt)
+    with pytest.raises(ValueError, match="overrides"):
+        load_official_neurolm_tokenizer(sd, model=VQTokenizer(model.config), original_padding=True)
+
+
+def test_fixture_state_dicts_load_strictly(fixtures_dir):
+    for name, load, keys in [("neurolm_vq_tiny", load_official_neurolm_tokenizer, 70),  # 1 + 1 + 1 blocks
+                             ("labram_vqnsp", load_official_labram_vqnsp, 236)]:
+        sd = fixture_state_dict(name)
+        assert len(sd) == keys
+        model = load(sd)
+        assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+        assert not any(v.is_meta for v in model.state_dict().values())
+        assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("text_embedding"))
+        if model.text_embedding is not None:
+            assert not model.text_embedding.weight.requires_grad  # the frozen GPT-2 copy stays frozen
+    with pytest.raises(ValueError, match="labram_base"):
+        fixture_state_dict("labram_base", {})
