@@ -120,6 +120,13 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
     return d
 
 # %% ../nbs/00_core.ipynb #c015
+def _umask() -> int:
+    "The process umask (reading it means setting it, so set it straight back)."
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], Any]) -> Path:
     "Call `write(f)` on a temporary file beside `path`, fsync, then rename it to `path`."
     path = Path(path)
@@ -130,6 +137,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], Any]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
