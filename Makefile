@@ -1,0 +1,93 @@
+# neurolm_nb: every target creates (or reuses) .venv on first use; nothing is installed outside it.
+#
+#   make demo    run the smoke pipeline (data stages + training demo) into runs/smoke/
+#   make test    the test suite: library tests, every notebook under papermill, export/clean sync
+#
+# Variables: PYTHON (interpreter to build .venv from, >= 3.10), PROFILE (for demo), PYTEST_ARGS,
+# TORCH_SPEC (what to install when the venv has no torch yet, e.g. TORCH_SPEC=torch==2.13.0).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= smoke
+PYTEST_ARGS ?=
+TORCH_SPEC ?= torch
+PIP := $(PY) -m pip --disable-pip-version-check
+# The install is redone only when the packaging files change (their checksum names the stamp).
+STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+
+.PHONY: help venv install demo test export clean check samples
+
+help:
+	@echo "make demo     run the '$(PROFILE)' pipeline with papermill into runs/$(PROFILE)/"
+	@echo "make test     run the test suite (PYTEST_ARGS='-k io' to select)"
+	@echo "make install  create .venv and install the project with its dev tools"
+	@echo "make export   nbdev_export: regenerate neurolm_nb/ from nbs/"
+	@echo "make clean    strip outputs and metadata from nbs/*.ipynb (nbdev_clean)"
+	@echo "make check    export + clean, and fail if that changed any file"
+	@echo "make samples  regenerate data_samples/"
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: '$(PYTHON)' not found; install Python >= 3.10 or run make PYTHON=/path/to/python3.x" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+	  echo "error: neurolm_nb needs Python >= 3.10, but '$(PYTHON)' is $$($(PYTHON) -V 2>&1)." >&2; \
+	  echo "       Run e.g. 'make $(MAKECMDGOALS) PYTHON=python3.11' with a newer interpreter." >&2; exit 1; }
+	@echo "creating $(VENV) with $$($(PYTHON) -V 2>&1)"
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "error: '$(PYTHON) -m venv' failed (on Debian/Ubuntu: apt install python3-venv)" >&2; exit 1; }
+
+venv: $(PY)
+
+$(STAMP): | $(PY)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+	  echo "error: $(VENV) runs $$($(PY) -V 2>&1); neurolm_nb needs >= 3.10. Remove $(VENV) and run again with PYTHON=python3.11 (or newer)." >&2; exit 1; }
+	@# An installed torch (a CUDA build, or the CPU build CI puts there first) is never replaced:
+	@# it is pinned as a constraint for the project install.
+	@if $(PY) -c 'import torch' >/dev/null 2>&1; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') is installed: leaving it alone"; \
+	else \
+	  echo "installing $(TORCH_SPEC) (choose a build with TORCH_SPEC=..., see https://pytorch.org)"; \
+	  $(PIP) install "$(TORCH_SPEC)"; \
+	fi
+	@$(PY) -c 'import torch; print("torch==" + torch.__version__)' > $(VENV)/torch-constraint.txt
+	$(PIP) install -e ".[dev]" -c $(VENV)/torch-constraint.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m neurolm_nb.pipeline --profile $(PROFILE)
+	@echo
+	@echo "Executed notebooks: runs/$(PROFILE)/<stage>/*.ipynb   figures: runs/$(PROFILE)/<stage>/figures/"
+	@echo "Record of the run:  runs/$(PROFILE)/pipeline.json"
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+export: $(STAMP)
+	$(VENV)/bin/nbdev_export
+
+clean: $(STAMP)
+	$(PY) -m neurolm_nb.pipeline --strip-outputs nbs
+	$(VENV)/bin/nbdev_clean
+
+# Fingerprint of everything export and clean may touch; check compares it before and after.
+FINGERPRINT = find nbs neurolm_nb pyproject.toml -type f \( -name '*.ipynb' -o -name '*.py' -o -name '*.toml' \) \
+	-not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | LC_ALL=C sort | xargs cksum
+
+check: $(STAMP)
+	@$(FINGERPRINT) > $(VENV)/.check-before
+	@$(VENV)/bin/nbdev_export
+	@$(PY) -m neurolm_nb.pipeline --strip-outputs nbs >/dev/null
+	@$(VENV)/bin/nbdev_clean
+	@$(FINGERPRINT) > $(VENV)/.check-after
+	@if diff $(VENV)/.check-before $(VENV)/.check-after >/dev/null; then echo "check: nbdev_export and nbdev_clean change nothing"; \
+	else echo "check FAILED: these files changed (review and commit them):" >&2; \
+	  diff $(VENV)/.check-before $(VENV)/.check-after | sed -n 's/^> [0-9]* [0-9]* /  /p' >&2; exit 1; fi
+
+samples: $(STAMP)
+	$(PY) -m neurolm_nb.datasets make-samples data_samples

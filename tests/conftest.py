@@ -1,0 +1,62 @@
+"""Shared pytest fixtures: where the repository, its notebooks and the data beside it live.
+
+Fixtures that need `../shared` (real EEGMAT recordings, official reference tensors) skip the test with
+a reason naming what is missing, so the suite still runs in a checkout without it.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+# Headless and quiet everywhere: notebooks and tests plot with Agg, and nbdev's IN_TEST switch
+# (which turns nbdev_export into a no-op) must never leak into the subprocesses the tests start.
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.pop("IN_TEST", None)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    "The repository root (the folder holding settings.ini)."
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def nbs_dir(repo_root) -> Path:
+    "The notebooks, source of truth of the package."
+    return repo_root / "nbs"
+
+
+@pytest.fixture(scope="session")
+def profiles_dir(repo_root) -> Path:
+    return repo_root / "profiles"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    "`../shared` beside the checkout (or $NEUROLM_SHARED); skips the test when absent."
+    from neurolm_nb.core import shared_dir as find_shared
+    found = find_shared()
+    if found is None:
+        pytest.skip("no shared/ folder beside the checkout (and NEUROLM_SHARED is not set): "
+                    "real EEGMAT data and official fixtures are unavailable")
+    return found
+
+
+@pytest.fixture(scope="session")
+def eegmat_dir(shared_dir) -> Path:
+    "The real PhysioNet EEGMAT recordings (subjects 02-21); skips the test when absent."
+    d = shared_dir / "data" / "eegmat"
+    if not d.is_dir() or not any(d.glob("Subject*_*.edf")):
+        pytest.skip(f"EEGMAT recordings not found in {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir(shared_dir) -> Path:
+    "Reference tensors from the official NeuroLM / LaBraM code; skips the test when absent."
+    d = shared_dir / "fixtures" / "official"
+    if not d.is_dir() or not any(d.glob("*.safetensors")):
+        pytest.skip(f"official fixtures not found in {d}")
+    return d

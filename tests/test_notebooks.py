@@ -1,0 +1,90 @@
+"""Every notebook in nbs/ runs top to bottom under papermill, and keeps its `parameters` cell.
+
+Notebooks are collected when the tests are collected, so a new notebook is tested without touching this
+file. Each runs the way `neurolm_nb.pipeline` would run it: working folder nbs/, kernel python3, the
+smoke profile's parameters (those the notebook declares), `out_dir` a temporary folder and
+`run_root=None` (standalone).
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from neurolm_nb.pipeline import STAGES, load_profile, notebook_parameters, resolve_parameters, run_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "nbs").glob("*.ipynb"))
+SLOW: set[str] = set()  # notebook file names that take over a minute on one CPU core
+STAGE_OF = {nb: stage for stage, nb in STAGES.items()}
+REQUIRED = ("out_dir", "run_root", "seed")  # the contract every notebook's parameters cell keeps
+
+
+def _param(nb: Path):
+    marks = [pytest.mark.notebook] + ([pytest.mark.slow] if nb.name in SLOW else [])
+    return pytest.param(nb, id=nb.stem, marks=marks)
+
+
+def _parameter_cells(nb: Path) -> list:
+    cells = nbformat.read(nb, as_version=4).cells
+    return [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+
+
+def test_notebooks_were_found():
+    assert NOTEBOOKS, f"no notebooks in {ROOT / 'nbs'}"
+
+
+@pytest.mark.parametrize("notebook", [_param(nb) for nb in NOTEBOOKS])
+def test_notebook_has_parameters_cell(notebook):
+    cells = _parameter_cells(notebook)
+    assert len(cells) == 1, f"{notebook.name} has {len(cells)} cells tagged 'parameters' (needs exactly one)"
+    declared = notebook_parameters(notebook)
+    missing = [k for k in REQUIRED if k not in declared]
+    assert not missing, f"{notebook.name}: the parameters cell lacks {missing} (it declares {sorted(declared)})"
+    assert "#| export" not in cells[0].source, f"{notebook.name}: the parameters cell must not be exported"
+
+
+@pytest.mark.parametrize("notebook", [_param(nb) for nb in NOTEBOOKS])
+def test_notebook_runs_under_papermill(notebook, tmp_path):
+    smoke = load_profile("smoke")
+    stage = STAGE_OF.get(notebook.name)
+    out = tmp_path / "out"
+    params = resolve_parameters(notebook, smoke, stage if stage in smoke["stages"] else None, out_dir=out)
+    run_notebook(notebook, tmp_path / notebook.name, params, kernel="python3", cwd=notebook.parent,
+                 stage=stage, timeout=900)
+    executed = nbformat.read(tmp_path / notebook.name, as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    if stage is not None:  # stage notebooks leave their record behind
+        for name in ("metrics.json", "config.json"):
+            assert (out / name).exists(), f"stage {stage!r} ({notebook.name}) did not write {name} to out_dir"
+            json.loads((out / name).read_text())
+
+
+def test_parameters_tag_survives_nbdev_clean(tmp_path):
+    "nbdev_clean, run with this project's settings.ini, keeps papermill's tag (and would drop it without them)."
+    from nbdev.clean import clean_nb
+    source = next((nb for nb in NOTEBOOKS if _parameter_cells(nb)), None)
+    if source is None:
+        pytest.skip("no notebook with a parameters cell yet")
+    copy = tmp_path / "nbs" / source.name
+    copy.parent.mkdir()
+    shutil.copy(source, copy)
+    nb = json.loads(copy.read_text())
+    for cell in nb["cells"]:  # give the copy the metadata Jupyter adds, so cleaning has work to do
+        cell["metadata"]["collapsed"] = False
+    copy.write_text(json.dumps(nb, indent=1))
+    done = subprocess.run([sys.executable, "-c", "from nbdev.clean import nbdev_clean; nbdev_clean(fname=%r)" % str(copy)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    cleaned = json.loads(copy.read_text())
+    assert not any("collapsed" in c["metadata"] for c in cleaned["cells"]), "nbdev_clean did not run on the copy"
+    assert _parameter_cells(copy), f"nbdev_clean removed the 'parameters' tag from {source.name}"
+    # the control: without allowed_cell_metadata_keys the tag would be gone
+    bare = json.loads(source.read_text())
+    clean_nb(bare, allowed_cell_metadata_keys=[])
+    assert not any("parameters" in c["metadata"].get("tags", []) for c in bare["cells"])

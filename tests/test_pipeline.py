@@ -1,0 +1,205 @@
+"""The papermill runner (`neurolm_nb.pipeline`): profiles, parameter checks, runs, failures, command line.
+
+Real kernels and real papermill throughout. Most runs use tiny stand-in notebooks written to a
+temporary `nbs/` (they start in about a second); one test runs the first real data stage of the smoke
+profile.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neurolm_nb.core import load_json
+from neurolm_nb.pipeline import (STAGES, ProfileError, StageError, expand_placeholders, list_stages,
+                                 load_profile, profile_names, resolve_parameters, run_pipeline, write_notebook)
+
+PARAMS = "#parameters\nout_dir = None\nrun_root = None\nseed = 0\nsteps = 1"
+WRITE_OUTPUTS = (  # plain matplotlib and json: these kernels should start fast (no torch import)
+    "import json, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nfrom pathlib import Path\n"
+    "(Path(out_dir) / 'figures').mkdir(parents=True, exist_ok=True)\n"
+    "fig, ax = plt.subplots(); ax.plot(range(steps)); fig.savefig(Path(out_dir) / 'figures' / 'curve.png'); plt.close(fig)\n"
+    "(Path(out_dir) / 'metrics.json').write_text(json.dumps({'steps': steps, 'seed': seed}))\n"
+    "(Path(out_dir) / 'config.json').write_text(json.dumps({'run_root': run_root}))"
+)
+
+
+@pytest.fixture
+def toy_nbs(tmp_path):
+    "A temporary nbs/ whose first two registered stages are tiny notebooks that plot and write metrics."
+    d = tmp_path / "nbs"
+    first, second = list(STAGES)[:2]
+    write_notebook(d / STAGES[first], [PARAMS, WRITE_OUTPUTS])
+    write_notebook(d / STAGES[second], [PARAMS, "import json\nfrom pathlib import Path\n"
+                                        f"prev = json.loads((Path(run_root) / {first!r} / 'metrics.json').read_text())\n"
+                                        "assert prev['steps'] == steps, prev", WRITE_OUTPUTS])
+    return d
+
+
+def toy_profile(**stage_params):
+    first, second = list(STAGES)[:2]
+    return {"name": "toy", "params": {"seed": 3},
+            "stages": {first: stage_params.get(first, {}), second: stage_params.get(second, {})}}
+
+
+def test_registry_order_and_profiles_load(profiles_dir):
+    assert list(STAGES)[:5] == ["eeg_io", "datasets", "patching", "targets", "training"]
+    assert STAGES["eeg_io"] == "02_eeg_io.ipynb" and STAGES["training"] == "06_training.ipynb"
+    names = profile_names(profiles_dir)
+    assert {"smoke", "paper-b", "paper-l", "paper-xl"} <= set(names)
+    for name in names:
+        prof = load_profile(profiles_dir / f"{name}.yaml")
+        assert prof["name"] == name and prof["description"]
+    smoke = load_profile("smoke")
+    assert list(smoke["stages"]) == [s for s in STAGES if s in smoke["stages"]]  # written in pipeline order
+    assert {"eeg_io", "datasets", "patching", "targets", "training"} <= set(smoke["stages"])
+    for paper in ("paper-b", "paper-l", "paper-xl"):
+        pending = load_profile(paper)["pending"]
+        assert {"tokenizer", "pretrain", "instruct"} <= set(pending)
+        assert pending["pretrain"]["lr"] == pytest.approx(6e-4) and pending["tokenizer"]["codebook_size"] == 8192
+    assert load_profile("paper-xl")["pending"]["pretrain"]["gpt"] == "gpt2-xl"
+
+
+def test_bad_profiles_are_refused_before_running(tmp_path):
+    with pytest.raises(ProfileError, match="warp_drive"):
+        load_profile({"stages": {"warp_drive": {}}})
+    with pytest.raises(ProfileError, match="out_dir"):
+        load_profile({"stages": {"eeg_io": {"out_dir": "/elsewhere"}}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [eeg_io]\n")
+    with pytest.raises(ProfileError, match="bad.yaml"):
+        load_profile(bad)
+    with pytest.raises(ProfileError, match="available"):
+        load_profile("no-such-profile")
+
+
+def test_pending_stages_do_not_run(tmp_path):
+    with pytest.raises(ProfileError, match="no runnable stages"):
+        run_pipeline("paper-b", runs_dir=tmp_path)
+    with pytest.raises(ProfileError, match="pending"):
+        run_pipeline("paper-b", stages="tokenizer", runs_dir=tmp_path)
+    assert not (tmp_path / "paper-b").exists()
+    assert {r["status"] for r in list_stages("paper-b")} == {"pending"}
+
+
+def test_parameters_are_filtered_and_checked(toy_nbs, tmp_path):
+    first = list(STAGES)[0]
+    nb = toy_nbs / STAGES[first]
+    prof = load_profile({**toy_profile(**{first: {"steps": 4}}), "params": {"seed": 3, "device": "cpu"}})
+    got = resolve_parameters(nb, prof, first, out_dir=tmp_path / "o", run_root=tmp_path)
+    assert got == {"seed": 3, "steps": 4, "out_dir": str((tmp_path / "o").resolve()), "run_root": str(tmp_path.resolve())}
+    typo = load_profile(toy_profile(**{first: {"stepz": 4}}))
+    with pytest.raises(ProfileError) as info:
+        resolve_parameters(nb, typo, first, out_dir=tmp_path)
+    msg = str(info.value)
+    assert "stepz" in msg and STAGES[first] in msg and "out_dir, run_root, seed, steps" in msg
+    # a stage notebook that cannot be told where to write is refused
+    write_notebook(tmp_path / "nowhere.ipynb", ["#parameters\nseed = 0", "pass"])
+    with pytest.raises(ProfileError, match="out_dir"):
+        resolve_parameters(tmp_path / "nowhere.ipynb", typo, first, out_dir=tmp_path)
+
+
+def test_placeholders():
+    assert expand_placeholders({"a": ["${root}/x", 1]}, {"root": "/r"}) == {"a": ["/r/x", 1]}
+    with pytest.raises(ProfileError, match="NEUROLM_SHARED"):
+        expand_placeholders("${shared}/data", {"shared": None})
+    with pytest.raises(ProfileError, match="nope"):
+        expand_placeholders("${nope}", {"root": "/r"})
+
+
+def test_unknown_parameter_stops_before_any_kernel(toy_nbs, tmp_path):
+    first = list(STAGES)[0]
+    second = list(STAGES)[1]
+    prof = toy_profile(**{second: {"learning_rat": 0.1}})  # the typo is in the *last* stage
+    with pytest.raises(ProfileError, match="learning_rat"):
+        run_pipeline(prof, runs_dir=tmp_path / "runs", nbs_dir=toy_nbs, verbose=False)
+    assert not (tmp_path / "runs" / "toy" / first).exists()  # nothing ran
+
+
+def test_toy_pipeline_runs_stages_in_order(toy_nbs, tmp_path):
+    first, second = list(STAGES)[:2]
+    runs = tmp_path / "runs"
+    rec = run_pipeline(toy_profile(**{first: {"steps": 5}, second: {"steps": 5}}),
+                       stages=f"{second},{first}", runs_dir=runs, nbs_dir=toy_nbs, verbose=False)
+    assert rec["status"] == "ok" and list(rec["stages"]) == [first, second]  # pipeline order, not asked order
+    for stage in (first, second):
+        out = runs / "toy" / stage
+        assert (out / STAGES[stage]).exists()                      # the executed notebook
+        assert (out / "figures" / "curve.png").stat().st_size > 0  # its figure
+        assert load_json(out / "metrics.json") == {"seed": 3, "steps": 5}
+        assert load_json(out / "config.json") == {"run_root": str((runs / "toy").resolve())}
+        assert rec["stages"][stage]["figures"] == ["figures/curve.png"]
+        assert rec["stages"][stage]["wall_s"] > 0
+    saved = load_json(runs / "toy" / "pipeline.json")
+    assert saved["status"] == "ok" and saved["stages"][second]["parameters"]["steps"] == 5
+    assert list(saved["stages"]) == [first, second]  # the file keeps pipeline order too
+    assert (runs / "toy" / "profile.yaml").exists()
+    # rerunning one stage keeps the record of the other
+    run_pipeline(toy_profile(**{first: {"steps": 5}}), stages=first, runs_dir=runs, nbs_dir=toy_nbs, verbose=False)
+    assert set(load_json(runs / "toy" / "pipeline.json")["stages"]) == {first, second}
+
+
+def test_failing_cell_is_named(tmp_path):
+    nbs = tmp_path / "nbs"
+    write_notebook(nbs / STAGES["eeg_io"], [PARAMS, "x = 1", "raise ValueError('channel FP9 is not in the vocabulary')"])
+    with pytest.raises(StageError) as info:
+        run_pipeline("smoke", stages="eeg_io", runs_dir=tmp_path / "runs", nbs_dir=nbs, verbose=False)
+    err = info.value
+    msg = str(err)
+    executed = tmp_path / "runs" / "smoke" / "eeg_io" / STAGES["eeg_io"]
+    assert "stage 'eeg_io'" in msg and STAGES["eeg_io"] in msg and "cell 2" in msg
+    assert "ValueError: channel FP9 is not in the vocabulary" in msg and str(executed) in msg
+    assert "raise ValueError" in msg  # the failing cell's first line
+    assert (err.stage, err.cell_index, err.ename) == ("eeg_io", 2, "ValueError")
+    assert executed.exists()  # the executed notebook, up to the failure, is kept for reading
+    rec = load_json(tmp_path / "runs" / "smoke" / "pipeline.json")
+    assert rec["status"] == "failed" and "cell 2" in rec["stages"]["eeg_io"]["error"]
+
+
+def test_command_line(toy_nbs, tmp_path):
+    first, second = list(STAGES)[:2]
+    prof = tmp_path / "mine.yaml"
+    prof.write_text(f"description: two toy stages\nparams: {{seed: 1}}\nstages:\n  {first}: {{steps: 2}}\n  {second}: {{steps: 2}}\n")
+    cli = [sys.executable, "-m", "neurolm_nb.pipeline", "--profile", str(prof), "--nbs-dir", str(toy_nbs),
+           "--runs-dir", str(tmp_path / "runs")]
+    listed = subprocess.run(cli + ["--list"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert first in listed.stdout and "ready" in listed.stdout
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pipeline 'mine': ok" in done.stdout and "curve.png" in done.stdout
+    assert load_json(tmp_path / "runs" / "mine" / "pipeline.json")["status"] == "ok"
+    bad = subprocess.run(cli[:4] + ["no-such-profile"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no-such-profile" in bad.stderr
+    write_notebook(toy_nbs / STAGES[first], [PARAMS, "1 / 0"])
+    failed = subprocess.run(cli + ["--stages", first], capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr and "cell 1" in failed.stderr
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "neurolm-nb"
+    if not script.exists():
+        pytest.skip(f"{script} not found: the package was not installed with pip into this environment")
+    out = subprocess.run([str(script), "--list", "--profile", "smoke"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "eeg_io" in out.stdout
+
+
+def test_smoke_profile_first_data_stage(tmp_path, nbs_dir):
+    "The real thing: the first smoke stage whose notebook exists, into a temporary runs/ folder."
+    smoke = load_profile("smoke")
+    ready = [s for s in smoke["stages"] if (nbs_dir / STAGES[s]).exists()]
+    if not ready:
+        pytest.skip("no smoke-stage notebook exists yet")
+    stage = ready[0]
+    rec = run_pipeline("smoke", stages=stage, runs_dir=tmp_path, verbose=False)
+    out = tmp_path / "smoke" / stage
+    assert rec["status"] == "ok" and rec["stages"][stage]["status"] == "ok"
+    assert (out / STAGES[stage]).exists()
+    assert rec["stages"][stage]["figures"], f"stage {stage} wrote no figures into {out / 'figures'}"
+    assert all((out / f).stat().st_size > 0 for f in rec["stages"][stage]["figures"])
+    assert (out / "metrics.json").exists() and (out / "config.json").exists()
+    assert load_json(tmp_path / "smoke" / "pipeline.json")["stages"][stage]["parameters"]["out_dir"] == str(out.resolve())
+    executed = json.loads((out / STAGES[stage]).read_text())
+    assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
