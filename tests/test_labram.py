@@ -1,0 +1,349 @@
+"""LaBraM (neurolm_nb.labram): parity with the official MEM and fine-tuning models, sizes, layer-wise lr decay,
+official checkpoint loading, metrics gathered over two real processes, and the two training drivers."""
+import argparse
+import functools
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from neurolm_nb.convert import CheckpointMismatchError
+from neurolm_nb.core import load_json
+from neurolm_nb.io import synth_eeg
+from neurolm_nb.labram import (
+    FinetuneConfig, LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent, MEM_DEFAULTS, classification_metrics,
+    compare_labram_base, count_encoder_parameters, finetune, labram_base_fixture_checkpoint,
+    labram_base_fixture_outputs, labram_sizes, layer_decay_groups, layer_index, load_official_labram_classifier,
+    load_official_labram_mem, load_official_labram_student, mem_loss, predict, pretrain_mem, random_mask,
+    to_official_labram,
+)
+from neurolm_nb.training import TrainConfig, check_param_groups
+from neurolm_nb.vq import VQConfig, VQTokenizer
+
+torch.set_num_threads(1)
+SIZES = ("base", "large", "huge")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def fixture(fixtures_dir):
+    path = fixtures_dir / "labram_base.safetensors"
+    if not path.exists():
+        pytest.skip(f"official fixture {path} not found")
+    return _load(str(path))
+
+
+def official_models(t):
+    "The fixture's MEM model, and the classifier made from it through the --finetune path with the fixture's fresh head."
+    mem = load_official_labram_mem(labram_base_fixture_checkpoint(t)).eval()
+    clf = load_official_labram_classifier(labram_base_fixture_checkpoint(t), n_classes=1)
+    extra = {k[len("weights.finetune_extra."):]: v.float() for k, v in t.items() if k.startswith("weights.finetune_extra.")}
+    assert sorted(extra) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    clf.load_state_dict(extra, strict=False)
+    return mem, clf.eval()
+
+
+def manifest_state_dict(fixtures_dir, name):
+    info = load_json(fixtures_dir / "manifests" / f"{name}.json")
+    return {k["key"]: torch.empty(k["shape"], device="meta") for k in info["keys"]}
+
+
+# ---------------------------------------------------------------- parity with the official code
+def test_labram_base_reproduces_every_official_output(fixtures_dir):
+    t = fixture(fixtures_dir)
+    mem, clf = official_models(t)
+    assert mem.config == LaBraMConfig.base()
+    ours = labram_base_fixture_outputs(mem, clf, t)
+    report = compare_labram_base(ours, t)
+    assert set(report) == {k[len("output."):] for k in t if k.startswith("output.")}  # every stored output
+    bad = {k: r for k, r in report.items() if not r["ok"]}
+    assert not bad, bad
+    for name in ("mem.argmax", "mem_sym.argmax", "mem.labels", "mem_sym.labels"):
+        assert torch.equal(ours[name], t[f"output.{name}"])
+    torch.testing.assert_close(ours["finetune.logits"], t["output.finetune.logits"], atol=1e-7, rtol=0)
+    torch.testing.assert_close(ours["finetune.pooled_features"], t["output.finetune.pooled_features"], atol=1e-5, rtol=1e-5)
+    for name in ("mem.loss_rec", "mem.loss_rec_sym", "mem.loss", "mem.mlm_acc", "mem.mlm_acc_sym"):
+        assert abs(ours[name].item() - t[f"output.{name}"].item()) <= 1e-5 * abs(t[f"output.{name}"].item())
+
+
+def test_random_mask_reproduces_the_official_draws(fixtures_dir):
+    t = fixture(fixtures_dir)
+    torch.manual_seed(7)
+    mask = random_mask(2, 76)
+    assert torch.equal(mask, t["input.bool_masked_pos"])
+    assert mask.sum(1).tolist() == [38, 38]
+
+
+def test_pretraining_cls_takes_the_first_channel_row(fixtures_dir):
+    "Quirk L6: with CLS at row 0 the pretraining student no longer matches the official output."
+    t = fixture(fixtures_dir)
+    mem, _ = official_models(t)
+    x, chans, mask = t["input.x"], t["input.input_chans"], t["input.bool_masked_pos"]
+    with torch.no_grad():
+        assert torch.allclose(mem(x, chans, mask).tokens, t["output.mem.student_tokens_masked"], atol=1e-5)
+        mem.student.cls_position = "cls_row"
+        assert (mem(x, chans, mask).tokens - t["output.mem.student_tokens_masked"]).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------- sizes and checkpoints
+def test_encoder_parameter_counts():
+    sizes = {name: labram_sizes(LaBraMConfig.preset(name)) for name in SIZES}
+    assert sizes["base"]["encoder"] == 5_819_936          # = fine-tuning model 5,820,137 − head 201
+    assert sizes["base"]["student"] == 7_466_728          # the value count of the released labram-base.pth
+    assert sizes["large"]["encoder"] == 46_258_720 and round(sizes["large"]["encoder"] / 1e6, 1) == 46.3
+    assert sizes["huge"]["encoder"] == 369_235_712 and round(sizes["huge"]["encoder"] / 1e6, 1) == 369.2
+    with torch.device("meta"):
+        mem = LaBraMForMEM(LaBraMConfig.base())
+    assert count_encoder_parameters(mem) == count_encoder_parameters(mem.student) == 5_819_936
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_official_manifests_load_key_for_key(fixtures_dir, size):
+    want = LaBraMConfig.preset(size)
+    sd = manifest_state_dict(fixtures_dir, f"labram_{size}_pretrain_MEM")
+    info = load_json(fixtures_dir / "manifests" / f"labram_{size}_pretrain_MEM.json")
+    assert labram_sizes(want)["mem"] == info["total_numel_state_dict"]
+    mem = load_official_labram_mem(sd)
+    assert mem.config == want
+    assert {k: tuple(v.shape) for k, v in mem.state_dict().items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    student_only = {k: v for k, v in sd.items() if k.startswith("student.")}  # the labram-base.pth layout
+    student = load_official_labram_student(student_only)
+    assert {f"student.{k}": tuple(v.shape) for k, v in student.state_dict().items()} == \
+           {k: tuple(v.shape) for k, v in student_only.items()}
+    ft = manifest_state_dict(fixtures_dir, f"labram_{size}_finetune_cls1")
+    clf = load_official_labram_classifier(ft)
+    assert {k: tuple(v.shape) for k, v in clf.state_dict().items()} == {k: tuple(v.shape) for k, v in ft.items()}
+    if size == "base":  # the --finetune path from the student-only file, on real tensors
+        real = {k: torch.zeros(v.shape) for k, v in student_only.items()}
+        clf = load_official_labram_classifier(real, n_classes=1)
+        assert set(clf.state_dict()) == set(ft)
+
+
+def test_checkpoint_errors_name_the_key(tmp_path):
+    torch.manual_seed(0)
+    model = LaBraMForMEM(LaBraMConfig.tiny()).eval()
+    good = to_official_labram(model)
+    broken = dict(good)
+    del broken["student.blocks.1.attn.q_norm.weight"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing key 'student\.blocks\.1\.attn\.q_norm\.weight' \(expected shape \[25\]\)"):
+        load_official_labram_mem(broken, n_heads=4)
+    broken = dict(good)
+    broken["student.blocks.0.mlp.fc2.weight"] = torch.zeros(100, 300)
+    with pytest.raises(CheckpointMismatchError, match=r"'student\.blocks\.0\.mlp\.fc2\.weight': expected shape \[100, 400\], found \[100, 300\]"):
+        load_official_labram_mem(broken)
+    broken = dict(good)
+    broken["student.surprise"] = torch.zeros(2)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected key 'student\.surprise'"):
+        load_official_labram_mem(broken)
+    with pytest.warns(UserWarning, match="student.surprise"):
+        load_official_labram_mem(broken, strict=False)
+    student_only = {k: v for k, v in good.items() if k.startswith("student.")}
+    with pytest.raises(CheckpointMismatchError, match="load_official_labram_student"):
+        load_official_labram_mem(student_only)
+    ft = to_official_labram(LaBraMClassifier.from_student(model, n_classes=3))
+    with pytest.raises(CheckpointMismatchError, match="head has 3 outputs"):
+        load_official_labram_classifier(ft, n_classes=2)
+    with pytest.raises(CheckpointMismatchError, match="no 'student"):
+        load_official_labram_mem(ft)
+
+
+def test_official_checkpoint_file_round_trip(tmp_path):
+    "A MEM checkpoint as the original saves it (with argparse args) loads back bit for bit, and fine-tunes."
+    torch.manual_seed(0)
+    model = LaBraMForMEM(LaBraMConfig.tiny()).eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({**to_official_labram(model, as_checkpoint=True), "args": argparse.Namespace(lr=5e-4), "epoch": 1}, path)
+    again = load_official_labram_mem(path).eval()
+    x, chans, mask = torch.randn(2, 3, 2, 200), torch.tensor([0, 3, 8, 20]), random_mask(2, 6)
+    with torch.no_grad():
+        a, b = model(x, chans, mask), again(x, chans, mask)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.tokens_sym, b.tokens_sym)
+    assert not again.student.lm_head.weight.requires_grad and again.student.mask_token.requires_grad
+    clf = load_official_labram_classifier(path, n_classes=2)
+    assert torch.equal(clf.pos_embed, model.student.pos_embed)
+    assert clf.head.weight.abs().max() < 0.01  # fresh head, scaled by 0.001
+
+
+# ---------------------------------------------------------------- model rules
+def test_mask_token_replaces_patch_embedding_before_embeddings():
+    torch.manual_seed(0)
+    student = LaBraMStudent(LaBraMConfig.tiny()).eval()
+    x, chans = torch.randn(2, 3, 4, 200), torch.tensor([0, 5, 9, 12])
+    everything = torch.ones(2, 12, dtype=torch.bool)
+    with torch.no_grad():
+        # all patches masked: the signal no longer matters, the positions still do
+        torch.testing.assert_close(student(x, chans, everything), student(5 * torch.randn_like(x), chans, everything))
+        assert not torch.allclose(student(x, chans, everything), student(x, torch.tensor([0, 6, 9, 12]), everything))
+        mask = random_mask(2, 12)
+        patches, h = student.embed(x, chans, mask, student.mask_token)
+        token = 1 + 2 * 4 + 3  # channel 12, second 3
+        expected = torch.where(mask[:, 2 * 4 + 3, None], student.mask_token[0], patches[:, 2 * 4 + 3])
+        torch.testing.assert_close(h[:, token], expected + student.pos_embed[0, 12] + student.time_embed[0, 3])
+
+
+def test_mem_loss_sums_both_passes_and_unused_parameters_stay_frozen():
+    torch.manual_seed(0)
+    mem = LaBraMForMEM(LaBraMConfig.tiny())
+    x, chans = torch.randn(2, 3, 4, 200), torch.tensor([0, 5, 9, 12])
+    mask, codes = random_mask(2, 12), torch.randint(0, 64, (2, 12))
+    out = mem(x, chans, mask)
+    assert out.logits.shape == (12, 64) and out.logits_sym.shape == (12, 64)
+    loss, terms = mem_loss(out, codes, mask)
+    expected = torch.nn.functional.cross_entropy(out.logits, codes[mask]) + \
+        torch.nn.functional.cross_entropy(out.logits_sym, codes[~mask])
+    torch.testing.assert_close(loss, expected)
+    assert terms["mlm_acc"] == (out.logits.argmax(-1) == codes[mask]).float().mean()
+    loss.backward()
+    assert mem.student.mask_token.grad.abs().sum() > 0
+    assert mem.student.lm_head.weight.grad is None and mem.projection_head[0].weight.grad is None
+
+
+def test_classifier_from_student_discards_the_final_norm():
+    torch.manual_seed(0)
+    mem = LaBraMForMEM(LaBraMConfig.tiny())
+    with torch.no_grad():
+        mem.student.norm.weight.fill_(3.0)
+    clf = LaBraMClassifier.from_student(mem, n_classes=4).eval()
+    keys = set(clf.state_dict())
+    assert not {"norm.weight", "mask_token", "lm_head.weight"} & keys and {"fc_norm.weight", "head.weight"} <= keys
+    assert torch.equal(clf.fc_norm.weight, torch.ones(100))  # fresh, not the student's norm
+    assert [round(b.drop_path.p, 6) for b in clf.blocks] == [0.0, 0.1]
+    x, chans = torch.randn(2, 3, 4, 200), torch.tensor([0, 5, 9, 12])
+    with torch.no_grad():
+        _, h = clf.embed(x, chans)
+        torch.testing.assert_close(h[:, 0], (clf.cls_token[0, 0] + clf.pos_embed[0, 0]).expand(2, -1))  # row 0 here
+        pooled = clf.forward_features(x, chans)
+        torch.testing.assert_close(pooled, clf.fc_norm(clf.run_blocks(h)[:, 1:].mean(1)))
+        assert clf(x, chans).shape == (2, 4)
+
+
+def test_layer_decay_gives_every_parameter_one_scale():
+    with torch.device("meta"):
+        model = LaBraMClassifier(LaBraMConfig.base(drop_path=0.1))
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.65)
+    check_param_groups(model, groups)  # raises if a parameter is in no group or in two
+    names = [n for g in groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    L = 12
+    for name, _ in model.named_parameters():
+        if name.startswith("blocks."):
+            i = int(name.split(".")[1]) + 1
+        elif name in ("cls_token", "pos_embed", "time_embed") or name.startswith("patch_embed."):
+            i = 0
+        else:
+            assert name.startswith(("fc_norm.", "head.")), name
+            i = L + 1
+        assert math.isclose(scale[name], 0.65 ** (L + 1 - i)), name
+    assert math.isclose(scale["time_embed"], 0.65 ** 13) and scale["head.weight"] == 1.0
+    decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["cls_token"] == decay["blocks.0.norm1.bias"] == 0.0
+    original = {n: g["lr_scale"] for g in layer_decay_groups(model, original=True) for n in g["param_names"]}
+    assert original["time_embed"] == 1.0  # the original forgot time_embed in its embedding list
+    assert layer_index("student.mask_token", 12) == 0 and layer_index("student.blocks.3.gamma_1", 12) == 4
+
+
+# ---------------------------------------------------------------- metrics, gathering, drivers
+def test_classification_metrics():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    r = classification_metrics(labels, np.array([[-2.0], [-1.0], [0.5], [-0.5], [1.0], [2.0]]))
+    assert math.isclose(r["balanced_accuracy"], 0.875) and r["auroc"] == 1.0 and math.isclose(r["accuracy"], 5 / 6)
+    r = classification_metrics(np.array([0, 1, 2, 2]), np.eye(3)[[0, 1, 2, 0]])
+    assert math.isclose(r["balanced_accuracy"], 2.5 / 3) and {"cohen_kappa", "f1_weighted"} <= set(r)
+    assert math.isnan(classification_metrics(np.array([1, 1]), np.array([[0.3], [0.2]]))["auroc"])
+
+
+def toy_windows(n, seed=0, channels=("FP1", "FP2", "C3", "C4", "O1", "O2"), seconds=2):
+    return [{"x": torch.from_numpy(synth_eeg(list(channels), seconds, label=i % 2, seed=seed + i).astype(np.float32)),
+             "ch_names": list(channels), "label": i % 2} for i in range(n)]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_worker(rank, world, port, results):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        clf = LaBraMClassifier(LaBraMConfig.tiny(drop_path=0.1), n_classes=1).eval()
+        seen = []
+
+        class Watched(torch.utils.data.Dataset):
+            def __init__(self, items):
+                self.items = items
+
+            def __len__(self):
+                return len(self.items)
+
+            def __getitem__(self, i):
+                seen.append(i)
+                return self.items[i]
+
+        scores, labels = predict(clf, Watched(toy_windows(11)), batch_size=4)
+        ft = finetune(LaBraMClassifier(LaBraMConfig.tiny(drop_path=0.1), n_classes=1), toy_windows(8),
+                      toy_windows(6, seed=100), FinetuneConfig(lr=1e-3, epochs=2, warmup_epochs=0, batch_size=2,
+                                                               device="cpu", dtype="float32"))
+        results[rank] = (scores, labels, sorted(seen), ft.epochs, ft.best_epoch)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_predictions_are_gathered_from_two_processes():
+    "Real gloo processes: each scores its share, every process ends with all 11 predictions in dataset order."
+    import torch.multiprocessing as mp
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_gather_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    (s0, l0, seen0, ep0, best0), (s1, l1, seen1, ep1, best1) = results[0], results[1]
+    assert seen0 == list(range(0, 11, 2)) and seen1 == list(range(1, 11, 2))  # shares, no duplicates
+    np.testing.assert_array_equal(s0, s1)
+    np.testing.assert_array_equal(l0, np.arange(11) % 2)
+    torch.manual_seed(0)
+    single = LaBraMClassifier(LaBraMConfig.tiny(drop_path=0.1), n_classes=1).eval()
+    s, _ = predict(single, toy_windows(11), batch_size=4)
+    np.testing.assert_allclose(s0, s, atol=1e-6)
+    assert ep0 == ep1 and best0 == best1 and len(ep0) == 2  # every rank chose the same epoch from the same numbers
+
+
+def test_finetune_keeps_the_best_validation_epoch():
+    torch.manual_seed(0)
+    train_set, val_set = toy_windows(16), toy_windows(8, seed=50)
+    model = LaBraMClassifier(LaBraMConfig.tiny(drop_path=0.1), n_classes=1)
+    ft = finetune(model, train_set, val_set, FinetuneConfig(lr=3e-3, epochs=3, warmup_epochs=0, batch_size=4,
+                                                            device="cpu", dtype="float32", select_metric="balanced_accuracy"))
+    assert [r["epoch"] for r in ft.epochs] == [1, 2, 3]
+    values = [r["val_balanced_accuracy"] for r in ft.epochs]
+    assert ft.best_value == max(values) and ft.best_epoch == 1 + values.index(max(values))
+    scores, labels = predict(ft.model, val_set)
+    assert classification_metrics(labels, scores)["balanced_accuracy"] == ft.best_value  # the kept weights
+    with pytest.raises(ValueError, match="cohen_kappa"):
+        finetune(model, train_set, val_set, FinetuneConfig(select_metric="cohen_kappa", device="cpu"))
+
+
+def test_pretrain_mem_learns_the_tokenizer_codes():
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer(VQConfig.labram(conv_channels=4, dim=100, n_heads=4, encoder_depth=1, decoder_depth=1,
+                                            n_codes=16, code_dim=8))
+    model = LaBraMForMEM(LaBraMConfig.tiny(vocab_size=16))
+    cfg = TrainConfig(**{**MEM_DEFAULTS, "lr": 2e-3, "epochs": 6, "warmup_epochs": 1, "batch_size": 4},
+                      device="cpu", dtype="float32", progress=False)
+    run = pretrain_mem(model, tokenizer, toy_windows(16), cfg)
+    first, last = run.history[0], run.history[-1]
+    assert {"loss_rec", "loss_rec_sym", "mlm_acc", "mlm_acc_sym"} <= set(last)
+    assert last["loss"] < first["loss"]
+    assert not any(p.requires_grad for p in tokenizer.parameters())  # frozen
+    with pytest.raises(ValueError, match="16 codes"):
+        pretrain_mem(LaBraMForMEM(LaBraMConfig.tiny()), tokenizer, toy_windows(4), cfg)
