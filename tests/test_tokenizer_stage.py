@@ -1,0 +1,146 @@
+"""Stage 1 (neurolm_nb.tokenizer_stage): smoke training of the text-aligned tokenizer on the data samples,
+its outputs, resume, data selection, and two real processes under torchrun."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from neurolm_nb.core import save_json
+from neurolm_nb.tokenizer_stage import (
+    CropToTokens, TokenizerRun, build_sample_datasets, build_vq, eeg_training_set, find_datasets, load_run_text,
+    read_code_usage, train_tokenizer,
+)
+from neurolm_nb.training import launch_torchrun, read_metrics
+from neurolm_nb.vq import load_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sample_roots(tmp_path_factory):
+    "Workload and pretraining datasets built from the synthetic data_samples/ recordings."
+    return build_sample_datasets(tmp_path_factory.mktemp("datasets"), ("workload", "pretrain"), seed=0)
+
+
+def tiny_run(out_dir, roots, steps=40, **train_overrides):
+    return TokenizerRun(out_dir=str(out_dir), dataset_roots=[str(r) for r in roots], model="tiny", max_tokens=256,
+                        max_samples=128, text_batch=2, text_block=32, usage_every=10, seed=0,
+                        train=dict(max_steps=steps, warmup_steps=4, lr=2e-3, min_lr=2e-4, weight_decay=1e-4,
+                                   batch_size=8, progress=False, device="cpu", **train_overrides))
+
+
+@pytest.fixture(scope="module")
+def smoke(sample_roots, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    run = tiny_run(out, sample_roots)
+    return run, train_tokenizer(run)
+
+
+def test_smoke_training_lowers_reconstruction_and_uses_many_codes(smoke):
+    run, result = smoke
+    rows = result.history
+    assert len(rows) == 40 and all(np.isfinite(r["loss"]) for r in rows)
+    rec = [r["rec_freq"] + r["rec_raw"] for r in rows]
+    assert np.mean(rec[-5:]) < np.mean(rec[:5]) - 0.1, rec
+    assert result.code_usage[-1]["used_codes"] > 1
+    assert [u["step"] for u in result.code_usage] == [10, 20, 30, 40]
+    # the saved tokenizer is the trained one and codes with more than one code
+    vq = load_tokenizer(result.tokenizer_path).eval()
+    data = eeg_training_set(run.dataset_roots, run.splits, run.max_tokens, 16, 0)
+    from neurolm_nb.patching import NeuroLMCollate
+    batch = NeuroLMCollate(run.max_tokens)([data[i] for i in range(8)])
+    codes = vq.get_codes(batch["X"], batch["input_chans"], batch["input_time"], batch["input_mask"])
+    assert codes[batch["input_mask"]].unique().numel() > 1
+    trained = result.model.vq
+    for k, v in trained.state_dict().items():
+        assert torch.equal(vq.state_dict()[k], v), k
+
+
+def test_smoke_outputs_and_alignment_terms(smoke):
+    run, result = smoke
+    out = result.tokenizer_path.parent
+    assert read_metrics(out / "train" / "metrics.jsonl") == json.loads(json.dumps(result.history))
+    assert read_code_usage(out / "code_usage.jsonl") == result.code_usage
+    saved = torch.load(result.tokenizer_path, weights_only=False)
+    assert saved["step"] == 40 and saved["text_source"] == "tiny" and saved["run"] == run.to_dict()
+    first, last = result.history[0], result.history[-1]
+    assert first["alpha"] == 0.0 and last["alpha"] > 0.99
+    assert {"domain_eeg", "domain_text", "domain_acc", "domain_acc_eeg", "domain_acc_text"} <= set(last)
+    # the text table is the source's, untouched by training
+    source, _ = load_run_text(run)
+    assert torch.equal(result.model.vq.text_embedding.weight.cpu(), source.embedding)
+
+
+def test_build_vq_is_reproducible_from_the_seed(smoke):
+    run, _ = smoke
+    source, _ = load_run_text(run)
+    torch.manual_seed(123)  # global state must not matter
+    a = build_vq(run, source)
+    torch.manual_seed(456)
+    b = build_vq(run, source)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.config.text_vocab_size == source.vocab_size == 512
+
+
+def test_a_finished_run_resumes_without_training_again(sample_roots, tmp_path):
+    run = tiny_run(tmp_path, sample_roots, steps=6)
+    first = train_tokenizer(run)
+    again = train_tokenizer(run)
+    assert [r["step"] for r in again.history] == list(range(1, 7))
+    assert again.code_usage == first.code_usage
+    a, b = load_tokenizer(first.tokenizer_path), load_tokenizer(again.tokenizer_path)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_data_selection_and_cropping(sample_roots, tmp_path):
+    data = eeg_training_set(sample_roots, ["train"], max_tokens=64, max_samples=20, seed=1)
+    assert len(data) == 20
+    for i in range(len(data)):
+        c, t = data[i]["x"].shape
+        assert c * (t // 200) <= 64 and t % 200 == 0 and t >= 200
+    again = eeg_training_set(sample_roots, ["train"], max_tokens=64, max_samples=20, seed=1)
+    assert all(torch.equal(data[i]["x"], again[i]["x"]) for i in range(20))
+    with pytest.raises(ValueError, match="max_tokens=2"):
+        CropToTokens(eeg_training_set(sample_roots[:1], ["train"], 256), 2)[0]
+    (tmp_path / "datasets").mkdir()
+    with pytest.raises(FileNotFoundError, match="datasets"):
+        find_datasets(tmp_path)
+    (tmp_path / "datasets" / "workload").symlink_to(sample_roots[0], target_is_directory=True)
+    assert [p.name for p in find_datasets(tmp_path)] == ["workload"]
+    with pytest.raises(FileNotFoundError, match="tuab"):
+        find_datasets(tmp_path, ["workload", "tuab"])
+
+
+def test_run_settings_are_checked():
+    with pytest.raises(ValueError, match="lrr"):
+        TokenizerRun(out_dir="x", train={"lrr": 1e-3})
+    with pytest.raises(ValueError, match="model"):
+        TokenizerRun(out_dir="x", model="huge")
+    run = TokenizerRun(out_dir="x", model="neurolm")
+    assert run.vq_config().dim == 768 and TokenizerRun.from_dict(run.to_dict()) == run
+
+
+def test_two_processes_under_torchrun(sample_roots, tmp_path):
+    run = tiny_run(tmp_path / "out", sample_roots, steps=4)
+    run.usage_every = 2
+    run_file = save_json(run.to_dict(), tmp_path / "run.json")
+    done = launch_torchrun(2, ["neurolm_nb.tokenizer_stage", run_file], timeout_s=300)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["step"] == 4
+    rows = read_metrics(tmp_path / "out" / "train" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    usage = read_code_usage(tmp_path / "out" / "code_usage.jsonl")
+    assert [u["step"] for u in usage] == [2, 4]
+    # the interval's counts are summed over both ranks: every real token of both ranks' batches of updates 1-2
+    from neurolm_nb.training import ShardedBatchSampler
+    data = eeg_training_set(run.dataset_roots, run.splits, run.max_tokens, run.max_samples, run.seed)
+    expected = 0
+    for rank in (0, 1):
+        sampler = ShardedBatchSampler(len(data), 8, world_size=2, rank=rank, seed=run.seed)
+        sampler.set_epoch(0)
+        for batch_indices, _ in zip(sampler, range(2)):
+            expected += sum(data[i]["x"].shape[0] * (data[i]["x"].shape[1] // 200) for i in batch_indices)
+    assert usage[0]["tokens"] == expected
+    vq = load_tokenizer(tmp_path / "out" / "tokenizer.pt")
+    assert vq.quantizer.initted.item() == 1.0
