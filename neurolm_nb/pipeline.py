@@ -33,6 +33,9 @@ STAGES: dict[str, str] = {
     "patching": "04_patching.ipynb",  # token layouts, masks and collate
     "targets": "05_targets.ipynb",    # Fourier / temporal targets
     "training": "06_training.ipynb",  # the one training loop, on a toy model
+    "tokenizer": "12_train_tokenizer.ipynb",  # stage 1: text-aligned VQ tokenizer
+    "labram": "15_labram.ipynb",      # LaBraM: VQ-NSP, masked EEG modelling, Workload fine-tuning
+    "pretrain": "22_pretrain.ipynb",  # stage 2: EEG next-code + text LM pretraining
 }
 
 RESERVED_PARAMETERS = ("out_dir", "run_root")  # set by the runner, never by a profile
