@@ -15,6 +15,7 @@ from neurolm_nb.core import load_json
 from neurolm_nb.pipeline import (STAGES, ProfileError, StageError, expand_placeholders, list_stages,
                                  load_profile, profile_names, resolve_parameters, run_pipeline, write_notebook)
 
+NBS = Path(__file__).resolve().parent.parent / "nbs"
 PARAMS = "#parameters\nout_dir = None\nrun_root = None\nseed = 0\nsteps = 1"
 WRITE_OUTPUTS = (  # plain matplotlib and json: these kernels should start fast (no torch import)
     "import json, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nfrom pathlib import Path\n"
@@ -55,10 +56,18 @@ def test_registry_order_and_profiles_load(profiles_dir):
     assert list(smoke["stages"]) == [s for s in STAGES if s in smoke["stages"]]  # written in pipeline order
     assert {"eeg_io", "datasets", "patching", "targets", "training"} <= set(smoke["stages"])
     for paper in ("paper-b", "paper-l", "paper-xl"):
-        pending = load_profile(paper)["pending"]
-        assert {"tokenizer", "pretrain", "instruct"} <= set(pending)
-        assert pending["pretrain"]["lr"] == pytest.approx(6e-4) and pending["tokenizer"]["codebook_size"] == 8192
-    assert load_profile("paper-xl")["pending"]["pretrain"]["gpt"] == "gpt2-xl"
+        prof = load_profile(paper)
+        stages = {**prof["stages"], **prof.get("pending", {})}
+        assert {"datasets", "tokenizer", "pretrain", "instruct"} <= set(stages)
+        # the original hyperparameters (reference/neurolm.md §2-§4)
+        assert stages["tokenizer"]["lr"] == pytest.approx(5e-5) and stages["tokenizer"]["epochs"] == 50
+        assert stages["pretrain"]["lr"] == pytest.approx(6e-4) and stages["pretrain"]["betas"] == [0.9, 0.95]
+        assert stages["pretrain"]["batch_size"] == 60 and stages["pretrain"]["text_batch"] == 4
+        # every runnable stage's keys are parameters its notebook declares
+        for stage in prof["stages"]:
+            resolve_parameters(NBS / STAGES[stage], prof, stage=stage, out_dir="/tmp/x", run_root="/tmp")
+    assert load_profile("paper-xl")["stages"]["pretrain"]["gpt"] == "gpt2-xl"
+    assert load_profile("paper-l")["stages"]["pretrain"]["gpt"] == "gpt2-medium"
 
 
 def test_bad_profiles_are_refused_before_running(tmp_path):
@@ -75,12 +84,14 @@ def test_bad_profiles_are_refused_before_running(tmp_path):
 
 
 def test_pending_stages_do_not_run(tmp_path):
+    later = {"name": "later", "description": "a stage whose notebook does not exist yet",
+             "stages": {}, "pending": {"future_stage": {"epochs": 5}}}
     with pytest.raises(ProfileError, match="no runnable stages"):
-        run_pipeline("paper-b", runs_dir=tmp_path)
+        run_pipeline(later, runs_dir=tmp_path)
     with pytest.raises(ProfileError, match="pending"):
-        run_pipeline("paper-b", stages="tokenizer", runs_dir=tmp_path)
-    assert not (tmp_path / "paper-b").exists()
-    assert {r["status"] for r in list_stages("paper-b")} == {"pending"}
+        run_pipeline({**later, "stages": {"eeg_io": {}}}, stages="future_stage", runs_dir=tmp_path)
+    assert not (tmp_path / "later").exists()
+    assert {r["status"] for r in list_stages(later)} == {"pending"}
 
 
 def test_parameters_are_filtered_and_checked(toy_nbs, tmp_path):
