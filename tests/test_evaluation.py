@@ -1,0 +1,123 @@
+"""Tests of `neurolm_nb.evaluation` (nbs/32_evaluation.ipynb): metrics both ways (AUROC from scores vs hard labels,
+unparseable answers), the metrics.json entry, the paper's numbers, the band-power baseline on real EEGMAT recordings
+split by subject, and distributed evaluation: predictions gathered from 2 gloo processes under torchrun give the
+single-process predictions and metrics."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from neurolm_nb.core import save_json
+from neurolm_nb.datasets import WindowDataset, build_dataset, samples_dir_for
+from neurolm_nb.evaluation import (BINARY_METRICS, MULTICLASS_METRICS, PAPER_RESULTS, EvalSetup, band_power_features,
+                                   bandpower_baseline, confusion, corrected_metrics, greedy_metrics, load_predictions,
+                                   original_metrics, results_table, run_evaluation, task_metric_names, task_metrics)
+from neurolm_nb.instruct import tiny_neurolm
+from neurolm_nb.instructions import TASK_NAMES
+from neurolm_nb.model import save_neurolm
+from neurolm_nb.training import launch_torchrun
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_auroc_from_scores_differs_from_hard_labels():
+    "The model ranks perfectly but says 'Yes' to everything: AUROC 1 from its probabilities, 0.5 from hard labels."
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.45, 0.55], [0.40, 0.60], [0.35, 0.65], [0.10, 0.90]])
+    corrected = corrected_metrics(labels, probs)
+    original = original_metrics(labels, probs.argmax(1), 2)
+    assert corrected["roc_auc"] == 1.0 and corrected["pr_auc"] == 1.0
+    assert original["roc_auc"] == 0.5 and original["pr_auc"] == 0.5
+    assert corrected["balanced_accuracy"] == original["balanced_accuracy"] == 0.5
+
+
+def test_unparseable_answers_the_original_way_and_the_honest_way():
+    labels = np.array([2, 2, 2, 0, 1, 1])
+    parsed = np.array([-1, -1, 2, 0, 1, -1])
+    assert original_metrics(labels, parsed, 3)["balanced_accuracy"] == pytest.approx((1 + 1 / 2 + 1) / 3)  # -1 -> class 2
+    assert greedy_metrics(labels, parsed, 3)["balanced_accuracy"] == pytest.approx((1 / 3 + 1 + 1 / 2) / 3)
+    assert greedy_metrics(labels, parsed, 3)["accuracy"] == pytest.approx(3 / 6)
+    binary = original_metrics(np.array([1, 0, 1]), np.array([-1, -1, 1]), 2)
+    assert binary["balanced_accuracy"] == 0.75  # -1 thresholds to "No", as the original's metric code does
+    assert confusion(labels, parsed, 3, unparseable_column=True) == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 2]]
+    assert corrected_metrics([1, 1, 1], [[0.4, 0.6]] * 3)["roc_auc"] is None  # undefined, not a crash
+
+
+def test_task_entry_follows_the_contract():
+    pred = {"labels": np.array([0, 1, 2, 3, 4, 0]), "probs": np.eye(5)[[0, 1, 2, 3, 3, 0]] * 0.9 + 0.02,
+            "greedy_pred": np.array([0, -1, 2, 3, 4, -1])}
+    entry = task_metrics(pred, "hmc")
+    assert entry["n"] == 6 and entry["classes"] == ["W", "N1", "N2", "N3", "R"]
+    assert set(MULTICLASS_METRICS) <= set(entry["corrected"]) and set(MULTICLASS_METRICS) <= set(entry["original"])
+    assert entry["unparseable_rate"] == pytest.approx(2 / 6)
+    assert entry["confusion"][4] == [0, 0, 0, 1, 0] and np.sum(entry["confusion"]) == 6
+    assert entry["confusion_original"][1] == [0, 0, 0, 0, 1]  # unparseable -> the last class
+    assert entry["paper"] == PAPER_RESULTS["NeuroLM"]["hmc"]
+    table = results_table({"tasks": {"hmc": entry}})
+    assert "| HMC | 6 | balanced_accuracy |" in table and "33.3%" in table
+    json.dumps(entry)  # plain JSON types
+
+
+def test_paper_results_are_complete():
+    assert set(PAPER_RESULTS["NeuroLM"]) == set(TASK_NAMES)
+    assert PAPER_RESULTS["NeuroLM"]["tuab"]["balanced_accuracy"] == 0.7826
+    assert PAPER_RESULTS["NeuroLM"]["workload"]["roc_auc"] == 0.6253
+    for name, row in PAPER_RESULTS["NeuroLM"].items():
+        assert set(row) <= set(task_metric_names(name))
+    assert task_metric_names("tuab") == BINARY_METRICS
+
+
+def test_band_power_features():
+    t = np.arange(800) / 200
+    x = np.stack([np.sin(2 * np.pi * f * t)[None] for f in (2.0, 6.0, 10.0, 20.0, 40.0)]) * 10
+    assert band_power_features(x).argmax(1).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="gamma"):
+        band_power_features(x, sfreq=50.0)
+
+
+def test_bandpower_baseline_on_real_eegmat(eegmat_dir, tmp_path):
+    "Real recordings of 8 subjects, split by subject; the baseline is fitted on train and scored on test."
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in sorted(eegmat_dir.glob("Subject*_*.edf"))[:16]:
+        os.symlink(f, raw / f.name)
+    build_dataset("workload", raw, tmp_path / "workload", seed=0)
+    subjects = {s: set(WindowDataset(tmp_path / "workload", s).subjects) for s in ("train", "val", "test")}
+    assert not (subjects["train"] & subjects["test"]) and subjects["test"]
+    result = bandpower_baseline(tmp_path / "workload", "workload")
+    assert result["C"] in (0.01, 0.1, 1.0, 10.0) and result["n_train"] == 29 * 2 * len(subjects["train"])
+    assert 0 <= result["balanced_accuracy"] <= 1 and 0 <= result["roc_auc"] <= 1
+    assert np.sum(result["confusion"]) == 29 * 2 * len(subjects["test"])
+
+
+def test_distributed_predictions_equal_single_process(tmp_path):
+    root = tmp_path / "datasets"
+    for name in ("workload", "hmc"):
+        build_dataset(name, samples_dir_for(name), root / name, seed=0)
+    save_neurolm(tiny_neurolm(1), tmp_path / "model.pt", text_tokenizer="tiny")
+    base = dict(datasets_root=str(root), checkpoint=str(tmp_path / "model.pt"), batch_size=1, max_samples=9)
+    single = run_evaluation(EvalSetup(out_dir=str(tmp_path / "one"), **base))
+    launch = save_json({**base, "out_dir": str(tmp_path / "two")}, tmp_path / "eval.json")
+    proc = launch_torchrun(2, ["neurolm_nb.evaluation", "--config", str(launch)], timeout_s=240)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
+    for name in ("workload", "hmc"):
+        one = load_predictions(tmp_path / "one" / "predictions" / f"{name}.npz")
+        two = load_predictions(tmp_path / "two" / "predictions" / f"{name}.npz")
+        assert len(one["labels"]) == min(9, len(WindowDataset(root / name, "test")))
+        for key in ("index", "labels", "greedy_pred", "answers"):
+            assert np.array_equal(one[key], two[key]), (name, key)
+        assert np.allclose(one["probs"], two["probs"], atol=1e-6) and np.allclose(one["probs"].sum(1), 1, atol=1e-5)
+        assert np.array_equal(one["probs"], single[name]["probs"])
+        assert task_metrics(one, name) == task_metrics(two, name)
+    info = json.loads((tmp_path / "two" / "eval_info.json").read_text())
+    assert info["world_size"] == 2 and info["text_tokenizer"] == "tiny"
+    with pytest.raises(FileNotFoundError, match="instruct stage"):
+        run_evaluation(EvalSetup(datasets_root=str(root)))

@@ -1,0 +1,121 @@
+"""Tests of `neurolm_nb.instruct` (nbs/31_instruction_tuning.ipynb): the starting model and its tokenizer, the stage-3
+loss (answer tokens reach back to every real EEG token and to nothing padded), the launch file, a short run in this
+process from a stage-2 checkpoint, and `python -m neurolm_nb.instruct` under torchrun (2 gloo processes) giving the
+weights of one process on the same global batch."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from neurolm_nb.core import load_checkpoint
+from neurolm_nb.datasets import build_dataset, samples_dir_for
+from neurolm_nb.instruct import (PRETRAINED, InstructLoss, InstructModel, InstructSetup, checkpoint_text_tokenizer,
+                                 read_launch_config, resolve_start_model, run_instruct, spread_indices, tiny_neurolm,
+                                 write_launch_config)
+from neurolm_nb.instructions import (InstructionDataset, MixedInstructions, collate_instructions, find_task_datasets,
+                                     load_text_tokenizer, longest_text)
+from neurolm_nb.model import IGNORE_INDEX, load_neurolm, save_neurolm
+from neurolm_nb.training import TrainConfig, launch_torchrun, read_metrics
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    "A run root with built workload + tusl datasets (samples) and a stage-2 checkpoint of a tiny NeuroLM."
+    root = tmp_path_factory.mktemp("run")
+    for name in ("workload", "tusl"):
+        build_dataset(name, samples_dir_for(name), root / "datasets" / name, seed=0)
+    save_neurolm(tiny_neurolm(3), root / PRETRAINED, step=7, setup={"gpt": "tiny", "text_tokenizer": None})
+    return root
+
+
+def cfg(out_dir, **kw):
+    base = dict(lr=1e-3, min_lr=1e-4, max_steps=3, warmup_steps=1, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+                batch_size=4, out_dir=str(out_dir), progress=False, eval_every=0, resume=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_start_model_and_its_tokenizer(run_root, tmp_path):
+    lm, spec, source = resolve_start_model(None, run_root)
+    assert spec == "tiny" and source == str(run_root / PRETRAINED)
+    reference = tiny_neurolm(3).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in lm.state_dict().items())
+    _, spec, source = resolve_start_model(None, tmp_path)  # no stage 2: a tiny random model
+    assert spec == "tiny" and "random" in source
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        resolve_start_model(tmp_path / "nope.pt")
+    assert checkpoint_text_tokenizer({"text_tokenizer": "/models/gpt2", "setup": {"gpt": "tiny"}}) == "/models/gpt2"
+    assert checkpoint_text_tokenizer({"setup": {"gpt": "random:gpt2-medium"}}) == "gpt2-medium"
+    assert spread_indices(5, None).tolist() == [0, 1, 2, 3, 4] and spread_indices(9, 3).tolist() == [0, 4, 8]
+
+
+def test_answer_loss_reaches_every_real_eeg_token_and_no_padding(run_root):
+    lm = tiny_neurolm(0)
+    tok = load_text_tokenizer("tiny")
+    roots = find_task_datasets(run_root / "datasets")
+    fit = longest_text(list(roots), tok)
+    data = MixedInstructions([InstructionDataset(r, "train", tok, sep_id=lm.config.vocab.sep_id, text_max_len=fit)
+                              for r in roots.values()])
+    batch = collate_instructions([data[0], data[len(data) - 1]])  # a workload and a tusl window
+    embeds = lm.embed_eeg(batch["X"], batch["input_chans"], batch["input_time"], batch["input_mask"]).detach()
+    embeds.requires_grad_(True)
+    out = lm(eeg_embeds=embeds, input_chans=batch["input_chans"], input_time=batch["input_time"],
+             input_mask=batch["input_mask"], text=batch["text"], text_targets=batch["text_targets"], supervised_only=True)
+    out.loss.backward()
+    touched = embeds.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, batch["input_mask"])  # the stair/text mask: all real EEG, nothing padded
+    # the stage loss: instruction + web text, one forward pass
+    loss, terms = InstructLoss(None)(InstructModel(lm), batch)
+    assert torch.allclose(loss, out.loss) and set(terms) == {"instruct_loss", "instruct_accuracy"}
+    assert int((batch["text_targets"] != IGNORE_INDEX).sum()) == 5 + 4  # " Yes/No"-style 5 tokens, "B) eot"-style 4
+
+
+def test_launch_config_round_trip(tmp_path):
+    setup = InstructSetup(run_root="/r", tasks=["workload", "tusl"], text_max_len=None, balanced_sampling=True)
+    config = cfg(tmp_path, no_decay=("*.bias",))
+    path = write_launch_config(setup, config, tmp_path / "launch.json")
+    assert read_launch_config(path) == (setup, config)
+    data = json.loads(path.read_text())
+    data["setup"]["text_max_lenn"] = 3
+    path.write_text(json.dumps(data))
+    with pytest.raises(KeyError, match="text_max_lenn"):
+        read_launch_config(path)
+
+
+def test_short_run_from_a_stage2_checkpoint(run_root, tmp_path):
+    setup = InstructSetup(run_root=str(run_root), text_max_len=None, text_batch=1, text_block=16, val_samples=4)
+    result = run_instruct(setup, cfg(tmp_path, eval_every=3))
+    assert result.step == 3
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"instruct_loss", "text_loss", "eval_workload_balanced_accuracy", "eval_tusl_answer_nll"} <= set(rows[-1])
+    ckpt = load_checkpoint(tmp_path / "neurolm.pt")
+    assert ckpt["text_tokenizer"] == "tiny" and sorted(ckpt["tasks"]) == ["tusl", "workload"] and ckpt["step"] == 3
+    tuned = load_neurolm(ckpt).state_dict()
+    start = tiny_neurolm(3).state_dict()  # the stage-2 weights it started from
+    assert not torch.equal(tuned["gpt.lm_head.weight"], start["gpt.lm_head.weight"])
+    assert torch.equal(tuned["encoder.patch_embed.conv1.weight"], start["encoder.patch_embed.conv1.weight"])  # frozen
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["start"] == str(run_root / PRETRAINED) and info["tasks"]["workload"]["train"] == 58
+
+
+def test_torchrun_two_processes_match_one(run_root, tmp_path):
+    "Workload only (every sample has 5 answer tokens), so the mean of per-process means is the global mean."
+    base = dict(run_root=str(run_root), tasks=["workload"], text_max_len=None, text_block=16, val_samples=4)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_instruct(InstructSetup(**base, text_batch=2), cfg(one, batch_size=4))
+    launch = write_launch_config(InstructSetup(**base, text_batch=1), cfg(two, batch_size=2), tmp_path / "two.json")
+    proc = launch_torchrun(2, ["neurolm_nb.instruct", "--config", str(launch)], timeout_s=240)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
+    a, b = (load_checkpoint(p / "neurolm.pt")["model"] for p in (one, two))
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    ra, rb = (read_metrics(p / "metrics.jsonl")[-1] for p in (one, two))
+    assert abs(ra["loss"] - rb["loss"]) < 1e-5
