@@ -36,6 +36,9 @@ STAGES: dict[str, str] = {
     "tokenizer": "12_train_tokenizer.ipynb",  # stage 1: text-aligned VQ tokenizer
     "labram": "15_labram.ipynb",      # LaBraM: VQ-NSP, masked EEG modelling, Workload fine-tuning
     "pretrain": "22_pretrain.ipynb",  # stage 2: EEG next-code + text LM pretraining
+    "instruct": "31_instruction_tuning.ipynb",  # stage 3: multi-task instruction tuning
+    "evaluation": "32_evaluation.ipynb",  # test-set answers, metrics both ways, baseline, results.md
+    "figures": "90_paper_figures.ipynb",  # every figure and table, regenerated from the run directory
 }
 
 RESERVED_PARAMETERS = ("out_dir", "run_root")  # set by the runner, never by a profile
