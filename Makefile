@@ -62,7 +62,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m neurolm_nb.pipeline --profile $(PROFILE)
 	@echo
+	@if [ -f runs/$(PROFILE)/evaluation/results.md ]; then echo; cat runs/$(PROFILE)/evaluation/results.md; fi
+	@echo
 	@echo "Executed notebooks: runs/$(PROFILE)/<stage>/*.ipynb   figures: runs/$(PROFILE)/<stage>/figures/"
+	@echo "Paper figures and tables: runs/$(PROFILE)/figures/ (index.md lists them)"
 	@echo "Record of the run:  runs/$(PROFILE)/pipeline.json"
 
 test: $(STAMP)
