@@ -260,7 +260,7 @@ class PretrainModel(nn.Module):
         out = {"loss": eeg.loss, "eeg_loss": eeg.loss.detach(), "eeg_accuracy": eeg.accuracy}
         if "text" in batch:
             text = self.text_output(batch)
-            out.update(loss=0.5 * (eeg.loss + text.loss), text_loss=text.loss.detach(), text_accuracy=text.accuracy)
+            out.update(loss=eeg.loss + text.loss, text_loss=text.loss.detach(), text_accuracy=text.accuracy)
         return out
 
 

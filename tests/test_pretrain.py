@@ -119,7 +119,7 @@ def test_stage2_loss_falls_on_a_tiny_overfit(crops, tiny_parts):
         opt.zero_grad(); loss.backward(); opt.step()
         rows.append({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
     first, last = rows[0], rows[-1]
-    assert abs(first["loss"] - 0.5 * (first["eeg_loss"] + first["text_loss"])) < 1e-5  # equal weights
+    assert abs(first["loss"] - (first["eeg_loss"] + first["text_loss"])) < 1e-5  # equal weights of one
     assert last["eeg_loss"] < 0.6 * first["eeg_loss"] and last["text_loss"] < 0.6 * first["text_loss"]
     assert all(torch.equal(v, model.lm.encoder.state_dict()[k]) for k, v in encoder.items())  # frozen
     val = evaluate_pretraining(model.eval(), crops, NeuroLMCollate(64), text.batch(0), batch_size=4, max_batches=1)
