@@ -197,20 +197,33 @@ def test_console_script_is_installed():
     assert "eeg_io" in out.stdout
 
 
-def test_smoke_profile_first_data_stage(tmp_path, nbs_dir):
-    "The real thing: the first smoke stage whose notebook exists, into a temporary runs/ folder."
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    "The real thing: every smoke stage, in order, into a temporary runs/ folder, ending in the results table."
     smoke = load_profile("smoke")
-    ready = [s for s in smoke["stages"] if (nbs_dir / STAGES[s]).exists()]
-    if not ready:
-        pytest.skip("no smoke-stage notebook exists yet")
-    stage = ready[0]
-    rec = run_pipeline("smoke", stages=stage, runs_dir=tmp_path, verbose=False)
-    out = tmp_path / "smoke" / stage
-    assert rec["status"] == "ok" and rec["stages"][stage]["status"] == "ok"
-    assert (out / STAGES[stage]).exists()
-    assert rec["stages"][stage]["figures"], f"stage {stage} wrote no figures into {out / 'figures'}"
-    assert all((out / f).stat().st_size > 0 for f in rec["stages"][stage]["figures"])
-    assert (out / "metrics.json").exists() and (out / "config.json").exists()
-    assert load_json(tmp_path / "smoke" / "pipeline.json")["stages"][stage]["parameters"]["out_dir"] == str(out.resolve())
-    executed = json.loads((out / STAGES[stage]).read_text())
-    assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
+    assert list(smoke["stages"]) == list(STAGES), "the smoke profile runs every registered stage"
+    rec = run_pipeline("smoke", runs_dir=tmp_path, verbose=False)
+    run = tmp_path / "smoke"
+    assert rec["status"] == "ok", {k: v["status"] for k, v in rec["stages"].items()}
+    record = load_json(run / "pipeline.json")
+    for stage, notebook in STAGES.items():
+        out = run / stage
+        assert rec["stages"][stage]["status"] == "ok"
+        assert (out / "metrics.json").exists() and (out / "config.json").exists(), stage
+        assert record["stages"][stage]["parameters"]["out_dir"] == str(out.resolve())
+        executed = json.loads((out / notebook).read_text())
+        assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"]), stage
+        assert not any(o.get("output_type") == "error" for c in executed["cells"] for o in c.get("outputs", []))
+    # each stage read its predecessors' outputs, not its own stand-ins
+    assert (run / "tokenizer" / "tokenizer.pt").exists() and (run / "pretrain" / "neurolm.pt").exists()
+    assert (run / "instruct" / "neurolm.pt").exists()
+    # the results table: every task, the paper's numbers beside this run's, both evaluations
+    table = (run / "evaluation" / "results.md").read_text()
+    for task in ("TUAB", "TUEV", "SEED", "HMC", "Workload", "TUSL"):
+        assert f"| {task} |" in table, task
+    assert "0.6172" in table  # the paper's Workload balanced accuracy
+    metrics = load_json(run / "evaluation" / "metrics.json")["tasks"]["workload"]
+    assert 0.0 <= metrics["corrected"]["balanced_accuracy"] <= 1.0
+    assert 0.0 < metrics["baseline"]["balanced_accuracy"] <= 1.0  # the band-power floor on the same split
+    index = (run / "figures" / "index.md").read_text()
+    assert "Nothing is missing" in index and (run / "figures" / "results.md").exists()
