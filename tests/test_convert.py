@@ -1,5 +1,6 @@
 """Official checkpoints (neurolm_nb.convert): every manifest key mapped with its shape, strict errors that
-name the key, bit-exact round trips through files in the official formats, and the reference fixtures."""
+name the key, bit-exact round trips through files in the official formats, and the reference fixtures;
+for the VQ tokenizers (NeuroLM, LaBraM) and for the NeuroLM-B/L/XL language models of stages 2 and 3."""
 import argparse
 import warnings
 
@@ -7,10 +8,14 @@ import pytest
 import torch
 
 from neurolm_nb.convert import (
-    CheckpointMismatchError, fixture_state_dict, load_official_labram_vqnsp, load_official_neurolm_tokenizer,
-    official_key_table, read_checkpoint, to_official_labram_vqnsp, to_official_neurolm_tokenizer,
+    ORIG_MOD_PREFIX, CheckpointMismatchError, compare_with_fixture, fixture_state_dict, load_fixture,
+    load_official_labram_vqnsp, load_official_neurolm, load_official_neurolm_tokenizer, neurolm_encoder_from_vq,
+    neurolm_lm_fixture_outputs, official_key_table, official_neurolm_key_table, read_checkpoint,
+    to_official_labram_vqnsp, to_official_neurolm, to_official_neurolm_tokenizer,
 )
 from neurolm_nb.core import load_json, save_checkpoint
+from neurolm_nb.gpt import GPTConfig
+from neurolm_nb.model import NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_neurolm, save_neurolm
 from neurolm_nb.vq import VQConfig, VQTokenizer, load_tokenizer, save_tokenizer
 
 torch.set_num_threads(1)
@@ -182,3 +187,153 @@ def test_fixture_state_dicts_load_strictly(fixtures_dir):
             assert not model.text_embedding.weight.requires_grad  # the frozen GPT-2 copy stays frozen
     with pytest.raises(ValueError, match="labram_base"):
         fixture_state_dict("labram_base", {})
+
+
+# --- NeuroLM-B/L/XL: the stage 2 and 3 checkpoints (train_pretrain.py / train_instruction.py) ---------------
+
+LM_SIZES = ["NeuroLM-B", "NeuroLM-L", "NeuroLM-XL"]
+
+
+def lm_manifest_checkpoint(info, value=None):
+    "A train_pretrain.py-style checkpoint with the manifest's keys behind `_orig_mod.`: meta tensors by default."
+    make = value or (lambda i, shape: torch.empty(shape, device="meta"))
+    return {"model": {ORIG_MOD_PREFIX + k["key"]: make(i, k["shape"]) for i, k in enumerate(info["keys"])},
+            "model_args": dict(info["model_args_saved_in_checkpoint"]), "optimizer": {}, "iter_num": 7, "epoch": 1}
+
+
+@pytest.mark.parametrize("name", LM_SIZES)
+def test_every_neurolm_lm_manifest_key_maps_both_ways_with_its_shape(fixtures_dir, name):
+    info = manifest(fixtures_dir, f"neurolm_{name}")
+    expected = {k["key"]: tuple(k["shape"]) for k in info["keys"]}
+    assert len(expected) == info["n_keys"]
+    # official -> ours (strict: an unmapped or misshaped key would raise) -> official
+    model = load_official_neurolm(lm_manifest_checkpoint(info))
+    assert {k: tuple(v.shape) for k, v in to_official_neurolm(model).items()} == expected
+    assert sum(v.numel() for v in model.state_dict().values()) == info["total_numel_state_dict"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == info["n_trainable_parameters"]
+    # ours, built independently from the preset -> official
+    with torch.device("meta"):
+        preset = NeuroLM(NeuroLMConfig.preset(name))
+    assert {k: shape for k, (_, shape) in official_neurolm_key_table(preset).items()} == expected
+    assert model.config.gpt == preset.config.gpt
+    official = to_official_neurolm(preset, as_checkpoint=True, compiled=True)
+    assert official["model_args"] == info["model_args_saved_in_checkpoint"]
+    assert set(official["model"]) == {ORIG_MOD_PREFIX + k for k in expected}
+
+
+def test_neurolm_b_values_land_on_the_right_keys(fixtures_dir):
+    "Every tensor of a full-size NeuroLM-B checkpoint holds its own number: loading and writing back keeps each."
+    info = manifest(fixtures_dir, "neurolm_NeuroLM-B")
+    # stride-0 views of one scalar per key: full shapes, 240 numbers of memory
+    ckpt = lm_manifest_checkpoint(info, lambda i, shape: torch.tensor(float(i)).expand(shape))
+    model = load_official_neurolm(ckpt)
+    sd = {k[len(ORIG_MOD_PREFIX):]: v for k, v in ckpt["model"].items()}
+    ours = model.state_dict()
+    assert ours["gpt.transformer.h.5.attn.c_attn.weight"][0, 0] == sd["GPT2.transformer.h.5.attn.c_attn.weight"][0, 0]
+    assert ours["encoder.blocks.11.mlp.fc2.weight"][0, 0] == sd["tokenizer.blocks.11.mlp.c_proj.weight"][0, 0]
+    assert ours["channel_embed.weight"][0, 0] == sd["pos_embed.weight"][0, 0]
+    back = to_official_neurolm(model)
+    for key, value in sd.items():
+        assert back[key].shape == value.shape and back[key].reshape(-1)[0] == value.reshape(-1)[0], key
+    assert not any(p.requires_grad for p in model.encoder.parameters())  # the tokenizer stays frozen
+
+
+def test_vq_encoder_keys_become_the_tokenizer_keys_of_neurolm(fixtures_dir):
+    prefix = manifest(fixtures_dir, "neurolm_VQ_encoder_prefix")
+    vq = {"model": {ORIG_MOD_PREFIX + k: v for k, v in meta_state_dict(manifest(fixtures_dir, "neurolm_VQ_Align")).items()}}
+    found = {k: list(v.shape) for k, v in neurolm_encoder_from_vq(vq).items()}
+    assert found == {k["neurolm_key"]: k["shape"] for k in prefix["keys"]}
+    in_b = {k["key"]: k["shape"] for k in manifest(fixtures_dir, "neurolm_NeuroLM-B")["keys"]
+            if k["key"].startswith("tokenizer.")}
+    assert found == in_b
+    with pytest.raises(CheckpointMismatchError, match="VQ.encoder"):
+        neurolm_encoder_from_vq({"model": {"GPT2.transformer.wte.weight": torch.zeros(2, 2)}})
+
+
+@pytest.fixture
+def neurolm_b_checkpoint(fixtures_dir):
+    return lm_manifest_checkpoint(manifest(fixtures_dir, "neurolm_NeuroLM-B"))
+
+
+def test_missing_neurolm_key_is_named(neurolm_b_checkpoint):
+    ckpt = neurolm_b_checkpoint
+    del ckpt["model"][ORIG_MOD_PREFIX + "GPT2.transformer.h.7.mlp.c_proj.weight"]
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"missing key 'GPT2.transformer.h.7.mlp.c_proj.weight' \(shape \[768, 3072\]\)"):
+        load_official_neurolm(ckpt)
+    # a key the configuration is read from: named as well
+    del ckpt["model"][ORIG_MOD_PREFIX + "GPT2.transformer.wte.weight"]
+    with pytest.raises(CheckpointMismatchError, match="'GPT2.transformer.wte.weight'"):
+        load_official_neurolm(ckpt)
+
+
+def test_misshaped_neurolm_key_is_named_with_expected_and_found(neurolm_b_checkpoint):
+    ckpt = neurolm_b_checkpoint
+    ckpt["model"][ORIG_MOD_PREFIX + "tokenizer.blocks.3.attn.c_attn.weight"] = torch.empty(2304, 700, device="meta")
+    with pytest.raises(CheckpointMismatchError, match=r"key 'tokenizer.blocks.3.attn.c_attn.weight': "
+                                                      r"expected shape \[2304, 768\], found \[2304, 700\]"):
+        load_official_neurolm(ckpt)
+
+
+def test_unexpected_neurolm_key_and_contradicting_model_args_are_named(neurolm_b_checkpoint):
+    ckpt = dict(neurolm_b_checkpoint, model=dict(neurolm_b_checkpoint["model"]))
+    ckpt["model"]["GPT2.transformer.h.0.attn.bias"] = torch.empty(1, 1, 1024, 1024, device="meta")
+    with pytest.raises(CheckpointMismatchError, match="unexpected key 'GPT2.transformer.h.0.attn.bias'"):
+        load_official_neurolm(ckpt)
+    ckpt = dict(neurolm_b_checkpoint, model_args={**neurolm_b_checkpoint["model_args"], "n_layer": 24})
+    with pytest.raises(CheckpointMismatchError, match=r"n_layer=24 \(the loaded model has 12\)"):
+        load_official_neurolm(ckpt)
+    # heads are not shapes: model_args give them, and an explicit n_head= wins over model_args
+    ckpt = dict(neurolm_b_checkpoint, model_args={**neurolm_b_checkpoint["model_args"], "n_head": 6})
+    assert load_official_neurolm(ckpt).config.gpt.n_head == 6
+    assert load_official_neurolm(ckpt, n_head=12).config.gpt.n_head == 12
+
+
+def fixture_sized_neurolm() -> NeuroLM:
+    "A random NeuroLM shaped like fixture neurolm_lm_tiny: 1 x 768 encoder, 1-layer 2-head 64-wide GPT, real vocab."
+    config = NeuroLMConfig(gpt=GPTConfig(n_layer=1, n_head=2, n_embd=64), tokenizer=VQConfig.neurolm(encoder_depth=1))
+    return NeuroLM(config).eval()
+
+
+def test_neurolm_project_format_to_official_file_and_back_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    mine = fixture_sized_neurolm()
+    save_neurolm(mine, tmp_path / "mine.pt")
+    official = to_official_neurolm(load_neurolm(tmp_path / "mine.pt"), as_checkpoint=True, compiled=True,
+                                   iter_num=120, epoch=3)
+    assert set(official) == {"model", "model_args", "iter_num", "epoch"}
+    assert official["model_args"] == dict(n_layer=1, n_head=2, n_embd=64, block_size=1024, bias=True,
+                                          vocab_size=50304, dropout=0.0)
+    assert all(k.startswith(ORIG_MOD_PREFIX) for k in official["model"])
+    assert "encode_transform_layer.0.weight" in {k[len(ORIG_MOD_PREFIX):] for k in official["model"]}  # 768 -> 64
+    save_checkpoint(official, tmp_path / "ckpt.pt")
+    back = load_official_neurolm(tmp_path / "ckpt.pt").eval()
+    assert back.config.gpt == mine.config.gpt and back.config.vocab == mine.config.vocab
+    assert set(back.state_dict()) == set(mine.state_dict())
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in mine.state_dict().items())
+    g = torch.Generator().manual_seed(1)
+    eeg = dict(X=torch.randn(2, 12, 200, generator=g), input_chans=torch.randint(0, 136, (2, 12), generator=g),
+               input_time=torch.arange(12).repeat(2, 1) // 3, input_mask=torch.ones(2, 12, dtype=torch.bool))
+    eeg["input_mask"][1, 9:] = False
+    text = torch.randint(0, 50257, (2, 6), generator=g)
+    with torch.no_grad():
+        a, b = mine(**eeg, text=text, all_logits=True), back(**eeg, text=text, all_logits=True)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(mine.generate(**eeg, text=text, max_new_tokens=3), back.generate(**eeg, text=text, max_new_tokens=3))
+
+
+def test_neurolm_lm_fixture_from_an_official_checkpoint_file(fixtures_dir, tmp_path):
+    lm_t, vq_t = load_fixture("neurolm_lm_tiny"), load_fixture("neurolm_vq_tiny")
+    sd = lm_fixture_state_dict(lm_t, vq_t)
+    save_checkpoint({"model": {ORIG_MOD_PREFIX + k: v for k, v in sd.items()}, "optimizer": {},
+                     "model_args": dict(n_layer=1, n_head=2, n_embd=64, block_size=1024, bias=True, vocab_size=50304,
+                                        dropout=0.0), "iter_num": 0, "epoch": 0}, tmp_path / "ckpt.pt")
+    model = load_official_neurolm(tmp_path / "ckpt.pt").eval()
+    assert model.config.gpt.n_head == 2  # from model_args: heads are not a shape
+    report = compare_with_fixture(neurolm_lm_fixture_outputs(model, lm_t, batches=("pretrain", "text")), lm_t)
+    assert {"pretrain.loss", "pretrain.logits_eeg_50304_50368", "text.gpt_final_hidden"} <= set(report)
+    assert all(r["ok"] for r in report.values()), {k: r for k, r in report.items() if not r["ok"]}
+    back = to_official_neurolm(model)
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    with pytest.raises(ValueError, match="generate"):
+        neurolm_lm_fixture_outputs(model, lm_t, batches=("generate",))
