@@ -83,8 +83,12 @@ def setup_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> 
 
 
 def cleanup_distributed() -> None:
-    "Leave the process group, if this process joined one."
+    "Leave the process group, if this process joined one (after a barrier, so no rank leaves mid-exchange)."
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:  # on the error path torchrun stops the other ranks; do not wait for them
+            # Leaving while a peer still talks to this rank can abort it ("terminate called without an
+            # active exception" from gloo); a barrier lets every rank finish its last collective first.
+            dist.barrier()
         dist.destroy_process_group()
 
 
