@@ -1,5 +1,6 @@
-"""Tests of `neurolm_nb.bench` (nbs/52_bench.ipynb): the FLOP count, a tiny measurement and the command line.
-No timing is asserted: only that a tiny run gives sane numbers under the documented keys, quickly."""
+"""Tests of `neurolm_nb.bench` (nbs/52_bench.ipynb): the FLOP counts, tiny measurements of the stage-2 (LLM) and
+stage-1 (tokenizer) steps and the command line. No timing is asserted: only that a tiny run gives sane numbers
+under the documented keys, quickly."""
 import dataclasses
 import json
 import os
@@ -10,11 +11,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from neurolm_nb.bench import (BenchConfig, bench_batch, bench_model, default_configs, format_table, measure,
-                              model_flops, peak_tflops_for, run_benchmarks)
+from neurolm_nb.bench import (BenchConfig, TokenizerBenchConfig, bench_batch, bench_kind, bench_model,
+                              default_configs, format_table, main, measure, measure_tokenizer, model_flops,
+                              peak_tflops_for, run_benchmarks, tokenizer_bench_batch, tokenizer_bench_model,
+                              tokenizer_configs, tokenizer_flops, tokenizer_step_loss)
 
 TINY = dict(layers=1, width=64, heads=2, encoder_layers=1, encoder_width=64, encoder_heads=2, seq=64, channels=16,
             batch=1, n_codes=256, text_vocab=500, steps=2, warmup=1)
+TINY_TOKENIZER = dict(encoder_layers=1, decoder_layers=1, encoder_width=32, encoder_heads=2, code_dim=8, n_codes=64,
+                      seq=64, channels=16, batch=2, text_vocab=100, text_batch=2, text_block=16, steps=2, warmup=1)
 KEYS = {"name", "config", "device_name", "step_s", "tokens_per_s", "peak_mem_mb", "mem_kind", "flops_per_step",
         "flops_by_part", "achieved_tflops", "peak_tflops", "mfu", "trainable_params", "frozen_params", "loss"}
 
@@ -83,3 +88,107 @@ def test_command_line_runs_each_configuration_in_its_own_process(tmp_path):
     assert names == ["naive/float32", "sdpa/float32"]
     for r in report["results"]:
         assert KEYS <= set(r) and r["tokens_per_s"] > 0 and r["config"]["layers"] == 1 and r["config"]["seq"] == 64
+
+
+TOKENIZER_KEYS = KEYS | {"model", "patches_per_s", "losses", "text_tokens_per_step", "step_s_all", "threads"}
+STAGE1_TERMS = {"commitment", "rec_freq", "rec_raw"}
+
+
+def test_tokenizer_flop_count_matches_pytorchs_counter():
+    for text in (True, False):
+        cfg = TokenizerBenchConfig(**{**TINY_TOKENIZER, "text": text})
+        model = tokenizer_bench_model(cfg).train()
+        with FlopCounterMode(display=False) as counter:
+            tokenizer_step_loss(model, tokenizer_bench_batch(cfg)).loss.backward()
+        ours = tokenizer_flops(cfg)
+        # the fused attention is invisible to the counter on a CPU: compare the rest
+        assert abs((ours["total"] - ours["attention"]) / counter.get_total_flops() - 1) < 0.01, text
+        assert ours["total"] == pytest.approx(sum(v for k, v in ours.items() if k != "total"))
+        assert (ours["domain_classifier"] > 0) == text
+    full = tokenizer_flops(TokenizerBenchConfig())  # NeuroLM's full width: about 1.07 GFLOP per patch
+    assert 1.0e9 < full["total"] / 1024 < 1.15e9
+
+
+def test_tiny_tokenizer_step_runs_and_reports_sane_keys():
+    cfg = TokenizerBenchConfig(**TINY_TOKENIZER)
+    assert cfg.name == "vq+text/float32" and bench_kind(cfg) == "tokenizer"
+    r = measure_tokenizer(cfg, peak_tflops=2.0)
+    assert TOKENIZER_KEYS <= set(r) and r["model"] == "tokenizer"
+    assert r["patches_per_s"] > 0 and r["patches_per_s"] == r["tokens_per_s"] == pytest.approx(
+        cfg.batch * cfg.seq / r["step_s"])
+    assert len(r["step_s_all"]) == cfg.steps and r["peak_mem_mb"] > 10
+    assert set(r["losses"]) == STAGE1_TERMS | {"domain_eeg", "domain_text"}
+    assert r["loss"] == pytest.approx(sum(r["losses"].values()), rel=1e-5) and all(
+        torch.isfinite(torch.tensor(v)) for v in r["losses"].values())
+    assert r["text_tokens_per_step"] == 2 * 16 and r["frozen_params"] == 100 * 32  # only the text table is frozen
+    assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 2.0) and 0 < r["mfu"] < 1
+    assert r["config"]["encoder_width"] == 32 and r["flops_per_step"] == tokenizer_flops(cfg)["total"]
+    plain = measure_tokenizer(dataclasses.replace(cfg, text=False, steps=1, warmup=0))
+    assert plain["name"] == "vq/float32" and set(plain["losses"]) == STAGE1_TERMS
+    assert plain["frozen_params"] == 0 and plain["text_tokens_per_step"] == 0
+    assert plain["trainable_params"] < r["trainable_params"]  # no domain classifier
+
+
+def test_tokenizer_configs_and_validation():
+    cpu = tokenizer_configs("cpu")
+    assert [c.name for c in cpu] == ["vq+text/float32"]
+    full = cpu[0].vq_config()
+    assert (full.dim, full.encoder_depth, full.decoder_depth, full.n_codes, full.code_dim) == (768, 12, 4, 8192, 128)
+    assert not full.kmeans_init and full.text_vocab_size == 50257
+    gpu = tokenizer_configs("cuda", text=False)
+    assert [c.name for c in gpu] == ["vq/bf16"] and gpu[0].batch == 8
+    with pytest.raises(ValueError, match="seconds"):
+        TokenizerBenchConfig(seq=1000)
+    with pytest.raises(ValueError, match="64"):
+        TokenizerBenchConfig(seq=16 * 65)
+    with pytest.raises(ValueError, match="n_heads"):
+        TokenizerBenchConfig(encoder_width=100)
+    with pytest.raises(ValueError, match="dtype"):
+        TokenizerBenchConfig(dtype="float8")
+    failed = run_benchmarks([TokenizerBenchConfig(**{**TINY_TOKENIZER, "device": "cuda:99"})], isolate=False)
+    if not torch.cuda.is_available():
+        assert "error" in failed[0] and failed[0]["model"] == "tokenizer"
+        assert "dec 2×1" in format_table(failed).splitlines()[-1]
+
+
+def test_command_line_flags_belong_to_their_model(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tokenizer", "--layers", "2"])
+    assert e.value.code == 2 and "--layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "lm", "--decoder-layers", "1"])
+    assert "--decoder-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "lm", "--no-text"])
+    assert "--no-text" in capsys.readouterr().err
+
+
+def test_command_line_model_all_in_process(capsys):
+    code = main(["--model", "all", "--device", "cpu", "--no-isolate", "--impls", "sdpa", "--layers", "1",
+                 "--width", "32", "--heads", "2", "--encoder-layers", "1", "--encoder-width", "32",
+                 "--encoder-heads", "2", "--decoder-layers", "1", "--seq", "32", "--batch", "1", "--steps", "1",
+                 "--warmup", "0", "--text-batch", "1", "--text-block", "8"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["name"] for r in report["results"]] == ["sdpa/float32", "vq+text/float32"]
+    lm_row, tokenizer_row = report["results"]
+    assert lm_row["model"] == "lm" and tokenizer_row["model"] == "tokenizer"
+    assert tokenizer_row["config"]["seq"] == 32 and tokenizer_row["config"]["decoder_layers"] == 1
+    assert tokenizer_row["text_tokens_per_step"] == 8 and tokenizer_row["patches_per_s"] > 0
+
+
+def test_command_line_tokenizer_in_its_own_process(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "neurolm_nb.bench", "--model", "tokenizer", "--device", "cpu",
+                           "--threads", "1", "--json", str(out), "--batch", "2", "--seq", "32", "--encoder-layers",
+                           "1", "--encoder-width", "32", "--encoder-heads", "2", "--decoder-layers", "1",
+                           "--no-text", "--steps", "2", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "vq/float32" in lines[2] and "2×32" in lines[2]
+    report = json.loads(lines[-1])
+    assert report == json.loads(out.read_text())
+    (r,) = report["results"]
+    assert TOKENIZER_KEYS <= set(r) and r["threads"] == 1 and r["mem_kind"] == "cpu peak rss (process)"
+    assert r["config"]["text"] is False and set(r["losses"]) == STAGE1_TERMS and r["peak_mem_mb"] > 10
