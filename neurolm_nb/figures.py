@@ -20,10 +20,11 @@ import torch
 
 from .core import atomic_write_bytes, load_checkpoint, load_json, project_root, save_fig, save_json
 from .training import read_metrics
+from .evaluation import PAPER_RESULTS
 
 # %% auto #0
-__all__ = ['TASKS', 'TASK_TITLES', 'TASK_N_CLASSES', 'METRIC_ORDER', 'METRIC_TITLES', 'METRIC_ALIASES', 'PAPER_NEUROLM',
-           'PAPER_SINGLE_TASK', 'FIGURES', 'TRAINING_LOGS', 'PAPER_COLUMN', 'LABRAM_PAPER_COLUMN', 'RUN_COLUMN',
+__all__ = ['TASKS', 'TASK_TITLES', 'TASK_N_CLASSES', 'METRIC_ORDER', 'METRIC_TITLES', 'METRIC_ALIASES', 'PAPER_SINGLE_TASK',
+           'PAPER_NEUROLM', 'FIGURES', 'TRAINING_LOGS', 'PAPER_COLUMN', 'LABRAM_PAPER_COLUMN', 'RUN_COLUMN',
            'RUN_ORIGINAL_COLUMN', 'LABRAM_RUN_COLUMN', 'NOT_METRICS', 'metric_key', 'numeric_metrics', 'paper_results',
            'MissingInput', 'Made', 'FigureContext', 'resolve_run', 'figure', 'dataset_rows', 'markdown_table',
            'csv_text', 'write_text', 'datasets_table', 'stair_mask_example', 'plot_stair_mask', 'stair_mask_figure',
@@ -46,15 +47,6 @@ METRIC_ALIASES = {"bacc": "balanced_accuracy", "balanced_acc": "balanced_accurac
                   "wf1": "f1_weighted", "weighted_f1": "f1_weighted", "f1": "f1_weighted", "roc_auc": "auroc",
                   "auc": "auroc", "pr_auc": "auc_pr", "auprc": "auc_pr", "acc": "accuracy"}
 
-# reference/neurolm.md §6: NeuroLM's published multi-task row (most likely NeuroLM-B).
-PAPER_NEUROLM = {
-    "tuab": {"balanced_accuracy": 0.7826, "auroc": 0.7816},
-    "tuev": {"balanced_accuracy": 0.4560, "cohen_kappa": 0.4285, "f1_weighted": 0.7153},
-    "seed": {"balanced_accuracy": 0.5554, "f1_weighted": 0.5599},
-    "hmc": {"balanced_accuracy": 0.6737, "f1_weighted": 0.7126},
-    "workload": {"balanced_accuracy": 0.6172, "auroc": 0.6253},
-    "tusl": {"balanced_accuracy": 0.6734, "f1_weighted": 0.6743},
-}
 # reference/labram.md "Reported results" (means over seeds; TUAB and TUEV only).
 PAPER_SINGLE_TASK = {
     "BIOT": {"tuab": {"balanced_accuracy": 0.7959, "auc_pr": 0.8792, "auroc": 0.8815},
@@ -85,16 +77,14 @@ def numeric_metrics(d: Any) -> dict[str, float]:
     return out
 
 
+# reference/neurolm.md §6: NeuroLM's published multi-task row (most likely NeuroLM-B). The numbers live
+# once, in 32_evaluation's PAPER_RESULTS; here they only get the metric names of this module.
+PAPER_NEUROLM = {task: numeric_metrics(m) for task, m in PAPER_RESULTS["NeuroLM"].items()}
+
+
 def paper_results() -> tuple[dict[str, dict[str, float]], str]:
     "NeuroLM's published numbers {task: {metric: value}} and where they came from."
-    try:
-        from neurolm_nb.evaluation import PAPER_RESULTS as theirs  # written by 32_evaluation, when it exists
-    except Exception:
-        return PAPER_NEUROLM, "neurolm_nb.figures.PAPER_NEUROLM (reference/neurolm.md §6)"
-    if isinstance(theirs, dict) and theirs and all(isinstance(v, dict) and numeric_metrics(v) for v in theirs.values()):
-        return {str(t).lower(): numeric_metrics(v) for t, v in theirs.items()}, "neurolm_nb.evaluation.PAPER_RESULTS"
-    return PAPER_NEUROLM, ("neurolm_nb.figures.PAPER_NEUROLM (reference/neurolm.md §6); "
-                           "neurolm_nb.evaluation.PAPER_RESULTS has another shape")
+    return PAPER_NEUROLM, "neurolm_nb.evaluation.PAPER_RESULTS['NeuroLM'] (reference/neurolm.md §6)"
 
 # %% ../nbs/90_paper_figures.ipynb #c009
 class MissingInput(Exception):
