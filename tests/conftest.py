@@ -3,6 +3,7 @@
 Fixtures that need `../shared` (real EEGMAT recordings, official reference tensors) skip the test with
 a reason naming what is missing, so the suite still runs in a checkout without it.
 """
+import functools
 import os
 from pathlib import Path
 
@@ -60,3 +61,27 @@ def fixtures_dir(shared_dir) -> Path:
     if not d.is_dir() or not any(d.glob("*.safetensors")):
         pytest.skip(f"official fixtures not found in {d}")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Run a module's tests with one torch thread (tiny tensors; the CI machine's 2 cores are shared)."
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _official_tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def load_official(fixtures_dir: Path, name: str) -> dict:
+    "Tensors of an official fixture file, loaded once per session (do not modify them); skips if absent."
+    path = fixtures_dir / name
+    if not path.exists():
+        pytest.skip(f"official fixture {path} not found")
+    return _official_tensors(str(path))

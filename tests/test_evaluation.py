@@ -20,12 +20,7 @@ from neurolm_nb.model import save_neurolm
 from neurolm_nb.training import launch_torchrun
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest on a shared CI machine
 
 
 def test_auroc_from_scores_differs_from_hard_labels():

@@ -19,12 +19,7 @@ from neurolm_nb.model import IGNORE_INDEX, load_neurolm, save_neurolm
 from neurolm_nb.training import TrainConfig, launch_torchrun, read_metrics
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest on a shared CI machine
 
 
 @pytest.fixture(scope="module")

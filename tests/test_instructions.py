@@ -21,12 +21,7 @@ CHANNELS = {"TUAB": TUH_CHANNELS, "TUEV": TUH_CHANNELS, "SEED": SEED_CHANNELS, "
             "Workload": WORKLOAD_CHANNELS, "TUSL": TUH_CHANNELS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest on a shared CI machine
 
 
 @pytest.fixture(scope="module")

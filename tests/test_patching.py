@@ -1,10 +1,11 @@
 """Token layouts (neurolm_nb.patching): parity with the official loaders, errors, round trips."""
-import functools
 import pickle
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import load_official  # tests/ is on sys.path under pytest
 
 from neurolm_nb.channels import NEUROLM_CHANNELS, PAD_INDEX, channel_indices, labram_channel_indices
 from neurolm_nb.core import load_json
@@ -19,18 +20,6 @@ WORKLOAD = ["FP1", "FP2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4",
 HMC = ["F4", "C4", "O2", "C3"]
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path):
-    from safetensors.torch import load_file
-    return load_file(path)
-
-
-def load(fixtures_dir, name):
-    "Tensors of an official fixture file (loaded once per session; do not modify them)."
-    path = fixtures_dir / name
-    if not path.exists():
-        pytest.skip(f"official fixture {path} not found")
-    return _load(str(path))
 
 
 def window(n_channels, seconds, seed=0):
@@ -39,7 +28,7 @@ def window(n_channels, seconds, seed=0):
 
 # ---------------------------------------------------------------- parity with the official code
 def test_neurolm_vq_tiny_inputs_reproduced(fixtures_dir):
-    ref = load(fixtures_dir, "neurolm_vq_tiny.safetensors")
+    ref = load_official(fixtures_dir, "neurolm_vq_tiny.safetensors")
     batch = collate_neurolm([(ref["input.raw_uV_A"], WORKLOAD), (ref["input.raw_uV_B"], HMC)], max_tokens=128)
     torch.testing.assert_close(batch["X"], ref["input.X"], atol=1e-6, rtol=0)
     for key in ("input_chans", "input_time", "input_mask"):
@@ -50,13 +39,13 @@ def test_neurolm_vq_tiny_inputs_reproduced(fixtures_dir):
 
 def test_neurolm_vq_tiny_from_float64_recording(fixtures_dir):
     # preprocessed recordings are float64 µV: the result must be the same float32 tokens
-    ref = load(fixtures_dir, "neurolm_vq_tiny.safetensors")
+    ref = load_official(fixtures_dir, "neurolm_vq_tiny.safetensors")
     s = neurolm_sample(ref["input.raw_uV_B"].double().numpy(), HMC, 128)
     torch.testing.assert_close(s["X"], ref["input.X"][1], atol=1e-6, rtol=0)
 
 
 def test_labram_vqnsp_inputs_reproduced(fixtures_dir):
-    ref = load(fixtures_dir, "labram_vqnsp.safetensors")
+    ref = load_official(fixtures_dir, "labram_vqnsp.safetensors")
     batch = collate_labram([(w, WORKLOAD) for w in ref["input.raw_uV"]])
     torch.testing.assert_close(batch["x"], ref["input.x"], atol=1e-6, rtol=0)
     assert batch["input_chans"].tolist() == ref["input.input_chans"].tolist()
@@ -64,7 +53,7 @@ def test_labram_vqnsp_inputs_reproduced(fixtures_dir):
 
 
 def test_stair_case_streams_reproduced(fixtures_dir):
-    ref = load(fixtures_dir, "neurolm_sequences.safetensors")
+    ref = load_official(fixtures_dir, "neurolm_sequences.safetensors")
     cases = load_json(fixtures_dir / "neurolm_sequences.json")["stair_cases"]
     assert len(cases) == 5
     for case in cases:

@@ -25,13 +25,7 @@ from neurolm_nb.vq import save_tokenizer
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny tensors: one thread is fastest, and the CI machine is shared."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest on a shared CI machine
 
 
 @pytest.fixture(scope="module")

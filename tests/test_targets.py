@@ -1,10 +1,11 @@
 """Reconstruction targets (neurolm_nb.targets): parity with the official code and properties."""
-import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import load_official  # tests/ is on sys.path under pytest
 
 from neurolm_nb.patching import collate_neurolm
 from neurolm_nb.targets import (
@@ -16,18 +17,6 @@ WORKLOAD = ["FP1", "FP2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4",
             "T5", "T6", "P3", "P4", "O1", "O2", "FZ", "CZ", "PZ"]
 
 
-@functools.lru_cache(maxsize=None)
-def _load(path):
-    from safetensors.torch import load_file
-    return load_file(path)
-
-
-def load(fixtures_dir, name):
-    "Tensors of an official fixture file (loaded once per session; do not modify them)."
-    path = fixtures_dir / name
-    if not path.exists():
-        pytest.skip(f"official fixture {path} not found")
-    return _load(str(path))
 
 
 def demo_batch(max_tokens, seed=0):
@@ -49,7 +38,7 @@ def assert_phase_close(mine, ref, x, atol=2e-4):
 
 # ---------------------------------------------------------------- parity with the official code
 def test_neurolm_targets_match_fixture(fixtures_dir):
-    ref = load(fixtures_dir, "neurolm_vq_tiny.safetensors")
+    ref = load_official(fixtures_dir, "neurolm_vq_tiny.safetensors")
     t = neurolm_targets(ref["input.X"], ref["input.input_mask"])
     torch.testing.assert_close(t["Y_freq"], ref["input.Y_freq"], atol=1e-6, rtol=0)
     torch.testing.assert_close(t["Y_raw"], ref["input.Y_raw"], atol=1e-6, rtol=0)
@@ -57,7 +46,7 @@ def test_neurolm_targets_match_fixture(fixtures_dir):
 
 
 def test_labram_targets_match_fixture(fixtures_dir):
-    ref = load(fixtures_dir, "labram_vqnsp.safetensors")
+    ref = load_official(fixtures_dir, "labram_vqnsp.safetensors")
     t = labram_targets(ref["input.x"])
     torch.testing.assert_close(t["amplitude"], ref["output.amplitude_target"], atol=1e-5, rtol=0)
     assert_phase_close(t["phase"], ref["output.phase_target"], ref["input.x"])
