@@ -52,7 +52,9 @@ $(STAMP): | $(PY)
 	  echo "installing $(TORCH_SPEC) (choose a build with TORCH_SPEC=..., see https://pytorch.org)"; \
 	  $(PIP) install "$(TORCH_SPEC)"; \
 	fi
-	@$(PY) -c 'import torch; print("torch==" + torch.__version__)' > $(VENV)/torch-constraint.txt
+	@# Pin the installed *distribution's* version (e.g. 2.14.1, or 2.13.0+cpu), never torch.__version__,
+	@# whose local label (+cu130) a registry's plain "2.14.1" wheel does not carry.
+	@$(PY) -c 'from importlib.metadata import version; print("torch==" + version("torch"))' > $(VENV)/torch-constraint.txt
 	$(PIP) install -e ".[dev]" -c $(VENV)/torch-constraint.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@

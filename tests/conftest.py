@@ -14,6 +14,11 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.pop("IN_TEST", None)
 
+# NEUROLM_TEST_THREADS=N runs the whole suite with N torch threads (to show that parity holds with 1 and 2).
+if os.environ.get("NEUROLM_TEST_THREADS"):
+    import torch
+    torch.set_num_threads(int(os.environ["NEUROLM_TEST_THREADS"]))
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -16,6 +16,7 @@ from neurolm_nb.instructions import (EEG_MAX_LEN, INSTRUCTION_TASKS, TASK_NAMES,
                                      greedy_answers, instruction_sample, load_text_tokenizer, longest_text,
                                      option_continuations, parse_answer, score_options)
 from neurolm_nb.model import IGNORE_INDEX, NeuroLM, stair_mask
+from neurolm_nb.testing import check_parity
 
 CHANNELS = {"TUAB": TUH_CHANNELS, "TUEV": TUH_CHANNELS, "SEED": SEED_CHANNELS, "HMC": HMC_CHANNELS,
             "Workload": WORKLOAD_CHANNELS, "TUSL": TUH_CHANNELS}
@@ -78,7 +79,7 @@ def test_instruction_samples_match_the_official_loaders(seq, title):
     assert (task.result_idx, task.label_dic) == (official["result_idx"], official["label_dic"])
     assert task.prompt == info["prompt_string"]
     train = instruction_sample(f("train.raw_uV"), CHANNELS[title], task, train_label(info), stub)
-    assert torch.allclose(train["X"], f("train.X_eeg"), atol=1e-6, rtol=0)
+    check_parity(train["X"], f("train.X_eeg"), "data", f"{title} train X")  # fixtures README §5
     for ours, theirs in [("input_chans", "input_chans"), ("input_time", "input_time"), ("input_mask", "eeg_mask"),
                          ("text", "text"), ("text_targets", "Y_text")]:
         assert torch.equal(train[ours].long(), f(f"train.{theirs}").long()), ours
@@ -89,7 +90,7 @@ def test_instruction_samples_match_the_official_loaders(seq, title):
     ev = instruction_sample(raw, CHANNELS[title], task, int(f("eval.label")), stub, train=False)
     assert ev["text"].tolist() == f("eval.text").tolist() and "text_targets" not in ev
     if f"instruct.{title}.eval.X_eeg" in tensors:
-        assert torch.allclose(ev["X"], f("eval.X_eeg"), atol=1e-6, rtol=0)
+        check_parity(ev["X"], f("eval.X_eeg"), "data", f"{title} eval X")
     assert torch.equal(stair_mask(ev["input_time"], ev["input_mask"], n_text=len(ev["text"])), f("eval.gpt_mask"))
     # the official parse demo: prompt (no [SEP]) + the 5 ids a perfect answer generates
     demo = info["parse_demo"]
@@ -160,7 +161,7 @@ def test_official_instruction_batch_loss_and_generation(fixtures_dir):
     parts = [("workload", vq_fx["input.raw_uV_A"], WORKLOAD_CHANNELS, 1), ("hmc", vq_fx["input.raw_uV_B"], HMC_CHANNELS, 2)]
     batch = collate_instructions([instruction_sample(r, c, n, y, stub) for n, r, c, y in parts])
     inp = lambda key: lm_fx[f"input.instruct.{key}"]
-    assert torch.allclose(batch["X"], inp("X_eeg"), atol=1e-6, rtol=0)
+    check_parity(batch["X"], inp("X_eeg"), "data", "instruct X")  # fixtures README §5
     for ours, theirs in [("text", "X_text"), ("text_targets", "Y_text"), ("input_chans", "input_chans"),
                          ("input_time", "input_time"), ("input_mask", "input_mask")]:
         assert torch.equal(batch[ours].long(), inp(theirs).long()), ours
@@ -168,11 +169,11 @@ def test_official_instruction_batch_loss_and_generation(fixtures_dir):
     with torch.no_grad():
         out = official(**{k: batch[k] for k in ("X", "input_chans", "input_time", "input_mask", "text")},
                        text_targets=batch["text_targets"], supervised_only=True)
-    assert abs(out.loss.item() - lm_fx["output.instruct.loss"].item()) <= 1e-5 * abs(lm_fx["output.instruct.loss"].item())
+    check_parity(out.loss.item(), lm_fx["output.instruct.loss"].item(), "loss", "instruct loss")
     for name, raw, ch, label in parts:
         one = collate_instructions([instruction_sample(raw, ch, name, label, stub, train=False)])
         ids = official.generate(one["X"], one["input_chans"], one["input_time"], one["input_mask"], one["text"],
-                                original_mask_quirk=True)
+                                max_new_tokens=5, original_mask_quirk=True)  # the fixture generated 5 ids
         assert ids.flatten().tolist() == lm_fx[f"output.generate.{name}.output_ids"].flatten().tolist()
         texts, parsed = greedy_answers(official, one, name, StubTokenizer(), original_mask_quirk=True)
         assert parsed.tolist() == [-1]  # a random model's answer is not an answer

@@ -38,7 +38,7 @@ def test_workload_windows_match_official(stem, eegmat_dir, fixtures_dir):
     assert rec.ch_names == WORKLOAD and rec.sfreq == 200.0
     windows = sliding_windows(rec.data[:, -60 * 200:], 800, 400).astype(np.float32)
     assert windows.shape == official.shape == (29, 19, 800)
-    np.testing.assert_allclose(windows, official, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(windows, official, rtol=0, atol=1e-4)  # fixtures README §5: atol 1e-4 µV, same MNE
     # Recording.last is the same crop
     np.testing.assert_array_equal(rec.last(60.0).data, rec.data[:, -12000:])
 

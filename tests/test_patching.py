@@ -9,6 +9,7 @@ from conftest import load_official  # tests/ is on sys.path under pytest
 
 from neurolm_nb.channels import NEUROLM_CHANNELS, PAD_INDEX, channel_indices, labram_channel_indices
 from neurolm_nb.core import load_json
+from neurolm_nb.testing import check_parity
 from neurolm_nb.patching import (
     NeuroLMCollate, PatchingError, channel_major_to_time_major, collate_labram, collate_neurolm,
     labram_patches, labram_to_neurolm, max_seconds_for, neurolm_sample, neurolm_to_labram, neurolm_tokens,
@@ -30,7 +31,7 @@ def window(n_channels, seconds, seed=0):
 def test_neurolm_vq_tiny_inputs_reproduced(fixtures_dir):
     ref = load_official(fixtures_dir, "neurolm_vq_tiny.safetensors")
     batch = collate_neurolm([(ref["input.raw_uV_A"], WORKLOAD), (ref["input.raw_uV_B"], HMC)], max_tokens=128)
-    torch.testing.assert_close(batch["X"], ref["input.X"], atol=1e-6, rtol=0)
+    check_parity(batch["X"], ref["input.X"], "data", "X")  # fixtures README §5: no FFT, atol 1e-6
     for key in ("input_chans", "input_time", "input_mask"):
         assert torch.equal(batch[key], ref["input." + key].to(batch[key].dtype)), key
     assert batch["input_chans"].dtype == batch["input_time"].dtype == torch.int64
@@ -41,13 +42,13 @@ def test_neurolm_vq_tiny_from_float64_recording(fixtures_dir):
     # preprocessed recordings are float64 µV: the result must be the same float32 tokens
     ref = load_official(fixtures_dir, "neurolm_vq_tiny.safetensors")
     s = neurolm_sample(ref["input.raw_uV_B"].double().numpy(), HMC, 128)
-    torch.testing.assert_close(s["X"], ref["input.X"][1], atol=1e-6, rtol=0)
+    check_parity(s["X"], ref["input.X"][1], "data", "X from float64")
 
 
 def test_labram_vqnsp_inputs_reproduced(fixtures_dir):
     ref = load_official(fixtures_dir, "labram_vqnsp.safetensors")
     batch = collate_labram([(w, WORKLOAD) for w in ref["input.raw_uV"]])
-    torch.testing.assert_close(batch["x"], ref["input.x"], atol=1e-6, rtol=0)
+    check_parity(batch["x"], ref["input.x"], "data", "x")
     assert batch["input_chans"].tolist() == ref["input.input_chans"].tolist()
     assert batch["input_chans"].tolist() == labram_channel_indices(WORKLOAD).tolist()
 
