@@ -257,8 +257,11 @@ def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | No
         papermill.execute_notebook(str(notebook), str(output), parameters=parameters or {},
                                    kernel_name=kernel, cwd=str(cwd or notebook.parent),
                                    log_output=log_output, progress_bar=False, execution_timeout=timeout,
-                                   # ipykernel's start-up chatter (a TCP notice) would drown the progress lines
-                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                                   # ipykernel's own log: a TCP notice at start-up, and "KeyboardInterrupt caught
+                                   # in kernel" at ERROR level whenever the SIGINT that jupyter_client always sends
+                                   # before a shutdown lands while the kernel is idle. Neither is a failure (cell
+                                   # errors and dead kernels reach us through nbclient), so only CRITICAL shows.
+                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
     except papermill.PapermillExecutionError as e:
         position, first_line = _failing_cell(output, e.cell_index)
         tail = _ANSI.sub("", "\n".join(e.traceback)).strip().splitlines()[-12:]

@@ -168,6 +168,20 @@ def test_failing_cell_is_named(tmp_path):
     assert rec["status"] == "failed" and "cell 2" in rec["stages"]["eeg_io"]["error"]
 
 
+def test_a_successful_stage_prints_no_kernel_noise(tmp_path, capfd):
+    "ipykernel's own log (a TCP notice; 'KeyboardInterrupt caught in kernel' from the SIGINT jupyter_client sends"
+    " before every shutdown) never reaches the terminal of a run whose cells all succeed."
+    first, nbs = list(STAGES)[0], tmp_path / "nbs"
+    write_notebook(nbs / STAGES[first], [PARAMS, "k = get_ipython().kernel\n"
+                   "k.log.error('KeyboardInterrupt caught in kernel.')  # what ipykernel logs for that SIGINT\n"
+                   "k.log.warning('Kernel is running over TCP without encryption.')"])
+    rec = run_pipeline(toy_profile(), stages=first, runs_dir=tmp_path / "runs", nbs_dir=nbs, verbose=False)
+    assert rec["status"] == "ok"
+    out, err = capfd.readouterr()
+    noise = [line for line in (out + err).splitlines() if "IPKernelApp" in line or "KeyboardInterrupt" in line]
+    assert not noise, noise
+
+
 def test_command_line(toy_nbs, tmp_path):
     first, second = list(STAGES)[:2]
     prof = tmp_path / "mine.yaml"
