@@ -2,6 +2,7 @@
 #
 #   make demo    run the smoke pipeline (data stages + training demo) into runs/smoke/
 #   make test    the test suite: library tests, every notebook under papermill, export/clean sync
+#   make lab     JupyterLab on nbs/ with the project's environment as the python3 kernel
 #
 # Variables: PYTHON (interpreter to build .venv from, >= 3.10), PROFILE (for demo), PYTEST_ARGS,
 # TORCH_SPEC (what to install when the venv has no torch yet, e.g. TORCH_SPEC=torch==2.13.0).
@@ -19,11 +20,12 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # The install is redone only when the packaging files change (their checksum names the stamp).
 STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: help venv install demo test export clean check samples
+.PHONY: help venv install demo test lab export clean check samples
 
 help:
 	@echo "make demo     run the '$(PROFILE)' pipeline with papermill into runs/$(PROFILE)/"
 	@echo "make test     run the test suite (PYTEST_ARGS='-k io' to select)"
+	@echo "make lab      JupyterLab on nbs/ (installs jupyterlab into .venv on first use; LAB_ARGS=--no-browser)"
 	@echo "make install  create .venv and install the project with its dev tools"
 	@echo "make export   nbdev_export: regenerate neurolm_nb/ from nbs/"
 	@echo "make clean    strip outputs and metadata from nbs/*.ipynb (nbdev_clean)"
@@ -72,6 +74,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# JupyterLab runs from .venv, so its python3 kernel is the project's interpreter (what papermill uses too).
+LAB_ARGS ?=
+$(VENV)/.lab-installed: $(STAMP)
+	$(PIP) install "jupyterlab>=4" -c $(VENV)/torch-constraint.txt
+	@touch $@
+
+lab: $(VENV)/.lab-installed
+	$(VENV)/bin/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 export: $(STAMP)
 	$(VENV)/bin/nbdev_export

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, load_checkpoint, load_json,
+from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, load_checkpoint, load_json, project_root,
                             save_json)
 from .datasets import WindowDataset
 from .instructions import (EEG_MAX_LEN, InstructionDataset, InstructionTask, collate_instructions,
@@ -31,7 +31,7 @@ from .training import (cleanup_distributed, gather_objects, is_main_process, mov
 __all__ = ['BINARY_METRICS', 'MULTICLASS_METRICS', 'PAPER_RESULTS', 'PAPER_NOTE', 'EEG_BANDS', 'INSTRUCTED', 'task_metric_names',
            'corrected_metrics', 'original_metrics', 'greedy_metrics', 'confusion', 'predict_task', 'save_predictions',
            'load_predictions', 'task_metrics', 'band_power_features', 'split_features', 'bandpower_baseline',
-           'results_table', 'plot_confusions', 'EvalSetup', 'load_eval_model', 'run_evaluation', 'main']
+           'data_source', 'results_table', 'plot_confusions', 'EvalSetup', 'load_eval_model', 'run_evaluation', 'main']
 
 # %% ../nbs/32_evaluation.ipynb #c006
 BINARY_METRICS = ("balanced_accuracy", "pr_auc", "roc_auc")
@@ -271,10 +271,20 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
 
+def data_source(dataset_root: str | Path) -> str:
+    "What a built dataset was made from: 'synthetic sample' (the project's data_samples/), 'real EEG', or 'unknown'."
+    report = Path(dataset_root) / "build_report.json"
+    raw = json.loads(report.read_text()).get("raw_dir") if report.exists() else None
+    if raw is None:
+        return "unknown"
+    samples = (project_root() / "data_samples").resolve()
+    return "synthetic sample" if Path(raw).resolve().is_relative_to(samples) else "real EEG"
+
+
 def results_table(metrics: Mapping) -> str:
-    "A markdown table: each task's paper metrics, ours both ways, the paper's, the baseline's, the unparseable rate."
-    lines = ["| task | n | metric | ours (option scores) | ours (original way) | paper (NeuroLM) | band power + LR | unparseable |",
-             "|---|---|---|---|---|---|---|---|"]
+    "A markdown table: each task's paper metrics, ours both ways, the paper's, the baseline's, the unparseable rate, the data."
+    lines = ["| task | n | metric | ours (option scores) | ours (original way) | paper (NeuroLM) | band power + LR | unparseable "
+             "| data |", "|---|---|---|---|---|---|---|---|---|"]
     for r in metrics["tasks"].values():
         base = r.get("baseline", {})
         for j, m in enumerate(r["metrics"]):
@@ -282,7 +292,7 @@ def results_table(metrics: Mapping) -> str:
             unparseable = "–" if r["unparseable_rate"] is None else f"{r['unparseable_rate']:.1%}"
             lines.append(f"| {r['task'] if first else ''} | {r['n'] if first else ''} | {m} | {_fmt(r['corrected'][m])} | "
                          f"{_fmt(r['original'][m])} | {_fmt(r['paper'].get(m))} | {_fmt(base.get(m))} | "
-                         f"{unparseable if first else ''} |")
+                         f"{unparseable if first else ''} | {r.get('data', '–') if first else ''} |")
     return "\n".join(lines) + "\n"
 
 

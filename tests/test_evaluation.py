@@ -116,3 +116,15 @@ def test_distributed_predictions_equal_single_process(tmp_path):
     assert info["world_size"] == 2 and info["text_tokenizer"] == "tiny"
     with pytest.raises(FileNotFoundError, match="instruct stage"):
         run_evaluation(EvalSetup(datasets_root=str(root)))
+
+
+def test_results_say_which_rows_are_real_eeg(tmp_path):
+    "A dataset built from the project's synthetic samples is labelled so; one built from other recordings is real EEG."
+    from neurolm_nb.datasets import samples_dir_for
+    from neurolm_nb.evaluation import data_source
+    for name, raw in (("sample", samples_dir_for("workload")), ("real", tmp_path / "eegmat")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "build_report.json").write_text(json.dumps({"raw_dir": str(raw)}))
+    assert data_source(tmp_path / "sample") == "synthetic sample"
+    assert data_source(tmp_path / "real") == "real EEG"
+    assert data_source(tmp_path / "not-built") == "unknown"
