@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'get_dtype', 'autocast_context', 'project_root',
-           'shared_dir', 'run_dir', 'atomic_write', 'atomic_write_bytes', 'save_checkpoint', 'load_checkpoint',
-           'latest_checkpoint', 'save_fig', 'to_jsonable', 'save_json', 'load_json', 'load_yaml', 'save_yaml',
-           'merge_config']
+__all__ = ['seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'bf16_supported', 'describe_device', 'get_dtype',
+           'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'atomic_write', 'atomic_write_bytes',
+           'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'save_fig', 'to_jsonable', 'save_json',
+           'load_json', 'load_yaml', 'save_yaml', 'merge_config']
 
 # %% ../nbs/00_core.ipynb #c006
 def seed_everything(seed: int) -> None:
@@ -62,22 +62,50 @@ def get_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def bf16_supported(device: torch.device | str) -> bool:
+    "Whether `device` runs bfloat16 autocast natively: CPUs, and CUDA GPUs that support it without emulation."
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda" and torch.cuda.is_available():
+        with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
+
+
+def describe_device(device: torch.device | str) -> str:
+    "`cuda:0 (NVIDIA H200)`, `cpu`, ...: a device as an error message should name it."
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+# %% ../nbs/00_core.ipynb #c010
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def get_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
-    "Compute dtype: `'auto'` is bf16 on a CUDA device that supports it, else float32."
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    "Compute dtype: `'auto'` is bf16 on a GPU with native bf16, fp16 on other CUDA GPUs, float32 elsewhere."
     device = torch.device(device)
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        if device.type == "cuda" and torch.cuda.is_available():
+            return torch.bfloat16 if bf16_supported(device) else torch.float16
         return torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)} or 'auto'")
-    return _DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)} or 'auto'")
+        dtype = _DTYPES[dtype]
+    if dtype in (torch.float16, torch.bfloat16):
+        autocast = torch.amp.is_autocast_available(device.type)
+        if not autocast or (dtype == torch.bfloat16 and not bf16_supported(device)):
+            missing = "native bfloat16" if autocast else "autocast"
+            options = (["'fp16' (float16 autocast with loss scaling)"] if autocast else []) + \
+                      ["'fp32'", "'auto' (the best this device supports)"]
+            raise ValueError(f"dtype={str(dtype).replace('torch.', '')} was asked for, but {describe_device(device)} "
+                             f"has no {missing}; use dtype=" + ", ".join(options))
+    return dtype
 
 
 def autocast_context(device: torch.device | str, dtype: torch.dtype):
@@ -87,7 +115,7 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-# %% ../nbs/00_core.ipynb #c012
+# %% ../nbs/00_core.ipynb #c015
 def project_root(start: str | Path | None = None) -> Path:
     "The repository root: the nearest folder at or above `start` (default: cwd) holding settings.ini."
     p = Path(start or os.getcwd()).resolve()
@@ -119,7 +147,7 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
         d.mkdir(parents=True, exist_ok=True)
     return d
 
-# %% ../nbs/00_core.ipynb #c015
+# %% ../nbs/00_core.ipynb #c018
 def _umask() -> int:
     "The process umask (reading it means setting it, so set it straight back)."
     mask = os.umask(0)
@@ -178,7 +206,7 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
 
-# %% ../nbs/00_core.ipynb #c018
+# %% ../nbs/00_core.ipynb #c021
 def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110) -> list[Path]:
     "Save `fig` atomically as each of `formats` (png/svg/pdf) with no timestamps; returns the paths."
     import matplotlib as mpl
@@ -194,7 +222,7 @@ def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: in
         out.append(atomic_write_bytes(target, buf.getvalue()))
     return out
 
-# %% ../nbs/00_core.ipynb #c021
+# %% ../nbs/00_core.ipynb #c024
 def to_jsonable(obj: Any) -> Any:
     "Convert paths, tensors, NumPy values and tuples to plain JSON types."
     if isinstance(obj, dict):

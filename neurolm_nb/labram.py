@@ -5,6 +5,7 @@
 # %% ../nbs/15_labram.ipynb #c003
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -20,20 +21,20 @@ from .convert import CheckpointMismatchError, read_checkpoint, strip_prefix
 from .core import rng_state, set_rng_state
 from .patching import collate_labram
 from .targets import labram_targets
-from .training import (TrainConfig, TrainResult, TrainState, gather_objects, train, weight_decay_groups,
+from .training import (TrainConfig, TrainResult, TrainState, gather_objects, train, unwrap_model, weight_decay_groups,
                                  world_info)
 from .vq import MLP, TemporalConv, VQTokenizer, channel_major_tokens
 
 # %% auto #0
-__all__ = ['CLS_POSITIONS', 'STUDENT_ONLY_KEYS', 'HEAD_KEYS', 'NO_WEIGHT_DECAY', 'MEM_DEFAULTS', 'MEM_NO_WEIGHT_DECAY',
-           'LaBraMConfig', 'DropPath', 'QKNormAttention', 'LaBraMBlock', 'LaBraMTrunk', 'LaBraMStudent', 'random_mask',
-           'plot_mask_pair', 'MEMOutput', 'LaBraMForMEM', 'mem_loss', 'LaBraMClassifier', 'count_encoder_parameters',
-           'labram_sizes', 'layer_index', 'layer_decay_groups', 'official_state_dict', 'labram_student_config',
-           'state_dict_problems', 'load_official_labram_mem', 'load_official_labram_student',
-           'load_official_labram_classifier', 'to_official_labram', 'labram_base_fixture_checkpoint',
-           'labram_base_fixture_outputs', 'compare_labram_base', 'classification_metrics', 'predict', 'tokenizer_codes',
-           'vqnsp_loss', 'mem_loss_fn', 'pretrain_mem', 'FinetuneConfig', 'finetune_loss', 'BestEpoch',
-           'FinetuneResult', 'finetune']
+__all__ = ['CLS_POSITIONS', 'STUDENT_ONLY_KEYS', 'HEAD_KEYS', 'CLS_HEAD_KEYS', 'NO_WEIGHT_DECAY', 'MEM_DEFAULTS',
+           'MEM_NO_WEIGHT_DECAY', 'LaBraMConfig', 'DropPath', 'QKNormAttention', 'LaBraMBlock', 'LaBraMTrunk',
+           'LaBraMStudent', 'random_mask', 'plot_mask_pair', 'MEMOutput', 'LaBraMForMEM', 'mem_loss',
+           'LaBraMClassifier', 'count_encoder_parameters', 'labram_sizes', 'layer_index', 'layer_decay_groups',
+           'official_state_dict', 'labram_student_config', 'state_dict_problems', 'load_official_labram_mem',
+           'load_official_labram_student', 'load_official_labram_classifier', 'to_official_labram',
+           'labram_base_fixture_checkpoint', 'labram_base_fixture_outputs', 'compare_labram_base',
+           'classification_metrics', 'predict', 'tokenizer_codes', 'vqnsp_loss', 'mem_loss_fn', 'pretrain_mem',
+           'ModelEMA', 'FinetuneConfig', 'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune']
 
 # %% ../nbs/15_labram.ipynb #c006
 @dataclass
@@ -348,34 +349,41 @@ def mem_loss(out: MEMOutput, codes: torch.Tensor, bool_masked_pos: torch.Tensor)
 # %% ../nbs/15_labram.ipynb #c025
 STUDENT_ONLY_KEYS = ("mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias")  # unused by fine-tuning
 HEAD_KEYS = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")                        # fresh in fine-tuning
+CLS_HEAD_KEYS = ("head.weight", "head.bias")  # fresh in CLS-pooling fine-tuning (the student's norm is kept)
 
 
 class LaBraMClassifier(LaBraMTrunk):
-    "Fine-tuning model (official `NeuralTransformer`, mean pooling): trunk → mean of patch tokens → fc_norm → head."
-    def __init__(self, config: LaBraMConfig | None = None, n_classes: int = 1, init_scale: float = 0.001):
+    "Fine-tuning model (official `NeuralTransformer`): trunk → mean of patch tokens → fc_norm → head, or (`use_cls`) → norm → CLS → head."
+    def __init__(self, config: LaBraMConfig | None = None, n_classes: int = 1, init_scale: float = 0.001,
+                 use_cls: bool = False):
         config = config if config is not None else LaBraMConfig.base(drop_path=0.1)
         if n_classes < 1:
             raise ValueError(f"n_classes must be >= 1 (1: one logit for a binary task), got {n_classes}")
         super().__init__(config, cls_position="cls_row")
-        self.n_classes = n_classes
-        self.fc_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.n_classes, self.use_cls = n_classes, use_cls
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps) if use_cls else None     # official: Identity
+        self.fc_norm = None if use_cls else nn.LayerNorm(config.dim, eps=config.norm_eps)  # official: None
         self.head = nn.Linear(config.dim, n_classes)
         _init_labram(self, config.init_std, 2.0, init_convs=False)  # fine-tuning code: timm's cut at ±2 (absolute)
         self.reset_head(init_scale)
 
     @torch.no_grad()
     def reset_head(self, init_scale: float = 0.001) -> None:
-        "Fresh fc_norm (1/0) and head (N(0, 0.02²) · init_scale, bias 0)."
-        nn.init.ones_(self.fc_norm.weight)
-        nn.init.zeros_(self.fc_norm.bias)
+        "Fresh fc_norm (1/0, mean pooling) and head (N(0, 0.02²) · init_scale, bias 0)."
+        if self.fc_norm is not None:
+            nn.init.ones_(self.fc_norm.weight)
+            nn.init.zeros_(self.fc_norm.bias)
         _trunc_normal_(self.head.weight, self.config.init_std, 2.0)
         nn.init.zeros_(self.head.bias)
         self.head.weight.mul_(init_scale)
 
     def forward_features(self, x: torch.Tensor, input_chans: torch.Tensor) -> torch.Tensor:
-        "fc_norm(mean of the patch tokens) [B, D]; the CLS token takes part in attention but not in the mean."
+        "[B, D]: fc_norm(mean of the patch tokens), CLS only attending; or (`use_cls`) the CLS token after the final norm."
         _, h = self.embed(x, input_chans)
-        return self.fc_norm(self.run_blocks(h)[:, 1:].mean(dim=1))
+        h = self.run_blocks(h)
+        if self.use_cls:
+            return self.norm(h)[:, 0]
+        return self.fc_norm(h[:, 1:].mean(dim=1))
 
     def forward(self, x: torch.Tensor, input_chans: torch.Tensor) -> torch.Tensor:
         "Logits [B, n_classes]."
@@ -383,16 +391,17 @@ class LaBraMClassifier(LaBraMTrunk):
 
     @classmethod
     def from_student(cls, student: LaBraMStudent | LaBraMForMEM, n_classes: int = 1, drop_path: float = 0.1,
-                     init_scale: float = 0.001) -> "LaBraMClassifier":
-        "A classifier holding a copy of the student's trunk, with a fresh fc_norm and head."
+                     init_scale: float = 0.001, use_cls: bool = False) -> "LaBraMClassifier":
+        "A classifier holding a copy of the student's trunk (and, with `use_cls`, its final norm), with a fresh head."
         student = student.student if isinstance(student, LaBraMForMEM) else student
-        model = cls(replace(student.config, drop_path=drop_path), n_classes, init_scale)
-        trunk = {k: v for k, v in student.state_dict().items() if k not in STUDENT_ONLY_KEYS}
+        model = cls(replace(student.config, drop_path=drop_path), n_classes, init_scale, use_cls)
+        kept = ("norm.weight", "norm.bias") if use_cls else ()
+        trunk = {k: v for k, v in student.state_dict().items() if k not in STUDENT_ONLY_KEYS or k in kept}
         missing, unexpected = model.load_state_dict(trunk, strict=False)
-        assert sorted(missing) == sorted(HEAD_KEYS) and not unexpected, (missing, unexpected)
+        assert sorted(missing) == sorted(CLS_HEAD_KEYS if use_cls else HEAD_KEYS) and not unexpected, (missing, unexpected)
         return model
 
-# %% ../nbs/15_labram.ipynb #c028
+# %% ../nbs/15_labram.ipynb #c030
 _NOT_ENCODER = ("mask_token", "lm_head.", "head.", "projection_head.")
 
 
@@ -415,7 +424,7 @@ def labram_sizes(config: LaBraMConfig, n_classes: int = 1) -> dict[str, int]:
     return {"encoder": count_encoder_parameters(clf), "student": values(mem.student), "mem": values(mem),
             "mem_keys": len(mem.state_dict()), "classifier": values(clf), "classifier_keys": len(clf.state_dict())}
 
-# %% ../nbs/15_labram.ipynb #c031
+# %% ../nbs/15_labram.ipynb #c033
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "time_embed")  # the original's no_weight_decay() (+ biases and 1-d tensors)
 
 
@@ -451,7 +460,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay
         groups[key]["param_names"].append(name)
     return sorted(groups.values(), key=lambda g: (g["layer"], g["name"]))
 
-# %% ../nbs/15_labram.ipynb #c034
+# %% ../nbs/15_labram.ipynb #c036
 def official_state_dict(source: str | Path | Mapping, trusted: bool = False) -> dict[str, torch.Tensor]:
     "The state dict inside an official LaBraM checkpoint (file, checkpoint dict or bare state dict), prefixes stripped."
     ckpt = read_checkpoint(source, trusted)
@@ -577,22 +586,27 @@ def load_official_labram_student(source: str | Path | Mapping, strict: bool = Tr
 
 def load_official_labram_classifier(source: str | Path | Mapping, n_classes: int | None = None, drop_path: float = 0.1,
                                     init_scale: float = 0.001, strict: bool = True, trusted: bool = False,
-                                    **config_overrides) -> LaBraMClassifier:
-    "A `LaBraMClassifier` from a fine-tuning checkpoint (all keys), or from a pretraining one (`student.*`: fresh fc_norm/head)."
+                                    use_cls: bool | None = None, **config_overrides) -> LaBraMClassifier:
+    "A `LaBraMClassifier` from a fine-tuning checkpoint (all keys; pooling read off them), or from a pretraining one (`student.*`: fresh head)."
     sd = official_state_dict(source, trusted)
     from_pretraining = any(k.startswith("student.") for k in sd) or "mask_token" in sd
     if any(k.startswith("student.") for k in sd):
         sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
     cfg = labram_student_config(sd, **{"drop_path": drop_path, **config_overrides})
-    if from_pretraining:  # the --finetune path: trunk only, a fresh head (needs real initial values)
-        model = LaBraMClassifier(cfg, n_classes or 1, init_scale)
+    if from_pretraining:  # the --finetune path: trunk (+ the final norm with CLS pooling), a fresh head
+        model = LaBraMClassifier(cfg, n_classes or 1, init_scale, bool(use_cls))
+        unused = [k for k in STUDENT_ONLY_KEYS if not (use_cls and k.startswith("norm."))]
         return _load_into(model, sd, "LaBraM student (for fine-tuning)", strict,
-                          may_be_unused=STUDENT_ONLY_KEYS, may_be_missing=HEAD_KEYS)
+                          may_be_unused=unused, may_be_missing=CLS_HEAD_KEYS if use_cls else HEAD_KEYS)
     found_classes = _shape(sd, "head.weight", "number of classes")[0]
     if n_classes is not None and n_classes != found_classes:
         raise CheckpointMismatchError(f"the checkpoint's head has {found_classes} outputs ('head.weight' "
                                       f"{list(sd['head.weight'].shape)}), but n_classes={n_classes} was asked for")
-    model = _built(LaBraMClassifier, cfg, found_classes, init_scale, meta=strict)
+    found_cls = "fc_norm.weight" not in sd and "norm.weight" in sd  # CLS pooling: a final norm, no fc_norm
+    if use_cls is not None and use_cls != found_cls:
+        raise CheckpointMismatchError(f"use_cls={use_cls} was asked for, but the checkpoint was fine-tuned with "
+                                      f"{'CLS' if found_cls else 'mean'} pooling ({'norm.*' if found_cls else 'fc_norm.*'} keys)")
+    model = _built(LaBraMClassifier, cfg, found_classes, init_scale, found_cls, meta=strict)
     return _load_into(model, sd, "LaBraM classifier", strict)
 
 
@@ -601,7 +615,7 @@ def to_official_labram(model: nn.Module, as_checkpoint: bool = False) -> dict:
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"model": sd} if as_checkpoint else sd
 
-# %% ../nbs/15_labram.ipynb #c040
+# %% ../nbs/15_labram.ipynb #c042
 def labram_base_fixture_checkpoint(t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "The complete official MEM state dict (float32) of fixture `labram_base`, the omitted student.lm_head filled with zeros."
     sd = {k[len("weights.mem."):]: v.float() for k, v in t.items() if k.startswith("weights.mem.")}
@@ -658,7 +672,7 @@ def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.
         report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
     return report
 
-# %% ../nbs/15_labram.ipynb #c044
+# %% ../nbs/15_labram.ipynb #c046
 def classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     "Binary (scores [n, 1] logits): balanced accuracy, AUROC, AUC-PR, accuracy; multi-class: balanced accuracy, kappa, weighted F1, accuracy."
     import warnings
@@ -714,7 +728,7 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, collate_fn
         raise RuntimeError(f"gathered predictions cover {len(index)} indices, expected each of {len(dataset)} once")
     return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
-# %% ../nbs/15_labram.ipynb #c047
+# %% ../nbs/15_labram.ipynb #c049
 MEM_DEFAULTS = dict(lr=5e-4, min_lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05, grad_clip=3.0, epochs=50,
                     warmup_epochs=5, batch_size=64)
 MEM_NO_WEIGHT_DECAY = tuple(f"student.{n}" for n in NO_WEIGHT_DECAY)
@@ -761,7 +775,39 @@ def pretrain_mem(model: LaBraMForMEM, tokenizer: VQTokenizer, dataset: Dataset, 
     return train(model, dataset, mem_loss_fn(tokenizer, mask_ratio), cfg, collate_fn=collate_fn, param_groups=groups,
                  **train_kwargs)
 
-# %% ../nbs/15_labram.ipynb #c048
+# %% ../nbs/15_labram.ipynb #c051
+class ModelEMA:
+    "timm's ModelEma (LaBraM --model_ema): an exponential moving average of a model's state, a checkpointed `train` callback."
+    checkpoint_key = "model_ema"  # the original's checkpoint key
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, device: torch.device | str | None = None):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"model_ema_decay must be in [0, 1], got {decay}")
+        self.decay, self.device = decay, device
+        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        if device is not None:  # the original's --model_ema_force_cpu: device='cpu'
+            self.module.to(device)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        "ema ← decay · ema + (1 − decay) · model, entry by entry (integer buffers are copied)."
+        source = unwrap_model(model).state_dict()
+        if self.device is None and source:  # follow the model to its device (train moves it after we copied it)
+            self.module.to(next(iter(source.values())).device)
+        for k, ema_v in self.module.state_dict().items():
+            v = source[k].detach().to(ema_v.device)
+            ema_v.copy_(ema_v * self.decay + (1.0 - self.decay) * v if ema_v.is_floating_point() else v)
+
+    def __call__(self, state: TrainState) -> None:
+        self.update(state.model)
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        self.module.load_state_dict(state_dict)
+
+# %% ../nbs/15_labram.ipynb #c054
 @dataclass
 class FinetuneConfig:
     "Fine-tuning settings; the defaults are the paper's TUAB run (batch per process)."
@@ -775,6 +821,10 @@ class FinetuneConfig:
     batch_size: int = 64
     eval_batch_size: int = 128
     grad_clip: float | None = None
+    weight_decay_end: float | None = None  # cosine from weight_decay to this over the run (None: constant, the original's default)
+    model_ema: bool = False           # keep an EMA of the weights (checkpoint key 'model_ema'), as the original's --model_ema
+    model_ema_decay: float = 0.9999
+    model_ema_eval: bool = False      # True: validate, select and return the EMA weights (the original evaluates the model)
     select_metric: str | None = None  # None: 'auroc' (binary) / 'balanced_accuracy'; 'accuracy' reproduces the original
     original_layer_ids: bool = False  # True: time_embed in the top layer, as in the original
     seed: int = 0
@@ -785,7 +835,8 @@ class FinetuneConfig:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(lr=self.lr, min_lr=self.min_lr, epochs=self.epochs, warmup_epochs=self.warmup_epochs,
-                           weight_decay=self.weight_decay, grad_clip=self.grad_clip, batch_size=self.batch_size,
+                           weight_decay=self.weight_decay, weight_decay_end=self.weight_decay_end,
+                           grad_clip=self.grad_clip, batch_size=self.batch_size,
                            seed=self.seed, device=self.device, dtype=self.dtype, out_dir=self.out_dir,
                            progress=self.progress)
 
@@ -800,9 +851,11 @@ def finetune_loss(model: nn.Module, batch: Mapping, label_smoothing: float = 0.1
 
 
 class BestEpoch:
-    "A `train` callback: after every epoch, predict the validation set (all processes) and keep the best epoch's weights."
-    def __init__(self, val_set: Dataset, select_metric: str, batch_size: int = 128, collate_fn: Callable = collate_labram):
+    "A `train` callback: after every epoch, predict the validation set (all processes) and keep the best epoch's weights (or the EMA's)."
+    def __init__(self, val_set: Dataset, select_metric: str, batch_size: int = 128, collate_fn: Callable = collate_labram,
+                 ema: ModelEMA | None = None):
         self.val_set, self.select_metric, self.batch_size, self.collate_fn = val_set, select_metric, batch_size, collate_fn
+        self.ema = ema  # judge and keep these averaged weights instead of the model's
         self.rows: list[dict] = []
         self.best_state: dict | None = None
         self.best_epoch, self.best_value = None, -math.inf
@@ -811,7 +864,7 @@ class BestEpoch:
         if state.batch_in_epoch != 0 and state.step != state.max_steps:
             return  # not the end of an epoch
         epoch = state.epoch if state.batch_in_epoch == 0 else state.epoch + 1  # epochs completed
-        self.evaluate(state.model, epoch, state.step)
+        self.evaluate(self.ema.module if self.ema is not None else state.model, epoch, state.step)
 
     def evaluate(self, model: nn.Module, epoch: int, step: int) -> dict:
         "Score the validation set with `model`; remember its weights if it is the best so far."
@@ -838,23 +891,27 @@ class FinetuneResult:
     epochs: list[dict]        # validation metrics after every epoch
     history: list[dict]       # training rows (loss, lr, ...) of every update
     train_result: TrainResult
+    ema: ModelEMA | None = None  # the moving average at the end of training (FinetuneConfig.model_ema)
 
 
 def finetune(model: LaBraMClassifier, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig | None = None,
              collate_fn: Callable = collate_labram) -> FinetuneResult:
     "Fine-tune with layer-wise lr decay; keep the epoch with the best validation AUROC (binary) or balanced accuracy."
     cfg = cfg or FinetuneConfig()
+    if cfg.model_ema_eval and not cfg.model_ema:
+        raise ValueError("FinetuneConfig.model_ema_eval=True needs model_ema=True (there is no EMA to evaluate)")
     metric = cfg.select_metric or ("auroc" if model.n_classes == 1 else "balanced_accuracy")
     allowed = ("balanced_accuracy", "auroc", "auc_pr", "accuracy") if model.n_classes == 1 else \
               ("balanced_accuracy", "cohen_kappa", "f1_weighted", "accuracy")
     if metric not in allowed:
         raise ValueError(f"select_metric={metric!r} is not one of {allowed} for a {model.n_classes}-output model")
-    best = BestEpoch(val_set, metric, cfg.eval_batch_size, collate_fn)
+    ema = ModelEMA(model, cfg.model_ema_decay) if cfg.model_ema else None
+    best = BestEpoch(val_set, metric, cfg.eval_batch_size, collate_fn, ema if cfg.model_ema_eval else None)
     groups = lambda m: layer_decay_groups(m, cfg.weight_decay, cfg.layer_decay, cfg.original_layer_ids)
     loss_fn = lambda m, batch: finetune_loss(m, batch, cfg.label_smoothing)
     result = train(model, train_set, loss_fn, cfg.train_config(), collate_fn=collate_fn, param_groups=groups,
-                   callbacks=[best])
+                   callbacks=[c for c in (ema, best) if c is not None])  # the EMA first: updated before it is judged
     if best.best_state is None:  # resumed from a finished run: no epoch ended here, judge the final weights
-        best.evaluate(result.model, result.epoch, result.step)
+        best.evaluate(ema.module if cfg.model_ema_eval and ema else result.model, result.epoch, result.step)
     model.load_state_dict(best.best_state)
-    return FinetuneResult(model, best.best_epoch, best.best_value, metric, best.rows, result.history, result)
+    return FinetuneResult(model, best.best_epoch, best.best_value, metric, best.rows, result.history, result, ema)

@@ -13,13 +13,15 @@ from neurolm_nb.convert import CheckpointMismatchError
 from neurolm_nb.core import load_json
 from neurolm_nb.io import synth_eeg
 from neurolm_nb.labram import (
-    FinetuneConfig, LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent, MEM_DEFAULTS, classification_metrics,
-    compare_labram_base, count_encoder_parameters, finetune, labram_base_fixture_checkpoint,
-    labram_base_fixture_outputs, labram_sizes, layer_decay_groups, layer_index, load_official_labram_classifier,
-    load_official_labram_mem, load_official_labram_student, mem_loss, predict, pretrain_mem, random_mask,
-    to_official_labram,
+    FinetuneConfig, LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent, MEM_DEFAULTS, ModelEMA,
+    classification_metrics, compare_labram_base, count_encoder_parameters, finetune, finetune_loss,
+    labram_base_fixture_checkpoint, labram_base_fixture_outputs, labram_sizes, layer_decay_groups, layer_index,
+    load_official_labram_classifier, load_official_labram_mem, load_official_labram_student, mem_loss, predict,
+    pretrain_mem, random_mask, to_official_labram,
 )
-from neurolm_nb.training import TrainConfig, check_param_groups
+from neurolm_nb.core import latest_checkpoint, load_checkpoint
+from neurolm_nb.patching import collate_labram
+from neurolm_nb.training import TrainConfig, check_param_groups, read_metrics, train
 from neurolm_nb.vq import VQConfig, VQTokenizer
 
 torch.set_num_threads(1)
@@ -221,6 +223,113 @@ def test_classifier_from_student_discards_the_final_norm():
         pooled = clf.forward_features(x, chans)
         torch.testing.assert_close(pooled, clf.fc_norm(clf.run_blocks(h)[:, 1:].mean(1)))
         assert clf(x, chans).shape == (2, 4)
+
+
+def test_cls_pooling_is_the_final_norm_of_the_cls_token(tmp_path):
+    torch.manual_seed(0)
+    mem = LaBraMForMEM(LaBraMConfig.tiny())
+    with torch.no_grad():
+        mem.student.norm.weight.add_(torch.randn(100))
+        mem.student.norm.bias.add_(torch.randn(100))
+    clf = LaBraMClassifier.from_student(mem, n_classes=3, use_cls=True).eval()
+    assert clf.fc_norm is None and "fc_norm.weight" not in clf.state_dict()
+    assert torch.equal(clf.norm.weight, mem.student.norm.weight) and torch.equal(clf.norm.bias, mem.student.norm.bias)
+    x, chans = torch.randn(2, 3, 4, 200), torch.tensor([0, 5, 9, 12])
+    with torch.no_grad():
+        _, h = clf.embed(x, chans)
+        for block in clf.blocks:
+            h = block(h)
+        cls = h[:, 0]  # official use_mean_pooling=False: x = self.norm(x); return x[:, 0]
+        by_hand = (cls - cls.mean(-1, keepdim=True)) / torch.sqrt(cls.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        by_hand = by_hand * mem.student.norm.weight + mem.student.norm.bias
+        torch.testing.assert_close(clf.forward_features(x, chans), by_hand, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(clf(x, chans), clf.head(by_hand), atol=1e-6, rtol=1e-5)
+    assert LaBraMClassifier(LaBraMConfig.tiny()).use_cls is False  # mean pooling by default, as the original
+    assert layer_index("norm.weight", 2) == 3  # the final norm trains at the top layer's rate, as in the original
+    # official files: --use_cls --finetune keeps the student's norm; a CLS fine-tuning checkpoint is recognised
+    ft = load_official_labram_classifier(to_official_labram(mem), n_classes=3, use_cls=True)
+    assert ft.use_cls and torch.equal(ft.norm.weight, mem.student.norm.weight)
+    again = load_official_labram_classifier(to_official_labram(clf)).eval()
+    assert again.use_cls
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, chans), clf(x, chans), atol=0, rtol=0)
+    with pytest.raises(CheckpointMismatchError, match="CLS pooling"):
+        load_official_labram_classifier(to_official_labram(clf), use_cls=False)
+    broken = {k: v for k, v in to_official_labram(mem).items() if k != "student.norm.weight"}
+    with pytest.raises(CheckpointMismatchError, match="'norm.weight'"):
+        load_official_labram_classifier(broken, use_cls=True)
+
+
+def _ema_run(out_dir=None, callbacks=(), decay=0.9, steps=6, ckpt_every=0):
+    torch.manual_seed(0)
+    model = LaBraMClassifier(LaBraMConfig.tiny(drop_path=0.1), n_classes=1)
+    ema = ModelEMA(model, decay=decay)
+    cfg = TrainConfig(lr=3e-3, max_steps=steps, warmup_steps=1, batch_size=4, device="cpu", dtype="float32",
+                      progress=False, out_dir=out_dir, ckpt_every=ckpt_every)
+    result = train(model, toy_windows(16), lambda m, b: finetune_loss(m, b), cfg, collate_fn=collate_labram,
+                   callbacks=[ema, *callbacks])
+    return model, ema, result
+
+
+def test_model_ema_equals_a_hand_computed_average():
+    torch.manual_seed(0)  # the same initial weights as _ema_run's model
+    start = {k: v.clone() for k, v in LaBraMClassifier(LaBraMConfig.tiny(drop_path=0.1), n_classes=1).state_dict().items()}
+    after = []
+    model, ema, _ = _ema_run(callbacks=[lambda s: after.append({k: v.clone() for k, v in s.model.state_dict().items()})])
+    assert len(after) == 6
+    for k, v in start.items():
+        by_hand = v
+        for weights in after:  # after each optimizer step: ema = 0.9 · ema + 0.1 · weights
+            by_hand = 0.9 * by_hand + 0.1 * weights[k]
+        torch.testing.assert_close(ema.module.state_dict()[k], by_hand, atol=1e-7, rtol=0)
+    assert (ema.module.head.weight - model.head.weight).abs().max() > 1e-5  # it lags the trained weights
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, decay=1.5)
+
+
+def test_model_ema_is_checkpointed_and_restored_on_resume(tmp_path):
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(state):  # after the checkpoint of update 4
+        if state.step == 5:
+            raise Crash()
+
+    _, straight, done = _ema_run(out_dir=str(tmp_path / "straight"), ckpt_every=2)
+    saved = load_checkpoint(done.checkpoint)
+    assert sorted(saved["model_ema"]) == sorted(straight.module.state_dict())  # under the original's key
+    assert all(torch.equal(saved["model_ema"][k], v) for k, v in straight.module.state_dict().items())
+    with pytest.raises(Crash):
+        _ema_run(out_dir=str(tmp_path / "crashed"), ckpt_every=2, callbacks=[crash_at_5])
+    assert latest_checkpoint(tmp_path / "crashed" / "checkpoints").name == "step_00000004.pt"
+    _, resumed, again = _ema_run(out_dir=str(tmp_path / "crashed"), ckpt_every=2)
+    assert again.resumed_from.name == "step_00000004.pt"
+    for k, v in straight.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[k], v), k  # the EMA continued from the checkpoint
+
+
+def test_finetune_weight_decay_end_and_ema_options(tmp_path):
+    torch.manual_seed(0)
+    model = LaBraMClassifier(LaBraMConfig.tiny(drop_path=0.1), n_classes=1)
+    cfg = FinetuneConfig(lr=3e-3, epochs=2, warmup_epochs=0, batch_size=4, device="cpu", dtype="float32",
+                         weight_decay=0.05, weight_decay_end=0.2, model_ema=True, model_ema_decay=0.5,
+                         model_ema_eval=True, out_dir=str(tmp_path / "ft"))
+    assert cfg.train_config().weight_decay_end == 0.2
+    val = toy_windows(8, seed=50)
+    ft = finetune(model, toy_windows(16), val, cfg)
+    wds = [r["weight_decay"] for r in ft.history]
+    assert np.allclose(wds, [0.2 + 0.5 * (0.05 - 0.2) * (1 + np.cos(np.pi * k / 8)) for k in range(8)])
+    assert isinstance(ft.ema, ModelEMA) and ft.ema.decay == 0.5
+    assert "model_ema" in load_checkpoint(ft.train_result.checkpoint)
+    scores, labels = predict(ft.model, val)  # the returned weights are the judged ones: the EMA's
+    assert classification_metrics(labels, scores)[ft.select_metric] == ft.best_value
+    if ft.best_epoch == 2:
+        assert all(torch.equal(v, ft.ema.module.state_dict()[k]) for k, v in ft.model.state_dict().items())
+    assert FinetuneConfig().weight_decay_end is None and FinetuneConfig().model_ema is False
+    assert FinetuneConfig().model_ema_decay == 0.9999
+    with pytest.raises(ValueError, match="model_ema"):
+        finetune(model, toy_windows(8), val, FinetuneConfig(model_ema_eval=True, device="cpu"))
 
 
 def test_layer_decay_gives_every_parameter_one_scale():

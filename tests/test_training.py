@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from neurolm_nb.core import latest_checkpoint, load_checkpoint
-from neurolm_nb.training import (DemoMLP, ShardedBatchSampler, TrainConfig, build_optimizer, check_param_groups,
-                                 checkpoint_path, demo_loss, demo_task, epoch_order, launch_torchrun, lr_at, read_metrics,
-                                 resolve_schedule, run_demo, save_train_checkpoint, train, weight_decay_groups)
+from neurolm_nb.training import (DemoDataset, DemoMLP, ShardedBatchSampler, TrainConfig, build_optimizer,
+                                 check_param_groups, checkpoint_path, demo_loss, demo_task, describe_samples, epoch_order,
+                                 launch_torchrun, lr_at, read_metrics, resolve_schedule, run_demo, save_train_checkpoint,
+                                 train, wd_at, weight_decay_groups)
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -66,6 +67,93 @@ def test_resolve_schedule_from_epochs():
     assert (s.global_batch, s.steps_per_epoch, s.max_steps, s.warmup_steps) == (16, 8, 40, 4)
     with pytest.raises(ValueError, match="10 samples"):
         resolve_schedule(TrainConfig(batch_size=8), 10, world_size=2)
+
+
+def test_warmup_truncates_like_the_original():
+    # instruction tuning: int(warmup_ratio · steps_per_epoch · epochs) = int(0.1 · 55 · 5) = 27, not round(27.5) = 28
+    cfg = TrainConfig(batch_size=1, epochs=1, warmup_epochs=0.5, lr=1e-3, min_lr=1e-4, device="cpu", progress=False)
+    assert resolve_schedule(cfg, 55).warmup_steps == 27
+    assert resolve_schedule(TrainConfig(batch_size=1, warmup_epochs=0.5, warmup_rounding="round"), 55).warmup_steps == 28
+    assert resolve_schedule(TrainConfig(batch_size=1, warmup_epochs=2), 55).warmup_steps == 110  # whole epochs: exact
+    assert resolve_schedule(TrainConfig(batch_size=1, warmup_epochs=0.29), 100).warmup_steps == 29  # 28.999…: no loss
+    with pytest.raises(ValueError, match="warmup_rounding"):
+        TrainConfig(warmup_rounding="ceil")
+    # a real run of 55 updates: warm-up over updates 0..26, the cosine starts at update 27
+    model, _, loss_fn = demo_task(n=55, dropout=0.0)
+    rows = train(model, DemoDataset(55), loss_fn, cfg).history
+    lrs = [r["lr"] for r in rows]
+    assert len(lrs) == 55
+    assert lrs[:27] == pytest.approx([1e-3 * (k + 1) / 27 for k in range(27)])
+    assert lrs[26] == pytest.approx(1e-3) and lrs[27] == pytest.approx(1e-3) and lrs[28] < 1e-3
+    assert lrs[28] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + np.cos(np.pi * 1 / 28)))
+
+
+def test_weight_decay_follows_a_cosine_to_weight_decay_end():
+    seen = []
+    record = lambda s: seen.append([g["weight_decay"] for g in s.optimizer.param_groups])
+    model, data, loss_fn = demo_task(n=256, dropout=0.0)
+    result = train(model, data, loss_fn, small_cfg(max_steps=10, weight_decay=0.1, weight_decay_end=0.01),
+                   callbacks=[record])
+    by_hand = [0.01 + 0.5 * (0.1 - 0.01) * (1 + np.cos(np.pi * k / 10)) for k in range(10)]  # LaBraM's cosine_scheduler
+    assert np.allclose([wd for wd, _ in seen], by_hand, rtol=0, atol=1e-15)
+    assert [nd for _, nd in seen] == [0.0] * 10                  # groups without decay stay without
+    assert np.allclose([r["weight_decay"] for r in result.history], by_hand)
+    assert wd_at(10, 0.1, 0.01, 10) == 0.01 and wd_at(3, 0.1, None, 10) == 0.1
+    constant = []
+    model2, _, _ = demo_task(n=256, dropout=0.0)
+    rows = train(model2, data, loss_fn, small_cfg(max_steps=10, weight_decay=0.1),
+                 callbacks=[lambda s: constant.append(s.optimizer.param_groups[0]["weight_decay"])]).history
+    assert constant == [0.1] * 10 and "weight_decay" not in rows[0]  # unset: constant, as the original
+    assert not torch.equal(model.net[0].weight, model2.net[0].weight)  # the schedule reached AdamW
+
+
+def nan_at(k):
+    "demo_loss, but update k's loss is NaN (a real NaN: the gradients are NaN too)."
+    def loss_fn(model, batch, state):
+        loss, terms = demo_loss(model, batch)
+        return (loss * float("nan") if state.step == k else loss), terms
+    return loss_fn
+
+
+class RecordedDemo(DemoDataset):
+    "The toy data with the provenance a WindowDataset records (recording, start second)."
+    def __init__(self, n=256):
+        super().__init__(n)
+        self.recordings, self.start_s = [f"sub{i // 8:02d}.edf" for i in range(n)], [2.0 * (i % 8) for i in range(n)]
+
+
+def test_nonfinite_loss_stops_naming_step_batch_and_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    model = demo_task(n=256, dropout=0.0)[0]
+    cfg = small_cfg(max_steps=10, ckpt_every=2, out_dir=str(out), seed=3)
+    with pytest.raises(FloatingPointError) as err:
+        train(model, RecordedDemo(), nan_at(5), cfg)
+    msg = str(err.value)
+    bad = ShardedBatchSampler(256, 16, seed=3).micro_batch(epoch_order(256, 0, 3), 5, 0).tolist()
+    names = describe_samples(RecordedDemo(), bad)
+    assert "loss is nan at step 6" in msg and "epoch 0, update 5 of the epoch" in msg
+    assert f"dataset indices {bad[:12]}"[:-1] in msg and str(names[:12])[:-1] in msg and names[0].startswith("sub")
+    assert f"Last good checkpoint: {out / 'checkpoints' / 'step_00000004.pt'}" in msg
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    # no recordings known: the indices still name the batch; before any checkpoint, it says so
+    with pytest.raises(FloatingPointError, match=r"(?s)step 1 .*dataset indices \[.*No checkpoint was written yet"):
+        train(demo_task(n=256)[0], DemoDataset(256), nan_at(0), small_cfg(max_steps=3))
+
+
+def test_nonfinite_loss_can_be_skipped(tmp_path):
+    snaps = []
+    model = demo_task(n=256, dropout=0.0)[0]
+    cfg = small_cfg(max_steps=10, on_nonfinite="skip", out_dir=str(tmp_path / "run"))
+    result = train(model, RecordedDemo(), nan_at(5), cfg,
+                   callbacks=[lambda s: snaps.append({k: v.clone() for k, v in model.state_dict().items()})])
+    assert result.step == 10
+    assert [r["nonfinite_skipped"] for r in result.history] == [0] * 5 + [1] * 5
+    assert all(torch.equal(snaps[5][k], snaps[4][k]) for k in snaps[4])      # the NaN update changed nothing
+    assert not all(torch.equal(snaps[6][k], snaps[5][k]) for k in snaps[5])  # the next one trains
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    opt_state = load_checkpoint(result.checkpoint)["optimizer"]["state"]
+    assert {int(s["step"]) for s in opt_state.values()} == {9}  # AdamW stepped 9 times in 10 updates
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["nonfinite_skipped"] == 1
 
 
 def test_param_groups_cover_every_parameter_exactly_once():
