@@ -30,8 +30,9 @@ from .vq import VQConfig, VQTokenizer
 # %% auto #0
 __all__ = ['PEAK_BF16_TFLOPS', 'BENCH_MODELS', 'BenchConfig', 'bench_model', 'bench_batch', 'model_flops', 'peak_tflops_for',
            'measure', 'TokenizerBenchConfig', 'tokenizer_bench_model', 'tokenizer_bench_batch', 'tokenizer_step_loss',
-           'tokenizer_flops', 'measure_tokenizer', 'default_configs', 'tokenizer_configs', 'bench_kind',
-           'run_benchmarks', 'format_table', 'bench_parser', 'main']
+           'tokenizer_flops', 'measure_tokenizer', 'reference_config', 'loss_check', 'run_loss_check',
+           'format_loss_check', 'default_configs', 'tokenizer_configs', 'bench_kind', 'run_benchmarks', 'format_table',
+           'bench_parser', 'main']
 
 # %% ../nbs/52_bench.ipynb #c006
 @dataclass
@@ -119,7 +120,10 @@ def model_flops(cfg: BenchConfig) -> dict[str, float]:
     return {k: float(v) for k, v in parts.items()}
 
 # %% ../nbs/52_bench.ipynb #c013
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense tensor-core peaks, TFLOP/s
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks, TFLOP/s; searched in this order (specific names first)
+    "H100 PCIE": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0,
+    "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+}
 
 
 def peak_tflops_for(device_name: str, dtype: str) -> float | None:
@@ -142,7 +146,7 @@ def _sync(device: torch.device) -> None:
 
 def _time_steps(step, optimizer: torch.optim.Optimizer, device: torch.device, dtype: torch.dtype,
                 warmup: int, steps: int) -> tuple[list[float], list[torch.Tensor]]:
-    "Run `warmup` untimed then `steps` timed training steps; `step()` returns the loss. -> (seconds, losses)."
+    "Run `warmup` untimed then `steps` timed steps; `step()` returns the loss. -> (timed seconds, every step's loss)."
     times, losses = [], []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
@@ -155,9 +159,9 @@ def _time_steps(step, optimizer: torch.optim.Optimizer, device: torch.device, dt
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
+        losses.append(loss.detach())  # [0]: before any update, the same in every dtype and kernel
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-            losses.append(loss.detach())
     return times, losses
 
 
@@ -197,7 +201,7 @@ def measure(cfg: BenchConfig, peak_tflops: float | None = None) -> dict:
     achieved = flops["total"] / step_s / 1e12
     return {"name": cfg.name, "model": "lm", "config": asdict(cfg), "device_name": device_name,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "step_s": step_s, "step_s_all": times,
-            "tokens_per_s": cfg.batch * cfg.seq / step_s, "loss": losses[-1].item(),
+            "tokens_per_s": cfg.batch * cfg.seq / step_s, "loss": losses[-1].item(), "first_loss": losses[0].item(),
             "trainable_params": sum(p.numel() for p in params),
             "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "flops_per_step": flops["total"], "flops_by_part": flops, "achieved_tflops": achieved,
@@ -335,13 +339,58 @@ def measure_tokenizer(cfg: TokenizerBenchConfig, peak_tflops: float | None = Non
     return {"name": cfg.name, "model": "tokenizer", "config": asdict(cfg), "device_name": device_name,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "step_s": step_s, "step_s_all": times,
             "patches_per_s": patches_per_s, "tokens_per_s": patches_per_s, "text_tokens_per_step": cfg.text_tokens,
-            "loss": losses[-1].item(), "losses": {k: v.item() for k, v in last["losses"].items()},
+            "loss": losses[-1].item(), "first_loss": losses[0].item(),
+            "losses": {k: v.item() for k, v in last["losses"].items()},
             "trainable_params": sum(p.numel() for p in params),
             "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "flops_per_step": flops["total"], "flops_by_part": flops, "achieved_tflops": achieved,
             "peak_tflops": peak, "mfu": achieved / peak if peak else None, **_memory(device, memory_before)}
 
 # %% ../nbs/52_bench.ipynb #c029
+def reference_config(cfg: BenchConfig | TokenizerBenchConfig) -> BenchConfig | TokenizerBenchConfig:
+    "The float32, SDPA, uncompiled twin of `cfg` (same shapes, seed, weights, batch and steps)."
+    changes = dict(dtype="float32", compile=False)
+    if isinstance(cfg, BenchConfig):
+        changes["attn_impl"] = "sdpa"
+    return dataclasses.replace(cfg, **changes)
+
+
+def loss_check(results: Sequence[dict], references: Sequence[dict], rtol: float = 1e-2) -> list[dict]:
+    "Per run: first- and last-step loss against its reference's (relative differences <= rtol); failures are not ok."
+    rows = []
+    for r, ref in zip(results, references, strict=True):
+        if "error" in r or "error" in ref:
+            rows.append({"name": r["name"], "ok": False, "error": r.get("error") or ref.get("error")})
+            continue
+        rel = {k: abs(r[k] - ref[k]) / abs(ref[k]) for k in ("first_loss", "loss")}
+        rows.append({"name": r["name"], "model": r["model"], "first_loss": r["first_loss"], "loss": r["loss"],
+                     "reference_first_loss": ref["first_loss"], "reference_loss": ref["loss"],
+                     "rel_diff_first": rel["first_loss"], "rel_diff_last": rel["loss"], "rtol": rtol,
+                     "ok": all(v <= rtol for v in rel.values())})  # NaN compares False: not ok
+    return rows
+
+
+def run_loss_check(configs: Sequence, results: Sequence[dict], rtol: float = 1e-2, isolate: bool = True) -> list[dict]:
+    "Run each distinct float32 reference of `configs` once and `loss_check` `results` (in the same order) against them."
+    refs = [reference_config(c) for c in configs]
+    unique = {json.dumps(asdict(c), sort_keys=True): c for c in refs}
+    measured = dict(zip(unique, run_benchmarks(list(unique.values()), isolate=isolate)))
+    return loss_check(results, [measured[json.dumps(asdict(c), sort_keys=True)] for c in refs], rtol)
+
+
+def format_loss_check(rows: Sequence[dict]) -> str:
+    "One line per run: its first/last losses, the float32 reference's, the relative differences and the verdict."
+    lines = ["loss check against the float32 SDPA reference (first step / last step):"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['name']:<22} FAILED: {r['error'][:200]}")
+        else:
+            lines.append(f"  {r['name']:<22} {r['first_loss']:.6f} vs {r['reference_first_loss']:.6f} "
+                         f"(rel {r['rel_diff_first']:.1e}) / {r['loss']:.6f} vs {r['reference_loss']:.6f} "
+                         f"(rel {r['rel_diff_last']:.1e}), rtol {r['rtol']:.0e}: {'ok' if r['ok'] else 'FAILED'}")
+    return "\n".join(lines)
+
+# %% ../nbs/52_bench.ipynb #c033
 def _resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -464,12 +513,21 @@ def bench_parser() -> argparse.ArgumentParser:
                         help="attention implementations (lm only; default: naive sdpa on a CPU, sdpa flex on a GPU)")
     parser.add_argument("--dtype", default=None, help="float32 or bf16 (default: float32 on a CPU, bf16 on a GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for the MFU")
+    parser.add_argument("--peak-tflops", type=float, default=_env_float("NEUROLM_PEAK_TFLOPS"),
+                        help="the device's peak TFLOP/s for the MFU (default: $NEUROLM_PEAK_TFLOPS, else the table)")
+    parser.add_argument("--loss-check", type=float, default=None, metavar="RTOL",
+                        help="also run a float32 SDPA reference step of each model and fail unless every run's "
+                             "first-step loss is within RTOL (relative) of it, e.g. 1e-2 for bf16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false", help="measure in this process")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one config as JSON (isolated child)
     return parser
+
+
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value else None
 
 
 def _flag_names(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
@@ -511,11 +569,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results), flush=True)
     report = {"results": results, "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
+    ok = all("error" not in r for r in results)
+    if args.loss_check is not None:
+        report["loss_check"] = run_loss_check(configs, results, args.loss_check, isolate=args.isolate)
+        print(format_loss_check(report["loss_check"]), flush=True)
+        ok = ok and all(row["ok"] for row in report["loss_check"])
     if args.json:
         from neurolm_nb.core import save_json
         save_json(report, args.json)
     print(json.dumps(report), flush=True)
-    return 0 if all("error" not in r for r in results) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".bench"):

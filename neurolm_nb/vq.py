@@ -55,6 +55,7 @@ class VQConfig:
     domain_hidden: int = 256
     text_vocab_size: int = 50257     # rows of the frozen text embedding (GPT-2's wte); 0: no text branch
     original_padding: bool = False   # True: padded tokens count in k-means, EMA, commitment and MSE (quirk N3)
+    smooth_l1_loss: bool = False     # True: smooth L1 (Huber, beta 1) instead of MSE for the reconstructions
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -338,14 +339,17 @@ def task_head(dim: int, out_dim: int) -> nn.Sequential:
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
-                        original_padding: bool = False) -> torch.Tensor:
-    "MSE over real tokens; `original_padding`: MSE of mask·pred against the target over all L×bins (N3)."
+                        original_padding: bool = False, smooth_l1: bool = False) -> torch.Tensor:
+    """MSE over real tokens; `original_padding`: of mask·pred against the target over all L×bins (N3).
+
+    `smooth_l1`: `F.smooth_l1_loss` (beta 1) instead of MSE, the original's `smooth_l1_loss=True`."""
+    loss_fn = F.smooth_l1_loss if smooth_l1 else F.mse_loss
     if mask is None:
-        return F.mse_loss(pred, target)
+        return loss_fn(pred, target)
     mask = mask.bool()
     if original_padding:
-        return F.mse_loss(pred * mask.unsqueeze(-1), target)
-    return F.mse_loss(pred[mask], target[mask])
+        return loss_fn(pred * mask.unsqueeze(-1), target)
+    return loss_fn(pred[mask], target[mask])
 
 
 @dataclass
@@ -440,7 +444,8 @@ class VQTokenizer(nn.Module):
             name = key[2:] if key.startswith("Y_") and key[2:] in recs else key
             if name not in recs:
                 raise KeyError(f"target {key!r} is not one of this tokenizer's targets {list(recs)}")
-            losses[f"rec_{name}"] = reconstruction_loss(recs[name], target, input_mask, cfg.original_padding)
+            losses[f"rec_{name}"] = reconstruction_loss(recs[name], target, input_mask, cfg.original_padding,
+                                                        cfg.smooth_l1_loss)
         domain_logits = None
         if self.domain_classifier is not None:
             domain_logits = self.domain_classifier(gradient_reversal(features, alpha))
@@ -458,7 +463,7 @@ class VQTokenizer(nn.Module):
         flat = logits.reshape(-1, logits.shape[-1])
         return logits, F.cross_entropy(flat, flat.new_ones(len(flat), dtype=torch.long))
 
-# %% ../nbs/10_vq.ipynb #c038
+# %% ../nbs/10_vq.ipynb #c040
 def count_parameters(model: nn.Module) -> dict:
     "Trainable parameters, frozen parameters, buffers and state-dict values of `model` (works on meta tensors)."
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -468,7 +473,7 @@ def count_parameters(model: nn.Module) -> dict:
             "state_dict_values": sum(v.numel() for v in model.state_dict().values()),
             "state_dict_keys": len(model.state_dict())}
 
-# %% ../nbs/10_vq.ipynb #c042
+# %% ../nbs/10_vq.ipynb #c044
 def channel_major_tokens(x: torch.Tensor, input_chans: torch.Tensor) -> dict[str, torch.Tensor]:
     "LaBraM batch x [B, C, A, P] + input_chans [C+1] (or [B, C+1]) -> {X [B, C·A, P], input_chans, input_time}."
     B, C, A, P = x.shape
@@ -481,7 +486,7 @@ def channel_major_tokens(x: torch.Tensor, input_chans: torch.Tensor) -> dict[str
             "input_chans": chans.repeat_interleave(A, dim=1),
             "input_time": torch.arange(A, device=x.device).repeat(C).expand(B, -1)}
 
-# %% ../nbs/10_vq.ipynb #c045
+# %% ../nbs/10_vq.ipynb #c047
 class CodebookStats:
     "Running code-usage counts; perplexity, usage and dead codes."
     def __init__(self, n_codes: int):
@@ -538,7 +543,7 @@ def plot_code_usage(counts: torch.Tensor, title: str = "codebook usage"):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_vq.ipynb #c048
+# %% ../nbs/10_vq.ipynb #c050
 TOKENIZER_FORMAT = "neurolm_nb.vq/1"
 
 

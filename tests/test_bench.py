@@ -4,17 +4,20 @@ under the documented keys, quickly."""
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from neurolm_nb.bench import (BenchConfig, TokenizerBenchConfig, bench_batch, bench_kind, bench_model,
-                              default_configs, format_table, main, measure, measure_tokenizer, model_flops,
-                              peak_tflops_for, run_benchmarks, tokenizer_bench_batch, tokenizer_bench_model,
-                              tokenizer_configs, tokenizer_flops, tokenizer_step_loss)
+                              default_configs, format_loss_check, format_table, loss_check, main, measure,
+                              measure_tokenizer, model_flops, peak_tflops_for, reference_config, run_benchmarks,
+                              run_loss_check, tokenizer_bench_batch, tokenizer_bench_model, tokenizer_configs,
+                              tokenizer_flops, tokenizer_step_loss)
 
 TINY = dict(layers=1, width=64, heads=2, encoder_layers=1, encoder_width=64, encoder_heads=2, seq=64, channels=16,
             batch=1, n_codes=256, text_vocab=500, steps=2, warmup=1)
@@ -24,6 +27,7 @@ KEYS = {"name", "config", "device_name", "step_s", "tokens_per_s", "peak_mem_mb"
         "flops_by_part", "achieved_tflops", "peak_tflops", "mfu", "trainable_params", "frozen_params", "loss"}
 
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest on a shared CI machine
 
 
@@ -187,3 +191,64 @@ def test_command_line_tokenizer_in_its_own_process(tmp_path):
     (r,) = report["results"]
     assert TOKENIZER_KEYS <= set(r) and r["threads"] == 1 and r["mem_kind"] == "cpu peak rss (process)"
     assert r["config"]["text"] is False and set(r["losses"]) == STAGE1_TERMS and r["peak_mem_mb"] > 10
+
+
+# ---------------------------------------------------------------- the loss check and tools/gpu_check.sh
+
+def test_loss_check_against_the_float32_reference():
+    cfgs = [BenchConfig(**{**TINY, "attn_impl": impl, "dtype": "bf16", "steps": 1, "warmup": 1})
+            for impl in ("naive", "sdpa")]
+    refs = {reference_config(c).name for c in cfgs}
+    assert refs == {"sdpa/float32"} and reference_config(cfgs[0]).steps == 1  # same steps: same updates
+    results = run_benchmarks(cfgs, isolate=False)
+    rows = run_loss_check(cfgs, results, rtol=1e-2, isolate=False)
+    assert [r["name"] for r in rows] == ["naive/bf16", "sdpa/bf16"] and all(r["ok"] for r in rows), rows
+    assert all(0 < r["rel_diff_first"] < 1e-2 for r in rows)  # bf16 differs a little, and within the tolerance
+    assert all(r["first_loss"] != r["loss"] for r in results)  # the last step comes after an update
+    strict = loss_check(results, [results[1], results[1]], rtol=0.0)
+    assert [r["ok"] for r in strict] == [False, True]
+    nan = loss_check([{**results[0], "loss": float("nan")}], [results[0]])
+    assert nan[0]["ok"] is False and "FAILED" in format_loss_check(nan)
+    tok = TokenizerBenchConfig(**{**TINY_TOKENIZER, "dtype": "bf16"})
+    assert reference_config(tok).dtype == "float32" and reference_config(tok).text == tok.text
+
+
+def test_peak_table_prefers_the_specific_name():
+    assert peak_tflops_for("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert peak_tflops_for("NVIDIA L40S", "bf16") == 362.0 and peak_tflops_for("NVIDIA L4", "bf16") == 121.0
+    assert peak_tflops_for("Some Future GPU", "bf16") is None  # fallback: --peak-tflops / NEUROLM_PEAK_TFLOPS
+
+
+GPU_CHECK = ROOT / "tools" / "gpu_check.sh"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="tools/gpu_check.sh needs bash")
+def test_gpu_check_dry_run_runs_every_stage_on_the_cpu(tmp_path):
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, timeout=900, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "DRY RUN" in out and "pytest -m gpu" in out
+    for stage in ("1 gpu tests: ok", "2 stage-2 step (bf16): ok", "3 tokenizer step (bf16): ok"):
+        assert stage in out, stage
+    assert out.count("rtol 1e-02: ok") == 3  # sdpa and naive (the CPU's stand-in for flex), and the tokenizer
+    assert '{"results"' not in out            # the JSON goes to files, not the log
+    lm = json.loads((tmp_path / "lm.json").read_text())
+    assert [r["name"] for r in lm["results"]] == ["sdpa/bf16", "naive/bf16"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and "mfu" in r for r in lm["results"])
+    assert all(c["ok"] for c in lm["loss_check"])
+    tok = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert tok["results"][0]["name"] == "vq+text/bf16" and tok["loss_check"][0]["ok"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="tools/gpu_check.sh needs bash")
+def test_gpu_check_fails_clearly_without_cuda(tmp_path):
+    if shutil.which("nvidia-smi") and torch.cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1
+    assert "FAILED" in proc.stderr and ("nvidia-smi" in proc.stderr or "torch.cuda.is_available()" in proc.stderr)
+    assert "--dry-run" in proc.stderr or "torch.cuda.is_available()" in proc.stderr
+    assert "===" not in proc.stdout  # no stage started

@@ -212,7 +212,7 @@ def _flex_available():
 
 
 @pytest.mark.skipif(not _flex_available(), reason="torch.nn.attention.flex_attention missing (torch < 2.5)")
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_flex_matches_sdpa(device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: compiled FlexAttention not tested")

@@ -4,12 +4,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from neurolm_nb.gpt import GPT, GPTConfig
 from neurolm_nb.model import (IGNORE_INDEX, NEUROLM_VOCAB, NeuroLM, NeuroLMConfig, VocabLayout, encoder_blocks,
                               encoder_input, grow_mask_like_original, lm_fixture_state_dict, load_neurolm,
-                              load_official_neurolm_lm, next_second_targets, pretraining_targets, save_neurolm,
-                              stair_mask, text_position_ids, to_official_neurolm_lm)
+                              load_official_neurolm_lm, next_second_targets, pretraining_targets, sample_next_token,
+                              sampling_generator, save_neurolm, stair_mask, text_position_ids,
+                              to_official_neurolm_lm)
 from neurolm_nb.vq import VQTokenizer
 
 torch.set_num_threads(1)
@@ -204,6 +206,101 @@ def test_generate_is_greedy_over_text_classes(tiny):
         assert torch.equal(model(**batch, text=ids[:, :-1]).logits[:, -1, :512].argmax(-1), ids[:, -1])
 
 
+def official_sampling_loop(model, batch, prompt, n, temperature, top_k, generator):
+    "The original's generate loop written out (full forward each step, /temperature, top-k, softmax, multinomial)."
+    ids = prompt
+    for _ in range(n):
+        logits = model(**batch, text=ids).logits[:, -1, :512] / temperature
+        if top_k is not None:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("Inf")
+        ids = torch.cat([ids, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)], 1)
+    return ids
+
+
+def test_generate_defaults_to_the_originals_ten_greedy_tokens(tiny):
+    _, model, batch = tiny
+    prompt = torch.tensor([[512, 3, 4], [512, 9, 10]])
+    ids = model.generate(**batch, text=prompt)
+    assert ids.shape == (2, 3 + 10)
+    assert torch.equal(ids, model.generate(**batch, text=prompt, max_new_tokens=10, temperature=1.0, top_k=1))
+    state = torch.get_rng_state()
+    model.generate(**batch, text=prompt, max_new_tokens=2)
+    assert torch.equal(torch.get_rng_state(), state)  # greedy draws no random number
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_original_recipe(tiny):
+    _, model, batch = tiny
+    prompt = torch.tensor([[512, 3, 4], [512, 9, 10]])
+    for temperature, top_k in [(1.0, None), (0.8, 20), (1.5, 3)]:
+        a = model.generate(**batch, text=prompt, max_new_tokens=6, temperature=temperature, top_k=top_k, seed=11)
+        b = model.generate(**batch, text=prompt, max_new_tokens=6, temperature=temperature, top_k=top_k,
+                           generator=torch.Generator().manual_seed(11))
+        assert torch.equal(a, b)
+        with torch.no_grad():
+            ref = official_sampling_loop(model, batch, prompt, 6, temperature, top_k, torch.Generator().manual_seed(11))
+        assert torch.equal(a, ref), (temperature, top_k)
+    draws = {tuple(model.generate(**batch, text=prompt, max_new_tokens=6, top_k=None, seed=s).flatten().tolist())
+             for s in range(4)}
+    assert len(draws) == 4  # different seeds, different samples
+    with pytest.raises(ValueError, match="generator or seed"):
+        model.generate(**batch, text=prompt, seed=1, generator=torch.Generator())
+
+
+def test_top_k_one_and_tiny_temperature_are_greedy(tiny):
+    _, model, batch = tiny
+    prompt = torch.tensor([[512, 3, 4], [512, 9, 10]])
+    greedy, steps = model.generate(**batch, text=prompt, max_new_tokens=5, return_step_logits=True)
+    for temperature in (0.3, 1.0, 4.0):  # top_k = 1: the original's one-hot draw is the argmax at any temperature
+        assert torch.equal(model.generate(**batch, text=prompt, max_new_tokens=5, temperature=temperature, seed=0),
+                           greedy)
+        with torch.no_grad():
+            ref = official_sampling_loop(model, batch, prompt, 5, temperature, 1, torch.Generator().manual_seed(0))
+        assert torch.equal(ref, greedy)
+    top2 = steps.topk(2, -1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-4  # gaps large enough for a temperature of 1e-6 to be one-hot
+    assert torch.equal(model.generate(**batch, text=prompt, max_new_tokens=5, temperature=1e-6, top_k=None, seed=3),
+                       greedy)
+    assert torch.equal(model.generate(**batch, text=prompt, max_new_tokens=5, temperature=0.0, top_k=None), greedy)
+
+
+def test_sample_next_token_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 2.9, 1.0]])
+    assert sample_next_token(logits).flatten().tolist() == [0, 1]
+    g = sampling_generator(seed=0)
+    drawn = torch.cat([sample_next_token(logits, 1.0, 2, g) for _ in range(300)], 1)
+    assert set(drawn[0].tolist()) == {0, 1} and set(drawn[1].tolist()) == {1, 2}
+    p = torch.softmax(torch.tensor([2.0, 1.0]), 0)[0].item()  # the kept pair's probability of the best
+    assert abs((drawn[0] == 0).float().mean().item() - p) < 0.1
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(logits, -0.5)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next_token(logits, 1.0, 0)
+
+
+def test_text_only_generation_equals_the_gpts_own_argmax(tiny):
+    _, model, _ = tiny
+    prompt = torch.tensor([[5, 17, 300, 2], [44, 0, 511, 9]])
+    ids, steps = model.generate(text=prompt, max_new_tokens=6, return_step_logits=True)
+    expected = prompt
+    with torch.no_grad():
+        for i in range(6):  # causal, positions 0..T-1: the GPT alone
+            logits = model.gpt(expected)[:, -1, :512]
+            torch.testing.assert_close(steps[:, i], logits, atol=1e-5, rtol=1e-5)
+            expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(ids, expected)
+    quirky = model.generate(text=prompt, max_new_tokens=6, original_mask_quirk=True)  # no mask to grow: the same
+    assert torch.equal(quirky, ids)
+    sampled = model.generate(text=prompt, max_new_tokens=6, top_k=None, seed=2)
+    with torch.no_grad():
+        assert torch.equal(sampled, official_sampling_loop(model, {}, prompt, 6, 1.0, None,
+                                                           torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="pass X"):
+        model.generate(input_time=torch.zeros(2, 3, dtype=torch.long), text=prompt)
+    with pytest.raises(ValueError, match="prompt"):
+        model.generate()
+
+
 def test_grow_mask_like_original_is_additive_float():
     m = stair_mask(*layout(2, 2, 5), n_text=2)[None]
     grown = grow_mask_like_original(m)
@@ -345,15 +442,52 @@ def test_official_generation(official, layers):
         batch = eeg(lm, "instruct", slice(i, i + 1))
         prompt = lm[f"input.generate.{name}.X_text_prompt"][None]
         for given_mask in (None, lm[f"input.generate.{name}.gpt_mask"][None]):
-            ids, steps = model.generate(**batch, text=prompt, attn_mask=given_mask, original_mask_quirk=True,
-                                        return_step_logits=True)
+            ids, steps = model.generate(**batch, text=prompt, max_new_tokens=5, attn_mask=given_mask,
+                                        original_mask_quirk=True, return_step_logits=True)  # the fixture: 5 tokens
             assert torch.equal(ids, o("output_ids")), name
             close(steps[0, :, :64], o("step_logits_text_0_64"), "step_logits")
             close(steps[0].logsumexp(-1), o("step_logsumexp_text"), "step_logsumexp")
             close(steps[0].max(-1).values, o("step_top1_logit"), "step_top1")
         # the correct (default) mask moves the logits by what the fixture's own "proper mask" run recorded
-        fixed_ids, fixed = model.generate(**batch, text=prompt, return_step_logits=True)
+        fixed_ids, fixed = model.generate(**batch, text=prompt, max_new_tokens=5, return_step_logits=True)
         record = counterfactual[f"{layers}layer.{name}.proper_causal_hide_padded_eeg"]
         shift = (fixed[0, :, :64] - o("step_logits_text_0_64")).abs().max().item()
         assert abs(shift - record["max_abs_diff_step_logits_0_64_vs_official"]) < 1e-5
         assert torch.equal(fixed_ids, o("output_ids")) == record["same_generated_ids"]
+
+
+def _on_cpu(out):
+    "A NeuroLMOutput with every tensor moved to the CPU (to compare with the fixture)."
+    return replace(out, logits=out.logits.cpu(), loss=out.loss.cpu(), accuracy=out.accuracy.cpu(),
+                   targets=out.targets.cpu(), hidden={k: v.cpu() for k, v in (out.hidden or {}).items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+def test_official_batches_and_generation_on_cuda(official, impl):
+    import copy
+    lm, model, _, tokenizer, _ = official
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # README §5
+    try:
+        gpu = copy.deepcopy(model).cuda().eval()
+        gpu.gpt.set_attn_impl(impl)
+        cuda = lambda d: {k: v.cuda() for k, v in d.items()}
+        with torch.no_grad():
+            pre = eeg(lm, "pretrain")
+            targets = pretraining_targets(copy.deepcopy(tokenizer).cuda(), **cuda(pre))
+            assert torch.equal(targets.cpu(), lm["output.pretrain.targets"])
+            check(lm, "pretrain", _on_cpu(gpu(**cuda(pre), eeg_targets=targets, return_hidden=True)))
+            check(lm, "instruct", _on_cpu(gpu(**cuda(eeg(lm, "instruct")), text=lm["input.instruct.X_text"].cuda(),
+                                              text_targets=lm["input.instruct.Y_text"].cuda(), return_hidden=True)))
+        for i, name in enumerate(["workload", "hmc"] if impl == "sdpa" else []):  # flex: a compile per length
+            batch = cuda(eeg(lm, "instruct", slice(i, i + 1)))
+            prompt = lm[f"input.generate.{name}.X_text_prompt"][None].cuda()
+            ids = gpu.generate(**batch, text=prompt, max_new_tokens=5, original_mask_quirk=True)
+            assert torch.equal(ids.cpu(), lm[f"output.generate.{name}.output_ids"]), name
+            a = gpu.generate(**batch, text=prompt, max_new_tokens=5, top_k=50, temperature=0.9, seed=3)
+            assert torch.equal(a, gpu.generate(**batch, text=prompt, max_new_tokens=5, top_k=50, temperature=0.9,
+                                               generator=torch.Generator("cuda").manual_seed(3)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

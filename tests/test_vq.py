@@ -3,6 +3,7 @@ rules (EMA, k-means, padding, straight-through), two-process distributed updates
 import functools
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -310,6 +311,50 @@ def test_reconstruction_loss_modes():
                                ((pred * mask[..., None] - target) ** 2).mean())
 
 
+def huber_by_hand(err: torch.Tensor) -> torch.Tensor:
+    "Mean smooth L1 loss (beta 1) written out: 0.5 e^2 where |e| < 1, |e| - 0.5 elsewhere."
+    return torch.where(err.abs() < 1, 0.5 * err ** 2, err.abs() - 0.5).mean()
+
+
+def test_smooth_l1_reconstruction_loss_by_hand():
+    pred, target = torch.tensor([[[0.5, 3.0, -2.0]], [[0.2, 0.0, 9.0]]]), torch.zeros(2, 1, 3)
+    assert reconstruction_loss(pred[:1], target[:1], smooth_l1=True).item() == pytest.approx((0.125 + 2.5 + 1.5) / 3)
+    mask = torch.tensor([[True], [False]])  # the second token is padding
+    assert reconstruction_loss(pred, target, mask, smooth_l1=True).item() == pytest.approx((0.125 + 2.5 + 1.5) / 3)
+    # original_padding: masked prediction against the zero target of padding, averaged over all 6 entries
+    assert reconstruction_loss(pred, target, mask, original_padding=True, smooth_l1=True).item() == pytest.approx(
+        (0.125 + 2.5 + 1.5) / 6)
+    assert reconstruction_loss(pred, target, mask).item() == pytest.approx((0.25 + 9 + 4) / 3)  # MSE by default
+
+
+@pytest.mark.parametrize("preset", ["neurolm", "labram"])
+def test_smooth_l1_loss_option_in_both_tokenizers(preset):
+    torch.manual_seed(0)
+    if preset == "neurolm":
+        cfg = VQConfig.tiny()
+        batch = tiny_batch()
+    else:  # LaBraM's VQ-NSP layout at a small size: CLS token, one shared decoder, amplitude + phase targets
+        cfg = VQConfig.labram(conv_channels=4, dim=100, n_heads=4, encoder_depth=1, decoder_depth=1, code_dim=8,
+                              n_codes=32)
+        batch = channel_major_tokens(torch.randn(2, 3, 2, 200), torch.tensor([0, 4, 7, 9]))
+    assert cfg.smooth_l1_loss is False  # the original's default: MSE
+    B, L = batch["input_time"].shape
+    targets = {name: torch.randn(B, L, size) * 2 for name, size in cfg.targets.items()}
+    mse_model = VQTokenizer(cfg).eval()
+    huber_model = VQTokenizer(replace(cfg, smooth_l1_loss=True)).eval()
+    huber_model.load_state_dict(mse_model.state_dict())
+    with torch.no_grad():
+        mse, huber = mse_model(**batch, targets=targets), huber_model(**batch, targets=targets)
+    real = batch.get("input_mask", torch.ones(B, L, dtype=torch.bool)).bool()
+    for name in cfg.targets:
+        err = (huber.reconstructions[name] - targets[name])[real]
+        torch.testing.assert_close(huber.losses[f"rec_{name}"], huber_by_hand(err))
+        torch.testing.assert_close(mse.losses[f"rec_{name}"], (err ** 2).mean())
+        assert abs(huber.losses[f"rec_{name}"] - mse.losses[f"rec_{name}"]) > 1e-3
+    torch.testing.assert_close(huber.losses["commitment"], mse.losses["commitment"])
+    assert VQConfig.from_dict(replace(cfg, smooth_l1_loss=True).to_dict()).smooth_l1_loss is True
+
+
 def test_training_steps_reduce_the_loss_and_fill_the_codebook():
     torch.manual_seed(0)
     model = VQTokenizer(VQConfig.tiny(n_codes=64)).train()
@@ -378,3 +423,23 @@ def test_save_and_load_tokenizer(tmp_path):
         load_tokenizer({"model": {}})
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_tokenizer(tmp_path / "nope.pt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_official_tokenizer_outputs_on_cuda(fixtures_dir):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # README §5
+    try:
+        t = fixture(fixtures_dir, "neurolm_vq_tiny")
+        model = load_official_neurolm_tokenizer(fixture_state_dict("neurolm_vq_tiny", t), original_padding=True)
+        outs = neurolm_fixture_outputs(model.cuda().eval(), {k: v.cuda() for k, v in t.items()})
+        report = compare_with_fixture({k: v.cpu() for k, v in outs.items()}, t)
+        assert all(r["ok"] for r in report.values()), {k: r for k, r in report.items() if not r["ok"]}
+        t = fixture(fixtures_dir, "labram_vqnsp")
+        labram = load_official_labram_vqnsp(fixture_state_dict("labram_vqnsp", t)).cuda().eval()
+        outs = labram_fixture_outputs(labram, {k: v.cuda() for k, v in t.items()})
+        report = compare_with_fixture({k: v.cpu() for k, v in outs.items()}, t, atol=2e-5)  # 12 layers on a GPU
+        assert all(r["ok"] for r in report.values()), {k: r for k, r in report.items() if not r["ok"]}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
