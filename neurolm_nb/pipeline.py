@@ -8,11 +8,17 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime as _dt
+import hashlib
 import json
+import os
 import platform
 import re
+import shutil
+import signal
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,9 +28,11 @@ from .core import atomic_write_bytes, load_yaml, project_root, run_dir, shared_d
 from .core import save_yaml, to_jsonable
 
 # %% auto #0
-__all__ = ['STAGES', 'RESERVED_PARAMETERS', 'PROFILE_SECTIONS', 'PAPERMILL_TAGS', 'ProfileError', 'StageError', 'profiles_dir',
-           'profile_names', 'load_profile', 'expand_placeholders', 'notebook_parameters', 'resolve_parameters',
-           'write_notebook', 'run_notebook', 'run_pipeline', 'strip_outputs', 'list_stages', 'main']
+__all__ = ['STAGES', 'RESERVED_PARAMETERS', 'PROFILE_SECTIONS', 'STAGE_INPUTS', 'PAPERMILL_TAGS', 'ProfileError', 'StageError',
+           'profiles_dir', 'profile_names', 'load_profile', 'expand_placeholders', 'notebook_parameters',
+           'resolve_parameters', 'check_parameter_type', 'write_notebook', 'kernel_guard_lines', 'run_notebook',
+           'missing_inputs', 'run_folder_lock', 'read_record', 'notebook_digest', 'stage_is_done', 'clear_stage',
+           'stage_environment', 'plan_stages', 'run_pipeline', 'strip_outputs', 'list_stages', 'main']
 
 # %% ../nbs/50_pipeline.ipynb #c006
 STAGES: dict[str, str] = {
@@ -203,6 +211,8 @@ def resolve_parameters(notebook: str | Path, profile: dict, stage: str | None = 
                            f"{', '.join(sorted(declared)) or 'none'}")
     params = {k: v for k, v in (profile.get("params") or {}).items() if k in declared}
     params.update(own)
+    for key, value in params.items():
+        check_parameter_type(key, value, declared[key], where)
     context = {"root": project_root(), "shared": shared_dir(),
                "run_root": Path(run_root).resolve() if run_root else None}
     params = expand_placeholders(params, context)
@@ -212,6 +222,48 @@ def resolve_parameters(notebook: str | Path, profile: dict, stage: str | None = 
     return params
 
 # %% ../nbs/50_pipeline.ipynb #c015
+_NUMBER_OR_NONE = (int, float, type(None))
+_ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
+                     "tuple": tuple, "None": type(None)}
+
+
+def _expected_types(spec: dict) -> tuple[type, ...] | None:
+    "The types a parameter accepts, from its annotation or its literal default; None: anything."
+    if spec.get("inferred_type_name", "None") != "None":
+        names = [t.strip() for t in spec["inferred_type_name"].split("|")]
+        if all(n in _ANNOTATION_NAMES for n in names):
+            types = tuple(_ANNOTATION_NAMES[n] for n in names) + (type(None),)
+            return types + (int,) if float in types else types
+        return None
+    try:
+        default = ast.literal_eval(spec["default"])
+    except (ValueError, SyntaxError):
+        return None                                    # an expression: nothing to infer
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return (bool, type(None))
+    if isinstance(default, (int, float)):
+        return _NUMBER_OR_NONE
+    if isinstance(default, str):
+        return (str, list, type(None))
+    if isinstance(default, (list, tuple)):
+        return (list, tuple, type(None))
+    return (type(default), type(None))
+
+
+def check_parameter_type(name: str, value: Any, spec: dict, where: str) -> None:
+    "Raise a ProfileError naming `where` and `name` when `value` does not fit the notebook's declaration."
+    expected = _expected_types(spec)
+    if expected is None:
+        return
+    bad_bool = isinstance(value, bool) and bool not in expected   # True is an int to Python, not to us
+    if bad_bool or not isinstance(value, expected):
+        kinds = " or ".join(sorted({t.__name__ for t in expected if t is not type(None)}))
+        raise ProfileError(f"{where}: parameter {name!r} = {value!r} ({type(value).__name__}) should be {kinds} "
+                           f"(the notebook declares {name} = {spec['default']})")
+
+# %% ../nbs/50_pipeline.ipynb #c018
 def write_notebook(path: str | Path, cells: Iterable[str], kernel: str = "python3") -> Path:
     "Write a notebook of code cells (a cell starting with `#parameters` gets the `parameters` tag)."
     nb = nbformat.v4.new_notebook()
@@ -224,7 +276,7 @@ def write_notebook(path: str | Path, cells: Iterable[str], kernel: str = "python
         nb.cells.append(cell)
     return atomic_write_bytes(path, (nbformat.writes(nb) + "\n").encode("utf-8"))
 
-# %% ../nbs/50_pipeline.ipynb #c018
+# %% ../nbs/50_pipeline.ipynb #c021
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -240,6 +292,15 @@ def _failing_cell(executed: Path, cell_index: int) -> tuple[int | None, str]:
     position = sum("injected-parameters" not in c.metadata.get("tags", []) for c in cells[:cell_index])
     first = next((line for line in cells[cell_index].source.splitlines() if line.strip()), "")
     return position, first
+
+
+def kernel_guard_lines(parent_pid: int | None = None) -> list[str]:
+    "Kernel start-up code: on Linux, die (SIGKILL) with the process that started the kernel."
+    if not sys.platform.startswith("linux"):
+        return []
+    pid = os.getpid() if parent_pid is None else parent_pid
+    return ["__import__('ctypes').CDLL(None).prctl(1, 9, 0, 0, 0)",          # PR_SET_PDEATHSIG = 1, SIGKILL
+            f"__import__('os').getppid() == {pid} or __import__('os')._exit(1)"]  # the runner died first
 
 
 def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | None = None,
@@ -261,7 +322,8 @@ def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | No
                                    # in kernel" at ERROR level whenever the SIGINT that jupyter_client always sends
                                    # before a shutdown lands while the kernel is idle. Neither is a failure (cell
                                    # errors and dead kernels reach us through nbclient), so only CRITICAL shows.
-                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"]
+                                   + [f"--IPKernelApp.exec_lines={line}" for line in kernel_guard_lines()])
     except papermill.PapermillExecutionError as e:
         position, first_line = _failing_cell(output, e.cell_index)
         tail = _ANSI.sub("", "\n".join(e.traceback)).strip().splitlines()[-12:]
@@ -277,7 +339,7 @@ def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | No
                          f"  executed notebook (if any): {output}", stage, str(notebook), str(output)) from e
     return time.perf_counter() - start
 
-# %% ../nbs/50_pipeline.ipynb #c021
+# %% ../nbs/50_pipeline.ipynb #c024
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -318,73 +380,191 @@ def _versions() -> dict:
             out[mod] = None
     return out
 
+# %% ../nbs/50_pipeline.ipynb #c026
+# stage -> [(file under run_root, the stage that writes it, the parameter that may name another source)]
+STAGE_INPUTS: dict[str, list[tuple[str, str, str | None]]] = {
+    "tokenizer": [("datasets/metrics.json", "datasets", None)],
+    "labram": [("datasets/workload/build_report.json", "datasets", "workload_dir")],
+    "pretrain": [("tokenizer/tokenizer.pt", "tokenizer", "tokenizer"), ("datasets/metrics.json", "datasets", None)],
+    "instruct": [("pretrain/neurolm.pt", "pretrain", "checkpoint"), ("datasets/metrics.json", "datasets", None)],
+    "evaluation": [("instruct/neurolm.pt", "instruct", "checkpoint"), ("datasets/metrics.json", "datasets", None)],
+}
 
-def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[str] | None = None,
-                 runs_dir: str | Path | None = None, nbs_dir: str | Path | None = None,
-                 kernel: str = "python3", log_output: bool = False, registry: dict[str, str] | None = None,
-                 verbose: bool = True) -> dict:
-    "Run the profile's stage notebooks with papermill into `<runs_dir>/<profile>/`; returns the pipeline record."
-    registry = STAGES if registry is None else registry
-    prof = load_profile(profile, registry)
-    nbs_dir = Path(nbs_dir) if nbs_dir else project_root() / "nbs"
-    root = (Path(runs_dir) / prof["name"]) if runs_dir else run_dir(prof["name"], create=False)
-    root = root.resolve()
-    chosen = _select_stages(prof, stages, registry)
 
-    plan = []  # check everything before the first kernel starts
+def missing_inputs(stage: str, params: dict, root: Path, earlier: Iterable[str]) -> list[str]:
+    "What `stage` needs that neither `root` holds nor an `earlier` stage of this run will write."
+    problems = []
+    for rel, producer, override in STAGE_INPUTS.get(stage, []):
+        if override is not None and params.get(override) not in (None, "auto"):
+            continue                                      # the profile names its own source
+        if producer in earlier or (Path(root) / rel).exists():
+            continue
+        alternative = f", or set stages.{stage}.{override} in the profile" if override else ""
+        problems.append(f"stage {stage!r} needs {rel} in {root}, which stage {producer!r} writes: run "
+                        f"--stages {producer},{stage}{alternative}")
+    return problems
+
+# %% ../nbs/50_pipeline.ipynb #c029
+@contextmanager
+def run_folder_lock(root: Path):
+    "Hold an exclusive lock on `root` while the block runs; ProfileError if another live runner holds it."
+    import fcntl
+    path = Path(root) / ".runner.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = path.read_text().strip() or "another process"
+        os.close(fd)
+        raise ProfileError(f"run folder {root} is in use by a runner ({holder}); wait for it or stop it") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {platform.node()}".encode())
+        yield path
+    finally:
+        os.close(fd)                                      # releases the lock
+
+
+def read_record(root: Path) -> dict:
+    "`pipeline.json` of `root` ({} if none); stages a dead runner left at 'running' are reported 'interrupted'."
+    path = Path(root) / "pipeline.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    try:
+        with run_folder_lock(root):                       # free: nobody is running here now
+            for entry in [record] + list(record.get("stages", {}).values()):
+                if entry.get("status") == "running":
+                    entry.update(status="interrupted", error="the runner stopped (killed?) while this ran")
+    except ProfileError:
+        pass                                              # a live runner: 'running' is the truth
+    return record
+
+# %% ../nbs/50_pipeline.ipynb #c032
+def notebook_digest(notebook: Path) -> str:
+    return hashlib.sha256(Path(notebook).read_bytes()).hexdigest()
+
+
+def stage_is_done(entry: dict | None, params: dict, out: Path, notebook: Path) -> bool:
+    "True when `entry` (pipeline.json) ended ok with these parameters and this notebook, and `out/metrics.json` exists."
+    entry = entry or {}
+    same = json.dumps(to_jsonable(params), sort_keys=True) == json.dumps(entry.get("parameters"), sort_keys=True)
+    return (entry.get("status") == "ok" and same and entry.get("notebook_sha256") == notebook_digest(notebook)
+            and (Path(out) / "metrics.json").exists())
+
+
+def clear_stage(out: Path) -> None:
+    "Remove a stage's folder: renamed first (one atomic step), then deleted."
+    out = Path(out)
+    if out.exists():
+        trash = out.with_name(f".{out.name}.removing-{os.getpid()}")
+        os.replace(out, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+# %% ../nbs/50_pipeline.ipynb #c035
+@contextmanager
+def stage_environment(root: Path, stage: str):
+    "TMPDIR and Jupyter runtime files of `stage`'s kernel under `<root>/.tmp/<stage>`, emptied before and after."
+    tmp = Path(root) / ".tmp" / stage
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    keys = ("TMPDIR", "JUPYTER_RUNTIME_DIR")
+    saved, saved_tempdir = {k: os.environ.get(k) for k in keys}, tempfile.tempdir
+    os.environ.update({k: str(tmp) for k in keys})
+    tempfile.tempdir = str(tmp)                           # this process's own temporary files (it caches the path)
+    try:
+        yield tmp
+    finally:
+        tempfile.tempdir = saved_tempdir
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.parent.rmdir()                                # .tmp itself, once no stage uses it
+        except OSError:
+            pass
+
+# %% ../nbs/50_pipeline.ipynb #c038
+def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, registry: dict[str, str]) -> list[tuple]:
+    "(stage, notebook, out_dir, parameters) of each chosen stage; every check that can fail early fails here."
+    plan, problems = [], []
     for stage in chosen:
         notebook = nbs_dir / registry[stage]
         if not notebook.exists():
             raise ProfileError(f"stage {stage!r}: notebook {notebook} does not exist")
-        out = root / stage
-        plan.append((stage, notebook, out, resolve_parameters(notebook, prof, stage, out, root)))
-    declared_anywhere = set()
-    for stage in prof["stages"]:
-        if (nbs_dir / registry[stage]).exists():
-            declared_anywhere |= set(notebook_parameters(nbs_dir / registry[stage]))
-    unused = sorted(set(prof["params"]) - declared_anywhere)
+        params = resolve_parameters(notebook, prof, stage, root / stage, root)
+        problems += missing_inputs(stage, params, root, [s for s, *_ in plan])
+        plan.append((stage, notebook, root / stage, params))
+    if problems:
+        raise ProfileError("inputs missing, nothing was run:\n  " + "\n  ".join(problems))
+    return plan
 
-    root.mkdir(parents=True, exist_ok=True)
-    save_yaml({k: prof[k] for k in ("name", "description", "params", "stages", "pending")}, root / "profile.yaml")
-    record_path = root / "pipeline.json"
-    old = {}
-    if record_path.exists():
-        try:
-            old = json.loads(record_path.read_text(encoding="utf-8")).get("stages", {})
-        except Exception:
-            old = {}
-    record = {"profile": prof["name"], "profile_source": prof["source"], "status": "running",
-              "started": _now(), "finished": None, "wall_s": None, "kernel": kernel,
-              "nbs_dir": str(nbs_dir.resolve()), "run_root": str(root), "requested": chosen,
-              "unused_global_params": unused, "versions": _versions(), "stages": dict(old)}
+
+def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict, save, kernel: str,
+               nbs_dir: Path, log_output: bool, verbose: bool) -> None:
+    executed = out / notebook.name
+    entry = {"notebook": str(notebook), "notebook_sha256": notebook_digest(notebook),
+             "executed_notebook": str(executed), "out_dir": str(out),
+             "parameters": params, "status": "running", "started": _now(), "wall_s": None, "error": None}
+    record["stages"][stage] = entry
+    save()
     t0 = time.perf_counter()
-    for i, (stage, notebook, out, params) in enumerate(plan, 1):
-        executed = out / notebook.name
-        entry = {"notebook": str(notebook), "executed_notebook": str(executed), "out_dir": str(out),
-                 "parameters": params, "status": "running", "started": _now(), "wall_s": None, "error": None}
-        record["stages"][stage] = entry
-        _write_record(record, registry, record_path)
-        if verbose:
-            print(f"[{i}/{len(plan)}] {stage}: {notebook.name} -> {executed}", flush=True)
-        t_stage = time.perf_counter()
-        try:
+    try:
+        with stage_environment(Path(record["run_root"]), stage):
             run_notebook(notebook, executed, params, kernel=kernel, cwd=nbs_dir, log_output=log_output, stage=stage)
-        except (StageError, KeyboardInterrupt) as e:
-            status = "failed" if isinstance(e, StageError) else "interrupted"
-            entry.update(status=status, error=str(e) or type(e).__name__,
-                         wall_s=round(time.perf_counter() - t_stage, 2))
-            record.update(status=status, finished=_now(), wall_s=round(time.perf_counter() - t0, 2))
-            _write_record(record, registry, record_path)
-            raise
-        entry.update(status="ok", wall_s=round(time.perf_counter() - t_stage, 2))
-        entry["figures"] = sorted(str(p.relative_to(out)) for p in out.glob("figures/*") if p.is_file())
-        if verbose:
-            print(f"      ok in {entry['wall_s']:.1f} s, {len(entry['figures'])} figure(s)", flush=True)
-        _write_record(record, registry, record_path)
-    record.update(status="ok", finished=_now(), wall_s=round(time.perf_counter() - t0, 2))
-    return _write_record(record, registry, record_path)
+    except (StageError, KeyboardInterrupt) as e:
+        status = "failed" if isinstance(e, StageError) else "interrupted"
+        entry.update(status=status, error=str(e) or type(e).__name__, wall_s=round(time.perf_counter() - t0, 2))
+        record.update(status=status, finished=_now())
+        save()
+        raise
+    entry.update(status="ok", wall_s=round(time.perf_counter() - t0, 2))
+    entry["figures"] = sorted(str(p.relative_to(out)) for p in out.glob("figures/*") if p.is_file())
+    if verbose:
+        print(f"      ok in {entry['wall_s']:.1f} s, {len(entry['figures'])} figure(s)", flush=True)
+    save()
 
-# %% ../nbs/50_pipeline.ipynb #c027
+# %% ../nbs/50_pipeline.ipynb #c039
+def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[str] | None = None,
+                 runs_dir: str | Path | None = None, nbs_dir: str | Path | None = None,
+                 kernel: str = "python3", log_output: bool = False, registry: dict[str, str] | None = None,
+                 verbose: bool = True, force: bool = False) -> dict:
+    "Run the profile's stage notebooks with papermill into `<runs_dir>/<profile>/`; returns the pipeline record."
+    registry = STAGES if registry is None else registry
+    prof = load_profile(profile, registry)
+    nbs_dir = Path(nbs_dir) if nbs_dir else project_root() / "nbs"
+    root = ((Path(runs_dir) / prof["name"]) if runs_dir else run_dir(prof["name"], create=False)).resolve()
+    plan = plan_stages(prof, _select_stages(prof, stages, registry), nbs_dir, root, registry)
+    declared = set().union(*(notebook_parameters(nbs_dir / registry[s]) for s in prof["stages"]
+                             if (nbs_dir / registry[s]).exists()))
+    root.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(root):
+        save_yaml({k: prof[k] for k in ("name", "description", "params", "stages", "pending")}, root / "profile.yaml")
+        shutil.rmtree(root / ".tmp", ignore_errors=True)          # whatever a killed run left
+        record = {"profile": prof["name"], "profile_source": prof["source"], "status": "running",
+                  "started": _now(), "finished": None, "wall_s": None, "kernel": kernel, "runner_pid": os.getpid(),
+                  "nbs_dir": str(nbs_dir.resolve()), "run_root": str(root), "requested": [s for s, *_ in plan],
+                  "skipped": [], "unused_global_params": sorted(set(prof["params"]) - declared),
+                  "versions": _versions(), "stages": read_record(root).get("stages", {})}
+        save = lambda: _write_record(record, registry, root / "pipeline.json")
+        t0, ran = time.perf_counter(), False
+        for i, (stage, notebook, out, params) in enumerate(plan, 1):
+            if not force and not ran and stage_is_done(record["stages"].get(stage), params, out, notebook):
+                record["skipped"].append(stage)
+                if verbose:
+                    print(f"[{i}/{len(plan)}] {stage}: done earlier with these parameters, skipped", flush=True)
+                continue
+            if force:
+                clear_stage(out)
+            if verbose:
+                print(f"[{i}/{len(plan)}] {stage}: {notebook.name} -> {out / notebook.name}", flush=True)
+            ran = True
+            _run_stage(record, stage, notebook, out, params, save, kernel, nbs_dir, log_output, verbose)
+        record.update(status="ok", finished=_now(), wall_s=round(time.perf_counter() - t0, 2))
+        return save()
+
+# %% ../nbs/50_pipeline.ipynb #c047
 PAPERMILL_TAGS = ("injected-parameters", "papermill-error-cell-tag")
 
 
@@ -407,21 +587,23 @@ def strip_outputs(path: str | Path) -> list[Path]:
             changed.append(f)
     return changed
 
-# %% ../nbs/50_pipeline.ipynb #c030
+# %% ../nbs/50_pipeline.ipynb #c050
 def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None = None,
-                registry: dict[str, str] | None = None) -> list[dict]:
-    "One row per stage of the profile: name, notebook, status ('ready', 'missing notebook', 'pending'), params."
+                registry: dict[str, str] | None = None, runs_dir: str | Path | None = None) -> list[dict]:
+    "One row per stage: name, notebook, status ('ready', 'missing notebook', 'pending'), its last run's status, params."
     registry = STAGES if registry is None else registry
     prof = load_profile(profile, registry)
     nbs_dir = Path(nbs_dir) if nbs_dir else project_root() / "nbs"
+    done = read_record(Path(runs_dir) / prof["name"] if runs_dir else run_dir(prof["name"], create=False))
     rows = []
     for stage in [s for s in registry if s in prof["stages"]]:
         exists = (nbs_dir / registry[stage]).exists()
+        last = done.get("stages", {}).get(stage, {}).get("status")
         rows.append({"stage": stage, "notebook": registry[stage], "status": "ready" if exists else "missing notebook",
-                     "params": prof["stages"][stage]})
+                     "last_run": last or "never", "params": prof["stages"][stage]})
     for stage, params in prof["pending"].items():
         rows.append({"stage": stage, "notebook": registry.get(stage, "(not registered yet)"),
-                     "status": "pending", "params": params})
+                     "status": "pending", "last_run": "never", "params": params})
     return rows
 
 
@@ -430,11 +612,16 @@ def _print_summary(record: dict) -> None:
           f"(record: {Path(record['run_root']) / 'pipeline.json'})")
     for stage in record["requested"]:
         e = record["stages"][stage]
-        print(f"  {stage:<12} {e['status']:<6} {e['wall_s']:>7.1f} s  {e['executed_notebook']}")
+        status = "done" if stage in record.get("skipped", []) else e["status"]
+        print(f"  {stage:<12} {status:<6} {e['wall_s'] or 0:>7.1f} s  {e['executed_notebook']}")
         for fig in e.get("figures", []):
             print(f"  {'':<12} figure {Path(e['out_dir']) / fig}")
     if record["unused_global_params"]:
         print(f"  note: global params {record['unused_global_params']} are declared by no stage notebook")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -442,7 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="neurolm-nb", description="Run neurolm_nb stage notebooks with papermill.")
     parser.add_argument("--profile", default="smoke", help="profile name in profiles/ or a path to a YAML file")
     parser.add_argument("--stages", default=None, help="comma-separated subset of the profile's stages")
-    parser.add_argument("--list", action="store_true", help="list the profile's stages and exit")
+    parser.add_argument("--list", action="store_true", help="list the profile's stages (and their last run) and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun the selected stages from scratch, even those done with the same parameters")
     parser.add_argument("--runs-dir", default=None, help="folder of run roots (default: runs/ or $NEUROLM_RUNS)")
     parser.add_argument("--nbs-dir", default=None, help="folder of the stage notebooks (default: nbs/)")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
@@ -458,14 +647,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             prof = load_profile(args.profile)
             print(f"profile {prof['name']!r}: {prof['description'].strip()}")
-            for row in list_stages(prof, args.nbs_dir):
+            for row in list_stages(prof, args.nbs_dir, runs_dir=args.runs_dir):
                 params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-                print(f"  {row['stage']:<12} {row['notebook']:<24} {row['status']:<17} {params}")
+                print(f"  {row['stage']:<12} {row['notebook']:<24} {row['status']:<17} last run: "
+                      f"{row['last_run']:<12} {params}")
             return 0
         if args.log_output:
             import logging
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-        record = run_pipeline(args.profile, args.stages, args.runs_dir, args.nbs_dir, args.kernel, args.log_output)
+        signal.signal(signal.SIGTERM, _interrupt)   # a scheduler's SIGTERM is recorded like Ctrl-C
+        record = run_pipeline(args.profile, args.stages, args.runs_dir, args.nbs_dir, args.kernel, args.log_output,
+                              force=args.force)
         _print_summary(record)
         return 0
     except (ProfileError, FileNotFoundError) as e:
@@ -474,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'Ctrl-C'}): pipeline.json records it; run the same command again to resume",
+              file=sys.stderr)
+        return 130
 
 
 def _in_notebook() -> bool:

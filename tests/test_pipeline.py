@@ -241,3 +241,119 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert 0.0 < metrics["baseline"]["balanced_accuracy"] <= 1.0  # the band-power floor on the same split
     index = (run / "figures" / "index.md").read_text()
     assert "Nothing is missing" in index and (run / "figures" / "results.md").exists()
+
+
+# ---------------------------------------------------------------- operator faults: real processes, real signals
+TRAINING_STAGE = (  # a real training stage: train() with checkpoints in out_dir, slowed down so it can be killed
+    "import json, os, time, torch\nfrom pathlib import Path\n"
+    "from neurolm_nb.training import TrainConfig, train\n"
+    "Path(out_dir).mkdir(parents=True, exist_ok=True)\n"
+    "(Path(out_dir) / 'kernel.pid').write_text(str(os.getpid()))\n"
+    "import tempfile; scratch = tempfile.mkdtemp(prefix='neurolm_toy_scratch_')  # lands in the run's .tmp\n"
+    "torch.manual_seed(0)\n"
+    "data = [(torch.randn(4), torch.randn(1)) for _ in range(64)]\n"
+    "model = torch.nn.Linear(4, 1)\n"
+    "def loss_fn(m, batch):\n"
+    "    time.sleep(delay)\n"
+    "    x, y = batch\n"
+    "    return torch.nn.functional.mse_loss(m(x), y)\n"
+    "res = train(model, data, loss_fn, TrainConfig(max_steps=steps, batch_size=8, lr=0.05, warmup_steps=0, seed=seed,\n"
+    "            out_dir=str(Path(out_dir) / 'train'), ckpt_every=2, progress=False))\n"
+    "(Path(out_dir) / 'metrics.json').write_text(json.dumps({'weight': model.weight.tolist(), 'steps': steps}))\n"
+    "(Path(out_dir) / 'resumed_from.txt').write_text(str(res.resumed_from))"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait(predicate, timeout: float, what: str):
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux-only")
+def test_kill_9_of_the_runner_then_rerun_resumes_to_the_same_result(tmp_path):
+    import os
+    import signal
+    first = list(STAGES)[0]
+    nbs = tmp_path / "nbs"
+    write_notebook(nbs / STAGES[first], ["#parameters\nout_dir = None\nrun_root = None\nseed = 0\nsteps = 12\n"
+                                         "delay = 0.0", TRAINING_STAGE])
+    prof = tmp_path / "toy.yaml"
+    prof.write_text(f"params: {{seed: 0}}\nstages:\n  {first}: {{steps: 12, delay: 0.5}}\n")
+    cli = [sys.executable, "-m", "neurolm_nb.pipeline", "--profile", str(prof), "--nbs-dir", str(nbs),
+           "--runs-dir", str(tmp_path / "runs")]
+    run = tmp_path / "runs" / "toy"
+    runner = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kernel = None
+    try:
+        _wait(lambda: any((run / first / "train" / "checkpoints").glob("step_*.pt")), 120, "a first checkpoint")
+        kernel = int((run / first / "kernel.pid").read_text())
+        assert _alive(kernel)
+        runner.kill()                                                      # SIGKILL: no clean-up code runs
+        runner.wait(timeout=30)
+        _wait(lambda: not _alive(kernel), 15, f"the stage kernel (pid {kernel}) to die with the runner")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        if kernel and _alive(kernel):
+            os.kill(kernel, signal.SIGKILL)
+    from neurolm_nb.pipeline import read_record
+    assert read_record(run)["stages"][first]["status"] == "interrupted"   # the record tells the truth
+    assert list((run / ".tmp" / first).glob("neurolm_toy_scratch_*"))     # the killed kernel's scratch, in the run
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (run / ".tmp").exists()                                     # cleaned at start and after the stage
+    assert "step_" in (run / first / "resumed_from.txt").read_text()      # resumed from a checkpoint, not step 0
+    # the same stage, uninterrupted, in another run folder: the same final weights
+    clean = subprocess.run(cli[:-1] + [str(tmp_path / "clean")], capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+    assert (tmp_path / "clean" / "toy" / first / "resumed_from.txt").read_text() == "None"
+    assert load_json(run / first / "metrics.json") == load_json(tmp_path / "clean" / "toy" / first / "metrics.json")
+    again = subprocess.run(cli, capture_output=True, text=True, timeout=120)   # done: skipped, not redone
+    assert again.returncode == 0 and "skipped" in again.stdout
+
+
+def test_wrong_types_and_missing_upstream_stop_before_any_kernel(tmp_path):
+    first = list(STAGES)[0]
+    bad = {"name": "typed", "params": {"seed": "zero"}, "stages": {first: {}}}
+    with pytest.raises(ProfileError, match=rf"{STAGES[first]} \(stage '{first}'\): parameter 'seed' = 'zero'"):
+        run_pipeline(bad, runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ProfileError, match=r"stage 'pretrain' needs tokenizer/tokenizer.pt.*run --stages tokenizer,pretrain"):
+        run_pipeline("smoke", stages="pretrain", runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ProfileError, match="instruct/neurolm.pt"):
+        run_pipeline("smoke", stages="evaluation", runs_dir=tmp_path, verbose=False)
+    assert not (tmp_path / "typed").exists() and not (tmp_path / "smoke" / "pretrain").exists()
+
+
+def test_a_second_runner_on_the_same_folder_is_refused(tmp_path):
+    "Two real processes: the second runner sees the first one's lock and stops with exit 2."
+    first = list(STAGES)[0]
+    nbs = tmp_path / "nbs"
+    write_notebook(nbs / STAGES[first], ["#parameters\nout_dir = None\nrun_root = None\nseed = 0",
+                                         "import time, pathlib\npathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)\n"
+                                         "(pathlib.Path(out_dir) / 'started').write_text('1')\ntime.sleep(60)"])
+    prof = tmp_path / "toy.yaml"
+    prof.write_text(f"stages:\n  {first}: {{}}\n")
+    cli = [sys.executable, "-m", "neurolm_nb.pipeline", "--profile", str(prof), "--nbs-dir", str(nbs),
+           "--runs-dir", str(tmp_path / "runs")]
+    runner = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: (tmp_path / "runs" / "toy" / first / "started").exists(), 120, "the first runner's stage")
+        second = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "in use by a runner" in second.stderr
+    finally:
+        runner.terminate()                                                  # SIGTERM: recorded as interrupted
+        runner.wait(timeout=60)
+    assert load_json(tmp_path / "runs" / "toy" / "pipeline.json")["stages"][first]["status"] == "interrupted"
