@@ -652,7 +652,7 @@ def labram_base_fixture_outputs(mem: LaBraMForMEM, classifier: LaBraMClassifier,
 
 
 def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor]) -> dict[str, dict]:
-    "Per output: max |difference| and whether it meets README §5 (exact integers, rtol for losses, atol 1e-7 for the logits)."
+    "Per output: max |difference| and whether it meets the chapter-45 tolerances (exact integers, rtol for losses, atol 1e-7 for the logits)."
     report = {}
     for name, value in ours.items():
         ref = t[f"output.{name}"]
