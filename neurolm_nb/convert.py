@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,20 +20,61 @@ from .core import shared_dir
 from .vq import VQConfig, VQTokenizer, channel_major_tokens
 
 # %% auto #0
-__all__ = ['ORIG_MOD_PREFIX', 'LM_FIXTURE_BATCHES', 'CheckpointMismatchError', 'read_checkpoint', 'strip_prefix', 'official_key',
-           'official_key_table', 'load_official_state_dict', 'to_official_state_dict', 'neurolm_config_from_state_dict',
-           'labram_config_from_state_dict', 'load_official_neurolm_tokenizer', 'load_official_labram_vqnsp',
-           'to_official_neurolm_tokenizer', 'to_official_labram_vqnsp', 'fixture_dir', 'load_fixture',
-           'fixture_state_dict', 'neurolm_fixture_outputs', 'labram_fixture_outputs', 'compare_with_fixture',
-           'neurolm_model_args', 'load_official_neurolm', 'to_official_neurolm', 'official_neurolm_key_table',
-           'neurolm_encoder_from_vq', 'neurolm_lm_fixture_outputs']
+__all__ = ['ORIG_MOD_PREFIX', 'LM_FIXTURE_BATCHES', 'CheckpointMismatchError', 'CheckpointFileError', 'read_checkpoint',
+           'strip_prefix', 'official_key', 'official_key_table', 'load_official_state_dict', 'to_official_state_dict',
+           'neurolm_config_from_state_dict', 'labram_config_from_state_dict', 'load_official_neurolm_tokenizer',
+           'load_official_labram_vqnsp', 'to_official_neurolm_tokenizer', 'to_official_labram_vqnsp', 'fixture_dir',
+           'load_fixture', 'fixture_state_dict', 'neurolm_fixture_outputs', 'labram_fixture_outputs',
+           'compare_with_fixture', 'neurolm_model_args', 'load_official_neurolm', 'to_official_neurolm',
+           'official_neurolm_key_table', 'neurolm_encoder_from_vq', 'neurolm_lm_fixture_outputs']
 
 # %% ../nbs/40_official_weights.ipynb #c006
 class CheckpointMismatchError(ValueError):
     "An official checkpoint does not fit the model: missing, unexpected or misshaped keys (all named)."
 
 
+class CheckpointFileError(CheckpointMismatchError):
+    "A file that is not a readable checkpoint: empty, foreign, truncated, or not a dict (the message names it)."
+
+
 ORIG_MOD_PREFIX = "_orig_mod."  # torch.compile's wrapper prefix (NeuroLM always compiles, N15)
+_EXPECTED = "expected a torch.save checkpoint: a dict like {'model': state dict, ...}, or a state dict"
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]  # torch.save before 1.6 pickles it first
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    "Refuse what `torch.load` fails on obscurely: a folder, an empty, foreign or truncated file."
+    if path.is_dir():
+        raise CheckpointFileError(f"checkpoint {path} is a folder; {_EXPECTED}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointFileError(f"checkpoint {path} is empty (0 bytes); {_EXPECTED}")
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format: the directory of its entries is at the end
+        if not zipfile.is_zipfile(path):
+            raise CheckpointFileError(f"checkpoint {path} is truncated or damaged: a zip archive (torch.save's "
+                                      f"format) without its end ({size} bytes)")
+    elif head.startswith(b"\x80") and _LEGACY_MAGIC not in head:
+        raise CheckpointFileError(f"checkpoint {path} is a plain Python pickle, not written by torch.save; {_EXPECTED}")
+    elif not head.startswith(b"\x80"):
+        raise CheckpointFileError(f"checkpoint {path} is not a torch checkpoint: it starts with {head[:16]!r}; {_EXPECTED}")
+
+# %% ../nbs/40_official_weights.ipynb #c007
+def _torch_load(path: Path, trusted: bool) -> tuple[Any, str | None]:
+    "(object, None), or (None, the class it needs) when only `weights_only=False` could load it."
+    found = None
+    for allowed in ([], [argparse.Namespace]):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True), None
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if found is None:
+                raise  # not a question of trust: the file itself is broken
+    if trusted:
+        return torch.load(path, map_location="cpu", weights_only=False), None
+    return None, found.group(1)
 
 
 def read_checkpoint(source: str | Path | Mapping, trusted: bool = False) -> dict:
@@ -41,23 +84,22 @@ def read_checkpoint(source: str | Path | Mapping, trusted: bool = False) -> dict
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_checkpoint_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not trusted:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            what = found.group(1) if found else str(e).splitlines()[0]
-            raise RuntimeError(f"checkpoint {path} holds Python objects beyond tensors and argparse.Namespace "
-                               f"({what}), so it cannot be loaded with weights_only=True. If you trust the file, "
-                               f"pass trusted=True (this unpickles it with weights_only=False, which can run code).") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt, needs = _torch_load(path, trusted)
+    except Exception as e:  # torch.load fails in many ways on a damaged file
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else type(e).__name__
+        raise CheckpointFileError(f"checkpoint {path} could not be read ({path.stat().st_size} bytes; truncated, "
+                                  f"damaged or not a torch checkpoint): {why}; {_EXPECTED}") from None
+    if needs is not None:
+        raise RuntimeError(f"checkpoint {path} holds Python objects beyond tensors and argparse.Namespace "
+                           f"({needs}), so it cannot be loaded with weights_only=True. If you trust the file, "
+                           f"pass trusted=True (this unpickles it with weights_only=False, which can run code).")
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointFileError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict; {_EXPECTED}")
+    return dict(ckpt)
 
-
+# %% ../nbs/40_official_weights.ipynb #c008
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = ORIG_MOD_PREFIX) -> dict:
     "Remove `prefix` from every key that starts with it."
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
@@ -68,12 +110,39 @@ def _state_dict_of(ckpt: Mapping, containers: tuple[str, ...]) -> tuple[dict, di
     for key in containers:
         if key in ckpt and isinstance(ckpt[key], Mapping):
             return dict(ckpt[key]), {k: v for k, v in ckpt.items() if k != key}
-    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return dict(ckpt), {}
-    raise CheckpointMismatchError(f"no state dict found: expected one of the keys {list(containers)} or a flat "
-                                  f"dict of tensors, got keys {sorted(ckpt)[:10]}")
+    raise CheckpointMismatchError(f"no state dict found: expected one of the keys {list(containers)} holding a "
+                                  f"state dict, or a flat dict of tensors; got keys {sorted(map(str, ckpt))[:10]}")
 
-# %% ../nbs/40_official_weights.ipynb #c009
+# %% ../nbs/40_official_weights.ipynb #c010
+_KINDS = {"VQ.encoder.": ("a NeuroLM tokenizer (VQ_Align)", "load_official_neurolm_tokenizer"),
+          "encoder.": ("a LaBraM VQNSP tokenizer", "load_official_labram_vqnsp"),
+          "GPT2.": ("a NeuroLM-B/L/XL language model", "load_official_neurolm"),
+          "student.": ("a LaBraM MEM pretraining", "neurolm_nb.labram.load_official_labram_mem")}
+
+
+def _expect_keys(sd: Mapping, prefix: str, example: str) -> None:
+    "Raise, saying what the checkpoint looks like instead, unless `sd` has keys under `prefix`."
+    if any(k.startswith(prefix) for k in sd):
+        return
+    guess = next((f"; it looks like {what} checkpoint (load it with {how})" for p, (what, how) in _KINDS.items()
+                  if p != prefix and any(k.startswith(p) for k in sd)), "")
+    raise CheckpointMismatchError(f"not {_KINDS[prefix][0]} checkpoint: no '{prefix}*' keys (e.g. {example!r}); "
+                                  f"found {len(sd)} key(s) such as {sorted(sd)[:4]}{guess}")
+
+
+@contextlib.contextmanager
+def _naming(source):
+    "Put the file's name in front of a `CheckpointMismatchError` raised inside (a dict has no name to add)."
+    try:
+        yield
+    except CheckpointMismatchError as e:
+        if isinstance(source, Mapping) or str(source) in str(e):
+            raise
+        raise type(e)(f"{source}: {e}") from None
+
+# %% ../nbs/40_official_weights.ipynb #c016
 _lead_one = lambda shape: (1, *shape)        # [R, D] table -> [1, R, D] parameter
 _conv_1x1 = lambda shape: (*shape, 1, 1)     # Linear [out, in] -> Conv2d 1x1 [out, in, 1, 1]
 
@@ -162,7 +231,7 @@ def official_key_table(model: VQTokenizer, flavour: str) -> dict[str, tuple[str,
         table[theirs] = (key, shape, tuple(reshape(shape)) if reshape else shape)
     return table
 
-# %% ../nbs/40_official_weights.ipynb #c012
+# %% ../nbs/40_official_weights.ipynb #c019
 def _mismatches(table: Mapping, state_dict: Mapping, flavour: str) -> list[str]:
     problems = []
     for theirs, (_, _, shape) in table.items():
@@ -208,7 +277,7 @@ def to_official_state_dict(model: VQTokenizer, flavour: str) -> dict[str, torch.
     return {theirs: ours[key].reshape(official_shape) for theirs, (key, _, official_shape)
             in official_key_table(model, flavour).items()}
 
-# %% ../nbs/40_official_weights.ipynb #c014
+# %% ../nbs/40_official_weights.ipynb #c021
 def _shape(sd: Mapping, key: str, what: str) -> tuple:
     if key not in sd:
         raise CheckpointMismatchError(f"cannot read the {what} from the checkpoint: key {key!r} is missing")
@@ -260,7 +329,7 @@ def labram_config_from_state_dict(sd: Mapping, **overrides) -> VQConfig:
                  "phase": _shape(sd, "decode_task_layer_angle.2.weight", "phase head")[0]})
     return VQConfig.labram(**{**cfg, **overrides})
 
-# %% ../nbs/40_official_weights.ipynb #c016
+# %% ../nbs/40_official_weights.ipynb #c023
 _LABRAM_DROPPED = ("loss", "teacher", "scaling")  # prefixes LaBraM's own tokenizer loader discards
 
 
@@ -279,28 +348,30 @@ def _finish(model: VQTokenizer, sd: Mapping, flavour: str, strict: bool) -> VQTo
 def load_official_neurolm_tokenizer(source: str | Path | Mapping, model: VQTokenizer | None = None,
                                     strict: bool = True, trusted: bool = False, **config_overrides) -> VQTokenizer:
     "A `VQTokenizer` holding an official NeuroLM `VQ_Align` checkpoint (train_vq.py format or bare state dict)."
-    ckpt = read_checkpoint(source, trusted)
-    sd, extra = _state_dict_of(ckpt, ("model",))
-    sd = strip_prefix(sd)
-    if model is None:
-        model = _meta_model(neurolm_config_from_state_dict(sd, extra.get("encoder_args"), extra.get("decoder_args"),
-                                                           **config_overrides))
-    elif config_overrides:
-        raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
-    return _finish(model, sd, "neurolm", strict)
+    with _naming(source):
+        sd, extra = _state_dict_of(read_checkpoint(source, trusted), ("model",))
+        sd = strip_prefix(sd)
+        _expect_keys(sd, "VQ.encoder.", "VQ.encoder.fc_norm.weight")
+        if model is None:
+            model = _meta_model(neurolm_config_from_state_dict(sd, extra.get("encoder_args"), extra.get("decoder_args"),
+                                                               **config_overrides))
+        elif config_overrides:
+            raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
+        return _finish(model, sd, "neurolm", strict)
 
 
 def load_official_labram_vqnsp(source: str | Path | Mapping, model: VQTokenizer | None = None,
                                strict: bool = True, trusted: bool = False, **config_overrides) -> VQTokenizer:
     "A `VQTokenizer` holding an official LaBraM VQNSP checkpoint (vqnsp.pth format or bare state dict)."
-    ckpt = read_checkpoint(source, trusted)
-    sd, _ = _state_dict_of(ckpt, ("model", "state_dict", "module"))
-    sd = {k: v for k, v in strip_prefix(sd).items() if not k.startswith(_LABRAM_DROPPED)}
-    if model is None:
-        model = _meta_model(labram_config_from_state_dict(sd, **config_overrides))
-    elif config_overrides:
-        raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
-    return _finish(model, sd, "labram", strict)
+    with _naming(source):
+        sd, _ = _state_dict_of(read_checkpoint(source, trusted), ("model", "state_dict", "module"))
+        sd = {k: v for k, v in strip_prefix(sd).items() if not k.startswith(_LABRAM_DROPPED)}
+        _expect_keys(sd, "encoder.", "encoder.fc_norm.weight")
+        if model is None:
+            model = _meta_model(labram_config_from_state_dict(sd, **config_overrides))
+        elif config_overrides:
+            raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
+        return _finish(model, sd, "labram", strict)
 
 
 def to_official_neurolm_tokenizer(model: VQTokenizer, as_checkpoint: bool = False) -> dict:
@@ -320,7 +391,7 @@ def to_official_labram_vqnsp(model: VQTokenizer, as_checkpoint: bool = False) ->
     sd = to_official_state_dict(model, "labram")
     return {"model": sd} if as_checkpoint else sd
 
-# %% ../nbs/40_official_weights.ipynb #c024
+# %% ../nbs/40_official_weights.ipynb #c031
 def fixture_dir() -> Path:
     "`shared/fixtures/official` beside the checkout (FileNotFoundError naming what is missing)."
     root = shared_dir()
@@ -354,7 +425,7 @@ def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = N
         raise ValueError(f"fixture_state_dict knows the tokenizer fixtures 'neurolm_vq_tiny' and 'labram_vqnsp', not {name!r}")
     return sd
 
-# %% ../nbs/40_official_weights.ipynb #c026
+# %% ../nbs/40_official_weights.ipynb #c033
 def neurolm_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Our outputs for the `neurolm_vq_tiny` inputs, under the fixture's output names."
     with torch.no_grad():
@@ -406,7 +477,7 @@ def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch
         report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
     return report
 
-# %% ../nbs/40_official_weights.ipynb #c033
+# %% ../nbs/40_official_weights.ipynb #c040
 _MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 
@@ -440,13 +511,15 @@ def load_official_neurolm(source: str | Path | Mapping, model=None, strict: bool
     state dict; `_orig_mod.` is removed. Every key and shape is checked (`strict=False`: warn, load the rest).
     GPT heads: `n_head`, else the checkpoint's model_args, else width // 64. `config_overrides` go to
     `neurolm_lm_config_from_state_dict` (e.g. `encoder_heads`, `text_vocab_size`, `text_positions`)."""
-    ckpt = read_checkpoint(source, trusted)
-    loaded = _lm_module().load_official_neurolm_lm(ckpt, model=model, strict=strict, n_head=n_head,
-                                                   **config_overrides)
-    model_args = ckpt.get("model_args")
-    if isinstance(model_args, Mapping) and "model" in ckpt:
-        _check_model_args(model_args, loaded, skip=("n_head",) if n_head is not None else ())  # n_head= wins
-    return loaded
+    with _naming(source):
+        ckpt = read_checkpoint(source, trusted)
+        _expect_keys(strip_prefix(_state_dict_of(ckpt, ("model",))[0]), "GPT2.", "GPT2.transformer.wte.weight")
+        loaded = _lm_module().load_official_neurolm_lm(ckpt, model=model, strict=strict, n_head=n_head,
+                                                       **config_overrides)
+        model_args = ckpt.get("model_args")
+        if isinstance(model_args, Mapping) and "model" in ckpt:
+            _check_model_args(model_args, loaded, skip=("n_head",) if n_head is not None else ())  # n_head= wins
+        return loaded
 
 
 def to_official_neurolm(model, as_checkpoint: bool = False, compiled: bool = False,
@@ -470,14 +543,12 @@ def official_neurolm_key_table(model) -> dict[str, tuple[str, tuple]]:
 def neurolm_encoder_from_vq(source: str | Path | Mapping, trusted: bool = False) -> dict[str, torch.Tensor]:
     """The `tokenizer.*` entries of a NeuroLM state dict, taken from a `VQ_Align` checkpoint by the official rule:
     strip `_orig_mod.`, keep `VQ.encoder.*`, rename the prefix to `tokenizer.`."""
-    sd, _ = _state_dict_of(read_checkpoint(source, trusted), ("model",))
-    found = {"tokenizer." + k[len("VQ.encoder."):]: v for k, v in strip_prefix(sd).items() if k.startswith("VQ.encoder.")}
-    if not found:
-        raise CheckpointMismatchError(f"no 'VQ.encoder.*' keys in {source if not isinstance(source, Mapping) else 'the state dict'}: "
-                                      f"not a NeuroLM VQ_Align checkpoint")
-    return found
+    with _naming(source):
+        sd = strip_prefix(_state_dict_of(read_checkpoint(source, trusted), ("model",))[0])
+        _expect_keys(sd, "VQ.encoder.", "VQ.encoder.fc_norm.weight")
+        return {"tokenizer." + k[len("VQ.encoder."):]: v for k, v in sd.items() if k.startswith("VQ.encoder.")}
 
-# %% ../nbs/40_official_weights.ipynb #c035
+# %% ../nbs/40_official_weights.ipynb #c042
 LM_FIXTURE_BATCHES = ("pretrain", "text", "instruct")
 
 

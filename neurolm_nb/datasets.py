@@ -8,15 +8,19 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import errno
 import hashlib
+import io as _io
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
 import urllib.parse
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,19 +31,21 @@ import torch
 from torch.utils.data import Dataset
 
 from .channels import channel_indices, normalize_channel_names
-from .core import atomic_write_bytes, load_json, project_root, save_json, shared_dir, to_jsonable
-from .io import load_recording, sliding_windows, synth_eeg, write_edf
+from .core import atomic_write, atomic_write_bytes, load_json, project_root, save_json, shared_dir, to_jsonable
+from .io import (MAX_ABS_UV, ImplausibleRecordingError, check_amplitude, find_flat_channels, load_recording,
+                           sliding_windows, synth_eeg, write_edf)
 
 # %% auto #0
 __all__ = ['TUH_CHANNELS', 'WORKLOAD_CHANNELS', 'HMC_CHANNELS', 'SEED_CHANNELS', 'SPLITS', 'TUEV_CODES', 'SEED_TRIAL_START_S',
            'SEED_TRIAL_END_S', 'SEED_TRIAL_LABELS', 'HMC_STAGES', 'DATASET_SPECS', 'SHARD_FORMAT_VERSION', 'INDEX_FILE',
            'MANIFEST_FILE', 'REPORT_FILE', 'PHYSIONET_EEGMAT_URL', 'EEGMAT_SHA256', 'SAMPLE_FOLDERS', 'split_counts',
            'seeded_order', 'assign_splits', 'DatasetError', 'read_tuev_rec', 'read_tse', 'read_hmc_scoring',
-           'read_seed_lists', 'RecordingEntry', 'Windows', 'DatasetSpec', 'WorkloadSpec', 'TUABSpec', 'TUEVSpec',
-           'TUSLSpec', 'HMCSpec', 'SEEDSpec', 'PretrainSpec', 'get_spec', 'write_shard', 'ShardWriter', 'BuildReport',
-           'split_manifest', 'build_dataset', 'load_index', 'list_shards', 'load_manifest', 'WindowDataset',
-           'ChecksumError', 'sha256_file', 'eegmat_files', 'fetch_file', 'fetch_eegmat', 'make_data_samples',
-           'samples_dir_for', 'main']
+           'read_seed_lists', 'RecordingEntry', 'Windows', 'merge_units', 'DatasetSpec', 'WorkloadSpec', 'TUABSpec',
+           'TUEVSpec', 'TUSLSpec', 'HMCSpec', 'SEEDSpec', 'PretrainSpec', 'get_spec', 'OutputError', 'output_error',
+           'ensure_space', 'write_shard', 'ShardWriter', 'signal_span', 'duplicate_groups', 'remove_stale_builds',
+           'BuildReport', 'split_manifest', 'build_dataset', 'load_index', 'list_shards', 'load_manifest',
+           'WindowDataset', 'ChecksumError', 'sha256_file', 'eegmat_files', 'fetch_file', 'fetch_eegmat',
+           'make_data_samples', 'samples_dir_for', 'main']
 
 # %% ../nbs/03_datasets.ipynb #c006
 TUH_CHANNELS: tuple[str, ...] = ("FP1", "FP2", "F3", "F4", "C3", "C4", "P3", "P4", "O1", "O2", "F7", "F8",
@@ -219,6 +225,23 @@ def _cut(data: np.ndarray, starts: np.ndarray, n_times: int) -> np.ndarray:
     return np.ascontiguousarray(data[:, idx].transpose(1, 0, 2), dtype=np.float32)
 
 
+def merge_units(units: dict[str, str], linked: Sequence[Sequence[str]] = ()) -> dict[str, str]:
+    "relpath -> split unit, where units joined by a `linked` group of relpaths become one ('+'-joined sorted names)."
+    parent = {u: u for u in units.values()}
+    def root(u):
+        while parent[u] != u:
+            u = parent[u]
+        return u
+    for group in linked:
+        roots = sorted({root(units[r]) for r in group if r in units})
+        for r in roots[1:]:
+            parent[r] = roots[0]
+    members: dict[str, list[str]] = {}
+    for u in parent:
+        members.setdefault(root(u), []).append(u)
+    return {rel: "+".join(sorted(members[root(u)])) for rel, u in units.items()}
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     "How one dataset is prepared (reference §5). Subclasses override the fields and `discover` / `windows`."
@@ -235,6 +258,15 @@ class DatasetSpec:
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     shuffle: bool = True       # False: sorted order (first units -> train)
     extensions: tuple[str, ...] = (".edf",)
+    max_abs_uV: float | None = MAX_ABS_UV  # beyond it after preprocessing: the recording is rejected
+    flat_channels: str = "warn"            # 'warn': keep and report flat channels; 'reject': reject the recording
+    flat_std_uV: float = 0.01
+
+    def __post_init__(self):
+        if self.flat_channels not in ("warn", "reject"):
+            raise ValueError(f"flat_channels={self.flat_channels!r} must be 'warn' or 'reject'")
+        if self.max_abs_uV is not None and not self.max_abs_uV > 0:
+            raise ValueError(f"max_abs_uV={self.max_abs_uV!r} must be a positive number of µV, or None for no limit")
 
     @property
     def n_times(self) -> int:
@@ -257,8 +289,10 @@ class DatasetSpec:
         return [RecordingEntry(p, _rel(p, raw_dir), p.stem.split("_")[0]) for p in _files(raw_dir, self.extensions)], []
 
     def load(self, entry: RecordingEntry):
+        "The preprocessed recording; flat channels are left to the builder's `flat_channels` policy."
         return load_recording(entry.path, channels=list(self.channels) if self.channels else None,
-                              notch=self.mains(), l_freq=self.l_freq, h_freq=self.h_freq, sfreq=self.sfreq)
+                              notch=self.mains(), l_freq=self.l_freq, h_freq=self.h_freq, sfreq=self.sfreq,
+                              on_flat="ignore")
 
     def windows(self, entry: RecordingEntry, rec) -> Windows:
         "Sliding windows over the whole recording, all with the recording's label."
@@ -272,14 +306,20 @@ class DatasetSpec:
                                f"shorter than one {self.window_s:g} s window")
         return np.asarray(sliding_windows(data, self.n_times, int(round(self.stride_s * self.sfreq))), dtype=np.float32)
 
-    def assign(self, entries: Sequence[RecordingEntry], seed: int) -> dict[str, str]:
-        "relpath -> split. Official splits are kept; the other units are split by `fractions`."
+    def assign(self, entries: Sequence[RecordingEntry], seed: int,
+               linked: Sequence[Sequence[str]] = ()) -> dict[str, str]:
+        "relpath -> split. Official splits are kept; other units by `fractions`; `linked` relpaths share a split."
         key = (lambda e: e.subject) if self.split_by == "subject" else (lambda e: e.relpath)
-        free = [e for e in entries if e.official_split is None]
-        units = assign_splits([key(e) for e in free], self.fractions, seed, self.shuffle)
-        out = {e.relpath: units[key(e)] for e in free}
-        out.update({e.relpath: e.official_split for e in entries if e.official_split is not None})
-        return out
+        unit = merge_units({e.relpath: key(e) for e in entries}, linked)
+        official = {e.relpath: e.official_split for e in entries if e.official_split is not None}
+        forced = {}  # the units holding a copy of an officially split recording follow it
+        for group in linked:
+            held_out = sorted({official[r] for r in group if r in official}, key=SPLITS.index)
+            forced.update({unit[r]: held_out[-1] for r in group if held_out and r in unit and r not in official})
+        free = [e for e in entries if e.relpath not in official and unit[e.relpath] not in forced]
+        units = assign_splits([unit[e.relpath] for e in free], self.fractions, seed, self.shuffle)
+        return {e.relpath: official.get(e.relpath) or forced.get(unit[e.relpath]) or units[unit[e.relpath]]
+                for e in entries}
 
     def split_rule(self) -> str:
         return f"{self.split_by}-level, fractions {list(self.fractions)}, " + ("seeded hash order" if self.shuffle else "sorted order")
@@ -425,9 +465,9 @@ class TUSLSpec(DatasetSpec):
     split_by: str = "subject"
     original_split: bool = False  # True: split recordings, not subjects, as the original does
 
-    def assign(self, entries, seed):
+    def assign(self, entries, seed, linked=()):
         spec = dataclasses.replace(self, split_by="recording") if self.original_split else self
-        return DatasetSpec.assign(spec, entries, seed)
+        return DatasetSpec.assign(spec, entries, seed, linked)
 
     def split_rule(self):
         return DatasetSpec.split_rule(dataclasses.replace(self, split_by="recording") if self.original_split else self)
@@ -560,8 +600,8 @@ class SEEDSpec(DatasetSpec):
         starts = np.array(starts, dtype=np.int64)
         return Windows(_cut(rec.data, starts, n), np.array(labels, dtype=np.int64), starts / self.sfreq, split)
 
-    def assign(self, entries, seed):
-        return {}  # the split is inside each recording, by clip
+    def assign(self, entries, seed, linked=()):
+        return {}  # the split is inside each recording, by clip (copies of a session split their clips alike)
 
     def split_rule(self):
         return f"within each recording by clip: first {self.trials_per_split[0]} train, next {self.trials_per_split[1]} val, last {self.trials_per_split[2]} test"
@@ -624,13 +664,45 @@ def get_spec(name_or_spec: str | DatasetSpec, **overrides) -> DatasetSpec:
     return dataclasses.replace(spec, **overrides) if overrides else spec
 
 # %% ../nbs/03_datasets.ipynb #c027
+class OutputError(OSError):
+    "The output folder cannot take the build (full disk, read-only, no permission, a file in the way): one line."
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.ENOTDIR: "a file is where a folder should be",
+                  errno.EEXIST: "a file is where a folder should be"}
+_SPACE_MARGIN = 16 * 2**20  # the JSON files written after the shards, and the file system's own overhead
+
+
+def output_error(e: OSError, where: str | Path) -> OSError:
+    "The one-line `OutputError` for an output-side OSError (full, read-only, no permission, file in the way); others unchanged."
+    if isinstance(e, OutputError) or e.errno not in _OUTPUT_ERRNOS:
+        return e
+    hint = "free space or choose another out_dir" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another out_dir"
+    return OutputError(f"cannot write {where}: {_OUTPUT_ERRNOS[e.errno]} ({e.filename or where}); {hint}", e.errno)
+
+
+def ensure_space(folder: str | Path, nbytes: int, what: str) -> None:
+    "Raise `OutputError(ENOSPC)` unless `folder`'s file system has room for `nbytes` plus a margin."
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + _SPACE_MARGIN:
+        raise OutputError(f"no space left for {what} in {folder}: it needs {nbytes / 2**20:.1f} MB "
+                          f"(+{_SPACE_MARGIN // 2**20} MB margin) and {free / 2**20:.1f} MB are free; free space or "
+                          f"choose another out_dir", errno.ENOSPC)
+
+# %% ../nbs/03_datasets.ipynb #c030
 SHARD_FORMAT_VERSION = 1
 INDEX_FILE, MANIFEST_FILE, REPORT_FILE = "index.json", "split_manifest.json", "build_report.json"
 
 
 def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, start_s, ch_names: Sequence[str],
                 sfreq: float, dataset: str, split: str, classes: Sequence[str] = ()) -> Path:
-    "Write one HDF5 shard atomically (temporary file in the same folder, then rename)."
+    "Write one HDF5 shard atomically: built in memory, space checked, written to a temporary name, renamed."
     path = Path(path)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 3 or x.shape[1] != len(ch_names):
@@ -639,29 +711,26 @@ def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, s
     for what, v in (("labels", labels), ("subjects", subjects), ("recordings", recordings), ("start_s", start_s)):
         if len(v) != n:
             raise ValueError(f"shard {path.name}: {len(v)} {what} for {n} windows")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    text = h5py.string_dtype("utf-8")
+    image, text = _io.BytesIO(), h5py.string_dtype("utf-8")
+    with h5py.File(image, "w", libver="earliest") as f:  # in memory: HDF5 never sees a disk error
+        f.create_dataset("x", data=x, chunks=(1, *x.shape[1:]) if n else None, track_times=False)
+        f.create_dataset("label", data=np.asarray(labels, dtype=np.int64), track_times=False)
+        f.create_dataset("subject", data=np.array(list(subjects), dtype=object), dtype=text, track_times=False)
+        f.create_dataset("recording", data=np.array(list(recordings), dtype=object), dtype=text, track_times=False)
+        f.create_dataset("start_s", data=np.asarray(start_s, dtype=np.float64), track_times=False)
+        f.attrs["ch_names"] = np.array(list(ch_names), dtype=object)
+        f.attrs["classes"] = json.dumps(list(classes))
+        f.attrs["sfreq"] = float(sfreq)
+        f.attrs["dataset"] = dataset
+        f.attrs["split"] = split
+        f.attrs["format_version"] = SHARD_FORMAT_VERSION
+    data = image.getbuffer()
     try:
-        with h5py.File(tmp, "w", libver="earliest") as f:
-            f.create_dataset("x", data=x, chunks=(1, *x.shape[1:]) if n else None, track_times=False)
-            f.create_dataset("label", data=np.asarray(labels, dtype=np.int64), track_times=False)
-            f.create_dataset("subject", data=np.array(list(subjects), dtype=object), dtype=text, track_times=False)
-            f.create_dataset("recording", data=np.array(list(recordings), dtype=object), dtype=text, track_times=False)
-            f.create_dataset("start_s", data=np.asarray(start_s, dtype=np.float64), track_times=False)
-            f.attrs["ch_names"] = np.array(list(ch_names), dtype=object)
-            f.attrs["classes"] = json.dumps(list(classes))
-            f.attrs["sfreq"] = float(sfreq)
-            f.attrs["dataset"] = dataset
-            f.attrs["split"] = split
-            f.attrs["format_version"] = SHARD_FORMAT_VERSION
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_space(path.parent, len(data), f"shard {path.name}")
+        return atomic_write(path, lambda fh: fh.write(data))
+    except OSError as e:
+        raise output_error(e, path) from None
 
 
 class ShardWriter:
@@ -704,10 +773,123 @@ class ShardWriter:
             self._flush(key)
         return self.shards
 
-# %% ../nbs/03_datasets.ipynb #c030
+# %% ../nbs/03_datasets.ipynb #c033
+def signal_span(path: str | Path) -> tuple[int, int]:
+    "(offset, length) of a file's signal bytes: after the header for EDF/BDF, the whole file otherwise."
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix.lower() in (".edf", ".bdf"):
+        with open(path, "rb") as f:
+            head = f.read(256)
+        start = int(head[184:192]) if head[184:192].strip().isdigit() else 0
+        if 256 <= start <= size:
+            return start, size - start
+    return 0, size
+
+
+def _span_hash(path: str | Path, offset: int, length: int, sample: int | None = None) -> str:
+    "SHA-256 of the span, or (`sample`) of its first and last `sample` bytes only."
+    h = hashlib.sha256()
+    parts = [(offset, length)] if sample is None or length <= 2 * sample else [(offset, sample), (offset + length - sample, sample)]
+    with open(path, "rb") as f:
+        for start, n in parts:
+            f.seek(start)
+            while n > 0 and (block := f.read(min(n, 2**20))):
+                h.update(block); n -= len(block)
+    return h.hexdigest()
+
+# %% ../nbs/03_datasets.ipynb #c035
+def duplicate_groups(paths: Sequence[str | Path], sample_bytes: int = 2**12) -> list[tuple[str, list[int]]]:
+    "[(sha256, indices into `paths`)] of files with identical signal bytes: same length, then same ends, then same hash."
+    def split_by(indices, key) -> dict:
+        groups: dict = {}
+        for i in indices:
+            try:
+                groups.setdefault(key(i), []).append(i)
+            except OSError:  # unreadable: the loader reports it later, with its own reason
+                pass
+        return {k: g for k, g in groups.items() if len(g) > 1}
+    span = {}
+    for i, p in enumerate(paths):
+        try:
+            span[i] = signal_span(p)
+        except OSError:
+            pass
+    found = []
+    for length, same_length in split_by(span, lambda i: span[i][1]).items():
+        for same_ends in split_by(same_length, lambda i: _span_hash(paths[i], *span[i], sample_bytes)).values():
+            found += list(split_by(same_ends, lambda i: _span_hash(paths[i], *span[i])).items()) if length else []
+    return sorted(found, key=lambda hg: hg[1])
+
+# %% ../nbs/03_datasets.ipynb #c039
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    "Whether process `pid` runs on this machine (a zombie, killed but not yet waited for, counts as dead)."
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_builds(out_dir: str | Path, legacy_age_s: float = 86400.0) -> list[str]:
+    "Clean up what killed builds of `out_dir` left beside it (their process is gone); returns what was done."
+    out_dir = Path(out_dir)
+    left = re.compile(rf"\.{re.escape(out_dir.name)}\.(building|old)-(?:{re.escape(_host())}-(\d+)-.+|[a-z0-9_]{{8}})")
+    done = []
+    for p in sorted(out_dir.parent.iterdir()) if out_dir.parent.is_dir() else []:
+        m = left.fullmatch(p.name)
+        if m is None or not p.is_dir():
+            continue
+        if m[2] is None and (m[1] == "old" or time.time() - p.stat().st_mtime < legacy_age_s):
+            continue  # the old unnamed format: only staging folders, and only once they are a day old
+        if m[2] is not None and (int(m[2]) == os.getpid() or _pid_alive(int(m[2]))):
+            continue
+        if m[1] == "old" and not out_dir.exists():  # killed between the two renames of _publish: put it back
+            os.replace(p, out_dir); done.append(f"{p.name} restored as {out_dir.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True); done.append(f"{p.name} removed")
+    return done
+
+# %% ../nbs/03_datasets.ipynb #c043
+def _staging_dir(out_dir: Path) -> Path:
+    "A new hidden folder beside `out_dir`, named after this host and process; output problems as `OutputError`."
+    above = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(f"cannot write {out_dir}: {above} is a file, not a folder; choose another out_dir", errno.ENOTDIR)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INDEX_FILE).exists():
+        raise FileExistsError(f"{out_dir} is not empty and holds no {INDEX_FILE}: not a dataset build, refusing to replace it")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-{_host()}-{os.getpid()}-", dir=out_dir.parent))
+        os.chmod(staging, 0o755)
+    except OSError as e:
+        raise output_error(e, out_dir) from None
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    "Swap the finished build in: two renames, the old build is deleted afterwards."
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{_host()}-{os.getpid()}-{time.time_ns()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/03_datasets.ipynb #c046
 @dataclass
 class BuildReport:
-    "What `build_dataset` did: counts per split and class, files skipped with their reasons, time taken."
+    "What `build_dataset` did: counts per split and class; files skipped, rejected, flat or copied; time taken."
     dataset: str
     raw_dir: str
     out_dir: str
@@ -717,7 +899,11 @@ class BuildReport:
     windows: dict = field(default_factory=dict)                 # split -> n
     class_counts: dict = field(default_factory=dict)            # split -> {class: n}
     windows_per_recording: dict = field(default_factory=dict)   # relpath -> n
-    skipped: list = field(default_factory=list)                 # [{"file", "reason"}]
+    skipped: list = field(default_factory=list)                 # [{"file", "reason"}]: cannot become windows
+    rejected: list = field(default_factory=list)                # [{"file", "reason"}]: reads, but cannot be EEG
+    flat_channels: list = field(default_factory=list)           # [{"file", "channels", "kept"}]
+    duplicates: list = field(default_factory=list)              # [{"sha256", "recordings", "subjects", "split"}]
+    stale_builds: list = field(default_factory=list)            # what killed builds left, cleaned up
     shards: list = field(default_factory=list)
     seconds: float = 0.0
 
@@ -726,11 +912,12 @@ class BuildReport:
 
     def __repr__(self) -> str:
         return (f"BuildReport({self.dataset}: {self.n_built}/{self.n_found} recordings, windows {self.windows}, "
-                f"{len(self.skipped)} skipped, {self.seconds:.1f} s)")
+                f"{len(self.skipped)} skipped, {len(self.rejected)} rejected, {self.seconds:.1f} s)")
 
-
-def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[RecordingEntry, str, int]]) -> dict:
-    "The deterministic split record: per split, the subjects and recordings (with window counts) that were built."
+# %% ../nbs/03_datasets.ipynb #c049
+def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[RecordingEntry, str, int]],
+                   duplicates: Sequence[dict] = ()) -> dict:
+    "The deterministic split record: per split, the subjects and recordings (with window counts); copies found."
     splits = {s: {"subjects": set(), "recordings": {}, "n_windows": 0} for s in SPLITS}
     for entry, split, n in built:
         d = splits[split]
@@ -744,34 +931,16 @@ def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[Recording
     return {"format": "neurolm_nb.split_manifest", "version": 1, "dataset": spec.name, "seed": int(seed),
             "rule": spec.split_rule(), "classes": list(spec.classes),
             "subjects_in_several_splits": sorted(k for k, v in owners.items() if len(v) > 1),
+            "duplicates": list(duplicates),
             "splits": {s: {**d, "subjects": sorted(d["subjects"])} for s, d in splits.items()}}
 
 
 def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(to_jsonable(manifest), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
-
-def _staging_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INDEX_FILE).exists():
-        raise FileExistsError(f"{out_dir} is not empty and holds no {INDEX_FILE}: not a dataset build, refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    os.chmod(staging, 0o755)
-    return staging
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    "Swap the finished build in: two renames, the old build is deleted afterwards."
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _check_recording(rec, entry: RecordingEntry, spec: DatasetSpec) -> None:
+# %% ../nbs/03_datasets.ipynb #c050
+def _check_recording(rec, entry: RecordingEntry, spec: DatasetSpec) -> list[str]:
+    "The flat channels of a loaded recording; raises for everything that must keep it out."
     data = np.asarray(rec.data)
     if data.ndim != 2 or data.shape[0] == 0:
         raise DatasetError(f"{entry.relpath}: no usable channel after preprocessing")
@@ -780,8 +949,32 @@ def _check_recording(rec, entry: RecordingEntry, spec: DatasetSpec) -> None:
         raise DatasetError(f"{entry.relpath}: NaN or infinite values in channels {[rec.ch_names[i] for i in bad]}")
     if abs(float(rec.sfreq) - spec.sfreq) > 1e-6:
         raise DatasetError(f"{entry.relpath}: preprocessed to {rec.sfreq} Hz, expected {spec.sfreq} Hz")
+    check_amplitude(rec, spec.max_abs_uV)
+    return find_flat_channels(data, rec.ch_names, spec.flat_std_uV)
 
 
+def _load_windows(spec: DatasetSpec, entry: RecordingEntry, report: BuildReport) -> tuple | None:
+    "(recording, windows) of one entry, or None once `report` says why it is left out."
+    try:
+        rec = spec.load(entry)
+        flat = _check_recording(rec, entry, spec)
+        if flat:
+            report.flat_channels.append({"file": entry.relpath, "channels": flat, "kept": spec.flat_channels == "warn"})
+            what = f"{entry.relpath}: flat channel(s) {flat} (std < {spec.flat_std_uV:g} µV after preprocessing)"
+            if spec.flat_channels == "reject":
+                raise ImplausibleRecordingError(f"{what}; flat_channels='reject'")
+            warnings.warn(f"{what}, kept (flat_channels='warn'; listed in {REPORT_FILE})", stacklevel=3)
+        w = spec.windows(entry, rec)
+        if len(w) == 0:
+            raise DatasetError(f"{entry.relpath}: no windows")
+        return rec, w
+    except ImplausibleRecordingError as e:  # it reads, but its values cannot be EEG
+        report.rejected.append({"file": entry.relpath, "reason": str(e)})
+    except Exception as e:  # any failure of one file is that file's problem: record it, go on
+        report.skipped.append({"file": entry.relpath, "reason": f"{type(e).__name__}: {e}"})
+    return None
+
+# %% ../nbs/03_datasets.ipynb #c051
 def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
                   max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
                   verbose: bool = False, **overrides) -> BuildReport:
@@ -799,24 +992,23 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
     if not entries:
         raise FileNotFoundError(f"no {spec.name} recordings found under {raw_dir} (extensions {spec.extensions}"
                                 + (f"; {len(skipped)} files did not fit the layout, e.g. {skipped[0]}" if skipped else "") + ")")
-    assignment = spec.assign(entries, seed)
-    report = BuildReport(spec.name, str(raw_dir), str(out_dir), int(seed), n_found=len(entries), skipped=list(skipped))
+    copies = [(h, [entries[i] for i in ix]) for h, ix in duplicate_groups([e.path for e in entries])]
+    assignment = spec.assign(entries, seed, [[e.relpath for e in group] for _, group in copies])
+    report = BuildReport(spec.name, str(raw_dir), str(out_dir), int(seed), n_found=len(entries), skipped=list(skipped),
+                         duplicates=[{"sha256": h, "recordings": [e.relpath for e in g], "split": assignment.get(g[0].relpath, "per window"),
+                                      "subjects": sorted({e.subject for e in g})} for h, g in copies],
+                         stale_builds=remove_stale_builds(out_dir))
     staging = _staging_dir(out_dir)
     try:
         writer = ShardWriter(staging, spec.name, spec.sfreq, spec.classes, shard_mb)
         built, counts = [], {s: np.zeros(max(len(spec.classes), 1), dtype=np.int64) for s in SPLITS}
         for entry in entries:
-            try:
-                rec = spec.load(entry)
-                _check_recording(rec, entry, spec)
-                w = spec.windows(entry, rec)
-                if len(w) == 0:
-                    raise DatasetError(f"{entry.relpath}: no windows")
-            except Exception as e:  # any failure of one file is that file's problem: record it, go on
-                report.skipped.append({"file": entry.relpath, "reason": f"{type(e).__name__}: {e}"})
+            loaded = _load_windows(spec, entry, report)
+            if loaded is None:
                 if verbose:
-                    print(f"skip {entry.relpath}: {e}")
+                    print(f"left out {entry.relpath}: {(report.skipped + report.rejected)[-1]['reason']}")
                 continue
+            rec, w = loaded
             per_window = w.split if w.split is not None else [assignment[entry.relpath]] * len(w)
             for split in SPLITS:
                 sel = np.array([s == split for s in per_window])
@@ -829,9 +1021,9 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
             report.n_built += 1
         if report.n_built == 0:
             raise DatasetError(f"every one of the {len(entries)} {spec.name} recordings under {raw_dir} failed; "
-                               f"first reasons: {report.skipped[:3]}")
+                               f"first reasons: {(report.skipped + report.rejected)[:3]}")
         report.shards = writer.close()
-        manifest = split_manifest(spec, seed, built)
+        manifest = split_manifest(spec, seed, built, report.duplicates)
         report.windows = {s: manifest["splits"][s]["n_windows"] for s in SPLITS}
         report.class_counts = {s: {c: int(n) for c, n in zip(spec.classes, counts[s])} for s in SPLITS} if spec.classes else {}
         atomic_write_bytes(staging / MANIFEST_FILE, _manifest_bytes(manifest))
@@ -841,12 +1033,15 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
         report.seconds = round(time.perf_counter() - t0, 3)
         save_json(report.to_dict(), staging / REPORT_FILE)
         _publish(staging, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        clear = output_error(e, out_dir) if isinstance(e, OSError) else None
+        if isinstance(clear, OutputError):  # full disk, read-only...: one line that names out_dir
+            raise (clear if str(out_dir) in str(clear) else OutputError(f"{out_dir}: {clear}", clear.errno)) from None
         raise
     return report
 
-# %% ../nbs/03_datasets.ipynb #c032
+# %% ../nbs/03_datasets.ipynb #c053
 def load_index(root: str | Path) -> dict:
     "The `index.json` of a built dataset (the error says when `root` is not one)."
     p = Path(root) / INDEX_FILE
@@ -926,7 +1121,7 @@ class WindowDataset(Dataset):
     def __repr__(self) -> str:
         return f"WindowDataset({self.dataset}/{self.split}: {len(self)} windows in {len(self.shards)} shards)"
 
-# %% ../nbs/03_datasets.ipynb #c034
+# %% ../nbs/03_datasets.ipynb #c055
 PHYSIONET_EEGMAT_URL = "https://physionet.org/files/eegmat/1.0.0/"
 EEGMAT_SHA256: dict[str, str] = {
     "Subject00_1.edf": "8b23c443f2f5f733f8ccc31a54377898009c28c7563d1107692a8735212d2f15",
@@ -1079,7 +1274,7 @@ def fetch_eegmat(dest: str | Path, base_url: str | Path = PHYSIONET_EEGMAT_URL,
     "Fetch EEGMAT files (all 36 subjects, or `subjects`) into `dest`, each checked against the release's SHA-256."
     return [fetch_file(base_url, n, dest, EEGMAT_SHA256[n], progress) for n in eegmat_files(subjects, include_info)]
 
-# %% ../nbs/03_datasets.ipynb #c037
+# %% ../nbs/03_datasets.ipynb #c058
 SAMPLE_FOLDERS: dict[str, str] = {"workload": "eegmat", "tuab": "tuab", "tuev": "tuev", "tusl": "tusl",
                                   "hmc": "hmc", "seed": "seed", "pretrain": "."}
 _SAMPLES_README = """\
@@ -1239,7 +1434,7 @@ def samples_dir_for(name: str, samples_root: str | Path | None = None) -> Path:
         raise KeyError(f"no sample folder for dataset {name!r}; known: {sorted(SAMPLE_FOLDERS)}")
     return (root / "eeg" / SAMPLE_FOLDERS[key]).resolve()
 
-# %% ../nbs/03_datasets.ipynb #c039
+# %% ../nbs/03_datasets.ipynb #c060
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     out = {}
     for pair in pairs or []:
@@ -1269,16 +1464,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("dest"); p.add_argument("--base-url", default=PHYSIONET_EEGMAT_URL)
     p.add_argument("--subjects", nargs="*", default=None)
     args = parser.parse_args(argv)
-    if args.command == "make-samples":
-        files = make_data_samples(args.root, seed=args.seed)
-        print(f"wrote {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.2f} MB, under {Path(args.root).resolve()}")
-    elif args.command == "build":
-        report = build_dataset(args.dataset, args.raw_dir, args.out_dir, seed=args.seed, max_files=args.max_files,
-                               subjects=args.subjects, verbose=True, **_parse_overrides(args.set))
-        print(report)
-    else:
-        files = fetch_eegmat(args.dest, args.base_url, args.subjects, progress=True)
-        print(f"{len(files)} files verified in {Path(args.dest).resolve()}")
+    try:
+        if args.command == "make-samples":
+            files = make_data_samples(args.root, seed=args.seed)
+            print(f"wrote {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.2f} MB, under {Path(args.root).resolve()}")
+        elif args.command == "build":
+            report = build_dataset(args.dataset, args.raw_dir, args.out_dir, seed=args.seed, max_files=args.max_files,
+                                   subjects=args.subjects, verbose=True, **_parse_overrides(args.set))
+            print(report)
+        else:
+            files = fetch_eegmat(args.dest, args.base_url, args.subjects, progress=True)
+            print(f"{len(files)} files verified in {Path(args.dest).resolve()}")
+    except (OSError, ValueError) as e:  # bad input or an output that cannot be written: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

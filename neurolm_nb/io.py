@@ -21,8 +21,9 @@ from .channels import (NEUROLM_CHANNELS, DuplicateChannelError, UnknownChannelEr
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['SUPPORTED_EXTENSIONS', 'EDF_START', 'RecordingError', 'read_recording', 'synth_eeg', 'write_edf', 'Recording',
-           'eeg_channel_map', 'select_channels', 'check_band', 'preprocess', 'validate_recording', 'load_recording',
+__all__ = ['SUPPORTED_EXTENSIONS', 'EDF_START', 'MAX_ABS_UV', 'RecordingError', 'read_recording', 'synth_eeg', 'write_edf',
+           'Recording', 'eeg_channel_map', 'select_channels', 'check_band', 'preprocess', 'ImplausibleRecordingError',
+           'edf_range_problems', 'find_flat_channels', 'check_amplitude', 'validate_recording', 'load_recording',
            'sliding_windows', 'preprocessing_throughput', 'plot_traces', 'plot_psd']
 
 # %% ../nbs/02_eeg_io.ipynb #c006
@@ -390,6 +391,54 @@ def preprocess(raw, channels: Sequence[str] | None = None, l_freq: float | None 
                      source=src)
 
 # %% ../nbs/02_eeg_io.ipynb #c019
+MAX_ABS_UV = 10_000.0  # 10 mV after preprocessing (why: the table above)
+
+
+class ImplausibleRecordingError(RecordingError):
+    "A file that reads, but whose header or values cannot be EEG (the message names the file, the channel and why)."
+
+
+def edf_range_problems(path: str | Path) -> dict[str, str]:
+    "EDF/BDF signal label -> what is impossible in its header (digital min >= max, physical min == max)."
+    with open(path, "rb") as f:
+        n = int(f.read(256)[252:256])
+        block = f.read(n * 136)  # label 16, transducer 80, unit 8, physical min, max, digital min, max: 8 each
+    column = lambda at, width: [block[n * at + i * width:n * at + (i + 1) * width].decode("latin-1").strip()
+                                for i in range(n)]
+    labels, units, pmin, pmax, dmin, dmax = (column(*a) for a in ((0, 16), (96, 8), (104, 8), (112, 8), (120, 8), (128, 8)))
+    problems = {}
+    for i, label in enumerate(labels):
+        if label.endswith("Annotations"):
+            continue
+        try:
+            lo, hi, dlo, dhi = float(pmin[i]), float(pmax[i]), float(dmin[i]), float(dmax[i])
+        except ValueError:
+            problems[label] = f"unreadable range (physical {pmin[i]!r}..{pmax[i]!r}, digital {dmin[i]!r}..{dmax[i]!r})"
+            continue
+        if dlo >= dhi:
+            problems[label] = f"digital minimum {dlo:g} >= digital maximum {dhi:g}"
+        elif lo == hi:
+            problems[label] = f"physical minimum = physical maximum = {lo:g} {units[i]}"
+    return problems
+
+# %% ../nbs/02_eeg_io.ipynb #c023
+def find_flat_channels(data: np.ndarray, ch_names: Sequence[str], flat_std_uV: float = 0.01) -> list[str]:
+    "The channels whose standard deviation is below `flat_std_uV` µV (all-zero or constant)."
+    return [n for n, s in zip(ch_names, np.asarray(data).std(axis=1)) if s < flat_std_uV]
+
+
+def check_amplitude(recording: Recording, max_abs_uV: float | None = MAX_ABS_UV) -> None:
+    "Raise `ImplausibleRecordingError` if a channel of a (preprocessed) recording goes beyond ±`max_abs_uV` µV."
+    peak = np.abs(recording.data).max(axis=1)
+    over = [] if max_abs_uV is None else np.flatnonzero(peak > max_abs_uV)
+    if len(over):
+        first = int(np.argmax((np.abs(recording.data[over]) > max_abs_uV).any(axis=0)))
+        raise ImplausibleRecordingError(
+            f"{recording.source}: amplitude beyond the {max_abs_uV:g} µV limit in "
+            f"{', '.join(f'{recording.ch_names[i]} (peak {peak[i]:.3g} µV)' for i in over)}, first at "
+            f"{first / recording.sfreq:.3f} s: not EEG (wrong units or header gain, or a railing electrode)")
+
+# %% ../nbs/02_eeg_io.ipynb #c025
 def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence[str] | None = None, *,
                        source: str | None = None, min_seconds: float | None = None, h_freq: float | None = None,
                        notch: float | None = None, on_flat: str = "warn", flat_std_uV: float = 0.01,
@@ -437,7 +486,7 @@ def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence
         for w in caught:
             found.append(str(w.message))
             warnings.warn(str(w.message), stacklevel=2)
-    flat = [n for n, s in zip(names, data.std(axis=1)) if s < flat_std_uV]
+    flat = find_flat_channels(data, names, flat_std_uV)
     if flat and on_flat != "ignore":
         msg = f"{src}: flat channel(s) (std < {flat_std_uV:g} µV): {flat}"
         if on_flat == "raise":
@@ -450,18 +499,25 @@ def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence
 def load_recording(path: str | Path, channels: Sequence[str] | None = None, l_freq: float | None = 0.1,
                    h_freq: float | None = 75.0, notch: float | None = 50.0, sfreq: float = 200.0,
                    min_seconds: float | None = None, on_flat: str = "warn", allow_lower_h_freq: bool = False,
-                   **reader_kwargs) -> Recording:
-    "`read_recording` + `validate_recording` + `preprocess` (the official NeuroLM pipeline) for one file."
+                   max_abs_uV: float | None = None, **reader_kwargs) -> Recording:
+    "`read_recording` + header and `validate_recording` checks + `preprocess` (the official pipeline) for one file."
     raw = read_recording(path, preload=True, **reader_kwargs)
     src = str(path)
+    header = edf_range_problems(path) if _extension(Path(path)) in (".edf", ".bdf") else {}
+    vocab = eeg_channel_map(raw, src) if header else {}
     select_channels(raw, channels, src)
+    bad = [f"{vocab[r]} ({r!r}): {why}" for r, why in header.items() if vocab.get(r) in raw.ch_names]
+    if bad:
+        raise ImplausibleRecordingError(f"{src}: impossible EDF header, its values would be wrong: {'; '.join(bad)}")
     validate_recording(raw, source=src, min_seconds=min_seconds, h_freq=h_freq, notch=notch, on_flat=on_flat,
                        allow_lower_h_freq=allow_lower_h_freq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # check_band's warnings were already issued by validate_recording
-        return preprocess(raw, None, l_freq, h_freq, notch, sfreq, src, allow_lower_h_freq, copy=False)
+        rec = preprocess(raw, None, l_freq, h_freq, notch, sfreq, src, allow_lower_h_freq, copy=False)
+    check_amplitude(rec, max_abs_uV)
+    return rec
 
-# %% ../nbs/02_eeg_io.ipynb #c023
+# %% ../nbs/02_eeg_io.ipynb #c029
 def sliding_windows(data: np.ndarray, window: int, stride: int, start: int = 0) -> np.ndarray:
     "Windows `data[:, start + i*stride : start + i*stride + window]` stacked to [n, C, window] (a copy)."
     data = np.asarray(data)
@@ -476,7 +532,7 @@ def sliding_windows(data: np.ndarray, window: int, stride: int, start: int = 0) 
     view = np.lib.stride_tricks.sliding_window_view(data[:, start:], window, axis=1)[:, ::stride][:, :n]
     return np.ascontiguousarray(view.transpose(1, 0, 2))
 
-# %% ../nbs/02_eeg_io.ipynb #c028
+# %% ../nbs/02_eeg_io.ipynb #c034
 def preprocessing_throughput(paths: Iterable[str | Path], channels: Sequence[str] | None = None,
                              notch: float | None = 50.0, **kwargs) -> dict:
     "Run `load_recording` on every path; returns files, hours of EEG, wall seconds and hours of EEG per minute."
@@ -490,7 +546,7 @@ def preprocessing_throughput(paths: Iterable[str | Path], channels: Sequence[str
             "eeg_hours_per_minute": (eeg_seconds / 3600) / (wall / 60) if wall > 0 else float("inf"),
             "seconds_per_eeg_hour": wall / (eeg_seconds / 3600) if eeg_seconds else float("nan")}
 
-# %% ../nbs/02_eeg_io.ipynb #c031
+# %% ../nbs/02_eeg_io.ipynb #c037
 def plot_traces(data: np.ndarray, ch_names: Sequence[str], sfreq: float, ax=None, seconds: float | None = 10.0,
                 spacing: float | None = None, title: str | None = None, **plot_kwargs):
     "Stacked traces of [C, T] µV data (first `seconds`); returns the axes."

@@ -337,3 +337,91 @@ def test_neurolm_lm_fixture_from_an_official_checkpoint_file(fixtures_dir, tmp_p
     assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
     with pytest.raises(ValueError, match="generate"):
         neurolm_lm_fixture_outputs(model, lm_t, batches=("generate",))
+
+
+# ---------------------------------------------------------------- a file that is not the expected checkpoint
+
+LOADERS = {"neurolm_tokenizer": load_official_neurolm_tokenizer, "labram_vqnsp": load_official_labram_vqnsp,
+           "neurolm_lm": load_official_neurolm, "encoder_from_vq": neurolm_encoder_from_vq,
+           "read_checkpoint": read_checkpoint}
+
+
+@pytest.fixture(scope="module")
+def wrong_files(tmp_path_factory):
+    "Real wrong files: text, empty, a real checkpoint cut short (both torch formats), pickles of a list, a folder."
+    import pickle
+    d = tmp_path_factory.mktemp("wrong")
+    torch.manual_seed(0)
+    ckpt = to_official_neurolm_tokenizer(VQTokenizer(VQConfig.tiny(encoder_depth=1)), as_checkpoint=True)
+    torch.save(ckpt, d / "real.pth")
+    torch.save(ckpt, d / "legacy.pth", _use_new_zipfile_serialization=False)
+    (d / "notes.pth").write_text("model weights are on the shared drive\n")
+    (d / "empty.pth").write_bytes(b"")
+    (d / "cut.pth").write_bytes((d / "real.pth").read_bytes()[:60_000])
+    (d / "cut_legacy.pth").write_bytes((d / "legacy.pth").read_bytes()[:60_000])
+    (d / "list.pkl").write_bytes(pickle.dumps([1, 2, 3]))
+    torch.save([torch.zeros(2)], d / "list.pth")
+    (d / "folder.pth").mkdir()
+    return d
+
+
+WRONG = {"notes.pth": "is not a torch checkpoint: it starts with b'model weights", "empty.pth": "is empty (0 bytes)",
+         "cut.pth": "is truncated or damaged", "cut_legacy.pth": "could not be read (60000 bytes; truncated",
+         "list.pkl": "is a plain Python pickle, not written by torch.save", "list.pth": "holds a list, not a dict",
+         "folder.pth": "is a folder"}
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+@pytest.mark.parametrize("name", list(WRONG))
+def test_a_wrong_file_is_refused_naming_it_and_what_was_expected(wrong_files, loader, name):
+    from neurolm_nb.convert import CheckpointFileError
+    path = wrong_files / name
+    with pytest.raises(CheckpointFileError) as e:
+        LOADERS[loader](path)
+    msg = str(e.value)
+    assert str(path) in msg and WRONG[name] in msg, msg
+    if name not in ("cut.pth",):
+        assert "expected a torch.save checkpoint" in msg, msg
+    assert isinstance(e.value, CheckpointMismatchError)  # callers that catch the old error catch this one too
+
+
+def test_the_real_files_behind_the_wrong_ones_load(wrong_files):
+    "The cut files are cut from real checkpoints in both torch formats: whole, they load."
+    a = load_official_neurolm_tokenizer(wrong_files / "real.pth")
+    b = load_official_neurolm_tokenizer(wrong_files / "legacy.pth")
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_a_checkpoint_of_another_model_names_the_file_and_the_keys_it_lacks(wrong_files, tmp_path):
+    neurolm_vq = wrong_files / "real.pth"
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_official_labram_vqnsp(neurolm_vq)
+    msg = str(e.value)
+    assert msg.startswith(f"{neurolm_vq}: not a LaBraM VQNSP tokenizer checkpoint: no 'encoder.*' keys"), msg
+    assert "it looks like a NeuroLM tokenizer (VQ_Align) checkpoint (load it with load_official_neurolm_tokenizer)" in msg
+    with pytest.raises(CheckpointMismatchError, match=r"real\.pth: not a NeuroLM-B/L/XL language model checkpoint: "
+                                                      r"no 'GPT2\.\*' keys .*load_official_neurolm_tokenizer"):
+        load_official_neurolm(neurolm_vq)
+    labram = tmp_path / "vqnsp.pth"
+    torch.save({"model": to_official_labram_vqnsp(VQTokenizer(VQConfig.labram(encoder_depth=1, decoder_depth=1)))}, labram)
+    for load in (load_official_neurolm_tokenizer, neurolm_encoder_from_vq):
+        with pytest.raises(CheckpointMismatchError, match=rf"{labram}: not a NeuroLM tokenizer .*'VQ\.encoder\.fc_norm\.weight'"
+                                                          rf".*looks like a LaBraM VQNSP"):
+            load(labram)
+    odd = tmp_path / "odd.pth"
+    torch.save({"optimizer": {"state": {}}, "epoch": 3}, odd)  # a checkpoint without a state dict
+    with pytest.raises(CheckpointMismatchError, match=r"odd\.pth: no state dict found: expected one of the keys \['model'\]"):
+        load_official_neurolm_tokenizer(odd)
+    # a dict given directly has no file name to add, and keeps its message
+    with pytest.raises(CheckpointMismatchError, match=r"^not a NeuroLM tokenizer"):
+        load_official_neurolm_tokenizer({"encoder.fc_norm.weight": torch.zeros(2)})
+
+
+def test_the_labram_model_loaders_share_the_clear_errors(wrong_files):
+    from neurolm_nb.convert import CheckpointFileError
+    from neurolm_nb.labram import load_official_labram_classifier, load_official_labram_student
+    for load in (load_official_labram_student, load_official_labram_classifier):
+        with pytest.raises(CheckpointFileError, match=r"empty\.pth is empty \(0 bytes\)"):
+            load(wrong_files / "empty.pth")
+        with pytest.raises(CheckpointFileError, match=r"list\.pth holds a list, not a dict"):
+            load(wrong_files / "list.pth")

@@ -1,6 +1,8 @@
 """Tests for neurolm_nb.datasets (nbs/03_datasets.ipynb): real EEGMAT protocol, bad input, checksums,
-byte-identical samples, every builder on the samples."""
+byte-identical samples, every builder on the samples; impossible recordings rejected, flat channels reported,
+copies of one recording kept in one split."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -238,3 +240,157 @@ def test_original_options_change_what_they_say():
     assert "recording" in get_spec("tusl", original_split=True).split_rule()
     with pytest.raises(TypeError, match="notch_hz"):
         get_spec("tuab", notch_hz=60)
+
+
+# ---------------------------------------------------------------- recordings that read but cannot be EEG
+
+def _edf_set(path: Path, offset: int, signal: int, value) -> None:
+    "Overwrite one signal's 8-byte header field of a real EDF (offset in units of the signal count)."
+    b = bytearray(path.read_bytes())
+    at = 256 + int(b[252:256]) * offset + signal * 8
+    b[at:at + 8] = str(value).ljust(8).encode("ascii")
+    path.write_bytes(bytes(b))
+
+
+def _good_workload(raw: Path, subjects=(0, 1)) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    for s in subjects:
+        for k in (1, 2):
+            shutil.copy(samples_dir_for("workload", samples_root()) / f"Subject{s:02d}_{k}.edf", raw)
+
+
+NAMES19 = [f"EEG {c}" for c in WORKLOAD_CHANNELS]
+
+
+def test_impossible_recordings_are_rejected_and_the_rest_build(tmp_path):
+    raw = tmp_path / "raw"
+    _good_workload(raw, (0, 1, 2))
+    bad = write_edf(raw / "Subject60_1.edf", synth_eeg(WORKLOAD_CHANNELS, 61, seed=60), NAMES19, 200.0)
+    _edf_set(bad, 128, 3, -32768)  # F4: digital max := digital min (-32768)
+    write_edf(raw / "Subject61_1.edf", synth_eeg(WORKLOAD_CHANNELS, 61, seed=61) * 1000, NAMES19, 200.0)  # mV as µV
+    spike = synth_eeg(WORKLOAD_CHANNELS, 61, seed=62)
+    spike[5, 6000:6010] = 30000.0  # a 30 mV step on F8 (a railing electrode)
+    write_edf(raw / "Subject62_1.edf", spike, NAMES19, 200.0)
+    r = build_dataset("workload", raw, tmp_path / "out", seed=0)
+    rejected = {x["file"]: x["reason"] for x in r.rejected}
+    assert set(rejected) == {"Subject60_1.edf", "Subject61_1.edf", "Subject62_1.edf"}
+    assert "F4 ('EEG F4'): digital minimum -32768 >= digital maximum -32768" in rejected["Subject60_1.edf"]
+    assert "Subject60_1.edf" in rejected["Subject60_1.edf"]
+    assert "10000 µV limit" in rejected["Subject61_1.edf"] and "peak" in rejected["Subject61_1.edf"]
+    assert "F8 (peak" in rejected["Subject62_1.edf"]
+    assert abs(float(re.search(r"first at ([\d.]+) s", rejected["Subject62_1.edf"]).group(1)) - 30.0) < 0.1
+    assert r.skipped == [] and r.n_built == 6 and r.n_found == 9
+    on_disk = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert on_disk["rejected"] == r.rejected
+    built = set().union(*(load_manifest(tmp_path / "out")["splits"][s]["recordings"] for s in SPLITS))
+    assert built == {f"Subject{s:02d}_{k}.edf" for s in (0, 1, 2) for k in (1, 2)}
+    for shard in list_shards(tmp_path / "out"):  # before: Subject60's F4 reached 3.2e6 µV in a shard
+        with h5py.File(shard["file"]) as f:
+            assert np.abs(f["x"][:]).max() < 1000.0
+    # the limit is a field of the spec: None keeps the millivolt file (the header fault stays rejected)
+    loose = build_dataset("workload", raw, tmp_path / "loose", seed=0, max_abs_uV=None)
+    assert [x["file"] for x in loose.rejected] == ["Subject60_1.edf"]
+    with pytest.raises(ValueError, match="max_abs_uV=-1"):
+        build_dataset("workload", raw, tmp_path / "neg", max_abs_uV=-1)
+
+
+def test_flat_channels_are_reported_and_the_policy_applies(tmp_path):
+    raw = tmp_path / "raw"
+    _good_workload(raw)
+    flat = synth_eeg(WORKLOAD_CHANNELS, 61, seed=70)
+    flat[WORKLOAD_CHANNELS.index("O1")] = 0.0                 # all zero
+    flat[WORKLOAD_CHANNELS.index("T3")] = 12.0                # constant
+    write_edf(raw / "Subject70_1.edf", flat, NAMES19, 200.0)
+    with pytest.warns(UserWarning, match=r"Subject70_1\.edf: flat channel\(s\) \['T3', 'O1'\].*kept"):
+        kept = build_dataset("workload", raw, tmp_path / "warn", seed=0)
+    assert kept.flat_channels == [{"file": "Subject70_1.edf", "channels": ["T3", "O1"], "kept": True}]
+    assert "Subject70_1.edf" in kept.windows_per_recording and kept.rejected == []
+    assert json.loads((tmp_path / "warn" / "build_report.json").read_text())["flat_channels"] == kept.flat_channels
+    strict = build_dataset("workload", raw, tmp_path / "reject", seed=0, flat_channels="reject")
+    assert strict.flat_channels == [{"file": "Subject70_1.edf", "channels": ["T3", "O1"], "kept": False}]
+    assert [x["file"] for x in strict.rejected] == ["Subject70_1.edf"]
+    assert "flat channel(s) ['T3', 'O1']" in strict.rejected[0]["reason"]
+    assert "Subject70_1.edf" not in strict.windows_per_recording and strict.n_built == 4
+    with pytest.raises(ValueError, match="flat_channels='drop' must be 'warn' or 'reject'"):
+        build_dataset("workload", raw, tmp_path / "bad", flat_channels="drop")
+    # the command line takes the policy as a spec field, like every other one
+    proc = subprocess.run([sys.executable, "-m", "neurolm_nb.datasets", "build", "workload", str(raw), str(tmp_path / "cli"),
+                           "--set", "flat_channels=reject"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [x["file"] for x in json.loads((tmp_path / "cli" / "build_report.json").read_text())["rejected"]] == ["Subject70_1.edf"]
+
+
+# ---------------------------------------------------------------- one recording under two names
+
+def _splits_of(root: Path) -> dict:
+    m = load_manifest(root)
+    return {rec: s for s in SPLITS for rec in m["splits"][s]["recordings"]}
+
+
+def test_copies_under_two_subject_ids_land_in_one_split(tmp_path):
+    src = eegmat_dir()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for s in (2, 3, 4, 5, 6):
+        for k in (1, 2):
+            shutil.copy(src / f"Subject{s:02d}_{k}.edf", raw)
+    shutil.copy(src / "Subject02_1.edf", raw / "Subject2_1.edf")          # the same recording, a second subject id
+    edited = bytearray((src / "Subject03_2.edf").read_bytes())
+    edited[8:88] = b"another patient field".ljust(80)                       # a copy whose header was edited
+    (raw / "Subject33_2.edf").write_bytes(bytes(edited))
+    spec = get_spec("workload", fractions=(1, 1, 1))
+    entries, _ = spec.discover(raw)
+    copies = [("Subject02_1.edf", "Subject2_1.edf"), ("Subject03_2.edf", "Subject33_2.edf")]
+    # the fault: split by subject id alone, some seed puts a copy in another split than its original
+    seed = next(s for s in range(50) if any(len({spec.assign(entries, s)[r] for r in pair}) > 1 for pair in copies))
+    r = build_dataset("workload", raw, tmp_path / "out", seed=seed, fractions=(1, 1, 1))
+    assert r.n_built == 12 and r.skipped == [] and r.rejected == []
+    where = _splits_of(tmp_path / "out")
+    for a, b in copies:
+        assert where[a] == where[b], (a, b, where)
+    m = load_manifest(tmp_path / "out")
+    assert m["subjects_in_several_splits"] == []
+    assert [(d["recordings"], d["subjects"], d["split"]) for d in m["duplicates"]] == [
+        (["Subject02_1.edf", "Subject2_1.edf"], ["Subject02", "Subject2"], where["Subject02_1.edf"]),
+        (["Subject03_2.edf", "Subject33_2.edf"], ["Subject03", "Subject33"], where["Subject03_2.edf"])]
+    assert m["duplicates"] == r.duplicates and all(len(d["sha256"]) == 64 for d in r.duplicates)
+    # every recording of a linked subject goes along: Subject02_2 sits with Subject2_1
+    assert where["Subject02_2.edf"] == where["Subject2_1.edf"] and where["Subject03_1.edf"] == where["Subject33_2.edf"]
+    # no window of one recording is in two splits (the windows themselves, not only the names)
+    seen = {}
+    for shard in list_shards(tmp_path / "out"):
+        with h5py.File(shard["file"]) as f:
+            for row in f["x"][:]:
+                seen.setdefault(row.tobytes()[:4096], set()).add(shard["split"])
+    assert all(len(v) == 1 for v in seen.values())
+
+
+def test_a_copy_of_an_official_test_file_follows_it(tmp_path):
+    raw = tmp_path / "tuab"
+    shutil.copytree(samples_dir_for("tuab", samples_root()), raw)
+    target = raw / "edf" / "train" / "normal" / "01_tcp_ar" / "zzzzzzzz_s001_t000.edf"
+    shutil.copy(raw / "edf" / "eval" / "normal" / "01_tcp_ar" / "aaaaaaae_s001_t000.edf", target)
+    r = build_dataset("tuab", raw, tmp_path / "out", seed=0)
+    where = _splits_of(tmp_path / "out")
+    assert where["edf/train/normal/01_tcp_ar/zzzzzzzz_s001_t000.edf"] == "test"
+    assert [d["split"] for d in r.duplicates] == ["test"]
+
+
+def test_duplicate_groups_compare_signal_bytes_cheaply(tmp_path):
+    from neurolm_nb.datasets import duplicate_groups, signal_span
+    a = write_edf(tmp_path / "a.edf", synth_eeg(["FP1", "CZ"], 10.0, seed=1), ["EEG Fp1", "EEG Cz"], 200.0)
+    b = write_edf(tmp_path / "b.edf", synth_eeg(["FP1", "CZ"], 10.0, seed=2), ["EEG Fp1", "EEG Cz"], 200.0)
+    c = tmp_path / "c.edf"
+    blob = bytearray(a.read_bytes())
+    blob[8:16] = b"OTHER   "  # same signal, another patient field
+    c.write_bytes(bytes(blob))
+    d = tmp_path / "d.edf"  # same length and same ends as a, one sample different in the middle
+    blob = bytearray(a.read_bytes())
+    mid = signal_span(a)[0] + signal_span(a)[1] // 2
+    blob[mid] ^= 1
+    d.write_bytes(bytes(blob))
+    (tmp_path / "e.txt").write_text("x")
+    paths = [a, b, c, d, tmp_path / "e.txt", tmp_path / "missing.edf"]
+    groups = duplicate_groups(paths, sample_bytes=1024)
+    assert [ix for _, ix in groups] == [[0, 2]]
+    assert signal_span(a)[0] == int(a.read_bytes()[184:192]) and sum(signal_span(a)) == a.stat().st_size

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from neurolm_nb.io import (
-    Recording, RecordingError, load_recording, preprocess, preprocessing_throughput, read_recording,
-    sliding_windows, synth_eeg, validate_recording, write_edf,
+    MAX_ABS_UV, ImplausibleRecordingError, Recording, RecordingError, check_amplitude, edf_range_problems,
+    find_flat_channels, load_recording, preprocess, preprocessing_throughput, read_recording, sliding_windows,
+    synth_eeg, validate_recording, write_edf,
 )
 
 WORKLOAD = ["FP1", "FP2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4",
@@ -172,6 +173,62 @@ def test_flat_channel_warns_or_raises(tmp_path):
         load_recording(path)
     with pytest.raises(RecordingError, match=r"\['FP2'\]"):
         load_recording(path, on_flat="raise")
+
+
+def set_edf_field(path, offset, width, signal, value):
+    "Overwrite one signal's header field of a real EDF file (offset in units of the signal count, EDF spec)."
+    b = bytearray(path.read_bytes())
+    n = int(b[252:256])
+    at = 256 + n * offset + signal * width
+    b[at:at + width] = str(value).ljust(width).encode("ascii")
+    path.write_bytes(bytes(b))
+
+
+DIGITAL_MIN, DIGITAL_MAX, PHYSICAL_MIN, PHYSICAL_MAX = 120, 128, 104, 112  # field offsets (x signal count)
+
+
+def test_impossible_edf_header_is_refused_naming_channel_and_field(tmp_path):
+    names = ["EEG Fp1", "EEG Cz", "EEG O2", "ECG ECG"]
+    path = write_edf(tmp_path / "hdr.edf", synth_eeg(["FP1", "CZ", "O2", "PZ"], 10.0), names, 200.0)
+    assert edf_range_problems(path) == {}
+    set_edf_field(path, DIGITAL_MAX, 8, 1, -32768)  # EEG Cz: digital max := digital min
+    assert edf_range_problems(path) == {"EEG Cz": "digital minimum -32768 >= digital maximum -32768"}
+    # the fault is real: MNE reads the file and scales Cz to ~10^6 µV without a word
+    unchecked = preprocess(read_recording(path), notch=None)
+    assert np.abs(unchecked.data[1]).max() > 1e5 and np.abs(unchecked.data[0]).max() < 500
+    with pytest.raises(ImplausibleRecordingError, match=r"hdr\.edf: impossible EDF header.*CZ \('EEG Cz'\): digital minimum"):
+        load_recording(path, notch=None)
+    assert load_recording(path, channels=["FP1", "O2"], notch=None).ch_names == ["FP1", "O2"]  # Cz not kept: fine
+    set_edf_field(path, DIGITAL_MAX, 8, 1, 32767)
+    set_edf_field(path, PHYSICAL_MIN, 8, 3, 5)
+    set_edf_field(path, PHYSICAL_MAX, 8, 3, 5)  # ECG ECG: physical range 5..5
+    assert edf_range_problems(path) == {"ECG ECG": "physical minimum = physical maximum = 5 uV"}
+    assert load_recording(path, notch=None).ch_names == ["FP1", "CZ", "O2"]  # the ECG channel is dropped anyway
+    set_edf_field(path, PHYSICAL_MAX, 8, 0, "abc")
+    assert "unreadable range" in edf_range_problems(path)["EEG Fp1"]
+    assert issubclass(ImplausibleRecordingError, RecordingError)
+
+
+def test_amplitude_limit_names_channel_peak_and_time(tmp_path, eegmat_dir):
+    data = synth_eeg(["FP1", "CZ", "O2"], 10.0)
+    data[1] *= 1000  # one channel in mV but labelled µV
+    path = write_edf(tmp_path / "mv.edf", data, ["EEG Fp1", "EEG Cz", "EEG O2"], 200.0)
+    assert load_recording(path, notch=None).ch_names == ["FP1", "CZ", "O2"]  # no limit unless asked for
+    with pytest.raises(ImplausibleRecordingError, match=r"mv\.edf: amplitude beyond the 10000 µV limit in CZ \(peak .* first at \d"):
+        load_recording(path, notch=None, max_abs_uV=MAX_ABS_UV)
+    rec = load_recording(path, notch=None)
+    check_amplitude(rec, max_abs_uV=None)
+    check_amplitude(rec, max_abs_uV=1e6)
+    # the default limit is far above real EEG: a real EEGMAT recording peaks below a tenth of it
+    real = load_recording(eegmat_dir / "Subject02_1.edf", channels=WORKLOAD)
+    check_amplitude(real)
+    assert np.abs(real.data).max() < MAX_ABS_UV / 10
+
+
+def test_find_flat_channels():
+    data = np.stack([np.zeros(400), np.full(400, 3.0), synth_eeg(["CZ"], 2.0)[0]])
+    assert find_flat_channels(data, ["A", "B", "C"]) == ["A", "B"]
+    assert find_flat_channels(data, ["A", "B", "C"], flat_std_uV=1e3) == ["A", "B", "C"]
 
 
 def test_missing_requested_channel_lists_what_file_has(eegmat_like):
