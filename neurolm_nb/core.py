@@ -9,7 +9,11 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
+import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -18,10 +22,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'bf16_supported', 'describe_device', 'get_dtype',
-           'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'atomic_write', 'atomic_write_bytes',
-           'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'save_fig', 'to_jsonable', 'save_json',
-           'load_json', 'load_yaml', 'save_yaml', 'merge_config']
+__all__ = ['PARENT_PID_ENV', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'bf16_supported', 'describe_device',
+           'get_dtype', 'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'fresh_dir', 'atomic_write',
+           'atomic_write_bytes', 'save_checkpoint', 'UnsafeCheckpointError', 'load_checkpoint', 'latest_checkpoint',
+           'die_with_parent', 'save_fig', 'to_jsonable', 'save_json', 'load_json', 'load_yaml', 'save_yaml',
+           'merge_config']
 
 # %% ../nbs/00_core.ipynb #c006
 def seed_everything(seed: int) -> None:
@@ -32,8 +37,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    "Snapshot of every random generator, for checkpoints."
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    "Snapshot of every random generator, for checkpoints: plain tensors, ints, floats and tuples only."
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -41,8 +48,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     "Restore generators captured by `rng_state`."
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(state["python"]))
+    kind, keys, *rest = state["numpy"]  # keys: a tensor (older snapshots: a uint32 array)
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -147,6 +155,19 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
         d.mkdir(parents=True, exist_ok=True)
     return d
 
+# %% ../nbs/00_core.ipynb #c016b
+def fresh_dir(path: str | Path) -> Path:
+    "Empty `path` (delete it and everything in it) and create it again: a clean scratch folder for a demo."
+    path = Path(path).expanduser().resolve()
+    if path == Path(path.anchor) or path == Path.home().resolve():
+        raise ValueError(f"fresh_dir refuses to empty {path}")
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
 # %% ../nbs/00_core.ipynb #c018
 def _umask() -> int:
     "The process umask (reading it means setting it, so set it straight back)."
@@ -183,14 +204,25 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     "`torch.save(state)` to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
 
+# %% ../nbs/00_core.ipynb #c018a
+class UnsafeCheckpointError(RuntimeError):
+    "A checkpoint that holds more than tensors and plain values: loading it could run code."
+
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    "Load a checkpoint written by `save_checkpoint` (a clear error names a missing or broken file)."
+    "Load a checkpoint written by `save_checkpoint` with `weights_only=True` (errors name a missing, broken or unsafe file)."
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # the restricted unpickler met a class or function: refuse the file
+        lines = [line for line in str(e).splitlines() if "GLOBAL" in line] or str(e).strip().splitlines()[:1]
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds more than tensors and plain values ({lines[0].strip()[:300]}), "
+            "so it is not loaded: unpickling it could run code. neurolm_nb writes only weights_only-safe files; "
+            "official-format files go through neurolm_nb.convert.read_checkpoint(path, trusted=True) if you trust them."
+        ) from None
     except Exception as e:  # truncated or foreign file
         raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
 
@@ -205,6 +237,29 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
         return int(digits) if digits else -1
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
+
+# %% ../nbs/00_core.ipynb #c019d
+PARENT_PID_ENV = "NEUROLM_PARENT_PID"  # a launcher sets it to its own pid for the children it starts
+_PR_SET_PDEATHSIG = 1                   # from <linux/prctl.h>
+
+
+def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expected_parent: int | None = None) -> bool:
+    "Have the kernel send `sig` to this process when its parent dies; exit at once if the parent is already gone."
+    if expected_parent is None and os.environ.get(PARENT_PID_ENV):
+        expected_parent = int(os.environ.pop(PARENT_PID_ENV))  # consumed: our own children have another parent
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        armed = True
+    if expected_parent is not None and os.getppid() != int(expected_parent):  # it died before we armed
+        sys.stderr.write(f"process {os.getpid()}: its parent {expected_parent} is gone (the parent is now "
+                         f"{os.getppid()}); exiting\n")
+        sys.stderr.flush()
+        os._exit(1)
+    return armed
 
 # %% ../nbs/00_core.ipynb #c021
 def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110) -> list[Path]:

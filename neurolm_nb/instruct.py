@@ -22,8 +22,8 @@ from .instructions import (EEG_MAX_LEN, TASK_NAMES, InstructionDataset, MixedIns
                                      collate_instructions, find_task_datasets, get_task, load_text_tokenizer,
                                      longest_text, score_options)
 from .model import NeuroLM, load_neurolm, save_neurolm
-from .training import (TrainConfig, TrainResult, cleanup_distributed, is_main_process, move_to_device,
-                                 setup_distributed, train, unwrap_model, world_info)
+from .training import (TrainConfig, TrainResult, cleanup_distributed, die_with_torchrun_agent, is_main_process,
+                                 move_to_device, setup_distributed, train, unwrap_model, world_info)
 
 # %% auto #0
 __all__ = ['PRETRAINED', 'checkpoint_text_tokenizer', 'tiny_neurolm', 'resolve_start_model', 'InstructModel', 'InstructLoss',
@@ -53,11 +53,14 @@ def tiny_neurolm(seed: int = 0) -> NeuroLM:
 
 def resolve_start_model(checkpoint: str | Path | None = None, run_root: str | Path | None = None,
                         seed: int = 0) -> tuple[NeuroLM, str, str]:
-    "(model, text tokenizer spec, where it came from): `checkpoint`, `<run_root>/pretrain/neurolm.pt`, or a tiny random one."
+    "(model, text tokenizer spec, where it came from): `checkpoint`, `<run_root>/pretrain/neurolm.pt` (must exist), or standalone a tiny random one."
     path = Path(checkpoint) if checkpoint else (Path(run_root) / PRETRAINED if run_root else None)
     if checkpoint and not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path is not None and path.exists():
+    if path is not None and not path.exists():  # a pipeline run: never a random model in place of stage 2's
+        raise FileNotFoundError(f"stage 3 (instruct) needs the stage-2 model {path}, which does not exist: "
+                                "run the 'pretrain' stage first, or name a checkpoint in the 'checkpoint' parameter")
+    if path is not None:
         ckpt = load_checkpoint(path)
         return load_neurolm(ckpt), checkpoint_text_tokenizer(ckpt), str(path)
     torch.manual_seed(seed)
@@ -143,7 +146,7 @@ class InstructSetup:
     run_root: str | None = None            # runs/<profile>: datasets/ and pretrain/neurolm.pt
     datasets_root: str | None = None       # folder of built datasets; None: <run_root>/datasets
     tasks: Any = "auto"                    # task names, or "auto": every instruction task that was built
-    checkpoint: str | None = None          # start model; None: <run_root>/pretrain/neurolm.pt, else a tiny random one
+    checkpoint: str | None = None          # start model; None: <run_root>/pretrain/neurolm.pt, standalone a tiny random one
     text_tokenizer: str | None = None      # None: the checkpoint's own
     text_data: str | None = None           # web-text corpus of the LM loss; None: the shipped sample
     eeg_max_len: int = EEG_MAX_LEN
@@ -236,7 +239,7 @@ def report_validation(state) -> None:
 
 def run_instruct(setup: InstructSetup, cfg: TrainConfig, callbacks: Sequence[Callable] = ()) -> TrainResult:
     "Stage 3 in this process (alone, or as one rank under torchrun); rank 0 writes neurolm.pt and run_info.json."
-    setup_distributed()
+    setup_distributed(timeout_s=cfg.dist_timeout_s)
     prep = prepare_instruct(setup, cfg)
     callbacks = list(callbacks) + ([] if cfg.progress else [report_validation])
     result = train(prep.model, prep.train_data, prep.loss_fn, cfg, collate_fn=collate_instructions,
@@ -267,6 +270,7 @@ def read_launch_config(path: str | Path) -> tuple[InstructSetup, TrainConfig]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.instruct --config launch.json`: stage 3, alone or under torchrun."
+    die_with_torchrun_agent()  # under torchrun: never outlive the agent
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.instruct",
                                      description="NeuroLM stage 3: multi-task instruction tuning (alone or under torchrun).")
     parser.add_argument("--config", required=True, help="JSON with 'setup' (InstructSetup) and 'train' (TrainConfig)")

@@ -28,7 +28,8 @@ from .gpt import ATTN_IMPLS, GPT, GPTConfig
 from .model import IGNORE_INDEX, NeuroLM, NeuroLMOutput, next_second_targets, save_neurolm
 from .patching import MAX_SECONDS, NeuroLMCollate
 from .training import (TrainConfig, TrainResult, add_train_args, cleanup_distributed, config_from_args,
-                                 is_main_process, move_to_device, setup_distributed, train, unwrap_model, world_info)
+                                 die_with_torchrun_agent, is_main_process, move_to_device, setup_distributed, train,
+                                 unwrap_model, world_info)
 from .vq import VQConfig, VQTokenizer, l2norm, load_tokenizer
 
 # %% auto #0
@@ -166,13 +167,16 @@ KMEANS_CROPS = 64  # crops whose real tokens initialise a random tokenizer's cod
 
 def resolve_tokenizer(tokenizer: str | Path | VQTokenizer | None = None, run_root: str | Path | None = None,
                       seed: int = 0) -> tuple[VQTokenizer, str]:
-    "The stage-1 tokenizer and where it came from: the given checkpoint, `<run_root>/tokenizer/tokenizer.pt`, or 'random'."
+    "The stage-1 tokenizer and where it came from: the given checkpoint, `<run_root>/tokenizer/tokenizer.pt` (which must exist), or standalone 'random'."
     if isinstance(tokenizer, VQTokenizer):
         return tokenizer.eval(), "given"
     if tokenizer is not None:
         return load_tokenizer(tokenizer).eval(), str(tokenizer)
-    if run_root is not None and (Path(run_root) / STAGE1_TOKENIZER).exists():
+    if run_root is not None:  # a pipeline run: never a random tokenizer in place of stage 1's
         path = Path(run_root) / STAGE1_TOKENIZER
+        if not path.exists():
+            raise FileNotFoundError(f"stage 2 (pretrain) needs the stage-1 tokenizer {path}, which does not exist: "
+                                    "run the 'tokenizer' stage first, or name a checkpoint in the 'tokenizer' parameter")
         return load_tokenizer(path).eval(), str(path)
     return random_tokenizer(seed), "random"
 
@@ -331,7 +335,7 @@ class PretrainSetup:
     run_root: str | None = None          # runs/<profile>: datasets/ and tokenizer/tokenizer.pt
     datasets_root: str | None = None     # folder of built datasets; None: <run_root>/datasets
     eeg_datasets: Any = "auto"           # names (or paths) of datasets; "auto": `pretrain` if built, else all
-    tokenizer: str | None = None         # save_tokenizer checkpoint; None: <run_root>/tokenizer/tokenizer.pt, else random
+    tokenizer: str | None = None         # save_tokenizer checkpoint; None: <run_root>/tokenizer/tokenizer.pt, standalone random
     gpt: str = "tiny"                    # "tiny", a GPT-2 folder / cached name, or "random:<preset>"
     text_data: str | None = None         # corpus (see alignment.load_corpus_ids); None: the shipped sample
     text_tokenizer: str | None = None    # None: the GPT's own
@@ -433,7 +437,7 @@ def report_evaluations(state) -> None:
 
 def run_pretraining(setup: PretrainSetup, cfg: TrainConfig, callbacks: Sequence[Callable] = ()) -> TrainResult:
     "Stage 2 in this process (alone, or as one rank under torchrun); rank 0 writes neurolm.pt and run_info.json."
-    setup_distributed()  # before building: the random tokenizer's k-means init broadcasts from rank 0
+    setup_distributed(timeout_s=cfg.dist_timeout_s)  # before building: a random tokenizer's k-means init broadcasts from rank 0
     prep = prepare_pretraining(setup, cfg)
     callbacks = list(callbacks) + ([] if cfg.progress else [report_evaluations])
     result = train(prep.model, prep.train_data, prep.loss_fn, cfg, collate_fn=prep.collate, eval_fn=prep.eval_fn,
@@ -505,6 +509,7 @@ def pretrain_argv(setup: PretrainSetup, cfg: TrainConfig) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.pretrain [flags]`: stage 2, alone or under torchrun."
+    die_with_torchrun_agent()  # under torchrun: never outlive the agent
     args = pretrain_parser().parse_args(None if argv is None else [str(a) for a in argv])
     setup = setup_from_args(args)
     cfg = config_from_args(args, progress=sys.stderr.isatty())

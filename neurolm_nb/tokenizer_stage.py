@@ -26,7 +26,8 @@ from .core import atomic_write_bytes, latest_checkpoint, load_json, save_json, s
 from .datasets import INDEX_FILE, WindowDataset, build_dataset, samples_dir_for
 from .patching import NeuroLMCollate, PATCH_SIZE, max_seconds_for
 from .targets import neurolm_targets
-from .training import (TrainConfig, cleanup_distributed, is_main_process, read_metrics, train)
+from .training import (TrainConfig, cleanup_distributed, die_with_torchrun_agent, is_main_process,
+                                 read_metrics, train)
 from .vq import CodebookStats, VQConfig, VQTokenizer, save_tokenizer
 
 # %% auto #0
@@ -356,6 +357,7 @@ def plot_domain_accuracy(history: list[dict]):
 # %% ../nbs/12_train_tokenizer.ipynb #c031
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.tokenizer_stage RUN.json`: train the tokenizer of a saved `TokenizerRun` (alone or under torchrun)."
+    die_with_torchrun_agent()  # under torchrun: never outlive the agent
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.tokenizer_stage",
                                      description="Stage 1 of NeuroLM: train the text-aligned VQ tokenizer")
     parser.add_argument("run", help="a JSON file holding a TokenizerRun (TokenizerRun.to_dict())")

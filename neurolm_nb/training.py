@@ -12,9 +12,12 @@ import inspect
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -32,18 +35,50 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, latest_checkpoint,
-                             load_checkpoint, rng_state, save_checkpoint, save_fig, save_json, seed_everything,
-                             set_rng_state, to_jsonable)
+from .core import (PARENT_PID_ENV, atomic_write_bytes, autocast_context, die_with_parent, get_device,
+                             get_dtype, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_fig,
+                             save_json, seed_everything, set_rng_state, to_jsonable)
 
 # %% auto #0
-__all__ = ['NEUROLM_STAGE_DEFAULTS', 'CHECKPOINT_FORMAT', 'DistInfo', 'world_info', 'is_main_process', 'setup_distributed',
-           'cleanup_distributed', 'gather_objects', 'lr_at', 'weight_decay_groups', 'check_param_groups', 'set_lr',
-           'wd_at', 'set_weight_decay', 'build_optimizer', 'epoch_order', 'ShardedBatchSampler', 'TrainConfig',
-           'Schedule', 'resolve_schedule', 'move_to_device', 'unwrap_model', 'checkpoint_path', 'save_train_checkpoint',
-           'read_metrics', 'stateful_callbacks', 'batch_ids', 'describe_samples', 'nonfinite_message', 'TrainState',
-           'TrainResult', 'train', 'DemoDataset', 'DemoMLP', 'demo_loss', 'demo_task', 'free_port', 'launch_torchrun',
-           'add_train_args', 'config_from_args', 'demo_parser', 'run_demo', 'main']
+__all__ = ['DIST_TIMEOUT_ENV', 'HANG_TIMEOUT_ENV', 'HEARTBEAT_ENV', 'DEFAULT_DIST_TIMEOUT_S', 'DEFAULT_HANG_TIMEOUT_S',
+           'NEUROLM_STAGE_DEFAULTS', 'CHECKPOINT_FORMAT', 'dist_timeout', 'hang_timeout', 'die_with_torchrun_agent',
+           'DistInfo', 'world_info', 'is_main_process', 'setup_distributed', 'cleanup_distributed', 'gather_objects',
+           'Heartbeat', 'lr_at', 'weight_decay_groups', 'check_param_groups', 'set_lr', 'wd_at', 'set_weight_decay',
+           'build_optimizer', 'epoch_order', 'ShardedBatchSampler', 'TrainConfig', 'Schedule', 'resolve_schedule',
+           'move_to_device', 'unwrap_model', 'checkpoint_path', 'save_train_checkpoint', 'read_metrics',
+           'stateful_callbacks', 'batch_ids', 'describe_samples', 'nonfinite_message', 'TrainState', 'TrainResult',
+           'train', 'DemoDataset', 'DemoMLP', 'demo_loss', 'demo_task', 'proc_stat', 'process_tree', 'kill_tree',
+           'process_env', 'HungRankError', 'hung_rank', 'RankWatch', 'free_port', 'launch_torchrun', 'add_train_args',
+           'config_from_args', 'demo_parser', 'run_demo', 'main']
+
+# %% ../nbs/06_training.ipynb #c007b
+DIST_TIMEOUT_ENV, HANG_TIMEOUT_ENV, HEARTBEAT_ENV = "NEUROLM_DIST_TIMEOUT_S", "NEUROLM_HANG_TIMEOUT_S", "NEUROLM_HEARTBEAT_DIR"
+DEFAULT_DIST_TIMEOUT_S = 600.0  # how long a collective waits for a peer (PyTorch: 30 min on gloo, 10 on NCCL)
+DEFAULT_HANG_TIMEOUT_S = 540.0  # launch_torchrun: a silent rank is hung (below the collective timeout, so it names the rank)
+
+
+def _seconds(value: float | None, env: str, default: float, what: str) -> float:
+    value = float(value if value is not None else (os.environ.get(env) or default))
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0 seconds, got {value}")
+    return value
+
+
+def dist_timeout(timeout_s: float | None = None) -> float:
+    "Seconds a collective may wait for its peers: `timeout_s`, else `$NEUROLM_DIST_TIMEOUT_S`, else 600."
+    return _seconds(timeout_s, DIST_TIMEOUT_ENV, DEFAULT_DIST_TIMEOUT_S, "dist_timeout_s") or DEFAULT_DIST_TIMEOUT_S
+
+
+def hang_timeout(timeout_s: float | None = None) -> float:
+    "Seconds of silence after which launch_torchrun calls a rank hung: `timeout_s`, else `$NEUROLM_HANG_TIMEOUT_S`, else 540 (0: off)."
+    return _seconds(timeout_s, HANG_TIMEOUT_ENV, DEFAULT_HANG_TIMEOUT_S, "hang_timeout_s")
+
+
+def die_with_torchrun_agent() -> bool:
+    "In a torchrun worker: die (SIGKILL) with the agent, exit at once if it is already gone. Elsewhere: nothing (False)."
+    if os.environ.get(PARENT_PID_ENV) or "TORCHELASTIC_RUN_ID" in os.environ:
+        return die_with_parent(getattr(signal, "SIGKILL", signal.SIGTERM))
+    return False
 
 # %% ../nbs/06_training.ipynb #c006
 class DistInfo(NamedTuple):
@@ -65,8 +100,9 @@ def is_main_process() -> bool:
     return world_info().rank == 0
 
 
-def setup_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
-    "Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); a no-op alone or when already joined."
+def setup_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    "Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs; collectives wait at most `dist_timeout(timeout_s)`); a no-op alone or when joined."
+    die_with_torchrun_agent()  # a worker never outlives its torchrun agent (see below)
     info = world_info()
     if info.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         return info
@@ -79,7 +115,7 @@ def setup_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> 
         torch.cuda.set_device(info.local_rank)
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
     dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"),
-                            timeout=timedelta(seconds=timeout_s), **kwargs)
+                            timeout=timedelta(seconds=dist_timeout(timeout_s)), **kwargs)
     return world_info()
 
 
@@ -100,6 +136,26 @@ def gather_objects(obj: Any) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+# %% ../nbs/06_training.ipynb #c007b4
+class Heartbeat:
+    "A rank's sign of progress for launch_torchrun's watchdog: `$NEUROLM_HEARTBEAT_DIR/rank_<r>` = 'pid step'; a no-op without it."
+    def __init__(self, rank: int, every_s: float = 1.0):
+        folder = os.environ.get(HEARTBEAT_ENV)
+        self.path = Path(folder) / f"rank_{rank}" if folder else None
+        self.every_s, self.last = every_s, -math.inf
+
+    def __call__(self, step: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.path is not None and (force or now - self.last >= self.every_s):
+            with contextlib.suppress(OSError):  # a lost heartbeat must never stop training
+                self.path.write_text(f"{os.getpid()} {step}\n")
+            self.last = now
+
+    def close(self) -> None:
+        "Training is over: from now on this rank is not watched for silence."
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 # %% ../nbs/06_training.ipynb #c009
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -266,6 +322,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     find_unused_parameters: bool = False
+    dist_timeout_s: float | None = None  # DDP collectives' timeout; None: $NEUROLM_DIST_TIMEOUT_S or 600 s
 
     def __post_init__(self):
         for name in ("batch_size", "accum_steps"):
@@ -599,7 +656,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfi
     "Train `model` on `dataset` minimising `loss_fn(model, batch[, state])`; single process or DDP under torchrun; resumes from `cfg.out_dir`."
     cfg = cfg or TrainConfig()
     model = unwrap_model(model)
-    info = setup_distributed()
+    info = setup_distributed(timeout_s=cfg.dist_timeout_s)
     rank, world, main = info.rank, info.world_size, info.rank == 0
     device = get_device(cfg.device)
     if device.type == "cuda" and device.index is None:
@@ -662,6 +719,8 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfi
     log_file = open(log_path, "a", encoding="utf-8") if main and log_path is not None else None
     t0 = time.perf_counter()
     t_last, step_last, tokens_seen = t0, step, 0
+    heartbeat = Heartbeat(rank)
+    heartbeat(step, force=True)
     try:
         while step < sched.max_steps:
             sampler.set_epoch(epoch, batch_in_epoch)
@@ -755,9 +814,11 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfi
                         }, ckpt_dir, step, cfg.keep_last)
                     else:
                         last_ckpt = checkpoint_path(ckpt_dir, step)
+                heartbeat(step)
                 if final:
                     break
     finally:
+        heartbeat.close()
         pbar.close()
         if log_file is not None:
             log_file.close()
@@ -806,6 +867,104 @@ def demo_task(n: int = 512, dim: int = 16, hidden: int = 64, n_classes: int = 4,
     torch.manual_seed(seed)
     return DemoMLP(dim, hidden, n_classes, dropout), DemoDataset(n, dim, n_classes, seed), demo_loss
 
+# %% ../nbs/06_training.ipynb #c066a
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    "(state letter, parent pid) of process `pid`, from /proc; None when it is gone or only its zombie is left."
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    state, ppid = text[text.rindex(")") + 2:].split()[:2]
+    return None if state in "ZXx" else (state, int(ppid))
+
+
+def process_tree(pid: int) -> list[int]:
+    "`pid` and its live descendants, parents before children (one scan of /proc)."
+    children: dict[int, list[int]] = {}
+    for entry in (os.scandir("/proc") if os.path.isdir("/proc") else []):
+        if entry.name.isdigit() and (st := proc_stat(int(entry.name))) is not None:
+            children.setdefault(st[1], []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop(0))
+        todo += sorted(children.get(tree[-1], []))
+    return tree
+
+
+def kill_tree(pid: int, sig: int = getattr(signal, "SIGKILL", signal.SIGTERM)) -> list[int]:
+    "Send `sig` to `pid` first (so it starts nothing new), then to each descendant; returns the tree."
+    tree = process_tree(pid)
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+    return tree
+
+
+def process_env(pid: int, name: str) -> str | None:
+    "The value of environment variable `name` that process `pid` started with (None: unset or unreadable)."
+    try:
+        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((i.split(b"=", 1)[1].decode() for i in items if i.startswith(name.encode() + b"=")), None)
+
+# %% ../nbs/06_training.ipynb #c066e
+class HungRankError(RuntimeError):
+    "A torchrun worker made no progress for `hang_timeout_s` seconds; the torchrun tree was killed."
+    def __init__(self, message: str, rank: int, pid: int, silent_s: float):
+        super().__init__(message)
+        self.rank, self.pid, self.silent_s = rank, pid, silent_s
+
+
+def _describe_rank(r: dict) -> str:
+    return (f"rank {r['rank']} (pid {r['pid']}) " + ("stopped, " if r["stopped"] else "")
+            + (f"silent {r['silent_s']:.0f} s" if r["silent_s"] is not None else "not yet training")
+            + (f" after update {r['step']}" if r["step"] is not None else ""))
+
+
+def hung_rank(rows: list[dict], hang_timeout_s: float) -> tuple[str, dict] | None:
+    "Of the ranks described by `rows` (RankWatch.ranks), the hung one: stopped first, else furthest behind; with a message."
+    hung = [r for r in rows if r["silent_s"] is not None and r["silent_s"] >= hang_timeout_s]
+    if not hung:
+        return None
+    r = min(hung, key=lambda r: (not r["stopped"], -1 if r["step"] is None else r["step"], -r["silent_s"]))
+    return (f"rank {r['rank']} (pid {r['pid']}) made no progress for {r['silent_s']:.0f} s"
+            + (" (stopped: state T, e.g. SIGSTOP)" if r["stopped"] else "")
+            + f", hang_timeout_s = {hang_timeout_s:g} s; the torchrun tree was killed. All ranks: "
+            + "; ".join(_describe_rank(x) for x in rows)), r
+
+# %% ../nbs/06_training.ipynb #c066e4
+class RankWatch:
+    "The workers under a torchrun agent, and whether one is hung: silent (heartbeat) or stopped (state T) for `hang_timeout_s`."
+    def __init__(self, agent_pid: int, beat_dir: str | Path, hang_timeout_s: float):
+        self.agent_pid, self.beat_dir, self.hang_timeout_s = agent_pid, Path(beat_dir), hang_timeout_s
+        self.stopped_since: dict[int, float] = {}
+
+    def ranks(self) -> list[dict]:
+        "rank, pid, stopped, silent_s (None: not watched yet), step (last heard of), per worker, by rank."
+        now, rows = time.time(), []
+        for pid in process_tree(self.agent_pid)[1:]:
+            st, rank = proc_stat(pid), process_env(pid, "RANK")
+            if st is None or st[1] != self.agent_pid or rank is None:
+                continue
+            stopped = st[0] in "Tt"
+            if not stopped:
+                self.stopped_since.pop(pid, None)
+            since = self.stopped_since.setdefault(pid, now) if stopped else None
+            beat = self.beat_dir / f"rank_{rank}"
+            try:
+                words, mtime = beat.read_text().split(), beat.stat().st_mtime
+            except OSError:
+                words, mtime = [], None
+            silent = [now - t for t in (mtime, since) if t is not None]
+            step = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+            rows.append(dict(rank=int(rank), pid=pid, stopped=stopped, silent_s=max(silent) if silent else None, step=step))
+        return sorted(rows, key=lambda r: r["rank"])
+
+    def check(self) -> tuple[str, dict] | None:
+        "None while no rank is hung; else (a message naming the hung rank and describing all, its row)."
+        return hung_rank(self.ranks(), self.hang_timeout_s)
+
 # %% ../nbs/06_training.ipynb #c067
 def free_port() -> int:
     "A TCP port that is free on this machine right now."
@@ -814,28 +973,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_AGENT = """
+import os, signal, sys
+from neurolm_nb.core import PARENT_PID_ENV, die_with_parent
+die_with_parent(signal.SIGTERM)               # when the launcher dies; torchrun then stops its workers
+os.environ[PARENT_PID_ENV] = str(os.getpid())  # the parent each worker checks for
+from torch.distributed.run import main
+sys.argv[0] = "torchrun"
+main()
+"""
+
+
+class _Watchdog(threading.Thread):
+    "Polls a running torchrun: stops it after `timeout_s` (SIGTERM), kills its whole tree when a rank hangs."
+    def __init__(self, proc: subprocess.Popen, beat_dir: str, hang_timeout_s: float, timeout_s: float | None):
+        super().__init__(daemon=True)
+        self.proc, self.timeout_s, self.poll_s = proc, timeout_s, min(1.0, (hang_timeout_s or 10) / 10)
+        self.watch = RankWatch(proc.pid, beat_dir, hang_timeout_s) if hang_timeout_s else None
+        self.done, self.timed_out, self.hung = threading.Event(), False, None
+        self.start()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self.done.wait(self.poll_s) and self.proc.poll() is None:
+            if self.timeout_s and time.monotonic() - t0 > self.timeout_s:
+                self.timed_out = True
+                self.proc.terminate()
+                return
+            found = self.watch.check() if self.watch is not None else None
+            if found is not None:
+                self.hung = found
+                kill_tree(self.proc.pid)
+                return
+
+# %% ../nbs/06_training.ipynb #c067b
 def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, master_port: int | None = None,
                     torchrun_args: Iterable[str] = (), echo: bool = False, timeout_s: float | None = None,
-                    cwd: str | Path | None = None, tail_lines: int = 60) -> subprocess.CompletedProcess:
-    "Run `python -m torch.distributed.run --nproc_per_node N -m <module> <args>` on this machine and wait; raise with the output's tail on failure."
+                    cwd: str | Path | None = None, tail_lines: int = 60, hang_timeout_s: float | None = None,
+                    dist_timeout_s: float | None = None) -> subprocess.CompletedProcess:
+    "Run `torchrun --nproc_per_node N -m <module> <args>` here and wait; it dies with this process, a hung rank raises HungRankError, a failure raises with the output's tail."
     module_args = [str(a) for a in module_args]
     if not module_args:
         raise ValueError("module_args must start with the module to run, e.g. ['neurolm_nb.training', '--demo']")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()), *torchrun_args,
-           "-m", *module_args]
-    full_env = {**os.environ, **({} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": "1"}), **(env or {})}
+    hang = hang_timeout(hang_timeout_s)
+    cmd = [sys.executable, "-c", _AGENT, "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(master_port or free_port()), *torchrun_args, "-m", *module_args]
+    beat_dir = tempfile.mkdtemp(prefix="neurolm_heartbeats_")
+    full_env = {**os.environ, **({} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": "1"}), **(env or {}),
+                PARENT_PID_ENV: str(os.getpid()), HEARTBEAT_ENV: beat_dir,
+                **({DIST_TIMEOUT_ENV: repr(float(dist_timeout_s))} if dist_timeout_s is not None else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd)
-    timed_out = threading.Event()
-
-    def stop():
-        timed_out.set()
-        proc.terminate()  # torchrun stops its workers on SIGTERM
-
-    timer = threading.Timer(timeout_s, stop) if timeout_s else None
-    if timer:
-        timer.start()
-    lines: list[str] = []
+    dog, lines = _Watchdog(proc, beat_dir, hang, timeout_s), []
     try:
         for line in proc.stdout:
             lines.append(line)
@@ -843,24 +1031,28 @@ def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, m
                 print(line, end="", flush=True)
         rc = proc.wait()
     finally:
-        if timer:
-            timer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-    output = "".join(lines)
+        dog.done.set()
+        if proc.poll() is None:  # interrupted while waiting: take the whole run down with us
+            kill_tree(proc.pid)
+            proc.wait()
+        shutil.rmtree(beat_dir, ignore_errors=True)
+    tail = "".join(lines[-tail_lines:])
+    if dog.hung is not None:
+        message, row = dog.hung
+        raise HungRankError(f"torchrun running {' '.join(module_args)}: {message}. Last lines of its output:\n{tail}",
+                            row["rank"], row["pid"], row["silent_s"])
     if rc != 0:
-        tail = "".join(lines[-tail_lines:])
-        why = f", stopped by the {timeout_s} s timeout" if timed_out.is_set() else ""
+        why = f", stopped by the {timeout_s} s timeout" if dog.timed_out else ""
         raise RuntimeError(f"torchrun with {nproc} processes running {' '.join(module_args)} failed "
                            f"(exit code {rc}){why}; last lines of its output:\n{tail}")
-    return subprocess.CompletedProcess(cmd, rc, stdout=output, stderr=None)
+    return subprocess.CompletedProcess(cmd, rc, stdout="".join(lines), stderr=None)
 
 # %% ../nbs/06_training.ipynb #c069
 _ARG_TYPES = {"lr": float, "min_lr": float, "warmup_steps": int, "warmup_epochs": float, "max_steps": int,
               "epochs": float, "weight_decay": float, "eps": float, "grad_clip": float, "accum_steps": int,
               "batch_size": int, "seed": int, "out_dir": str, "ckpt_every": int, "keep_last": int,
               "log_every": int, "eval_every": int, "device": str, "dtype": str, "num_workers": int,
-              "warmup_rounding": str, "weight_decay_end": float, "on_nonfinite": str}
+              "warmup_rounding": str, "weight_decay_end": float, "on_nonfinite": str, "dist_timeout_s": float}
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -910,6 +1102,7 @@ def run_demo(argv: list[str] | None = None) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     "`python -m neurolm_nb.training --demo [flags]`: train the toy model, alone or under torchrun."
+    die_with_torchrun_agent()
     try:
         result = run_demo(argv)
         if is_main_process():

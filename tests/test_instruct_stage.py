@@ -43,13 +43,33 @@ def test_start_model_and_its_tokenizer(run_root, tmp_path):
     assert spec == "tiny" and source == str(run_root / PRETRAINED)
     reference = tiny_neurolm(3).state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in lm.state_dict().items())
-    _, spec, source = resolve_start_model(None, tmp_path)  # no stage 2: a tiny random model
+    _, spec, source = resolve_start_model(None, None)  # standalone, no stage 2: a tiny random model, and it says so
     assert spec == "tiny" and "random" in source
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         resolve_start_model(tmp_path / "nope.pt")
     assert checkpoint_text_tokenizer({"text_tokenizer": "/models/gpt2", "setup": {"gpt": "tiny"}}) == "/models/gpt2"
     assert checkpoint_text_tokenizer({"setup": {"gpt": "random:gpt2-medium"}}) == "gpt2-medium"
     assert spread_indices(5, None).tolist() == [0, 1, 2, 3, 4] and spread_indices(9, 3).tolist() == [0, 4, 8]
+
+
+def test_a_pipeline_run_without_stage2_stops_naming_the_file_and_the_stage(tmp_path):
+    "With a run root, a missing stage-2 model is an error, never a tiny random NeuroLM."
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_start_model(None, tmp_path / "run")
+    message = str(info.value)
+    assert str(tmp_path / "run" / PRETRAINED) in message
+    assert "run the 'pretrain' stage first, or name a checkpoint in the 'checkpoint' parameter" in message
+
+
+def test_stage3_outputs_load_without_unpickling_code(run_root, tmp_path):
+    "neurolm.pt (with its setup, text tokenizer and tasks) and the training checkpoints load with weights_only=True."
+    setup = InstructSetup(run_root=str(run_root), tasks=["workload"], text_max_len=None, text_batch=1, text_block=16,
+                          val_samples=4)
+    run_instruct(setup, cfg(tmp_path, max_steps=2, ckpt_every=1))
+    for path in [tmp_path / "neurolm.pt", *sorted((tmp_path / "checkpoints").glob("step_*.pt"))]:
+        saved = torch.load(path, weights_only=True)
+        assert "model" in saved, path
+    assert load_neurolm(tmp_path / "neurolm.pt") is not None
 
 
 def test_answer_loss_reaches_every_real_eeg_token_and_no_padding(run_root):

@@ -92,7 +92,16 @@ def test_stage1_tokenizer_is_read_from_the_run_root(tmp_path):
     found, source = resolve_tokenizer(None, tmp_path)
     assert source == str(tmp_path / STAGE1_TOKENIZER)
     assert all(torch.equal(v, found.state_dict()[k]) for k, v in written.state_dict().items())
-    assert resolve_tokenizer(None, tmp_path / "elsewhere")[1] == "random"
+    assert resolve_tokenizer(None, None)[1] == "random"  # standalone: the visible fallback
+
+
+def test_a_pipeline_run_without_stage1_stops_naming_the_file_and_the_stage(tmp_path):
+    "With a run root, a missing stage-1 tokenizer is an error, never a random tokenizer."
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_tokenizer(None, tmp_path / "run")
+    message = str(info.value)
+    assert str(tmp_path / "run" / STAGE1_TOKENIZER) in message
+    assert "run the 'tokenizer' stage first, or name a checkpoint in the 'tokenizer' parameter" in message
 
 
 def test_stage2_loss_falls_on_a_tiny_overfit(crops, tiny_parts):
@@ -125,7 +134,8 @@ def test_command_line_round_trip(datasets_root):
     setup = PretrainSetup(datasets_root=str(datasets_root), max_tokens=64, text_batch=1, text_block=32,
                           eeg_datasets=["pretrain"], causal_encoder=True, val_batches=0)
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=3, betas=(0.9, 0.95), grad_clip=1.0,
-                      batch_size=4, out_dir="/tmp/somewhere", progress=False, keep_last=3, no_decay=("*.bias",))
+                      batch_size=4, out_dir="/tmp/somewhere", progress=False, keep_last=3, no_decay=("*.bias",),
+                      dist_timeout_s=90.0)
     args = pretrain_parser().parse_args(pretrain_argv(setup, cfg))
     assert setup_from_args(args) == setup
     assert config_from_args(args) == cfg
@@ -171,6 +181,7 @@ def test_two_processes_match_one_and_the_entry_point_runs(tmp_path, datasets_roo
         assert abs(rows_a[0][key] - rows_b[0][key]) < 1e-5  # the logged terms are means over the global batch
     assert {"eval_eeg_loss", "eval_eeg_accuracy", "eval_eeg_perplexity", "eval_text_loss"} <= set(rows_a[-1])
     model = load_neurolm(alone / "neurolm.pt")
+    assert torch.load(alone / "neurolm.pt", weights_only=True)["setup"]["gpt"] == "tiny"  # plain data, no code
     sd = model.state_dict()
     assert all(torch.equal(sd[k], a["model"]["lm." + k]) for k in sd)
     info = json.loads((together / "run_info.json").read_text())

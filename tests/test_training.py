@@ -2,6 +2,8 @@
 accumulation, atomic checkpoints, and — with real processes — DDP under torchrun (gloo, CPU) and an
 exact resume after SIGKILL."""
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +16,8 @@ import pytest
 import torch
 
 from neurolm_nb.core import latest_checkpoint, load_checkpoint
-from neurolm_nb.training import (DemoDataset, DemoMLP, ShardedBatchSampler, TrainConfig, build_optimizer,
+from neurolm_nb.training import (DEFAULT_DIST_TIMEOUT_S, DEFAULT_HANG_TIMEOUT_S, DIST_TIMEOUT_ENV, DemoDataset, DemoMLP,
+                                 ShardedBatchSampler, TrainConfig, build_optimizer, dist_timeout, hang_timeout,
                                  check_param_groups, checkpoint_path, demo_loss, demo_task, describe_samples, epoch_order,
                                  launch_torchrun, lr_at, read_metrics, resolve_schedule, run_demo, save_train_checkpoint,
                                  train, wd_at, weight_decay_groups)
@@ -364,3 +367,50 @@ def load_step(path: Path) -> int:
 def test_launch_torchrun_failure_reports_the_output_tail():
     with pytest.raises(RuntimeError, match="(?s)exit code.*nothing to do"):
         launch_torchrun(1, ["neurolm_nb.training", "--steps", "3"])
+
+
+# --- operator-grade runs: safe checkpoints, bounded waits, reruns ---------------------------------
+
+def test_training_checkpoints_load_with_weights_only(tmp_path):
+    "The loop's checkpoints (model, optimizer, every rank's RNG, config, callback state) are plain data."
+    cfg = small_cfg(max_steps=4, ckpt_every=2, keep_last=None, dist_timeout_s=120.0, out_dir=str(tmp_path))
+    model, data, loss_fn = demo_task(n=256, dropout=0.1)
+    train(model, data, loss_fn, cfg)
+    files = sorted((tmp_path / "checkpoints").glob("step_*.pt"))
+    assert [f.name for f in files] == ["step_00000002.pt", "step_00000004.pt"]
+    for f in files:
+        saved = torch.load(f, weights_only=True)
+        assert saved["config"]["dist_timeout_s"] == 120.0 and len(saved["rng"]) == 1
+    resumed = train(demo_task(n=256, dropout=0.1)[0], data, loss_fn, dataclasses.replace(cfg, max_steps=6))
+    assert resumed.resumed_from == files[-1] and resumed.step == 6
+
+
+def test_dist_timeout_comes_from_the_config_the_environment_or_the_default(monkeypatch):
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
+    assert dist_timeout() == DEFAULT_DIST_TIMEOUT_S == 600.0
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "75")
+    assert (dist_timeout(), dist_timeout(30)) == (75.0, 30.0)
+    with pytest.raises(ValueError, match="dist_timeout_s"):
+        dist_timeout(-5)
+    assert hang_timeout(0) == 0.0 and DEFAULT_HANG_TIMEOUT_S < DEFAULT_DIST_TIMEOUT_S
+
+
+def test_dist_timeout_flag_reaches_the_workers_and_ddp_still_runs(tmp_path):
+    "--dist-timeout-s reaches each worker's TrainConfig (launch_torchrun also exports it), and a healthy run is undisturbed."
+    proc = launch_torchrun(2, ["neurolm_nb.training", "--demo", "--no-progress", "--device", "cpu", "--steps", "3",
+                               "--out-dir", tmp_path / "ddp", "--dist-timeout-s", "45"],
+                           dist_timeout_s=45, hang_timeout_s=60, timeout_s=240)
+    assert '"world_size": 2' in proc.stdout
+    assert load_checkpoint(latest_checkpoint(tmp_path / "ddp" / "checkpoints"))["config"]["dist_timeout_s"] == 45.0
+
+
+def test_the_training_notebook_reruns_into_the_same_out_dir(tmp_path, nbs_dir):
+    "A pipeline rerun: 06_training twice into one out_dir. Its demos start from emptied scratch folders."
+    import papermill as pm
+    out = tmp_path / "out"
+    for attempt in ("first", "second"):
+        pm.execute_notebook(str(nbs_dir / "06_training.ipynb"), str(tmp_path / f"{attempt}.ipynb"),
+                            parameters={"out_dir": str(out)}, kernel_name="python3", cwd=str(nbs_dir),
+                            progress_bar=False, execution_timeout=600)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["resume_exact"] is True and metrics["steps"] == 60, (attempt, metrics)
