@@ -25,8 +25,8 @@ import torch
 __all__ = ['PARENT_PID_ENV', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'bf16_supported', 'describe_device',
            'get_dtype', 'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'fresh_dir', 'atomic_write',
            'atomic_write_bytes', 'save_checkpoint', 'UnsafeCheckpointError', 'load_checkpoint', 'latest_checkpoint',
-           'die_with_parent', 'save_fig', 'to_jsonable', 'save_json', 'load_json', 'load_yaml', 'save_yaml',
-           'merge_config']
+           'die_with_parent', 'in_notebook', 'save_fig', 'to_jsonable', 'save_json', 'load_json', 'load_yaml',
+           'save_yaml', 'merge_config']
 
 # %% ../nbs/00_core.ipynb #c006
 def seed_everything(seed: int) -> None:
@@ -155,7 +155,7 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
         d.mkdir(parents=True, exist_ok=True)
     return d
 
-# %% ../nbs/00_core.ipynb #c016b
+# %% ../nbs/00_core.ipynb #c018
 def fresh_dir(path: str | Path) -> Path:
     "Empty `path` (delete it and everything in it) and create it again: a clean scratch folder for a demo."
     path = Path(path).expanduser().resolve()
@@ -168,7 +168,7 @@ def fresh_dir(path: str | Path) -> Path:
     path.mkdir(parents=True)
     return path
 
-# %% ../nbs/00_core.ipynb #c018
+# %% ../nbs/00_core.ipynb #c021
 def _umask() -> int:
     "The process umask (reading it means setting it, so set it straight back)."
     mask = os.umask(0)
@@ -204,7 +204,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     "`torch.save(state)` to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
 
-# %% ../nbs/00_core.ipynb #c018a
+# %% ../nbs/00_core.ipynb #c022
 class UnsafeCheckpointError(RuntimeError):
     "A checkpoint that holds more than tensors and plain values: loading it could run code."
 
@@ -238,7 +238,7 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
 
-# %% ../nbs/00_core.ipynb #c019d
+# %% ../nbs/00_core.ipynb #c027
 PARENT_PID_ENV = "NEUROLM_PARENT_PID"  # a launcher sets it to its own pid for the children it starts
 _PR_SET_PDEATHSIG = 1                   # from <linux/prctl.h>
 
@@ -261,23 +261,39 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
         os._exit(1)
     return armed
 
-# %% ../nbs/00_core.ipynb #c021
-def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110) -> list[Path]:
-    "Save `fig` atomically as each of `formats` (png/svg/pdf) with no timestamps; returns the paths."
+# %% ../nbs/00_core.ipynb #c031
+def in_notebook() -> bool:
+    "True inside a Jupyter kernel (JupyterLab, papermill), False in scripts and torchrun workers."
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110,
+             show: bool | None = None) -> list[Path]:
+    "Save `fig` atomically as each of `formats` (no timestamps), show the PNG in a notebook, close `fig`."
     import matplotlib as mpl
-    path = Path(path)
-    out = []
-    for fmt in formats:
-        target = path.with_suffix("." + fmt)
+    import matplotlib.pyplot as plt
+    path, out, png = Path(path), [], None
+    for fmt in dict.fromkeys(tuple(formats) + ("png",)):          # the PNG is also what gets shown
         meta = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None},
                 "pdf": {"CreationDate": None, "Producer": None, "Creator": None}}.get(fmt, {})
         with mpl.rc_context({"svg.hashsalt": "neurolm_nb", "svg.fonttype": "none"}):
             buf = io.BytesIO()
             fig.savefig(buf, format=fmt, dpi=dpi, metadata=meta, bbox_inches="tight")
-        out.append(atomic_write_bytes(target, buf.getvalue()))
+        png = buf.getvalue() if fmt == "png" else png
+        if fmt in formats:
+            out.append(atomic_write_bytes(path.with_suffix("." + fmt), buf.getvalue()))
+    if in_notebook() if show is None else show:
+        from IPython.display import Image, display
+        display(Image(data=png, format="png"))
+    plt.close(fig)                                                # shown once, not again at cell end
     return out
 
-# %% ../nbs/00_core.ipynb #c024
+# %% ../nbs/00_core.ipynb #c034
 def to_jsonable(obj: Any) -> Any:
     "Convert paths, tensors, NumPy values and tuples to plain JSON types."
     if isinstance(obj, dict):

@@ -59,6 +59,11 @@ def test_notebook_runs_under_papermill(notebook, tmp_path):
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
+    # every figure a notebook saves is also shown in it (save_fig displays the PNG it wrote)
+    saved = sorted(out.rglob("figures/*.png")) if out.exists() else []
+    shown = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])
+             if "image/png" in o.get("data", {})]
+    assert len(shown) >= len(saved), f"{notebook.name} saved {len(saved)} figures but shows {len(shown)}"
     if stage is not None:  # stage notebooks leave their record behind
         for name in ("metrics.json", "config.json"):
             assert (out / name).exists(), f"stage {stage!r} ({notebook.name}) did not write {name} to out_dir"
