@@ -24,7 +24,7 @@ from .instructions import (EEG_MAX_LEN, InstructionDataset, InstructionTask, col
                                      find_task_datasets, get_task, greedy_answers, load_text_tokenizer,
                                      score_options)
 from .model import NeuroLM, load_neurolm
-from .training import (cleanup_distributed, gather_objects, is_main_process, move_to_device,
+from .training import (cleanup_distributed, die_with_torchrun_agent, gather_objects, is_main_process, move_to_device,
                                  setup_distributed, world_info)
 
 # %% auto #0
@@ -386,6 +386,7 @@ def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.evaluation --config eval.json`: predictions of every task, alone or under torchrun."
+    die_with_torchrun_agent()  # a torchrun worker dies with its agent (and so with the runner)
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.evaluation",
                                      description="Answer every test question with an instruction-tuned NeuroLM "
                                                  "(greedy + option scoring); alone or under torchrun.")
