@@ -20,7 +20,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # The install is redone only when the packaging files change (their checksum names the stamp).
 STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: help venv install demo test lab export clean check samples
+.PHONY: help venv install demo test lab export clean check samples book book-test
 
 help:
 	@echo "make demo     run the '$(PROFILE)' pipeline with papermill into runs/$(PROFILE)/"
@@ -31,6 +31,9 @@ help:
 	@echo "make clean    strip outputs and metadata from nbs/*.ipynb (nbdev_clean)"
 	@echo "make check    export + clean, and fail if that changed any file"
 	@echo "make samples  regenerate data_samples/"
+	@echo "make book     render the executed notebooks of runs/$(PROFILE) (BOOK_RUN=runs/<profile>) into _book/html"
+	@echo "              (installs the book extra on first use; BOOK_EXECUTE=1 also runs the non-stage notebooks, cached)"
+	@echo "make book-test  build the book and open every page in headless Chromium (installs chromium + playwright)"
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: '$(PYTHON)' not found; install Python >= 3.10 or run make PYTHON=/path/to/python3.x" >&2; exit 1; }
@@ -107,3 +110,36 @@ check: $(STAMP)
 
 samples: $(STAMP)
 	$(PY) -m neurolm_nb.datasets make-samples data_samples
+
+# The book: Sphinx + myst-nb + sphinx-book-theme render the executed notebooks of a finished run (nothing is
+# re-executed unless BOOK_EXECUTE=1); the site is _book/html/index.html. Configuration: book/conf.py.
+BOOK_RUN ?= runs/$(PROFILE)
+BOOK_EXECUTE ?=
+ifneq ($(filter book book-test,$(MAKECMDGOALS)),)
+ifeq ($(filter demo,$(MAKECMDGOALS))$(wildcard $(BOOK_RUN)/.),)
+$(error no run folder $(BOOK_RUN): run 'make demo' first (or make book BOOK_RUN=runs/<profile>))
+endif
+endif
+
+$(VENV)/.book-installed: $(STAMP)
+	$(PIP) install -e ".[book]" -c $(VENV)/torch-constraint.txt
+	@touch $@
+
+book: $(VENV)/.book-installed
+	$(PY) tools/build_book.py --run "$(BOOK_RUN)" $(if $(BOOK_EXECUTE),--execute)
+
+# The browser test needs a Chromium (Debian's package, installed here when missing and we are root) and the
+# playwright client (into .venv; it drives /usr/bin/chromium, never downloads a browser of its own).
+$(VENV)/.book-test-installed: $(VENV)/.book-installed
+	$(PIP) install "playwright>=1.40" -c $(VENV)/torch-constraint.txt
+	@touch $@
+
+book-test: $(VENV)/.book-test-installed book
+	@if [ ! -x /usr/bin/chromium ] && [ -z "$$BOOK_CHROMIUM" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser test (apt-get)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	      || echo "warning: apt-get could not install chromium; the browser test will skip" >&2; \
+	  else echo "warning: no /usr/bin/chromium (install it, or set BOOK_CHROMIUM=/path/to/chrome); the browser test will skip" >&2; fi; \
+	fi
+	BOOK_SITE=_book/html BOOK_TEST_STRICT=1 $(PY) -m pytest tests/test_book.py -s $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ cfg = config["DEFAULT"]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 interop_requirements = cfg.get("interop_requirements", "").split()  # braindecode (brings torchaudio)
+book_requirements = cfg.get("book_requirements", "").split()  # Sphinx + myst-nb + sphinx-book-theme (make book)
 console_scripts = cfg.get("console_scripts", "").split()
 
 setuptools.setup(
@@ -25,7 +26,8 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=requirements,
-    extras_require={"dev": dev_requirements, "interop": interop_requirements},
+    extras_require={"dev": dev_requirements, "interop": interop_requirements,
+                    "book": book_requirements},
     entry_points={"console_scripts": console_scripts, "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"]},
     keywords=cfg["keywords"],
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: MIT License"],
