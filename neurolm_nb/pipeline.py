@@ -371,6 +371,19 @@ def _write_record(record: dict, registry: dict[str, str], path: Path) -> dict:
     return record
 
 
+def _git_state(folder: Path) -> dict | None:
+    "The commit of the checkout that runs the notebooks, and whether it had uncommitted changes (None: not git)."
+    import subprocess
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=folder, capture_output=True, text=True, timeout=10)
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        return {"commit": head.stdout.strip(), "dirty": bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("neurolm_nb", "torch", "papermill"):
@@ -546,7 +559,7 @@ def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[st
                   "started": _now(), "finished": None, "wall_s": None, "kernel": kernel, "runner_pid": os.getpid(),
                   "nbs_dir": str(nbs_dir.resolve()), "run_root": str(root), "requested": [s for s, *_ in plan],
                   "skipped": [], "unused_global_params": sorted(set(prof["params"]) - declared),
-                  "versions": _versions(), "stages": read_record(root).get("stages", {})}
+                  "versions": _versions(), "git": _git_state(nbs_dir), "stages": read_record(root).get("stages", {})}
         save = lambda: _write_record(record, registry, root / "pipeline.json")
         t0, ran = time.perf_counter(), False
         for i, (stage, notebook, out, params) in enumerate(plan, 1):

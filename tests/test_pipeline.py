@@ -145,6 +145,7 @@ def test_toy_pipeline_runs_stages_in_order(toy_nbs, tmp_path):
     saved = load_json(runs / "toy" / "pipeline.json")
     assert saved["status"] == "ok" and saved["stages"][second]["parameters"]["steps"] == 5
     assert list(saved["stages"]) == [first, second]  # the file keeps pipeline order too
+    assert saved["git"] is None                       # these toy notebooks are in no git checkout
     assert (runs / "toy" / "profile.yaml").exists()
     # rerunning one stage keeps the record of the other
     run_pipeline(toy_profile(**{first: {"steps": 5}}), stages=first, runs_dir=runs, nbs_dir=toy_nbs, verbose=False)
@@ -220,6 +221,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     run = tmp_path / "smoke"
     assert rec["status"] == "ok", {k: v["status"] for k, v in rec["stages"].items()}
     record = load_json(run / "pipeline.json")
+    if (NBS.parent / ".git").exists():                # which commit produced the run (the book shows it)
+        assert len(record["git"]["commit"]) == 40
     for stage, notebook in STAGES.items():
         out = run / stage
         assert rec["stages"][stage]["status"] == "ok"
@@ -241,6 +244,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert 0.0 < metrics["baseline"]["balanced_accuracy"] <= 1.0  # the band-power floor on the same split
     index = (run / "figures" / "index.md").read_text()
     assert "Nothing is missing" in index and (run / "figures" / "results.md").exists()
+    before = (run / "evaluation" / "metrics.json").read_bytes()
+    again = run_pipeline("smoke", runs_dir=tmp_path, verbose=False)   # the same command again: nothing redone
+    assert again["skipped"] == list(STAGES) and (run / "evaluation" / "metrics.json").read_bytes() == before
 
 
 # ---------------------------------------------------------------- operator faults: real processes, real signals
