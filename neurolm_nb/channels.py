@@ -81,7 +81,7 @@ def _unknown_message(raw_names: Sequence[str]) -> str:
         parts.append(f"{r!r} ({hint})")
     return "not in the NeuroLM channel vocabulary: " + "; ".join(parts)
 
-
+# %% ../nbs/01_channels.ipynb #c012
 def normalize_channel_name(raw: str) -> str:
     "Map a channel label as files spell it (`'EEG Fp1-REF'`, `'F4-M1'`, `'FP1-F7'`) to its vocabulary name."
     s = _clean(raw)
@@ -95,7 +95,7 @@ def normalize_channel_name(raw: str) -> str:
             return _BY_UPPER[left]
     raise UnknownChannelError(_unknown_message([raw]))
 
-# %% ../nbs/01_channels.ipynb #c012
+# %% ../nbs/01_channels.ipynb #c015
 def normalize_channel_names(names: Iterable[str], on_unknown: str = "raise") -> list[str]:
     "Normalise every name; `on_unknown` is 'raise', 'drop' or 'keep' (raw name kept). Duplicates raise."
     if on_unknown not in ("raise", "drop", "keep"):
@@ -120,7 +120,7 @@ def normalize_channel_names(names: Iterable[str], on_unknown: str = "raise") -> 
         raise DuplicateChannelError(f"channel names collide after normalisation: {desc}")
     return out
 
-
+# %% ../nbs/01_channels.ipynb #c018
 def channel_indices(names: Iterable[str]) -> np.ndarray:
     "NeuroLM embedding rows (int64) of `names` (raw or canonical)."
     return np.array([NEUROLM_CHANNELS.index(n) for n in normalize_channel_names(names)], dtype=np.int64)
@@ -139,7 +139,7 @@ def labram_channel_indices(names: Iterable[str]) -> np.ndarray:
         rows.append(r)
     return np.array(rows, dtype=np.int64)
 
-# %% ../nbs/01_channels.ipynb #c017
+# %% ../nbs/01_channels.ipynb #c023
 _POSITION_ALIASES = {"T1": "FT9", "T2": "FT10", "O9": "I1", "O10": "I2", "CB1": "OI1", "CB2": "OI2"}
 _MONTAGE_CACHE: dict = {}
 
@@ -165,7 +165,7 @@ def _position(name: str, table: dict) -> np.ndarray | None:
             return (ends[0] + ends[1]) / 2
     return None
 
-
+# %% ../nbs/01_channels.ipynb #c026
 def channel_positions(names: Iterable[str], on_missing: str = "warn") -> dict[str, np.ndarray]:
     "Canonical name -> 3-D position (MNE 10-05 template, metres); names without a position are skipped ('warn'/'ignore'/'raise')."
     table = _montage_positions()
@@ -182,7 +182,7 @@ def channel_positions(names: Iterable[str], on_missing: str = "warn") -> dict[st
         warnings.warn(f"no montage position for {len(missing)} channel(s), skipped: {missing}", stacklevel=2)
     return out
 
-# %% ../nbs/01_channels.ipynb #c020
+# %% ../nbs/01_channels.ipynb #c029
 def plot_topomap(values: Sequence[float], names: Sequence[str], ax=None, title: str | None = None,
                  cmap: str = "RdBu_r", show_names: bool = True, **kwargs):
     "Topomap of one value per channel (`names` raw or canonical) with `mne.viz.plot_topomap`; returns the axes."

@@ -89,7 +89,7 @@ def describe_device(device: torch.device | str) -> str:
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return str(device)
 
-# %% ../nbs/00_core.ipynb #c010
+# %% ../nbs/00_core.ipynb #c012
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -123,7 +123,7 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-# %% ../nbs/00_core.ipynb #c015
+# %% ../nbs/00_core.ipynb #c017
 def project_root(start: str | Path | None = None) -> Path:
     "The repository root: the nearest folder at or above `start` (default: cwd) holding settings.ini."
     p = Path(start or os.getcwd()).resolve()
@@ -155,7 +155,7 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
         d.mkdir(parents=True, exist_ok=True)
     return d
 
-# %% ../nbs/00_core.ipynb #c018
+# %% ../nbs/00_core.ipynb #c020
 def fresh_dir(path: str | Path) -> Path:
     "Empty `path` (delete it and everything in it) and create it again: a clean scratch folder for a demo."
     path = Path(path).expanduser().resolve()
@@ -168,7 +168,7 @@ def fresh_dir(path: str | Path) -> Path:
     path.mkdir(parents=True)
     return path
 
-# %% ../nbs/00_core.ipynb #c021
+# %% ../nbs/00_core.ipynb #c023
 def _umask() -> int:
     "The process umask (reading it means setting it, so set it straight back)."
     mask = os.umask(0)
@@ -204,7 +204,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     "`torch.save(state)` to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
 
-# %% ../nbs/00_core.ipynb #c022
+# %% ../nbs/00_core.ipynb #c026
 class UnsafeCheckpointError(RuntimeError):
     "A checkpoint that holds more than tensors and plain values: loading it could run code."
 
@@ -238,7 +238,7 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
 
-# %% ../nbs/00_core.ipynb #c027
+# %% ../nbs/00_core.ipynb #c031
 PARENT_PID_ENV = "NEUROLM_PARENT_PID"  # a launcher sets it to its own pid for the children it starts
 _PR_SET_PDEATHSIG = 1                   # from <linux/prctl.h>
 
@@ -261,7 +261,7 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
         os._exit(1)
     return armed
 
-# %% ../nbs/00_core.ipynb #c031
+# %% ../nbs/00_core.ipynb #c035
 def in_notebook() -> bool:
     "True inside a Jupyter kernel (JupyterLab, papermill), False in scripts and torchrun workers."
     try:
@@ -293,7 +293,7 @@ def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: in
     plt.close(fig)                                                # shown once, not again at cell end
     return out
 
-# %% ../nbs/00_core.ipynb #c034
+# %% ../nbs/00_core.ipynb #c038
 def to_jsonable(obj: Any) -> Any:
     "Convert paths, tensors, NumPy values and tuples to plain JSON types."
     if isinstance(obj, dict):
@@ -329,7 +329,7 @@ def load_json(path: str | Path) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-
+# %% ../nbs/00_core.ipynb #c041
 def load_yaml(path: str | Path) -> dict:
     "Read a YAML file into a dict (an empty file gives {})."
     import yaml
@@ -350,7 +350,7 @@ def save_yaml(obj: dict, path: str | Path) -> Path:
     import yaml
     return atomic_write_bytes(path, yaml.safe_dump(to_jsonable(obj), sort_keys=False).encode("utf-8"))
 
-
+# %% ../nbs/00_core.ipynb #c044
 def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _path: str = "") -> dict:
     "Recursively overlay `overrides` on `defaults`; with `strict`, unknown keys raise an error naming them."
     out = dict(defaults)

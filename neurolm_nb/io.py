@@ -41,7 +41,7 @@ def _extension(path: Path) -> str:
     name = path.name.lower()
     return ".fif.gz" if name.endswith(".fif.gz") else path.suffix.lower()
 
-
+# %% ../nbs/02_eeg_io.ipynb #c009
 def _check_edf_size(path: Path) -> None:
     "Refuse an EDF/BDF file whose size is smaller than its header declares (a truncated copy)."
     size = path.stat().st_size
@@ -70,7 +70,7 @@ def _check_edf_size(path: Path) -> None:
                 f"{path}: file is truncated: the header declares {n_records} data records ({expected} bytes) "
                 f"but the file has {size} bytes ({complete} complete records)")
 
-
+# %% ../nbs/02_eeg_io.ipynb #c012
 def read_recording(path: str | Path, preload: bool = True, **reader_kwargs) -> "mne.io.BaseRaw":
     "Read an EEG file with the MNE reader for its extension; any failure raises `RecordingError` naming the file."
     import mne
@@ -95,7 +95,7 @@ def read_recording(path: str | Path, preload: bool = True, **reader_kwargs) -> "
         raise RecordingError(f"{path}: file holds no samples or no channels")
     return raw
 
-# %% ../nbs/02_eeg_io.ipynb #c008
+# %% ../nbs/02_eeg_io.ipynb #c015
 def _pink_noise(rng: np.random.Generator, n_channels: int, n_samples: int) -> np.ndarray:
     "Unit-std noise with a 1/f power spectrum (per row)."
     white = rng.standard_normal((n_channels, n_samples))
@@ -112,7 +112,7 @@ def _slow_envelope(rng: np.random.Generator, n: int, sfreq: float, seconds_scale
     x = np.convolve(rng.standard_normal(n + k), np.hanning(k) / np.hanning(k).sum() * np.sqrt(k), mode="valid")[:n]
     return np.clip(1.0 + 0.5 * x, 0.1, None)
 
-
+# %% ../nbs/02_eeg_io.ipynb #c018
 def _site_weights(name: str) -> tuple[float, float, float]:
     "(alpha, theta, blink) weights of one electrode from its name: alpha posterior, theta frontal, blinks at FP."
     n = name.upper()
@@ -150,7 +150,7 @@ def _wandering_phase(rng: np.random.Generator, f0: float, n: int, sfreq: float, 
     freq = f0 + spread * drift
     return 2 * np.pi * np.cumsum(freq) / sfreq + rng.uniform(0, 2 * np.pi)
 
-
+# %% ../nbs/02_eeg_io.ipynb #c021
 def synth_eeg(ch_names: Sequence[str], seconds: float, sfreq: float = 200.0, label: int = 0, seed: int = 0,
               n_classes: int = 2, class_effect: float = 1.0, subject: int | None = None, blink_rate: float = 0.2,
               line_noise_uV: float = 0.0, line_freq: float = 50.0) -> np.ndarray:
@@ -202,7 +202,7 @@ def synth_eeg(ch_names: Sequence[str], seconds: float, sfreq: float = 200.0, lab
                     for c in canon])
     return out.astype(np.float64)
 
-# %% ../nbs/02_eeg_io.ipynb #c011
+# %% ../nbs/02_eeg_io.ipynb #c024
 EDF_START = datetime.datetime(2000, 1, 1, 0, 0, 0)
 
 
@@ -213,7 +213,7 @@ def _physical_range(row: np.ndarray, given) -> tuple[float, float]:
     lo, hi = float(np.floor(row.min())) - 1.0, float(np.ceil(row.max())) + 1.0
     return lo, hi
 
-
+# %% ../nbs/02_eeg_io.ipynb #c027
 def write_edf(path: str | Path, data_uV: np.ndarray, ch_names: Sequence[str], sfreq: float,
               annotations: Iterable[tuple[float, float, str]] | None = None,
               physical_range: tuple[float, float] | Sequence[tuple[float, float]] | None = None) -> Path:
@@ -253,7 +253,7 @@ def write_edf(path: str | Path, data_uV: np.ndarray, ch_names: Sequence[str], sf
     edf.write(buf)
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
-# %% ../nbs/02_eeg_io.ipynb #c016
+# %% ../nbs/02_eeg_io.ipynb #c032
 @dataclasses.dataclass(eq=False)
 class Recording:
     "A preprocessed recording: `data` float64 [C, T] in µV, canonical `ch_names`, `sfreq` in Hz, `source` file."
@@ -279,7 +279,7 @@ class Recording:
         return (f"Recording({len(self.ch_names)} ch x {self.n_samples} samples, {self.sfreq:g} Hz, "
                 f"{self.seconds:.1f} s, source={self.source!r})")
 
-
+# %% ../nbs/02_eeg_io.ipynb #c035
 _DUP_SUFFIX = re.compile(r"^(.*)-(\d+)$")
 
 
@@ -319,7 +319,7 @@ def eeg_channel_map(raw, source: str | None = None) -> dict[str, str]:
         raise RecordingError(f"{src}: {e}") from e
     return mapping
 
-
+# %% ../nbs/02_eeg_io.ipynb #c038
 def select_channels(raw, channels: Sequence[str] | None = None, source: str | None = None):
     "Pick (and order) EEG channels of `raw` by vocabulary name and rename them to it; in place, returns `raw`."
     src = _source(raw, source)
@@ -346,7 +346,7 @@ def select_channels(raw, channels: Sequence[str] | None = None, source: str | No
     raw.rename_channels({r: c for r, c in zip(order, wanted) if r != c})
     return raw
 
-
+# %% ../nbs/02_eeg_io.ipynb #c041
 def check_band(sfreq: float, h_freq: float | None, notch: float | None, source: str = "<recording>",
                allow_lower_h_freq: bool = False) -> tuple[float | None, float | None]:
     "The (h_freq, notch) that a recording at `sfreq` can hold; raises `RecordingError` or (if allowed) lowers h_freq with a warning."
@@ -369,7 +369,7 @@ def check_band(sfreq: float, h_freq: float | None, notch: float | None, source: 
         notch = None
     return h_freq, notch
 
-
+# %% ../nbs/02_eeg_io.ipynb #c044
 def preprocess(raw, channels: Sequence[str] | None = None, l_freq: float | None = 0.1, h_freq: float | None = 75.0,
                notch: float | None = 50.0, sfreq: float = 200.0, source: str | None = None,
                allow_lower_h_freq: bool = False, copy: bool = True) -> Recording:
@@ -390,7 +390,7 @@ def preprocess(raw, channels: Sequence[str] | None = None, l_freq: float | None 
     return Recording(data=raw.get_data(units="uV"), ch_names=list(raw.ch_names), sfreq=float(raw.info["sfreq"]),
                      source=src)
 
-# %% ../nbs/02_eeg_io.ipynb #c019
+# %% ../nbs/02_eeg_io.ipynb #c047
 MAX_ABS_UV = 10_000.0  # 10 mV after preprocessing (why: the table above)
 
 
@@ -421,7 +421,7 @@ def edf_range_problems(path: str | Path) -> dict[str, str]:
             problems[label] = f"physical minimum = physical maximum = {lo:g} {units[i]}"
     return problems
 
-# %% ../nbs/02_eeg_io.ipynb #c023
+# %% ../nbs/02_eeg_io.ipynb #c051
 def find_flat_channels(data: np.ndarray, ch_names: Sequence[str], flat_std_uV: float = 0.01) -> list[str]:
     "The channels whose standard deviation is below `flat_std_uV` µV (all-zero or constant)."
     return [n for n, s in zip(ch_names, np.asarray(data).std(axis=1)) if s < flat_std_uV]
@@ -438,7 +438,7 @@ def check_amplitude(recording: Recording, max_abs_uV: float | None = MAX_ABS_UV)
             f"{', '.join(f'{recording.ch_names[i]} (peak {peak[i]:.3g} µV)' for i in over)}, first at "
             f"{first / recording.sfreq:.3f} s: not EEG (wrong units or header gain, or a railing electrode)")
 
-# %% ../nbs/02_eeg_io.ipynb #c025
+# %% ../nbs/02_eeg_io.ipynb #c053
 def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence[str] | None = None, *,
                        source: str | None = None, min_seconds: float | None = None, h_freq: float | None = None,
                        notch: float | None = None, on_flat: str = "warn", flat_std_uV: float = 0.01,
@@ -495,7 +495,7 @@ def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence
         warnings.warn(msg, stacklevel=2)
     return found
 
-
+# %% ../nbs/02_eeg_io.ipynb #c056
 def load_recording(path: str | Path, channels: Sequence[str] | None = None, l_freq: float | None = 0.1,
                    h_freq: float | None = 75.0, notch: float | None = 50.0, sfreq: float = 200.0,
                    min_seconds: float | None = None, on_flat: str = "warn", allow_lower_h_freq: bool = False,
@@ -517,7 +517,7 @@ def load_recording(path: str | Path, channels: Sequence[str] | None = None, l_fr
     check_amplitude(rec, max_abs_uV)
     return rec
 
-# %% ../nbs/02_eeg_io.ipynb #c029
+# %% ../nbs/02_eeg_io.ipynb #c060
 def sliding_windows(data: np.ndarray, window: int, stride: int, start: int = 0) -> np.ndarray:
     "Windows `data[:, start + i*stride : start + i*stride + window]` stacked to [n, C, window] (a copy)."
     data = np.asarray(data)
@@ -532,7 +532,7 @@ def sliding_windows(data: np.ndarray, window: int, stride: int, start: int = 0) 
     view = np.lib.stride_tricks.sliding_window_view(data[:, start:], window, axis=1)[:, ::stride][:, :n]
     return np.ascontiguousarray(view.transpose(1, 0, 2))
 
-# %% ../nbs/02_eeg_io.ipynb #c034
+# %% ../nbs/02_eeg_io.ipynb #c065
 def preprocessing_throughput(paths: Iterable[str | Path], channels: Sequence[str] | None = None,
                              notch: float | None = 50.0, **kwargs) -> dict:
     "Run `load_recording` on every path; returns files, hours of EEG, wall seconds and hours of EEG per minute."
@@ -546,7 +546,7 @@ def preprocessing_throughput(paths: Iterable[str | Path], channels: Sequence[str
             "eeg_hours_per_minute": (eeg_seconds / 3600) / (wall / 60) if wall > 0 else float("inf"),
             "seconds_per_eeg_hour": wall / (eeg_seconds / 3600) if eeg_seconds else float("nan")}
 
-# %% ../nbs/02_eeg_io.ipynb #c037
+# %% ../nbs/02_eeg_io.ipynb #c068
 def plot_traces(data: np.ndarray, ch_names: Sequence[str], sfreq: float, ax=None, seconds: float | None = 10.0,
                 spacing: float | None = None, title: str | None = None, **plot_kwargs):
     "Stacked traces of [C, T] µV data (first `seconds`); returns the axes."

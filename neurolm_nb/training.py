@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -46,12 +46,12 @@ __all__ = ['DIST_TIMEOUT_ENV', 'HANG_TIMEOUT_ENV', 'HEARTBEAT_ENV', 'DEFAULT_DIS
            'Heartbeat', 'lr_at', 'weight_decay_groups', 'check_param_groups', 'set_lr', 'wd_at', 'set_weight_decay',
            'build_optimizer', 'epoch_order', 'ShardedBatchSampler', 'TrainConfig', 'Schedule', 'resolve_schedule',
            'move_to_device', 'unwrap_model', 'checkpoint_path', 'save_train_checkpoint', 'read_metrics',
-           'stateful_callbacks', 'batch_ids', 'describe_samples', 'nonfinite_message', 'TrainState', 'TrainResult',
-           'train', 'DemoDataset', 'DemoMLP', 'demo_loss', 'demo_task', 'proc_stat', 'process_tree', 'kill_tree',
+           'stateful_callbacks', 'batch_ids', 'describe_samples', 'nonfinite_message', 'DemoDataset', 'DemoMLP',
+           'demo_loss', 'demo_task', 'TrainState', 'TrainResult', 'train', 'proc_stat', 'process_tree', 'kill_tree',
            'process_env', 'HungRankError', 'hung_rank', 'RankWatch', 'free_port', 'launch_torchrun', 'add_train_args',
            'config_from_args', 'demo_parser', 'run_demo', 'main']
 
-# %% ../nbs/06_training.ipynb #c007b
+# %% ../nbs/06_training.ipynb #c007
 DIST_TIMEOUT_ENV, HANG_TIMEOUT_ENV, HEARTBEAT_ENV = "NEUROLM_DIST_TIMEOUT_S", "NEUROLM_HANG_TIMEOUT_S", "NEUROLM_HEARTBEAT_DIR"
 DEFAULT_DIST_TIMEOUT_S = 600.0  # how long a collective waits for a peer (PyTorch: 30 min on gloo, 10 on NCCL)
 DEFAULT_HANG_TIMEOUT_S = 540.0  # launch_torchrun: a silent rank is hung (below the collective timeout, so it names the rank)
@@ -80,7 +80,7 @@ def die_with_torchrun_agent() -> bool:
         return die_with_parent(getattr(signal, "SIGKILL", signal.SIGTERM))
     return False
 
-# %% ../nbs/06_training.ipynb #c006
+# %% ../nbs/06_training.ipynb #c010
 class DistInfo(NamedTuple):
     rank: int
     world_size: int
@@ -99,7 +99,7 @@ def is_main_process() -> bool:
     "True on rank 0 (and in a single process): the one that writes files and prints."
     return world_info().rank == 0
 
-
+# %% ../nbs/06_training.ipynb #c013
 def setup_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     "Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs; collectives wait at most `dist_timeout(timeout_s)`); a no-op alone or when joined."
     die_with_torchrun_agent()  # a worker never outlives its torchrun agent (see below)
@@ -137,7 +137,7 @@ def gather_objects(obj: Any) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-# %% ../nbs/06_training.ipynb #c007b4
+# %% ../nbs/06_training.ipynb #c016
 class Heartbeat:
     "A rank's sign of progress for launch_torchrun's watchdog: `$NEUROLM_HEARTBEAT_DIR/rank_<r>` = 'pid step'; a no-op without it."
     def __init__(self, rank: int, every_s: float = 1.0):
@@ -157,7 +157,7 @@ class Heartbeat:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
-# %% ../nbs/06_training.ipynb #c009
+# %% ../nbs/06_training.ipynb #c020
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     "Learning rate of update `step` (0-based): linear warm-up to `lr`, then cosine down to `min_lr` at `max_steps`."
     if step < 0:
@@ -169,7 +169,7 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
-# %% ../nbs/06_training.ipynb #c014
+# %% ../nbs/06_training.ipynb #c025
 NEUROLM_STAGE_DEFAULTS: dict[str, dict] = {
     "tokenizer": dict(lr=5e-5, min_lr=1e-5, epochs=50, warmup_epochs=5, weight_decay=1e-4,
                       betas=(0.9, 0.999), grad_clip=None, batch_size=64),
@@ -179,7 +179,7 @@ NEUROLM_STAGE_DEFAULTS: dict[str, dict] = {
                         grad_clip=1.0, batch_size=64),
 }
 
-# %% ../nbs/06_training.ipynb #c016
+# %% ../nbs/06_training.ipynb #c028
 def weight_decay_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
     "Two AdamW groups: tensors with dim >= 2 decay; dim < 2 (biases, norm gains) and names matching `no_decay` patterns do not."
     patterns = list(no_decay)
@@ -214,7 +214,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
-# %% ../nbs/06_training.ipynb #c021
+# %% ../nbs/06_training.ipynb #c033
 def wd_at(step: int, weight_decay: float, weight_decay_end: float | None, max_steps: int) -> float:
     "Weight decay of update `step` (0-based): constant when `weight_decay_end` is None, else a cosine to it at `max_steps`."
     if weight_decay_end is None:
@@ -229,7 +229,7 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float, deca
     for i in decaying:
         optimizer.param_groups[i]["weight_decay"] = weight_decay
 
-# %% ../nbs/06_training.ipynb #c025
+# %% ../nbs/06_training.ipynb #c037
 def build_optimizer(model: nn.Module, cfg: "TrainConfig", param_groups: list[dict] | Callable | None = None,
                     device: torch.device | str | None = None) -> torch.optim.AdamW:
     "AdamW over `param_groups` (a list, a function of the model, or None for `weight_decay_groups`), checked."
@@ -244,14 +244,14 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig", param_groups: list[dic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
-# %% ../nbs/06_training.ipynb #c027
+# %% ../nbs/06_training.ipynb #c040
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
     "The order in which epoch `epoch` visits `n` samples; depends only on (seed, epoch), never on rank or world size."
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
 
-
+# %% ../nbs/06_training.ipynb #c043
 class ShardedBatchSampler:
     "This rank's micro-batches (lists of indices) for one epoch, starting at update `start_step` of the epoch."
 
@@ -288,7 +288,7 @@ class ShardedBatchSampler:
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
-# %% ../nbs/06_training.ipynb #c033
+# %% ../nbs/06_training.ipynb #c049
 @dataclass
 class TrainConfig:
     "Every knob of `train`; the defaults are a tiny CPU run. Steps count optimizer updates."
@@ -339,7 +339,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self.betas, self.no_decay = tuple(self.betas), tuple(self.no_decay)
 
-
+# %% ../nbs/06_training.ipynb #c052
 class Schedule(NamedTuple):
     global_batch: int
     steps_per_epoch: int
@@ -364,7 +364,7 @@ def resolve_schedule(cfg: TrainConfig, n_samples: int, world_size: int = 1) -> S
         warmup = 0
     return Schedule(global_batch, steps_per_epoch, max_steps, warmup)
 
-
+# %% ../nbs/06_training.ipynb #c055
 def move_to_device(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
     "Move every tensor in a (nested) dict / list / tuple / namedtuple to `device`; other values pass through."
     if isinstance(batch, torch.Tensor):
@@ -388,7 +388,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             return model
 
-# %% ../nbs/06_training.ipynb #c038
+# %% ../nbs/06_training.ipynb #c060
 CHECKPOINT_FORMAT = 1
 
 
@@ -413,7 +413,7 @@ def save_train_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_las
             old.unlink(missing_ok=True)
     return path
 
-
+# %% ../nbs/06_training.ipynb #c065
 def read_metrics(path: str | Path) -> list[dict]:
     "Rows of a metrics JSONL file (a torn last line, from a killed writer, is skipped)."
     path = Path(path)
@@ -438,7 +438,7 @@ def _restart_log(path: Path, keep_until_step: int | None) -> list[dict]:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return rows
 
-
+# %% ../nbs/06_training.ipynb #c068
 _CHECKPOINT_KEYS = {"format", "model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "global_batch",
                     "n_samples", "world_size", "rng", "config", "elapsed_s", "counters"}
 
@@ -457,7 +457,7 @@ def stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
         found[key] = cb
     return found
 
-# %% ../nbs/06_training.ipynb #c042
+# %% ../nbs/06_training.ipynb #c071
 _ID_KEYS = ("recording", "subject", "file", "start_s", "index", "task")
 
 
@@ -485,7 +485,7 @@ def describe_samples(dataset: Dataset, indices: Iterable[int]) -> list[str]:
     starts = getattr(base, "start_s", None)
     return [f"{recordings[i]}@{float(starts[i]):g}s" if starts is not None else str(recordings[i]) for i in idx]
 
-# %% ../nbs/06_training.ipynb #c043
+# %% ../nbs/06_training.ipynb #c074
 def _short(items: list, n: int = 12) -> str:
     return str(items[:n])[:-1] + (f", ... ({len(items) - n} more)]" if len(items) > n else "]")
 
@@ -504,7 +504,47 @@ def nonfinite_message(value: float | None, step: int, epoch: int, batch_in_epoch
     msg += (f". Last good checkpoint: {checkpoint}" if checkpoint is not None else ". No checkpoint was written yet")
     return msg + ". Fix the cause and resume, or set TrainConfig.on_nonfinite='skip' to skip such updates."
 
-# %% ../nbs/06_training.ipynb #c047
+# %% ../nbs/06_training.ipynb #c078
+class DemoDataset(Dataset):
+    "Synthetic classification: x ~ N(0, I) in `dim` dimensions, label = arg-max of a fixed random linear teacher."
+
+    def __init__(self, n: int = 512, dim: int = 16, n_classes: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        teacher = torch.randn(dim, n_classes, generator=g)
+        self.y = (self.x @ teacher).argmax(1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class DemoMLP(nn.Module):
+    def __init__(self, dim: int = 16, hidden: int = 64, n_classes: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+# %% ../nbs/06_training.ipynb #c081
+def demo_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    "Cross-entropy (in float32 even under autocast) and accuracy."
+    logits = model(batch["x"]).float()
+    loss = F.cross_entropy(logits, batch["y"])
+    return loss, {"acc": (logits.argmax(1) == batch["y"]).float().mean()}
+
+
+def demo_task(n: int = 512, dim: int = 16, hidden: int = 64, n_classes: int = 4, dropout: float = 0.1,
+              seed: int = 0) -> tuple[nn.Module, Dataset, Callable]:
+    "The toy (model, dataset, loss_fn); the model's initial weights depend only on `seed`."
+    torch.manual_seed(seed)
+    return DemoMLP(dim, hidden, n_classes, dropout), DemoDataset(n, dim, n_classes, seed), demo_loss
+
+# %% ../nbs/06_training.ipynb #c087
 @dataclass
 class TrainState:
     "What callbacks (and a 3-argument loss_fn) see: position, schedule, the plain model and optimizer."
@@ -538,7 +578,7 @@ class TrainResult:
     resumed_from: Path | None
     elapsed_s: float
 
-
+# %% ../nbs/06_training.ipynb #c090
 _RESERVED = {"step", "epoch", "lr", "loss", "grad_norm", "samples_per_s", "tokens_per_s", "time", "weight_decay",
              "loss_scale", "scaler_skipped", "nonfinite_skipped"}
 
@@ -566,7 +606,7 @@ def _accepts_state(fn: Callable) -> bool:
 def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
-
+# %% ../nbs/06_training.ipynb #c093
 def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     if clip:
         return torch.nn.utils.clip_grad_norm_(params, clip)
@@ -596,7 +636,7 @@ def _run_eval(eval_fn: Callable, model: nn.Module, device, dtype) -> dict:
         set_rng_state(saved)
     return {f"eval_{k}": float(v) for k, v in result.items()}
 
-# %% ../nbs/06_training.ipynb #c049
+# %% ../nbs/06_training.ipynb #c096
 def _nonfinite(losses: list[torch.Tensor], world: int) -> tuple[bool, int | None]:
     "(some rank's loss was not finite, the first such micro-batch of this rank or None): one sync, all ranks agree."
     bad = torch.stack([~torch.isfinite(v).all() for v in losses])
@@ -621,7 +661,7 @@ def _scaled_step(optimizer, scaler: torch.amp.GradScaler, params: list, clip: fl
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
-# %% ../nbs/06_training.ipynb #c051
+# %% ../nbs/06_training.ipynb #c099
 def _restore(saved: dict, path: Path, model: nn.Module, optimizer, scaler, sched: Schedule, cfg: TrainConfig,
              info: DistInfo, n_samples: int):
     if saved.get("format") != CHECKPOINT_FORMAT:
@@ -648,226 +688,286 @@ def _restore(saved: dict, path: Path, model: nn.Module, optimizer, scaler, sched
         rng = None
     return step, epoch, batch_in_epoch, float(saved.get("elapsed_s", 0.0)), rng
 
-# %% ../nbs/06_training.ipynb #c053
+# %% ../nbs/06_training.ipynb #c102
+@dataclass
+class _Run:
+    "Everything `train` carries from one update to the next; `_setup` fills the first part, `_start` the rest."
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    sched: Schedule
+    model: nn.Module                   # the plain model: checkpoints and evaluation use it
+    optimizer: torch.optim.Optimizer
+    decaying: list[int]                # the groups whose weight decay follows wd_at
+    scaler: torch.amp.GradScaler
+    callbacks: list
+    stateful: dict                     # the callbacks with state in the checkpoint, by key
+    out: Path | None
+    ckpt_dir: Path | None
+    log_path: Path | None
+    step: int = 0                      # the position: updates done, epoch, update within the epoch
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed_before: float = 0.0        # seconds spent by the runs this one resumes
+    rng: Any = None                    # this rank's saved generators, when resuming
+    resumed_from: Path | None = None
+    counters: dict = field(default_factory=lambda: {"scaler_skipped": 0, "nonfinite_skipped": 0})
+    history: list = field(default_factory=list)
+    runner: Any = None                 # the model as called: compiled and/or wrapped in DDP
+    ddp: Any = None
+    sampler: Any = None
+    loader_gen: Any = None
+    loader: Any = None
+    params: list = field(default_factory=list)
+    pass_state: bool = False
+    state: Any = None                  # the TrainState callbacks see
+    last_ckpt: Path | None = None
+    pbar: Any = None
+    log_file: Any = None
+    heartbeat: Any = None
+    t0: float = 0.0
+    t_last: float = 0.0                # since the last logged row: time, step and tokens
+    step_last: int = 0
+    tokens_seen: int = 0
+
+# %% ../nbs/06_training.ipynb #c105
+def _setup(model: nn.Module, dataset: Dataset, cfg: TrainConfig, param_groups, callbacks) -> _Run:
+    "A run at update 0: process group, device, precision, schedule, output paths, optimizer and scaler."
+    model = unwrap_model(model)
+    info = setup_distributed(timeout_s=cfg.dist_timeout_s)
+    device = get_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)  # 'cuda' means this process's GPU
+    dtype = get_dtype(cfg.dtype, device)
+    sched = resolve_schedule(cfg, len(dataset), info.world_size)
+    out = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    callbacks = list(callbacks)
+    stateful = stateful_callbacks(callbacks)
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg, param_groups, device)
+    decaying = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]  # before a resume rewrites them
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling: fp16 only
+    return _Run(cfg, info, device, dtype, sched, model, optimizer, decaying, scaler, callbacks, stateful, out,
+                out / "checkpoints" if out is not None else None, out / "metrics.jsonl" if out is not None else None)
+
+# %% ../nbs/06_training.ipynb #c109
+def _resume(run: _Run, n_samples: int) -> None:
+    "Restore the newest checkpoint in `out_dir` (with `cfg.resume`); rank 0 prepares `out_dir` and the metrics log."
+    found = latest_checkpoint(run.ckpt_dir) if run.ckpt_dir is not None and run.cfg.resume else None
+    if found is not None:
+        saved = load_checkpoint(found)
+        run.step, run.epoch, run.batch_in_epoch, run.elapsed_before, run.rng = _restore(
+            saved, found, run.model, run.optimizer, run.scaler, run.sched, run.cfg, run.info, n_samples)
+        run.counters.update(saved.get("counters", {}))
+        for key, cb in run.stateful.items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
+            else:
+                warnings.warn(f"resuming {found}: it holds no {key!r} state; that callback starts afresh")
+        run.resumed_from, saved = found, None
+    if run.info.rank == 0 and run.out is not None:
+        run.out.mkdir(parents=True, exist_ok=True)
+        for tmp in run.ckpt_dir.glob(".step_*.tmp") if run.ckpt_dir.is_dir() else []:
+            tmp.unlink(missing_ok=True)  # left by a process killed while writing
+        run.history = _restart_log(run.log_path, run.step if found is not None else None)
+
+# %% ../nbs/06_training.ipynb #c112
+def _start(run: _Run, dataset: Dataset, loss_fn: Callable, collate_fn: Callable | None) -> None:
+    "Everything the loop needs besides the run's position: model wrappers, loader, generators, bar, log, clocks."
+    cfg, rank, world, device = run.cfg, run.info.rank, run.info.world_size, run.device
+    run.runner = torch.compile(run.model) if cfg.compile else run.model
+    if world > 1:
+        run.ddp = run.runner = DistributedDataParallel(
+            run.runner, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters)
+    run.sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, world, rank, cfg.accum_steps, cfg.seed, cfg.shuffle)
+    run.loader_gen = torch.Generator()
+    run.loader = DataLoader(dataset, batch_sampler=run.sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda", generator=run.loader_gen)
+    run.params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    run.pass_state = _accepts_state(loss_fn)
+    if run.rng is not None:
+        set_rng_state(run.rng)
+    else:
+        seed_everything(cfg.seed + rank if run.resumed_from is None else _derived_seed(cfg.seed, rank, run.step))
+    run.state = TrainState(run.step, run.sched.max_steps, run.epoch, run.batch_in_epoch, run.sched.steps_per_epoch,
+                           0.0, rank, world, run.model, run.optimizer)
+    run.last_ckpt = run.resumed_from
+    run.pbar = tqdm(total=run.sched.max_steps, initial=run.step, disable=not (rank == 0 and cfg.progress),
+                    desc="train", dynamic_ncols=True, mininterval=0.5)
+    run.log_file = open(run.log_path, "a", encoding="utf-8") if rank == 0 and run.log_path is not None else None
+    run.t0 = time.perf_counter()
+    run.t_last, run.step_last, run.tokens_seen = run.t0, run.step, 0
+    run.heartbeat = Heartbeat(rank)
+    run.heartbeat(run.step, force=True)
+
+# %% ../nbs/06_training.ipynb #c115
+def _epoch_batches(run: _Run):
+    "This rank's batches of the current epoch, from the current position on."
+    run.sampler.set_epoch(run.epoch, run.batch_in_epoch)
+    run.loader_gen.manual_seed(_derived_seed(run.cfg.seed, run.info.rank, run.epoch))
+    return iter(run.loader)
+
+
+def _set_schedule(run: _Run) -> tuple[float, float]:
+    "Set this update's lr (and, with `weight_decay_end`, the decaying groups' weight decay); tell the TrainState."
+    cfg, step = run.cfg, run.step
+    lr = lr_at(step, cfg.lr, cfg.min_lr, run.sched.warmup_steps, run.sched.max_steps)
+    set_lr(run.optimizer, lr)
+    wd = wd_at(step, cfg.weight_decay, cfg.weight_decay_end, run.sched.max_steps)
+    if cfg.weight_decay_end is not None:
+        set_weight_decay(run.optimizer, wd, run.decaying)
+    s = run.state
+    s.step, s.epoch, s.batch_in_epoch, s.lr, s.row = step, run.epoch, run.batch_in_epoch, lr, None
+    return lr, wd
+
+# %% ../nbs/06_training.ipynb #c118
+def _accumulate(run: _Run, batches, loss_fn: Callable, tokens_fn: Callable | None) -> tuple[dict, list, list]:
+    "Backpropagate the A micro-batches; the logged terms' means, each micro-batch's loss and identifying entries."
+    cfg, device = run.cfg, run.device
+    sums: dict[str, torch.Tensor] = {}
+    losses, ids = [], []  # per micro-batch: the loss (no sync yet) and the batch's identifying entries
+    for micro in range(cfg.accum_steps):
+        batch = next(batches)
+        ids.append(batch_ids(batch))
+        if tokens_fn is not None:
+            run.tokens_seen += int(tokens_fn(batch))
+        batch = move_to_device(batch, device, non_blocking=device.type == "cuda")
+        last_micro = micro == cfg.accum_steps - 1
+        with (run.ddp.no_sync() if run.ddp is not None and not last_micro else contextlib.nullcontext()):
+            with autocast_context(device, run.dtype):
+                out = loss_fn(run.runner, batch, run.state) if run.pass_state else loss_fn(run.runner, batch)
+                loss, terms = _split_loss(out)
+            losses.append(loss.detach())
+            run.scaler.scale(loss / cfg.accum_steps).backward()
+        for k, v in {"loss": loss, **terms}.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=device)
+            if v.numel() != 1:
+                raise ValueError(f"logged term {k!r} must be a scalar, got shape {tuple(v.shape)}")
+            sums[k] = sums.get(k, 0) + v.reshape(()) / cfg.accum_steps
+    return sums, losses, ids
+
+# %% ../nbs/06_training.ipynb #c121
+def _update(run: _Run, dataset: Dataset, losses: list, ids: list, lr: float) -> torch.Tensor:
+    "Stop on (or skip) a non-finite loss, else step the optimizer; the grad norm (NaN for a skipped update)."
+    cfg = run.cfg
+    any_bad, micro = _nonfinite(losses, run.info.world_size)
+    if any_bad and cfg.on_nonfinite == "stop":
+        indices = [] if micro is None else run.sampler.micro_batch(
+            epoch_order(len(dataset), run.epoch, cfg.seed, cfg.shuffle), run.batch_in_epoch, micro).tolist()
+        raise FloatingPointError(nonfinite_message(
+            None if micro is None else losses[micro].item(), run.step, run.epoch, run.batch_in_epoch, lr, micro,
+            run.info.rank, indices, describe_samples(dataset, indices), ids[micro] if micro is not None else {},
+            run.last_ckpt))
+    if any_bad:  # skip: drop the gradients, leave weights and optimizer moments as they are
+        run.optimizer.zero_grad(set_to_none=True)
+        run.counters["nonfinite_skipped"] += 1
+        return torch.tensor(float("nan"))
+    return _scaled_step(run.optimizer, run.scaler, run.params, cfg.grad_clip, run.counters)
+
+
+def _advance(run: _Run) -> int:
+    "Count the update, moving to the next epoch at its end; the epoch the update's data came from."
+    data_epoch = run.epoch
+    run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
+    if run.batch_in_epoch == run.sched.steps_per_epoch:
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    run.state.step, run.state.epoch, run.state.batch_in_epoch = run.step, run.epoch, run.batch_in_epoch
+    return data_epoch
+
+# %% ../nbs/06_training.ipynb #c124
+def _log(run: _Run, sums: dict, lr: float, wd: float, grad_norm: torch.Tensor, data_epoch: int,
+         eval_fn: Callable | None, tokens_fn: Callable | None) -> dict:
+    "Build, keep and write the metrics row of this update (with `eval_fn`'s results when given)."
+    cfg, scaler = run.cfg, run.scaler
+    terms_mean, tokens = _reduce_row(sums, run.tokens_seen, run.device, run.info.world_size)
+    now = time.perf_counter()
+    row = {"step": run.step, "epoch": data_epoch, "lr": lr, "loss": terms_mean.pop("loss"), **terms_mean,
+           "grad_norm": float(grad_norm),
+           "samples_per_s": (run.step - run.step_last) * run.sched.global_batch / max(now - run.t_last, 1e-9),
+           "time": run.elapsed_before + now - run.t0}
+    if tokens_fn is not None:
+        row["tokens_per_s"] = tokens / max(now - run.t_last, 1e-9)
+    if cfg.weight_decay_end is not None:
+        row["weight_decay"] = wd
+    if scaler.is_enabled():
+        row.update(loss_scale=scaler.get_scale(), scaler_skipped=run.counters["scaler_skipped"])
+    if cfg.on_nonfinite == "skip":
+        row["nonfinite_skipped"] = run.counters["nonfinite_skipped"]
+    run.t_last, run.step_last, run.tokens_seen = now, run.step, 0
+    if eval_fn is not None:
+        row.update(_run_eval(eval_fn, run.model, run.device, run.dtype))
+    run.history.append(row)
+    run.state.row = row
+    if run.log_file is not None:
+        run.log_file.write(json.dumps(to_jsonable(row)) + "\n")
+        run.log_file.flush()
+    run.pbar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
+    return row
+
+# %% ../nbs/06_training.ipynb #c127
+def _checkpoint(run: _Run, n_samples: int) -> None:
+    "Write the checkpoint of this update (rank 0; the other ranks only note its path)."
+    rngs = gather_objects(rng_state())  # after callbacks: whatever they drew is part of the past
+    if run.info.rank == 0:
+        run.last_ckpt = save_train_checkpoint({
+            "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "step": run.step, "epoch": run.epoch, "batch_in_epoch": run.batch_in_epoch,
+            "global_batch": run.sched.global_batch, "n_samples": n_samples, "world_size": run.info.world_size,
+            "rng": rngs, "config": asdict(run.cfg), "elapsed_s": run.elapsed_before + time.perf_counter() - run.t0,
+            "counters": dict(run.counters), **{key: cb.state_dict() for key, cb in run.stateful.items()},
+        }, run.ckpt_dir, run.step, run.cfg.keep_last)
+    else:
+        run.last_ckpt = checkpoint_path(run.ckpt_dir, run.step)
+
+
+def _close(run: _Run) -> None:
+    run.heartbeat.close()
+    run.pbar.close()
+    if run.log_file is not None:
+        run.log_file.close()
+
+# %% ../nbs/06_training.ipynb #c130
 def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfig | None = None, *,
           collate_fn: Callable | None = None, param_groups: list[dict] | Callable | None = None,
           callbacks: Iterable[Callable[[TrainState], Any]] = (), eval_fn: Callable[[nn.Module], dict] | None = None,
           tokens_fn: Callable[[Any], int] | None = None) -> TrainResult:
     "Train `model` on `dataset` minimising `loss_fn(model, batch[, state])`; single process or DDP under torchrun; resumes from `cfg.out_dir`."
     cfg = cfg or TrainConfig()
-    model = unwrap_model(model)
-    info = setup_distributed(timeout_s=cfg.dist_timeout_s)
-    rank, world, main = info.rank, info.world_size, info.rank == 0
-    device = get_device(cfg.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)  # 'cuda' means this process's GPU
-    dtype = get_dtype(cfg.dtype, device)
-    sched = resolve_schedule(cfg, len(dataset), world)
-    out = Path(cfg.out_dir) if cfg.out_dir is not None else None
-    ckpt_dir = out / "checkpoints" if out is not None else None
-    log_path = out / "metrics.jsonl" if out is not None else None
-    callbacks = list(callbacks)
-    stateful = stateful_callbacks(callbacks)
-
-    model.to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg, param_groups, device)
-    decaying = [i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0]  # before a resume rewrites them
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling: fp16 only
-    step, epoch, batch_in_epoch, elapsed_before, rng, resumed_from = 0, 0, 0, 0.0, None, None
-    counters = {"scaler_skipped": 0, "nonfinite_skipped": 0}
-    found = latest_checkpoint(ckpt_dir) if ckpt_dir is not None and cfg.resume else None
-    if found is not None:
-        saved = load_checkpoint(found)
-        step, epoch, batch_in_epoch, elapsed_before, rng = _restore(
-            saved, found, model, optimizer, scaler, sched, cfg, info, len(dataset))
-        counters.update(saved.get("counters", {}))
-        for key, cb in stateful.items():
-            if key in saved:
-                cb.load_state_dict(saved[key])
-            else:
-                warnings.warn(f"resuming {found}: it holds no {key!r} state; that callback starts afresh")
-        resumed_from, saved = found, None
-    history: list[dict] = []
-    if main and out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for tmp in ckpt_dir.glob(".step_*.tmp") if ckpt_dir.is_dir() else []:
-            tmp.unlink(missing_ok=True)  # left by a process killed while writing
-        history = _restart_log(log_path, step if found is not None else None)
-
-    runner = torch.compile(model) if cfg.compile else model
-    ddp = None
-    if world > 1:
-        ddp = runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=cfg.find_unused_parameters)
-    sampler = ShardedBatchSampler(len(dataset), cfg.batch_size, world, rank, cfg.accum_steps, cfg.seed, cfg.shuffle)
-    loader_gen = torch.Generator()
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", generator=loader_gen)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    pass_state = _accepts_state(loss_fn)
-    if rng is not None:
-        set_rng_state(rng)
-    else:
-        seed_everything(cfg.seed + rank if found is None else _derived_seed(cfg.seed, rank, step))
-
-    state = TrainState(step, sched.max_steps, epoch, batch_in_epoch, sched.steps_per_epoch, 0.0, rank, world,
-                       model, optimizer)
-    last_ckpt = resumed_from
-    pbar = tqdm(total=sched.max_steps, initial=step, disable=not (main and cfg.progress), desc="train",
-                dynamic_ncols=True, mininterval=0.5)
-    log_file = open(log_path, "a", encoding="utf-8") if main and log_path is not None else None
-    t0 = time.perf_counter()
-    t_last, step_last, tokens_seen = t0, step, 0
-    heartbeat = Heartbeat(rank)
-    heartbeat(step, force=True)
+    run = _setup(model, dataset, cfg, param_groups, callbacks)
+    _resume(run, len(dataset))
+    _start(run, dataset, loss_fn, collate_fn)
     try:
-        while step < sched.max_steps:
-            sampler.set_epoch(epoch, batch_in_epoch)
-            loader_gen.manual_seed(_derived_seed(cfg.seed, rank, epoch))
-            batches = iter(loader)
-            for _ in range(batch_in_epoch, sched.steps_per_epoch):
-                lr = lr_at(step, cfg.lr, cfg.min_lr, sched.warmup_steps, sched.max_steps)
-                set_lr(optimizer, lr)
-                wd = wd_at(step, cfg.weight_decay, cfg.weight_decay_end, sched.max_steps)
-                if cfg.weight_decay_end is not None:
-                    set_weight_decay(optimizer, wd, decaying)
-                state.step, state.epoch, state.batch_in_epoch, state.lr, state.row = step, epoch, batch_in_epoch, lr, None
-                sums: dict[str, torch.Tensor] = {}
-                losses, ids = [], []  # per micro-batch: the loss (no sync yet) and the batch's identifying entries
-                for micro in range(cfg.accum_steps):
-                    batch = next(batches)
-                    ids.append(batch_ids(batch))
-                    if tokens_fn is not None:
-                        tokens_seen += int(tokens_fn(batch))
-                    batch = move_to_device(batch, device, non_blocking=device.type == "cuda")
-                    last_micro = micro == cfg.accum_steps - 1
-                    with (ddp.no_sync() if ddp is not None and not last_micro else contextlib.nullcontext()):
-                        with autocast_context(device, dtype):
-                            loss, terms = _split_loss(loss_fn(runner, batch, state) if pass_state else loss_fn(runner, batch))
-                        losses.append(loss.detach())
-                        scaler.scale(loss / cfg.accum_steps).backward()
-                    for k, v in {"loss": loss, **terms}.items():
-                        v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=device)
-                        if v.numel() != 1:
-                            raise ValueError(f"logged term {k!r} must be a scalar, got shape {tuple(v.shape)}")
-                        sums[k] = sums.get(k, 0) + v.reshape(()) / cfg.accum_steps
-                any_bad, micro = _nonfinite(losses, world)
-                if any_bad and cfg.on_nonfinite == "stop":
-                    indices = [] if micro is None else sampler.micro_batch(
-                        epoch_order(len(dataset), epoch, cfg.seed, cfg.shuffle), batch_in_epoch, micro).tolist()
-                    raise FloatingPointError(nonfinite_message(
-                        None if micro is None else losses[micro].item(), step, epoch, batch_in_epoch, lr, micro, rank,
-                        indices, describe_samples(dataset, indices), ids[micro] if micro is not None else {}, last_ckpt))
-                if any_bad:  # skip: drop the gradients, leave weights and optimizer moments as they are
-                    optimizer.zero_grad(set_to_none=True)
-                    counters["nonfinite_skipped"] += 1
-                    grad_norm = torch.tensor(float("nan"))
-                else:
-                    grad_norm = _scaled_step(optimizer, scaler, params, cfg.grad_clip, counters)
-
-                data_epoch = epoch
-                step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                if batch_in_epoch == sched.steps_per_epoch:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
-                final = step == sched.max_steps
-                do_eval = eval_fn is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or final)
-                if do_eval or final or (cfg.log_every and step % cfg.log_every == 0):
-                    terms_mean, tokens = _reduce_row(sums, tokens_seen, device, world)
-                    now = time.perf_counter()
-                    row = {"step": step, "epoch": data_epoch, "lr": lr, "loss": terms_mean.pop("loss"), **terms_mean,
-                           "grad_norm": float(grad_norm),
-                           "samples_per_s": (step - step_last) * sched.global_batch / max(now - t_last, 1e-9),
-                           "time": elapsed_before + now - t0}
-                    if tokens_fn is not None:
-                        row["tokens_per_s"] = tokens / max(now - t_last, 1e-9)
-                    if cfg.weight_decay_end is not None:
-                        row["weight_decay"] = wd
-                    if scaler.is_enabled():
-                        row.update(loss_scale=scaler.get_scale(), scaler_skipped=counters["scaler_skipped"])
-                    if cfg.on_nonfinite == "skip":
-                        row["nonfinite_skipped"] = counters["nonfinite_skipped"]
-                    t_last, step_last, tokens_seen = now, step, 0
-                    if do_eval:
-                        row.update(_run_eval(eval_fn, model, device, dtype))
-                    history.append(row)
-                    state.row = row
-                    if log_file is not None:
-                        log_file.write(json.dumps(to_jsonable(row)) + "\n")
-                        log_file.flush()
-                    pbar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
-                pbar.update(1)
-                for cb in callbacks:
-                    cb(state)
-                if ckpt_dir is not None and (final or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
-                    rngs = gather_objects(rng_state())  # after callbacks: whatever they drew is part of the past
-                    if main:
-                        last_ckpt = save_train_checkpoint({
-                            "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                            "global_batch": sched.global_batch, "n_samples": len(dataset), "world_size": world,
-                            "rng": rngs, "config": asdict(cfg), "elapsed_s": elapsed_before + time.perf_counter() - t0,
-                            "counters": dict(counters), **{key: cb.state_dict() for key, cb in stateful.items()},
-                        }, ckpt_dir, step, cfg.keep_last)
-                    else:
-                        last_ckpt = checkpoint_path(ckpt_dir, step)
-                heartbeat(step)
+        while run.step < run.sched.max_steps:
+            batches = _epoch_batches(run)
+            for _ in range(run.batch_in_epoch, run.sched.steps_per_epoch):
+                lr, wd = _set_schedule(run)
+                sums, losses, ids = _accumulate(run, batches, loss_fn, tokens_fn)
+                grad_norm = _update(run, dataset, losses, ids, lr)
+                data_epoch = _advance(run)
+                final = run.step == run.sched.max_steps
+                do_eval = eval_fn is not None and cfg.eval_every > 0 and (run.step % cfg.eval_every == 0 or final)
+                if do_eval or final or (cfg.log_every and run.step % cfg.log_every == 0):
+                    _log(run, sums, lr, wd, grad_norm, data_epoch, eval_fn if do_eval else None, tokens_fn)
+                run.pbar.update(1)
+                for cb in run.callbacks:
+                    cb(run.state)
+                if run.ckpt_dir is not None and (final or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0)):
+                    _checkpoint(run, len(dataset))
+                run.heartbeat(run.step)
                 if final:
                     break
     finally:
-        heartbeat.close()
-        pbar.close()
-        if log_file is not None:
-            log_file.close()
-    if world > 1:
+        _close(run)
+    if run.info.world_size > 1:
         dist.barrier()  # rank 0's final checkpoint is on disk before anyone returns
-    return TrainResult(model, step, epoch, batch_in_epoch, history, last_ckpt, sched, resumed_from,
-                       elapsed_before + time.perf_counter() - t0)
+    return TrainResult(run.model, run.step, run.epoch, run.batch_in_epoch, run.history, run.last_ckpt, run.sched,
+                       run.resumed_from, run.elapsed_before + time.perf_counter() - run.t0)
 
-# %% ../nbs/06_training.ipynb #c055
-class DemoDataset(Dataset):
-    "Synthetic classification: x ~ N(0, I) in `dim` dimensions, label = arg-max of a fixed random linear teacher."
-
-    def __init__(self, n: int = 512, dim: int = 16, n_classes: int = 4, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, dim, generator=g)
-        teacher = torch.randn(dim, n_classes, generator=g)
-        self.y = (self.x @ teacher).argmax(1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i]}
-
-
-class DemoMLP(nn.Module):
-    def __init__(self, dim: int = 16, hidden: int = 64, n_classes: int = 4, dropout: float = 0.1):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, n_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def demo_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-    "Cross-entropy (in float32 even under autocast) and accuracy."
-    logits = model(batch["x"]).float()
-    loss = F.cross_entropy(logits, batch["y"])
-    return loss, {"acc": (logits.argmax(1) == batch["y"]).float().mean()}
-
-
-def demo_task(n: int = 512, dim: int = 16, hidden: int = 64, n_classes: int = 4, dropout: float = 0.1,
-              seed: int = 0) -> tuple[nn.Module, Dataset, Callable]:
-    "The toy (model, dataset, loss_fn); the model's initial weights depend only on `seed`."
-    torch.manual_seed(seed)
-    return DemoMLP(dim, hidden, n_classes, dropout), DemoDataset(n, dim, n_classes, seed), demo_loss
-
-# %% ../nbs/06_training.ipynb #c066a
+# %% ../nbs/06_training.ipynb #c142
 def proc_stat(pid: int) -> tuple[str, int] | None:
     "(state letter, parent pid) of process `pid`, from /proc; None when it is gone or only its zombie is left."
     try:
@@ -908,7 +1008,7 @@ def process_env(pid: int, name: str) -> str | None:
         return None
     return next((i.split(b"=", 1)[1].decode() for i in items if i.startswith(name.encode() + b"=")), None)
 
-# %% ../nbs/06_training.ipynb #c066e
+# %% ../nbs/06_training.ipynb #c146
 class HungRankError(RuntimeError):
     "A torchrun worker made no progress for `hang_timeout_s` seconds; the torchrun tree was killed."
     def __init__(self, message: str, rank: int, pid: int, silent_s: float):
@@ -933,7 +1033,7 @@ def hung_rank(rows: list[dict], hang_timeout_s: float) -> tuple[str, dict] | Non
             + f", hang_timeout_s = {hang_timeout_s:g} s; the torchrun tree was killed. All ranks: "
             + "; ".join(_describe_rank(x) for x in rows)), r
 
-# %% ../nbs/06_training.ipynb #c066e4
+# %% ../nbs/06_training.ipynb #c150
 class RankWatch:
     "The workers under a torchrun agent, and whether one is hung: silent (heartbeat) or stopped (state T) for `hang_timeout_s`."
     def __init__(self, agent_pid: int, beat_dir: str | Path, hang_timeout_s: float):
@@ -965,7 +1065,7 @@ class RankWatch:
         "None while no rank is hung; else (a message naming the hung rank and describing all, its row)."
         return hung_rank(self.ranks(), self.hang_timeout_s)
 
-# %% ../nbs/06_training.ipynb #c067
+# %% ../nbs/06_training.ipynb #c153
 def free_port() -> int:
     "A TCP port that is free on this machine right now."
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -1006,7 +1106,7 @@ class _Watchdog(threading.Thread):
                 kill_tree(self.proc.pid)
                 return
 
-# %% ../nbs/06_training.ipynb #c067b
+# %% ../nbs/06_training.ipynb #c156
 def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, master_port: int | None = None,
                     torchrun_args: Iterable[str] = (), echo: bool = False, timeout_s: float | None = None,
                     cwd: str | Path | None = None, tail_lines: int = 60, hang_timeout_s: float | None = None,
@@ -1047,7 +1147,7 @@ def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, m
                            f"(exit code {rc}){why}; last lines of its output:\n{tail}")
     return subprocess.CompletedProcess(cmd, rc, stdout="".join(lines), stderr=None)
 
-# %% ../nbs/06_training.ipynb #c069
+# %% ../nbs/06_training.ipynb #c159
 _ARG_TYPES = {"lr": float, "min_lr": float, "warmup_steps": int, "warmup_epochs": float, "max_steps": int,
               "epochs": float, "weight_decay": float, "eps": float, "grad_clip": float, "accum_steps": int,
               "batch_size": int, "seed": int, "out_dir": str, "ckpt_every": int, "keep_last": int,
@@ -1076,7 +1176,7 @@ def config_from_args(args: argparse.Namespace, **defaults) -> TrainConfig:
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     return TrainConfig(**{**defaults, **given})
 
-
+# %% ../nbs/06_training.ipynb #c162
 def demo_parser() -> argparse.ArgumentParser:
     "The command line of `python -m neurolm_nb.training`."
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.training",
