@@ -76,7 +76,7 @@ class BenchConfig:
     def name(self) -> str:
         return f"{self.attn_impl}/{self.dtype}" + ("+compile" if self.compile else "")
 
-
+# %% ../nbs/52_bench.ipynb #c009
 def bench_model(cfg: BenchConfig) -> NeuroLM:
     "A NeuroLM of the benchmark's shapes with random weights (the encoder frozen, as in stage 2)."
     seed_everything(cfg.seed)
@@ -99,7 +99,7 @@ def bench_batch(cfg: BenchConfig, vocab: VocabLayout, device: torch.device | str
              "eeg_targets": next_second_targets(codes, time_index, mask, vocab=vocab)}
     return {k: v.to(device) for k, v in batch.items()}
 
-# %% ../nbs/52_bench.ipynb #c009
+# %% ../nbs/52_bench.ipynb #c012
 def model_flops(cfg: BenchConfig) -> dict[str, float]:
     "FLOPs of one training step by part (the 6N + 12·L·T·d count; frozen encoder forward only)."
     tokens = cfg.batch * cfg.seq
@@ -119,7 +119,7 @@ def model_flops(cfg: BenchConfig) -> dict[str, float]:
     parts["total"] = sum(parts.values())
     return {k: float(v) for k, v in parts.items()}
 
-# %% ../nbs/52_bench.ipynb #c013
+# %% ../nbs/52_bench.ipynb #c016
 PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks, TFLOP/s; searched in this order (specific names first)
     "H100 PCIE": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0,
     "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
@@ -132,7 +132,7 @@ def peak_tflops_for(device_name: str, dtype: str) -> float | None:
         return None
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name.upper()), None)
 
-# %% ../nbs/52_bench.ipynb #c016
+# %% ../nbs/52_bench.ipynb #c019
 def _peak_rss_mb() -> float:
     "This process's peak resident set so far (Linux reports KiB, macOS bytes)."
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -164,7 +164,7 @@ def _time_steps(step, optimizer: torch.optim.Optimizer, device: torch.device, dt
             times.append(time.perf_counter() - t0)
     return times, losses
 
-
+# %% ../nbs/52_bench.ipynb #c023
 def _check_device(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={str(device)!r} was asked for, but CUDA is not available")
@@ -180,7 +180,7 @@ def _memory(device: torch.device, before_mb: float | None) -> dict:
         return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20, "mem_kind": "cuda max allocated"}
     return {"peak_mem_mb": _peak_rss_mb(), "model_mem_mb": before_mb, "mem_kind": "cpu peak rss (process)"}
 
-
+# %% ../nbs/52_bench.ipynb #c026
 def measure(cfg: BenchConfig, peak_tflops: float | None = None) -> dict:
     "Time `cfg.steps` training steps after `cfg.warmup`; tokens/s, peak memory, TFLOP/s and MFU."
     device = torch.device(cfg.device)
@@ -207,7 +207,7 @@ def measure(cfg: BenchConfig, peak_tflops: float | None = None) -> dict:
             "flops_per_step": flops["total"], "flops_by_part": flops, "achieved_tflops": achieved,
             "peak_tflops": peak, "mfu": achieved / peak if peak else None, **_memory(device, memory_before)}
 
-# %% ../nbs/52_bench.ipynb #c019
+# %% ../nbs/52_bench.ipynb #c029
 @dataclass
 class TokenizerBenchConfig:
     "Shapes of one stage-1 benchmark run; the defaults are NeuroLM's full-width tokenizer on a CPU."
@@ -260,7 +260,7 @@ class TokenizerBenchConfig:
                                 kmeans_init=False, domain_classes=2 if self.text else 0,
                                 text_vocab_size=self.text_vocab if self.text else 0)
 
-
+# %% ../nbs/52_bench.ipynb #c032
 def tokenizer_bench_model(cfg: TokenizerBenchConfig) -> TextAlignedVQ:
     "The stage-1 model of the benchmark's shapes with random weights (the text table stays frozen)."
     seed_everything(cfg.seed)
@@ -286,7 +286,7 @@ def tokenizer_step_loss(model: TextAlignedVQ, batch: dict[str, torch.Tensor], al
     return model(X, batch["input_chans"], batch["input_time"], mask, targets=neurolm_targets(X, mask),
                  text_ids=batch.get("text_ids"), alpha=alpha)
 
-# %% ../nbs/52_bench.ipynb #c022
+# %% ../nbs/52_bench.ipynb #c035
 def tokenizer_flops(cfg: TokenizerBenchConfig) -> dict[str, float]:
     "FLOPs of one stage-1 training step by part (6N per trained weight and patch + 12·L·T·d attention)."
     vq = cfg.vq_config()
@@ -309,7 +309,7 @@ def tokenizer_flops(cfg: TokenizerBenchConfig) -> dict[str, float]:
     parts["total"] = sum(parts.values())
     return {k: float(v) for k, v in parts.items()}
 
-# %% ../nbs/52_bench.ipynb #c026
+# %% ../nbs/52_bench.ipynb #c039
 def measure_tokenizer(cfg: TokenizerBenchConfig, peak_tflops: float | None = None) -> dict:
     "Time `cfg.steps` stage-1 steps after `cfg.warmup`; patches/s, peak memory, TFLOP/s and MFU."
     device = torch.device(cfg.device)
@@ -346,7 +346,7 @@ def measure_tokenizer(cfg: TokenizerBenchConfig, peak_tflops: float | None = Non
             "flops_per_step": flops["total"], "flops_by_part": flops, "achieved_tflops": achieved,
             "peak_tflops": peak, "mfu": achieved / peak if peak else None, **_memory(device, memory_before)}
 
-# %% ../nbs/52_bench.ipynb #c029
+# %% ../nbs/52_bench.ipynb #c042
 def reference_config(cfg: BenchConfig | TokenizerBenchConfig) -> BenchConfig | TokenizerBenchConfig:
     "The float32, SDPA, uncompiled twin of `cfg` (same shapes, seed, weights, batch and steps)."
     changes = dict(dtype="float32", compile=False)
@@ -369,7 +369,7 @@ def loss_check(results: Sequence[dict], references: Sequence[dict], rtol: float 
                      "ok": all(v <= rtol for v in rel.values())})  # NaN compares False: not ok
     return rows
 
-
+# %% ../nbs/52_bench.ipynb #c045
 def run_loss_check(configs: Sequence, results: Sequence[dict], rtol: float = 1e-2, isolate: bool = True) -> list[dict]:
     "Run each distinct float32 reference of `configs` once and `loss_check` `results` (in the same order) against them."
     refs = [reference_config(c) for c in configs]
@@ -390,7 +390,7 @@ def format_loss_check(rows: Sequence[dict]) -> str:
                          f"(rel {r['rel_diff_last']:.1e}), rtol {r['rtol']:.0e}: {'ok' if r['ok'] else 'FAILED'}")
     return "\n".join(lines)
 
-# %% ../nbs/52_bench.ipynb #c033
+# %% ../nbs/52_bench.ipynb #c049
 def _resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -412,7 +412,7 @@ def tokenizer_configs(device: str = "auto", **shapes) -> list[TokenizerBenchConf
         return [TokenizerBenchConfig(dtype="bf16", device=device, **shapes)]
     return [TokenizerBenchConfig(dtype="float32", device=device, **shapes)]
 
-
+# %% ../nbs/52_bench.ipynb #c052
 BENCH_MODELS = {"lm": (BenchConfig, measure), "tokenizer": (TokenizerBenchConfig, measure_tokenizer)}
 
 
@@ -451,7 +451,7 @@ def run_benchmarks(configs: Sequence[BenchConfig | TokenizerBenchConfig], isolat
             print(format_table([row]).splitlines()[-1], flush=True)
     return results
 
-
+# %% ../nbs/52_bench.ipynb #c055
 _COLUMNS = [("name", "config", "{}"), ("device", "device_name", "{}"), ("batch×seq", None, "{}"),
             ("layers", None, "{}"), ("step s", "step_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
             ("peak MB", "peak_mem_mb", "{:,.0f}"), ("TFLOP/s", "achieved_tflops", "{:.3f}"), ("MFU", "mfu", "{:.1%}")]
@@ -487,13 +487,22 @@ def format_table(results: Sequence[dict]) -> str:
     line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
-
+# %% ../nbs/52_bench.ipynb #c058
 _LM_FLAGS = ("layers", "width", "heads")
 _SHARED_FLAGS = ("encoder_layers", "encoder_width", "encoder_heads", "seq", "channels", "batch", "steps", "warmup",
                  "seed")
 _TOKENIZER_FLAGS = ("decoder_layers", "text_batch", "text_block")
 
 
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value else None
+
+
+def _flag_names(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
+
+# %% ../nbs/52_bench.ipynb #c061
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.bench",
                                      description="Training tokens/s, peak memory and MFU of NeuroLM's stage-2 step "
@@ -524,16 +533,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one config as JSON (isolated child)
     return parser
 
-
-def _env_float(name: str) -> float | None:
-    value = os.environ.get(name)
-    return float(value) if value else None
-
-
-def _flag_names(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
-
-
+# %% ../nbs/52_bench.ipynb #c064
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.bench [flags]`: measure, print a table and the results as JSON."
     parser = bench_parser()

@@ -24,8 +24,8 @@ __all__ = ['ORIG_MOD_PREFIX', 'LM_FIXTURE_BATCHES', 'CheckpointMismatchError', '
            'strip_prefix', 'official_key', 'official_key_table', 'load_official_state_dict', 'to_official_state_dict',
            'neurolm_config_from_state_dict', 'labram_config_from_state_dict', 'load_official_neurolm_tokenizer',
            'load_official_labram_vqnsp', 'to_official_neurolm_tokenizer', 'to_official_labram_vqnsp', 'fixture_dir',
-           'load_fixture', 'fixture_state_dict', 'neurolm_fixture_outputs', 'labram_fixture_outputs',
-           'compare_with_fixture', 'neurolm_model_args', 'load_official_neurolm', 'to_official_neurolm',
+           'load_fixture', 'fixture_state_dict', 'compare_with_fixture', 'neurolm_fixture_outputs',
+           'labram_fixture_outputs', 'neurolm_model_args', 'load_official_neurolm', 'to_official_neurolm',
            'official_neurolm_key_table', 'neurolm_encoder_from_vq', 'neurolm_lm_fixture_outputs']
 
 # %% ../nbs/40_official_weights.ipynb #c006
@@ -60,7 +60,7 @@ def _check_checkpoint_file(path: Path) -> None:
     elif not head.startswith(b"\x80"):
         raise CheckpointFileError(f"checkpoint {path} is not a torch checkpoint: it starts with {head[:16]!r}; {_EXPECTED}")
 
-# %% ../nbs/40_official_weights.ipynb #c007
+# %% ../nbs/40_official_weights.ipynb #c009
 def _torch_load(path: Path, trusted: bool) -> tuple[Any, str | None]:
     "(object, None), or (None, the class it needs) when only `weights_only=False` could load it."
     found = None
@@ -99,7 +99,7 @@ def read_checkpoint(source: str | Path | Mapping, trusted: bool = False) -> dict
         raise CheckpointFileError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict; {_EXPECTED}")
     return dict(ckpt)
 
-# %% ../nbs/40_official_weights.ipynb #c008
+# %% ../nbs/40_official_weights.ipynb #c012
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = ORIG_MOD_PREFIX) -> dict:
     "Remove `prefix` from every key that starts with it."
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
@@ -115,7 +115,7 @@ def _state_dict_of(ckpt: Mapping, containers: tuple[str, ...]) -> tuple[dict, di
     raise CheckpointMismatchError(f"no state dict found: expected one of the keys {list(containers)} holding a "
                                   f"state dict, or a flat dict of tensors; got keys {sorted(map(str, ckpt))[:10]}")
 
-# %% ../nbs/40_official_weights.ipynb #c010
+# %% ../nbs/40_official_weights.ipynb #c015
 _KINDS = {"VQ.encoder.": ("a NeuroLM tokenizer (VQ_Align)", "load_official_neurolm_tokenizer"),
           "encoder.": ("a LaBraM VQNSP tokenizer", "load_official_labram_vqnsp"),
           "GPT2.": ("a NeuroLM-B/L/XL language model", "load_official_neurolm"),
@@ -142,7 +142,7 @@ def _naming(source):
             raise
         raise type(e)(f"{source}: {e}") from None
 
-# %% ../nbs/40_official_weights.ipynb #c016
+# %% ../nbs/40_official_weights.ipynb #c020
 _lead_one = lambda shape: (1, *shape)        # [R, D] table -> [1, R, D] parameter
 _conv_1x1 = lambda shape: (*shape, 1, 1)     # Linear [out, in] -> Conv2d 1x1 [out, in, 1, 1]
 
@@ -173,7 +173,7 @@ _LABRAM_TOWER = [
     (r"norm\.(weight|bias)", r"fc_norm.\1", None),
 ]
 
-
+# %% ../nbs/40_official_weights.ipynb #c023
 def _quantizer_rules(prefix: str) -> list:
     return [(r"quantizer\.codebook", f"{prefix}quantize.embedding.weight", None),
             (r"quantizer\.kmeans_counts", f"{prefix}quantize.embedding.cluster_size", None),
@@ -203,7 +203,7 @@ _FLAVOURS = {
     },
 }
 
-
+# %% ../nbs/40_official_weights.ipynb #c026
 def official_key(key: str, flavour: str) -> tuple[str, Callable | None]:
     "(official key, shape change or None) for one of our state-dict keys; KeyError if it has none."
     spec = _FLAVOURS[flavour]
@@ -231,7 +231,7 @@ def official_key_table(model: VQTokenizer, flavour: str) -> dict[str, tuple[str,
         table[theirs] = (key, shape, tuple(reshape(shape)) if reshape else shape)
     return table
 
-# %% ../nbs/40_official_weights.ipynb #c019
+# %% ../nbs/40_official_weights.ipynb #c029
 def _mismatches(table: Mapping, state_dict: Mapping, flavour: str) -> list[str]:
     problems = []
     for theirs, (_, _, shape) in table.items():
@@ -245,7 +245,7 @@ def _mismatches(table: Mapping, state_dict: Mapping, flavour: str) -> list[str]:
                             f"official {flavour} model with this configuration")
     return problems
 
-
+# %% ../nbs/40_official_weights.ipynb #c032
 def load_official_state_dict(model: VQTokenizer, state_dict: Mapping[str, torch.Tensor], flavour: str,
                              strict: bool = True) -> VQTokenizer:
     "Load an official state dict (official key names) into `model`, every key and shape checked."
@@ -277,7 +277,7 @@ def to_official_state_dict(model: VQTokenizer, flavour: str) -> dict[str, torch.
     return {theirs: ours[key].reshape(official_shape) for theirs, (key, _, official_shape)
             in official_key_table(model, flavour).items()}
 
-# %% ../nbs/40_official_weights.ipynb #c021
+# %% ../nbs/40_official_weights.ipynb #c035
 def _shape(sd: Mapping, key: str, what: str) -> tuple:
     if key not in sd:
         raise CheckpointMismatchError(f"cannot read the {what} from the checkpoint: key {key!r} is missing")
@@ -313,7 +313,7 @@ def neurolm_config_from_state_dict(sd: Mapping, encoder_args: Mapping | None = N
                                           f"{cfg[depth_key]} blocks ({depth_key})")
     return VQConfig.neurolm(**{**cfg, **overrides})
 
-
+# %% ../nbs/40_official_weights.ipynb #c038
 def labram_config_from_state_dict(sd: Mapping, **overrides) -> VQConfig:
     "The `VQConfig` of an official LaBraM VQNSP state dict."
     dim = _shape(sd, "encoder.fc_norm.weight", "width")[0]
@@ -329,7 +329,7 @@ def labram_config_from_state_dict(sd: Mapping, **overrides) -> VQConfig:
                  "phase": _shape(sd, "decode_task_layer_angle.2.weight", "phase head")[0]})
     return VQConfig.labram(**{**cfg, **overrides})
 
-# %% ../nbs/40_official_weights.ipynb #c023
+# %% ../nbs/40_official_weights.ipynb #c041
 _LABRAM_DROPPED = ("loss", "teacher", "scaling")  # prefixes LaBraM's own tokenizer loader discards
 
 
@@ -344,7 +344,7 @@ def _finish(model: VQTokenizer, sd: Mapping, flavour: str, strict: bool) -> VQTo
         model = VQTokenizer(model.config)  # a partial load needs real initial values for the missing keys
     return load_official_state_dict(model, sd, flavour, strict)
 
-
+# %% ../nbs/40_official_weights.ipynb #c044
 def load_official_neurolm_tokenizer(source: str | Path | Mapping, model: VQTokenizer | None = None,
                                     strict: bool = True, trusted: bool = False, **config_overrides) -> VQTokenizer:
     "A `VQTokenizer` holding an official NeuroLM `VQ_Align` checkpoint (train_vq.py format or bare state dict)."
@@ -373,7 +373,7 @@ def load_official_labram_vqnsp(source: str | Path | Mapping, model: VQTokenizer 
             raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
         return _finish(model, sd, "labram", strict)
 
-
+# %% ../nbs/40_official_weights.ipynb #c047
 def to_official_neurolm_tokenizer(model: VQTokenizer, as_checkpoint: bool = False) -> dict:
     "Our model as an official `VQ_Align` state dict, or (`as_checkpoint`) a train_vq.py-style checkpoint."
     sd = to_official_state_dict(model, "neurolm")
@@ -391,7 +391,7 @@ def to_official_labram_vqnsp(model: VQTokenizer, as_checkpoint: bool = False) ->
     sd = to_official_state_dict(model, "labram")
     return {"model": sd} if as_checkpoint else sd
 
-# %% ../nbs/40_official_weights.ipynb #c031
+# %% ../nbs/40_official_weights.ipynb #c056
 def fixture_dir() -> Path:
     "`shared/fixtures/official` beside the checkout (FileNotFoundError naming what is missing)."
     root = shared_dir()
@@ -425,7 +425,26 @@ def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = N
         raise ValueError(f"fixture_state_dict knows the tokenizer fixtures 'neurolm_vq_tiny' and 'labram_vqnsp', not {name!r}")
     return sd
 
-# %% ../nbs/40_official_weights.ipynb #c033
+# %% ../nbs/40_official_weights.ipynb #c059
+def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
+                         atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, dict]:
+    "Per output: max |difference| and whether it is within README §5 (losses: rtol; indices: exact; else atol+rtol)."
+    report = {}
+    for name, value in ours.items():
+        ref = t[f"output.{name}"]
+        value = value.detach().to(ref.dtype) if not ref.is_floating_point() else value.detach().float()
+        if not ref.is_floating_point():
+            ok, diff = torch.equal(value, ref), float((value != ref).sum())
+        elif name.startswith("loss"):
+            diff = abs(value.item() - ref.item())
+            ok = diff <= rtol * abs(ref.item())
+        else:
+            diff = (value - ref).abs().max().item()
+            ok = torch.allclose(value, ref, atol=atol, rtol=rtol)
+        report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
+    return report
+
+# %% ../nbs/40_official_weights.ipynb #c062
 def neurolm_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Our outputs for the `neurolm_vq_tiny` inputs, under the fixture's output names."
     with torch.no_grad():
@@ -458,26 +477,7 @@ def labram_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) ->
             "loss_rec_amplitude": o.losses["rec_amplitude"], "loss_rec_phase": o.losses["rec_phase"],
             "loss_total": o.loss}
 
-
-def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
-                         atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, dict]:
-    "Per output: max |difference| and whether it is within README §5 (losses: rtol; indices: exact; else atol+rtol)."
-    report = {}
-    for name, value in ours.items():
-        ref = t[f"output.{name}"]
-        value = value.detach().to(ref.dtype) if not ref.is_floating_point() else value.detach().float()
-        if not ref.is_floating_point():
-            ok, diff = torch.equal(value, ref), float((value != ref).sum())
-        elif name.startswith("loss"):
-            diff = abs(value.item() - ref.item())
-            ok = diff <= rtol * abs(ref.item())
-        else:
-            diff = (value - ref).abs().max().item()
-            ok = torch.allclose(value, ref, atol=atol, rtol=rtol)
-        report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
-    return report
-
-# %% ../nbs/40_official_weights.ipynb #c040
+# %% ../nbs/40_official_weights.ipynb #c069
 _MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 
@@ -502,7 +502,7 @@ def _check_model_args(model_args: Mapping, model, skip: tuple[str, ...] = ()) ->
     if wrong:
         raise CheckpointMismatchError(f"the checkpoint's model_args contradict its state dict: {', '.join(wrong)}")
 
-
+# %% ../nbs/40_official_weights.ipynb #c072
 def load_official_neurolm(source: str | Path | Mapping, model=None, strict: bool = True, n_head: int | None = None,
                           trusted: bool = False, **config_overrides):
     """A `neurolm_nb.model.NeuroLM` holding an official NeuroLM-B/L/XL checkpoint (stage 2 or 3).
@@ -533,7 +533,7 @@ def to_official_neurolm(model, as_checkpoint: bool = False, compiled: bool = Fal
         return sd
     return {"model": sd, "model_args": neurolm_model_args(model.config), "iter_num": iter_num, "epoch": epoch}
 
-
+# %% ../nbs/40_official_weights.ipynb #c075
 def official_neurolm_key_table(model) -> dict[str, tuple[str, tuple]]:
     "{official key: (our key, shape)} for every entry of a NeuroLM's state dict (the names never reshape)."
     ours = model.state_dict()
@@ -548,7 +548,7 @@ def neurolm_encoder_from_vq(source: str | Path | Mapping, trusted: bool = False)
         _expect_keys(sd, "VQ.encoder.", "VQ.encoder.fc_norm.weight")
         return {"tokenizer." + k[len("VQ.encoder."):]: v for k, v in sd.items() if k.startswith("VQ.encoder.")}
 
-# %% ../nbs/40_official_weights.ipynb #c042
+# %% ../nbs/40_official_weights.ipynb #c078
 LM_FIXTURE_BATCHES = ("pretrain", "text", "instruct")
 
 

@@ -26,7 +26,7 @@ from .evaluation import PAPER_RESULTS
 __all__ = ['TASKS', 'TASK_TITLES', 'TASK_N_CLASSES', 'METRIC_ORDER', 'METRIC_TITLES', 'METRIC_ALIASES', 'PAPER_SINGLE_TASK',
            'PAPER_NEUROLM', 'FIGURES', 'TRAINING_LOGS', 'PAPER_COLUMN', 'LABRAM_PAPER_COLUMN', 'RUN_COLUMN',
            'RUN_ORIGINAL_COLUMN', 'LABRAM_RUN_COLUMN', 'NOT_METRICS', 'metric_key', 'numeric_metrics', 'paper_results',
-           'MissingInput', 'Made', 'FigureContext', 'resolve_run', 'figure', 'dataset_rows', 'markdown_table',
+           'MissingInput', 'Made', 'resolve_run', 'figure', 'FigureContext', 'dataset_rows', 'markdown_table',
            'csv_text', 'write_text', 'datasets_table', 'stair_mask_example', 'plot_stair_mask', 'stair_mask_figure',
            'load_stage_tokenizer', 'Probe', 'probe', 'codebook_usage_over_training', 'codebook_usage_histogram',
            'reconstructions', 'alignment_maps', 'smooth', 'run_label', 'find_log', 'plot_training_curves',
@@ -61,7 +61,7 @@ PAPER_SINGLE_TASK = {
                 "tuev": {"balanced_accuracy": 0.6671, "cohen_kappa": 0.6772, "f1_weighted": 0.8342}},
 }
 
-
+# %% ../nbs/90_paper_figures.ipynb #c009
 def metric_key(name: str) -> str:
     "The project's name for a metric (`kappa` -> `cohen_kappa`, `wf1` -> `f1_weighted`, ...)."
     key = str(name).strip().lower().replace("-", "_").replace(" ", "_")
@@ -86,7 +86,7 @@ def paper_results() -> tuple[dict[str, dict[str, float]], str]:
     "NeuroLM's published numbers {task: {metric: value}} and where they came from."
     return PAPER_NEUROLM, "neurolm_nb.evaluation.PAPER_RESULTS['NeuroLM'] (reference/neurolm.md §6)"
 
-# %% ../nbs/90_paper_figures.ipynb #c009
+# %% ../nbs/90_paper_figures.ipynb #c012
 class MissingInput(Exception):
     "A figure's input is not in the run directory (its stage has not run, or has not finished)."
 
@@ -99,6 +99,25 @@ class Made:
     notes: list = field(default_factory=list)
 
 
+def resolve_run(path: str | Path) -> Path:
+    "A run root as given, or relative to the project root when it does not exist relative to the working folder."
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return project_root() / p
+
+
+FIGURES: dict[str, Callable[[FigureContext], Made]] = {}
+
+
+def figure(name: str):
+    "Register a figure function `fn(ctx) -> Made` under `name` (kept in registration order)."
+    def register(fn):
+        FIGURES[name] = fn
+        return fn
+    return register
+
+# %% ../nbs/90_paper_figures.ipynb #c015
 class FigureContext:
     "The run to draw from, where to draw to, and the drawing settings; caches shared work."
     def __init__(self, run_root: str | Path, out_dir: str | Path | None = None, runs: Sequence | None = None,
@@ -147,26 +166,7 @@ class FigureContext:
         plt.close(fig)
         return [p.name for p in paths]
 
-
-def resolve_run(path: str | Path) -> Path:
-    "A run root as given, or relative to the project root when it does not exist relative to the working folder."
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return project_root() / p
-
-
-FIGURES: dict[str, Callable[[FigureContext], Made]] = {}
-
-
-def figure(name: str):
-    "Register a figure function `fn(ctx) -> Made` under `name` (kept in registration order)."
-    def register(fn):
-        FIGURES[name] = fn
-        return fn
-    return register
-
-# %% ../nbs/90_paper_figures.ipynb #c012
+# %% ../nbs/90_paper_figures.ipynb #c018
 def dataset_rows(run_root: str | Path) -> list[dict]:
     "One row per built dataset under run_root/datasets: windows and subjects per split, channels, seconds, classes."
     rows = []
@@ -188,7 +188,7 @@ def dataset_rows(run_root: str | Path) -> list[dict]:
         rows.append(row)
     return rows
 
-
+# %% ../nbs/90_paper_figures.ipynb #c021
 def markdown_table(rows: list[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
     "A GitHub markdown table of `rows` (floats to `digits` places, None as an en dash)."
     columns = list(columns or (rows[0].keys() if rows else []))
@@ -218,7 +218,7 @@ def write_text(path: str | Path, text: str) -> Path:
     "Write UTF-8 text atomically."
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-
+# %% ../nbs/90_paper_figures.ipynb #c024
 @figure("datasets")
 def datasets_table(ctx: FigureContext) -> Made:
     ctx.need("datasets", "datasets", record=False)
@@ -230,7 +230,7 @@ def datasets_table(ctx: FigureContext) -> Made:
     write_text(ctx.out_dir / "datasets.csv", csv_text(rows))
     return Made(["datasets.md", "datasets.csv"])
 
-# %% ../nbs/90_paper_figures.ipynb #c015
+# %% ../nbs/90_paper_figures.ipynb #c027
 def stair_mask_example(n_channels: int = 3, n_seconds: int = 3, n_pad: int = 2, n_text: int = 3):
     "(mask [S, S] bool, token labels) of a toy time-major sequence, from `model.stair_mask`."
     from neurolm_nb.model import stair_mask
@@ -268,7 +268,7 @@ def stair_mask_figure(ctx: FigureContext) -> Made:
     mask, labels = stair_mask_example()
     return Made(ctx.save(plot_stair_mask(mask, labels), "stair_mask"), notes=["drawn from model.stair_mask"])
 
-# %% ../nbs/90_paper_figures.ipynb #c018
+# %% ../nbs/90_paper_figures.ipynb #c030
 def load_stage_tokenizer(ctx: FigureContext):
     "(checkpoint dict, VQTokenizer in eval mode) of the run's stage 1, cached."
     def load():
@@ -286,7 +286,7 @@ class Probe:
     datasets: list
     split: str
 
-
+# %% ../nbs/90_paper_figures.ipynb #c033
 def probe(ctx: FigureContext) -> Probe:
     "The tokenizer's eval-mode forward on `ctx.probe_samples` seeded windows (cached)."
     def compute():
@@ -317,7 +317,7 @@ def probe(ctx: FigureContext) -> Probe:
         return Probe(batch, run_probe(vq, batch), [r.name for r in roots], split)
     return ctx.cached("probe", compute)
 
-
+# %% ../nbs/90_paper_figures.ipynb #c036
 @figure("codebook_usage_over_training")
 def codebook_usage_over_training(ctx: FigureContext) -> Made:
     from neurolm_nb.tokenizer_stage import plot_usage_over_training, read_code_usage
@@ -350,7 +350,7 @@ def reconstructions(ctx: FigureContext) -> Made:
     return Made(ctx.save(plot_reconstructions(p.output, p.batch, 4, ctx.seed), "reconstructions"),
                 notes=[f"{p.split} windows of {', '.join(p.datasets)}"])
 
-# %% ../nbs/90_paper_figures.ipynb #c020
+# %% ../nbs/90_paper_figures.ipynb #c039
 @figure("alignment_maps")
 def alignment_maps(ctx: FigureContext) -> Made:
     from neurolm_nb.alignment import TextWindows
@@ -376,7 +376,7 @@ def alignment_maps(ctx: FigureContext) -> Made:
     fig = plot_domain_maps(panels, ctx.map_method, ctx.seed)
     return Made(ctx.save(fig, "alignment_maps"), notes=[f"text source: {source.name}"])
 
-# %% ../nbs/90_paper_figures.ipynb #c022
+# %% ../nbs/90_paper_figures.ipynb #c042
 # panel title -> (candidate log files under a run root, [(key, label)], y label, log scale)
 TRAINING_LOGS = {
     "stage 1: tokenizer": (("tokenizer/train/metrics.jsonl",), (("loss", "total"), ("rec_freq", "MSE frequency"),
@@ -402,7 +402,7 @@ def smooth(values: Sequence[float], fraction: float = 0.02) -> np.ndarray:
     padded = np.pad(v, w // 2, mode="edge")
     return np.convolve(padded, np.ones(w) / w, mode="valid")
 
-
+# %% ../nbs/90_paper_figures.ipynb #c045
 def run_label(run: Path) -> str:
     "A run's name in legends: its folder name (runs/paper-b -> paper-b)."
     return Path(run).name or str(run)
@@ -416,7 +416,7 @@ def find_log(run: Path, candidates: Sequence[str]) -> Path | None:
             return p
     return None
 
-
+# %% ../nbs/90_paper_figures.ipynb #c048
 def plot_training_curves(curves: dict[str, list[tuple[str, str, list, list]]], ylabels: dict, logy: dict):
     "One panel per stage; curves[panel] = [(run label, key label, steps, values)]."
     import matplotlib.pyplot as plt
@@ -445,7 +445,7 @@ def plot_training_curves(curves: dict[str, list[tuple[str, str, list, list]]], y
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/90_paper_figures.ipynb #c051
 @figure("training_curves")
 def training_curves(ctx: FigureContext) -> Made:
     curves, notes, inputs = {}, [], []
@@ -469,7 +469,7 @@ def training_curves(ctx: FigureContext) -> Made:
                                {t: v[3] for t, v in TRAINING_LOGS.items()})
     return Made(ctx.save(fig, "training_curves"), notes=notes)
 
-# %% ../nbs/90_paper_figures.ipynb #c025
+# %% ../nbs/90_paper_figures.ipynb #c054
 PAPER_COLUMN, LABRAM_PAPER_COLUMN = "NeuroLM (paper)", "LaBraM-Base (paper)"
 RUN_COLUMN, RUN_ORIGINAL_COLUMN = "NeuroLM (this run)", "NeuroLM (this run, original evaluation)"
 LABRAM_RUN_COLUMN = "LaBraM (this run)"
@@ -492,7 +492,7 @@ def labram_result(run_root: str | Path) -> dict | None:
     row = load_json(path).get("results_row")
     return row if isinstance(row, dict) and row.get("task") else None
 
-
+# %% ../nbs/90_paper_figures.ipynb #c057
 def _baselines(task: dict) -> dict[str, dict[str, float]]:
     "{column name: metrics} of a task's 'baseline' entry (flat metrics, or several named baselines)."
     base = task.get("baseline")
@@ -508,7 +508,7 @@ def _ordered(metrics) -> list[str]:
     known = [m for m in METRIC_ORDER if m in metrics]
     return known + sorted(m for m in metrics if m not in METRIC_ORDER)
 
-
+# %% ../nbs/90_paper_figures.ipynb #c060
 def results_rows(evaluation: dict | None, labram: dict | None = None, paper: dict | None = None,
                  labram_paper: dict | None = None) -> tuple[list[dict], list[str]]:
     "(rows, columns) of the results table: one row per (task, metric), paper and run side by side."
@@ -540,7 +540,7 @@ def results_rows(evaluation: dict | None, labram: dict | None = None, paper: dic
                          RUN_COLUMN: float(run["unparseable_rate"])})
     return rows, columns
 
-# %% ../nbs/90_paper_figures.ipynb #c027
+# %% ../nbs/90_paper_figures.ipynb #c063
 def example_evaluation_metrics(seed: int = 0, n: int = 60, tasks: Sequence[str] = TASKS) -> dict:
     "An evaluation/metrics.json in the 32_evaluation contract from seeded random predictions (example data)."
     from sklearn.metrics import (balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
@@ -577,7 +577,7 @@ def example_evaluation_metrics(seed: int = 0, n: int = 60, tasks: Sequence[str] 
                      "baseline": {"name": "majority class", "balanced_accuracy": 1.0 / k}}
     return {"tasks": out, "paper": PAPER_NEUROLM, "note": "example data from seeded random predictions, not a model"}
 
-# %% ../nbs/90_paper_figures.ipynb #c030
+# %% ../nbs/90_paper_figures.ipynb #c066
 def plot_results(rows: list[dict], columns: Sequence[str], metric: str = "balanced_accuracy",
                  n_classes: dict | None = None):
     "Grouped bars of `metric` per task, one bar per source column that has it; chance as a dashed line."
@@ -604,7 +604,7 @@ def plot_results(rows: list[dict], columns: Sequence[str], metric: str = "balanc
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/90_paper_figures.ipynb #c069
 @figure("results")
 def results_table(ctx: FigureContext) -> Made:
     evaluation = load_evaluation(ctx)
@@ -627,7 +627,7 @@ def results_table(ctx: FigureContext) -> Made:
     files = ["results.md", "results.csv"] + ctx.save(plot_results(rows, columns, n_classes=n_classes), "results")
     return Made(files, notes=notes)
 
-# %% ../nbs/90_paper_figures.ipynb #c032
+# %% ../nbs/90_paper_figures.ipynb #c072
 def plot_confusion_matrices(tasks: dict):
     "A row-normalised confusion matrix per task: tasks = {task: {'confusion': [[...]], 'classes': [...]}}."
     import matplotlib.pyplot as plt
@@ -660,7 +660,7 @@ def plot_confusion_matrices(tasks: dict):
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/90_paper_figures.ipynb #c075
 @figure("confusion_matrices")
 def confusion_matrices(ctx: FigureContext) -> Made:
     evaluation = load_evaluation(ctx)
@@ -669,7 +669,7 @@ def confusion_matrices(ctx: FigureContext) -> Made:
         raise MissingInput("evaluation/metrics.json holds no confusion matrix")
     return Made(ctx.save(plot_confusion_matrices(tasks), "confusion_matrices"))
 
-# %% ../nbs/90_paper_figures.ipynb #c035
+# %% ../nbs/90_paper_figures.ipynb #c078
 @dataclass
 class FigureReport:
     "What `make_figures` made, what it could not make for missing inputs, and what failed."
@@ -699,7 +699,7 @@ class FigureReport:
             lines += [f"- **{name}**: {why}" for name, why in self.failed.items()]
         return "\n".join(lines) + "\n"
 
-
+# %% ../nbs/90_paper_figures.ipynb #c081
 def make_figures(run_root: str | Path, out_dir: str | Path | None = None, runs: Sequence | None = None,
                  only: Sequence[str] | None = None, strict: bool = False, seed: int = 0, probe_samples: int = 16,
                  map_points: int = 300, map_method: str = "umap", formats: Sequence[str] = ("png", "svg"),
@@ -743,7 +743,7 @@ def make_figures(run_root: str | Path, out_dir: str | Path | None = None, runs: 
                "formats": list(formats), "dpi": dpi}, ctx.out_dir / "config.json")
     return report
 
-# %% ../nbs/90_paper_figures.ipynb #c046
+# %% ../nbs/90_paper_figures.ipynb #c092
 def figures_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.figures",
                                      description="Regenerate every figure and table of a NeuroLM run directory")

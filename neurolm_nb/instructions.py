@@ -25,14 +25,14 @@ __all__ = ['ENDOFTEXT', 'EEG_MAX_LEN', 'TEXT_MAX_LEN', 'INSTRUCTION_TASKS', 'TAS
            'get_task', 'TextTokenizer', 'StubTokenizer', 'HFTextTokenizer', 'load_text_tokenizer', 'InstructionText',
            'build_instruction_text', 'longest_text', 'instruction_sample', 'parse_answer', 'decode_answers',
            'greedy_answers', 'option_continuations', 'OptionScores', 'score_options', 'InstructionDataset',
-           'collate_instructions', 'MixedInstructions', 'find_task_datasets']
+           'collate_instructions', 'find_task_datasets', 'MixedInstructions']
 
 # %% ../nbs/30_instructions.ipynb #c006
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's end-of-text token: ends every answer, pads training texts
 EEG_MAX_LEN = 276   # EEG tokens of an instruction sample (the widest task, SEED, has 62 x 4 = 248)
 TEXT_MAX_LEN = 80   # text tokens of a training sample, [SEP] included (GPT-2 ids)
 
-
+# %% ../nbs/30_instructions.ipynb #c009
 @dataclass(frozen=True)
 class InstructionTask:
     "One downstream task as a question with fixed answers (in the original's label order)."
@@ -86,7 +86,7 @@ class InstructionTask:
                              f"{list(dataset_classes)} does not fit (unknown: {missing})")
         return np.array([ours[c.lower()] for c in dataset_classes], dtype=np.int64)
 
-
+# %% ../nbs/30_instructions.ipynb #c012
 _OPTIONS = "(A) {}. (B) {}. (C) {}. (D) {}. (E) {}. (F) {}."
 INSTRUCTION_TASKS: dict[str, InstructionTask] = {t.name: t for t in [
     InstructionTask("tuab", "TUAB", "Question: Is this EEG segment abnormal? Answer:",
@@ -119,7 +119,7 @@ def get_task(name: str | InstructionTask) -> InstructionTask:
         raise KeyError(f"no instruction task {name!r}; known: {[t.title for t in INSTRUCTION_TASKS.values()]}")
     return INSTRUCTION_TASKS[key]
 
-# %% ../nbs/30_instructions.ipynb #c009
+# %% ../nbs/30_instructions.ipynb #c015
 class TextTokenizer:
     "Base: `encode` splits on <|endoftext|> and puts `eot_id` between the encoded parts."
     name: str = "text tokenizer"
@@ -147,7 +147,7 @@ class TextTokenizer:
 
 STUB_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 
-
+# %% ../nbs/30_instructions.ipynb #c018
 class StubTokenizer(TextTokenizer):
     "The fixtures' stand-in for GPT-2's BPE: GPT-2's pre-tokenizer split, then id = 1000 + crc32(piece) % 49000."
 
@@ -190,7 +190,7 @@ class StubTokenizer(TextTokenizer):
             json.loads(Path(sequences_json).read_text(encoding="utf-8"))
         return cls(data["stub_tokenizer"]["id_to_piece"])
 
-
+# %% ../nbs/30_instructions.ipynb #c021
 class HFTextTokenizer(TextTokenizer):
     "A Hugging Face `tokenizers.Tokenizer` (GPT-2's byte-level BPE, or the tiny one of data_samples/text)."
 
@@ -223,7 +223,7 @@ def load_text_tokenizer(spec: str | Path | TextTokenizer = "tiny") -> TextTokeni
         raise FileNotFoundError(f"text tokenizer folder {folder} does not exist")
     return HFTextTokenizer(load_text_source(text).tokenizer, text)  # a hub name from the local cache
 
-# %% ../nbs/30_instructions.ipynb #c012
+# %% ../nbs/30_instructions.ipynb #c024
 @dataclass
 class InstructionText:
     "Text ids of one sample (train: padded answer text; eval: the prompt) and their targets."
@@ -239,7 +239,7 @@ def _check_prefix(task: InstructionTask, tokenizer: TextTokenizer, prompt: list[
         raise ValueError(f"{task.title}: with tokenizer {tokenizer.name}, the tokens of the prompt are not a prefix of "
                          f"the tokens of the answered text; the answer would not continue the prompt")
 
-
+# %% ../nbs/30_instructions.ipynb #c027
 def build_instruction_text(task: str | InstructionTask, tokenizer: TextTokenizer, label: int | None = None, *,
                            sep_id: int = NEUROLM_VOCAB.sep_id, text_max_len: int | None = TEXT_MAX_LEN,
                            supervise_paren: bool | None = None) -> InstructionText:
@@ -267,7 +267,7 @@ def longest_text(tasks: Sequence[str | InstructionTask], tokenizer: TextTokenize
     "Tokens ([SEP] included) of the longest answered text of `tasks`: the smallest text_max_len that fits."
     return max(len(tokenizer.encode(get_task(t).text(k))) + 1 for t in tasks for k in range(get_task(t).n_classes))
 
-# %% ../nbs/30_instructions.ipynb #c015
+# %% ../nbs/30_instructions.ipynb #c030
 def instruction_sample(window, channels, task: str | InstructionTask, label: int, tokenizer: TextTokenizer, *,
                        train: bool = True, sep_id: int = NEUROLM_VOCAB.sep_id, eeg_max_len: int = EEG_MAX_LEN,
                        text_max_len: int | None = TEXT_MAX_LEN, supervise_paren: bool | None = None,
@@ -286,7 +286,7 @@ def instruction_sample(window, channels, task: str | InstructionTask, label: int
     sample["label"] = torch.tensor(int(label), dtype=torch.int64)
     return sample
 
-# %% ../nbs/30_instructions.ipynb #c020
+# %% ../nbs/30_instructions.ipynb #c035
 def parse_answer(decoded: str, task: str | InstructionTask, original_unparseable: bool = False) -> int:
     "Task label from a decoded prompt + answer (the original's fixed-position parse); -1 when unparseable."
     task = get_task(task)
@@ -317,7 +317,7 @@ def greedy_answers(model, batch: Mapping[str, torch.Tensor], task: str | Instruc
     texts = decode_answers(ids.cpu(), tokenizer)
     return texts, np.array([parse_answer(t, task, original_unparseable) for t in texts], dtype=np.int64)
 
-# %% ../nbs/30_instructions.ipynb #c023
+# %% ../nbs/30_instructions.ipynb #c038
 def option_continuations(task: str | InstructionTask, tokenizer: TextTokenizer) -> list[list[int]]:
     "For every answer of `task`, the token ids that follow the prompt in its training text (end-of-text included)."
     task = get_task(task)
@@ -340,7 +340,7 @@ class OptionScores:
     def pred(self) -> torch.Tensor:
         return self.probs.argmax(-1)
 
-
+# %% ../nbs/30_instructions.ipynb #c041
 @torch.no_grad()
 def score_options(model, batch: Mapping[str, torch.Tensor], task: str | InstructionTask, tokenizer: TextTokenizer,
                   sep_id: int | None = None) -> OptionScores:
@@ -373,7 +373,7 @@ def score_options(model, batch: Mapping[str, torch.Tensor], task: str | Instruct
     loglik = torch.zeros(B * K, device=device).index_add_(0, rows, picked).view(B, K)
     return OptionScores(loglik, loglik.softmax(-1))
 
-# %% ../nbs/30_instructions.ipynb #c029
+# %% ../nbs/30_instructions.ipynb #c047
 class InstructionDataset(Dataset):
     "Instruction samples over one split of a built dataset (`datasets.build_dataset`)."
 
@@ -418,7 +418,7 @@ class InstructionDataset(Dataset):
         return (f"InstructionDataset({self.task.title}/{self.windows.split}: {self.n} "
                 f"{'training' if self.train else 'evaluation'} samples, {self.tokenizer.name} tokens)")
 
-
+# %% ../nbs/30_instructions.ipynb #c050
 def collate_instructions(samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     "Stack instruction samples into a batch (texts must have one length: one task per evaluation batch)."
     if not samples:
@@ -430,6 +430,24 @@ def collate_instructions(samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
 
 
+def find_task_datasets(datasets_root: str | Path, tasks: str | Sequence[str] | None = "auto") -> dict[str, Path]:
+    "Built datasets of instruction tasks under `datasets_root`: 'auto' = every task that was built, else the named ones."
+    root = Path(datasets_root)
+    if tasks in ("auto", None, ["auto"]):
+        found = {n: root / n for n in TASK_NAMES if (root / n / "index.json").exists()}
+        if not found:
+            raise FileNotFoundError(f"no built instruction datasets ({', '.join(TASK_NAMES)}) in {root}: "
+                                    "run the datasets stage first")
+        return found
+    out = {}
+    for t in [tasks] if isinstance(tasks, str) else tasks:
+        task = get_task(t)
+        if not (root / task.name / "index.json").exists():
+            raise FileNotFoundError(f"task {task.title}: {root / task.name} holds no built dataset (index.json)")
+        out[task.name] = root / task.name
+    return out
+
+# %% ../nbs/30_instructions.ipynb #c053
 class MixedInstructions(Dataset):
     "Training sets of several tasks as one: every window once (proportional), or equal shares per task (balanced)."
 
@@ -467,21 +485,3 @@ class MixedInstructions(Dataset):
 
     def __repr__(self) -> str:
         return f"MixedInstructions({len(self)} samples, {'balanced' if self.balanced else 'proportional'}: {self.shares()})"
-
-
-def find_task_datasets(datasets_root: str | Path, tasks: str | Sequence[str] | None = "auto") -> dict[str, Path]:
-    "Built datasets of instruction tasks under `datasets_root`: 'auto' = every task that was built, else the named ones."
-    root = Path(datasets_root)
-    if tasks in ("auto", None, ["auto"]):
-        found = {n: root / n for n in TASK_NAMES if (root / n / "index.json").exists()}
-        if not found:
-            raise FileNotFoundError(f"no built instruction datasets ({', '.join(TASK_NAMES)}) in {root}: "
-                                    "run the datasets stage first")
-        return found
-    out = {}
-    for t in [tasks] if isinstance(tasks, str) else tasks:
-        task = get_task(t)
-        if not (root / task.name / "index.json").exists():
-            raise FileNotFoundError(f"task {task.title}: {root / task.name} holds no built dataset (index.json)")
-        out[task.name] = root / task.name
-    return out

@@ -149,7 +149,7 @@ def _sample_tokens(sample, max_seconds: int) -> tuple[dict[str, torch.Tensor], A
                             f"({'/'.join(_CHANNEL_KEYS)}); it has keys {sorted(sample)}")
     return neurolm_tokens(window, channels, max_seconds), label
 
-
+# %% ../nbs/04_patching.ipynb #c024
 def collate_neurolm(samples: Sequence, max_tokens: int | None = None, max_seconds: int = MAX_SECONDS) -> dict[str, torch.Tensor]:
     "Batch dict {X [B,L,200], input_chans, input_time [B,L] int64, input_mask [B,L] bool (+ labels)}."
     if len(samples) == 0:
@@ -182,7 +182,7 @@ class NeuroLMCollate:
     def __repr__(self):
         return f"NeuroLMCollate(max_tokens={self.max_tokens}, max_seconds={self.max_seconds})"
 
-# %% ../nbs/04_patching.ipynb #c024
+# %% ../nbs/04_patching.ipynb #c027
 def plot_padding_mask(batch: Mapping[str, torch.Tensor], title: str | None = None):
     "Three stacked maps of a NeuroLM batch: input_mask, input_chans and input_time, [B, L] each."
     import matplotlib.pyplot as plt
@@ -201,7 +201,7 @@ def plot_padding_mask(batch: Mapping[str, torch.Tensor], title: str | None = Non
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_patching.ipynb #c027
+# %% ../nbs/04_patching.ipynb #c030
 def labram_patches(window, channels, max_seconds: int = LABRAM_MAX_SECONDS) -> dict[str, torch.Tensor]:
     "µV window [C, A·200] -> {x [C, A, 200] (µV/100), input_chans [C+1] = [0] + (row+1)} for LaBraM."
     x = split_patches(window)
@@ -238,7 +238,7 @@ def collate_labram(samples: Sequence, max_seconds: int = LABRAM_MAX_SECONDS) -> 
         batch["labels"] = torch.as_tensor(np.asarray([np.asarray(lab) for lab in labels]))
     return batch
 
-# %% ../nbs/04_patching.ipynb #c030
+# %% ../nbs/04_patching.ipynb #c033
 def time_major_order(n_channels: int, n_seconds: int) -> torch.Tensor:
     "perm [C·A]: time-major token j is channel-major token perm[j] (= (j % C)·A + j // C)."
     j = torch.arange(n_channels * n_seconds)
@@ -258,7 +258,7 @@ def time_major_to_channel_major(X: torch.Tensor, n_channels: int) -> torch.Tenso
         raise PatchingError(f"{n} tokens are not a whole number of seconds of n_channels={n_channels}")
     return X.reshape(*lead, n // n_channels, n_channels, p).transpose(-3, -2)
 
-
+# %% ../nbs/04_patching.ipynb #c036
 def neurolm_to_labram(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Padded NeuroLM batch (one montage and length) -> {x [B,C,A,P], input_chans [C+1]} for LaBraM."
     mask, time, chans = batch["input_mask"].bool(), batch["input_time"].long(), batch["input_chans"].long()
@@ -298,7 +298,7 @@ def labram_to_neurolm(x: torch.Tensor, input_chans: torch.Tensor, max_tokens: in
             "input_time": torch.cat([time, torch.zeros(length - n, dtype=torch.int64)]).expand(b, -1).clone().to(x.device),
             "input_mask": (torch.arange(length) < n).expand(b, -1).clone().to(x.device)}
 
-# %% ../nbs/04_patching.ipynb #c033
+# %% ../nbs/04_patching.ipynb #c039
 def plot_token_order(n_channels: int = 4, n_seconds: int = 3, channel_names: Sequence[str] | None = None):
     "Token order of both layouts: channel x second grids numbered by position, and the sequences coloured by channel."
     import matplotlib.pyplot as plt

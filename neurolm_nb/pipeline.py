@@ -30,7 +30,7 @@ from .core import save_yaml, to_jsonable
 # %% auto #0
 __all__ = ['STAGES', 'RESERVED_PARAMETERS', 'PROFILE_SECTIONS', 'STAGE_INPUTS', 'PAPERMILL_TAGS', 'ProfileError', 'StageError',
            'profiles_dir', 'profile_names', 'load_profile', 'expand_placeholders', 'notebook_parameters',
-           'resolve_parameters', 'check_parameter_type', 'write_notebook', 'kernel_guard_lines', 'run_notebook',
+           'check_parameter_type', 'resolve_parameters', 'write_notebook', 'kernel_guard_lines', 'run_notebook',
            'missing_inputs', 'run_folder_lock', 'read_record', 'notebook_digest', 'stage_is_done', 'clear_stage',
            'stage_environment', 'plan_stages', 'run_pipeline', 'strip_outputs', 'list_stages', 'main']
 
@@ -92,7 +92,7 @@ def _profile_source(profile: str | Path) -> Path:
                            f"available: {profile_names() or 'none'} (or give a path to a .yaml file)")
     return candidate
 
-
+# %% ../nbs/50_pipeline.ipynb #c012
 def load_profile(profile: str | Path | dict = "smoke", registry: dict[str, str] | None = None) -> dict:
     "Read and check a profile: a name in `profiles/`, a path to a YAML file, or a dict."
     registry = STAGES if registry is None else registry
@@ -133,7 +133,7 @@ def load_profile(profile: str | Path | dict = "smoke", registry: dict[str, str] 
                                "(out_dir = runs/<profile>/<stage>, run_root = runs/<profile>)")
     return prof
 
-# %% ../nbs/50_pipeline.ipynb #c013
+# %% ../nbs/50_pipeline.ipynb #c016
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
@@ -157,7 +157,7 @@ def expand_placeholders(value: Any, context: dict[str, Any]) -> Any:
         return str(context[key])
     return _PLACEHOLDER.sub(substitute, value)
 
-
+# %% ../nbs/50_pipeline.ipynb #c019
 def notebook_parameters(notebook: str | Path) -> dict[str, dict]:
     "Names assigned in the notebook's `parameters` cell: name -> {default, inferred_type_name, help}."
     notebook = Path(notebook)
@@ -191,37 +191,7 @@ def notebook_parameters(notebook: str | Path) -> dict[str, dict]:
                                       "inferred_type_name": annotation or "None", "help": comment}
     return found
 
-
-def resolve_parameters(notebook: str | Path, profile: dict, stage: str | None = None,
-                       out_dir: str | Path | None = None, run_root: str | Path | None = None) -> dict:
-    "The parameters papermill gives `notebook`: declared globals + the stage's section + out_dir/run_root."
-    notebook = Path(notebook)
-    declared = notebook_parameters(notebook)
-    where = f"{notebook.name}" + (f" (stage {stage!r})" if stage else "")
-    if stage is not None:
-        missing = [k for k in RESERVED_PARAMETERS if k not in declared]
-        if missing:
-            raise ProfileError(f"{where} must declare {missing} in its parameters cell; "
-                               f"it declares {sorted(declared)}")
-    own = (profile.get("stages", {}).get(stage) or {}) if stage else {}
-    unknown = sorted(set(own) - set(declared))
-    if unknown:
-        raise ProfileError(f"profile {profile.get('name')!r} sets {unknown} for {where}, but the notebook "
-                           f"does not declare {'it' if len(unknown) == 1 else 'them'}; its parameters are: "
-                           f"{', '.join(sorted(declared)) or 'none'}")
-    params = {k: v for k, v in (profile.get("params") or {}).items() if k in declared}
-    params.update(own)
-    for key, value in params.items():
-        check_parameter_type(key, value, declared[key], where)
-    context = {"root": project_root(), "shared": shared_dir(),
-               "run_root": Path(run_root).resolve() if run_root else None}
-    params = expand_placeholders(params, context)
-    for key, value in (("out_dir", out_dir), ("run_root", run_root)):
-        if key in declared and (value is not None or stage is not None):
-            params[key] = str(Path(value).resolve()) if value is not None else None
-    return params
-
-# %% ../nbs/50_pipeline.ipynb #c015
+# %% ../nbs/50_pipeline.ipynb #c022
 _NUMBER_OR_NONE = (int, float, type(None))
 _ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
                      "tuple": tuple, "None": type(None)}
@@ -251,7 +221,7 @@ def _expected_types(spec: dict) -> tuple[type, ...] | None:
         return (list, tuple, type(None))
     return (type(default), type(None))
 
-
+# %% ../nbs/50_pipeline.ipynb #c025
 def check_parameter_type(name: str, value: Any, spec: dict, where: str) -> None:
     "Raise a ProfileError naming `where` and `name` when `value` does not fit the notebook's declaration."
     expected = _expected_types(spec)
@@ -263,7 +233,37 @@ def check_parameter_type(name: str, value: Any, spec: dict, where: str) -> None:
         raise ProfileError(f"{where}: parameter {name!r} = {value!r} ({type(value).__name__}) should be {kinds} "
                            f"(the notebook declares {name} = {spec['default']})")
 
-# %% ../nbs/50_pipeline.ipynb #c018
+# %% ../nbs/50_pipeline.ipynb #c028
+def resolve_parameters(notebook: str | Path, profile: dict, stage: str | None = None,
+                       out_dir: str | Path | None = None, run_root: str | Path | None = None) -> dict:
+    "The parameters papermill gives `notebook`: declared globals + the stage's section + out_dir/run_root."
+    notebook = Path(notebook)
+    declared = notebook_parameters(notebook)
+    where = f"{notebook.name}" + (f" (stage {stage!r})" if stage else "")
+    if stage is not None:
+        missing = [k for k in RESERVED_PARAMETERS if k not in declared]
+        if missing:
+            raise ProfileError(f"{where} must declare {missing} in its parameters cell; "
+                               f"it declares {sorted(declared)}")
+    own = (profile.get("stages", {}).get(stage) or {}) if stage else {}
+    unknown = sorted(set(own) - set(declared))
+    if unknown:
+        raise ProfileError(f"profile {profile.get('name')!r} sets {unknown} for {where}, but the notebook "
+                           f"does not declare {'it' if len(unknown) == 1 else 'them'}; its parameters are: "
+                           f"{', '.join(sorted(declared)) or 'none'}")
+    params = {k: v for k, v in (profile.get("params") or {}).items() if k in declared}
+    params.update(own)
+    for key, value in params.items():
+        check_parameter_type(key, value, declared[key], where)
+    context = {"root": project_root(), "shared": shared_dir(),
+               "run_root": Path(run_root).resolve() if run_root else None}
+    params = expand_placeholders(params, context)
+    for key, value in (("out_dir", out_dir), ("run_root", run_root)):
+        if key in declared and (value is not None or stage is not None):
+            params[key] = str(Path(value).resolve()) if value is not None else None
+    return params
+
+# %% ../nbs/50_pipeline.ipynb #c031
 def write_notebook(path: str | Path, cells: Iterable[str], kernel: str = "python3") -> Path:
     "Write a notebook of code cells (a cell starting with `#parameters` gets the `parameters` tag)."
     nb = nbformat.v4.new_notebook()
@@ -276,7 +276,7 @@ def write_notebook(path: str | Path, cells: Iterable[str], kernel: str = "python
         nb.cells.append(cell)
     return atomic_write_bytes(path, (nbformat.writes(nb) + "\n").encode("utf-8"))
 
-# %% ../nbs/50_pipeline.ipynb #c021
+# %% ../nbs/50_pipeline.ipynb #c034
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -302,7 +302,7 @@ def kernel_guard_lines(parent_pid: int | None = None) -> list[str]:
     return ["__import__('ctypes').CDLL(None).prctl(1, 9, 0, 0, 0)",          # PR_SET_PDEATHSIG = 1, SIGKILL
             f"__import__('os').getppid() == {pid} or __import__('os')._exit(1)"]  # the runner died first
 
-
+# %% ../nbs/50_pipeline.ipynb #c037
 def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | None = None,
                  kernel: str = "python3", cwd: str | Path | None = None, log_output: bool = False,
                  stage: str | None = None, timeout: float | None = None) -> float:
@@ -339,7 +339,7 @@ def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | No
                          f"  executed notebook (if any): {output}", stage, str(notebook), str(output)) from e
     return time.perf_counter() - start
 
-# %% ../nbs/50_pipeline.ipynb #c024
+# %% ../nbs/50_pipeline.ipynb #c040
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -361,7 +361,7 @@ def _select_stages(prof: dict, stages: str | Iterable[str] | None, registry: dic
                            + (f" (pending: {list(prof['pending'])})" if prof["pending"] else ""))
     return [s for s in registry if s in chosen]  # pipeline order, whatever order they were asked in
 
-
+# %% ../nbs/50_pipeline.ipynb #c043
 def _write_record(record: dict, registry: dict[str, str], path: Path) -> dict:
     "Write `pipeline.json` with its stages in pipeline order (so not with save_json, which sorts keys)."
     stages = record["stages"]
@@ -393,7 +393,7 @@ def _versions() -> dict:
             out[mod] = None
     return out
 
-# %% ../nbs/50_pipeline.ipynb #c026
+# %% ../nbs/50_pipeline.ipynb #c046
 # stage -> [(file under run_root, the stage that writes it, the parameter that may name another source)]
 STAGE_INPUTS: dict[str, list[tuple[str, str, str | None]]] = {
     "tokenizer": [("datasets/metrics.json", "datasets", None)],
@@ -417,7 +417,7 @@ def missing_inputs(stage: str, params: dict, root: Path, earlier: Iterable[str])
                         f"--stages {producer},{stage}{alternative}")
     return problems
 
-# %% ../nbs/50_pipeline.ipynb #c029
+# %% ../nbs/50_pipeline.ipynb #c049
 @contextmanager
 def run_folder_lock(root: Path):
     "Hold an exclusive lock on `root` while the block runs; ProfileError if another live runner holds it."
@@ -454,7 +454,7 @@ def read_record(root: Path) -> dict:
         pass                                              # a live runner: 'running' is the truth
     return record
 
-# %% ../nbs/50_pipeline.ipynb #c032
+# %% ../nbs/50_pipeline.ipynb #c052
 def notebook_digest(notebook: Path) -> str:
     return hashlib.sha256(Path(notebook).read_bytes()).hexdigest()
 
@@ -475,7 +475,7 @@ def clear_stage(out: Path) -> None:
         os.replace(out, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-# %% ../nbs/50_pipeline.ipynb #c035
+# %% ../nbs/50_pipeline.ipynb #c055
 @contextmanager
 def stage_environment(root: Path, stage: str):
     "TMPDIR and Jupyter runtime files of `stage`'s kernel under `<root>/.tmp/<stage>`, emptied before and after."
@@ -498,7 +498,7 @@ def stage_environment(root: Path, stage: str):
         except OSError:
             pass
 
-# %% ../nbs/50_pipeline.ipynb #c038
+# %% ../nbs/50_pipeline.ipynb #c058
 def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, registry: dict[str, str]) -> list[tuple]:
     "(stage, notebook, out_dir, parameters) of each chosen stage; every check that can fail early fails here."
     plan, problems = [], []
@@ -538,7 +538,7 @@ def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict
         print(f"      ok in {entry['wall_s']:.1f} s, {len(entry['figures'])} figure(s)", flush=True)
     save()
 
-# %% ../nbs/50_pipeline.ipynb #c039
+# %% ../nbs/50_pipeline.ipynb #c061
 def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[str] | None = None,
                  runs_dir: str | Path | None = None, nbs_dir: str | Path | None = None,
                  kernel: str = "python3", log_output: bool = False, registry: dict[str, str] | None = None,
@@ -577,7 +577,7 @@ def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[st
         record.update(status="ok", finished=_now(), wall_s=round(time.perf_counter() - t0, 2))
         return save()
 
-# %% ../nbs/50_pipeline.ipynb #c047
+# %% ../nbs/50_pipeline.ipynb #c069
 PAPERMILL_TAGS = ("injected-parameters", "papermill-error-cell-tag")
 
 
@@ -600,7 +600,7 @@ def strip_outputs(path: str | Path) -> list[Path]:
             changed.append(f)
     return changed
 
-# %% ../nbs/50_pipeline.ipynb #c050
+# %% ../nbs/50_pipeline.ipynb #c072
 def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None = None,
                 registry: dict[str, str] | None = None, runs_dir: str | Path | None = None) -> list[dict]:
     "One row per stage: name, notebook, status ('ready', 'missing notebook', 'pending'), its last run's status, params."
@@ -619,7 +619,7 @@ def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None
                      "status": "pending", "last_run": "never", "params": params})
     return rows
 
-
+# %% ../nbs/50_pipeline.ipynb #c075
 def _print_summary(record: dict) -> None:
     print(f"\npipeline {record['profile']!r}: {record['status']} in {record['wall_s']:.1f} s "
           f"(record: {Path(record['run_root']) / 'pipeline.json'})")
@@ -637,6 +637,14 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+        return get_ipython() is not None
+    except ImportError:
+        return False
+
+# %% ../nbs/50_pipeline.ipynb #c078
 def main(argv: list[str] | None = None) -> int:
     "Command line: `python -m neurolm_nb.pipeline --profile smoke [--stages a,b] [--list]`."
     parser = argparse.ArgumentParser(prog="neurolm-nb", description="Run neurolm_nb stage notebooks with papermill.")
@@ -683,14 +691,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({e or 'Ctrl-C'}): pipeline.json records it; run the same command again to resume",
               file=sys.stderr)
         return 130
-
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__" and not _in_notebook():
