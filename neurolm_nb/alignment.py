@@ -89,7 +89,7 @@ def _article(word: str) -> str:
     vowel_sound = w[0].lower() in "aeio" or w.startswith("8") or w.split("-")[0] in ("11", "18")
     return "an" if vowel_sound else "a"
 
-
+# %% ../nbs/11_alignment.ipynb #c024
 def _sentence(rng: random.Random) -> str:
     "One sentence: a template chosen at random, its slots filled at random."
     rhythm, band, state = rng.choice(_RHYTHMS)
@@ -141,7 +141,7 @@ def sample_corpus(n_documents: int = 250, seed: int = 0) -> list[str]:
     return ["\n\n".join(" ".join(_sentence(rng) for _ in range(rng.randint(3, 7))) for _ in range(rng.randint(1, 3)))
             for _ in range(n_documents)]
 
-# %% ../nbs/11_alignment.ipynb #c023
+# %% ../nbs/11_alignment.ipynb #c027
 EOT = "<|endoftext|>"  # GPT-2's end-of-text token, the document separator
 
 
@@ -162,7 +162,7 @@ def train_byte_bpe(texts: Iterable[str], vocab_size: int = 512, min_frequency: i
                          "give it more text or ask for fewer tokens")
     return tok
 
-# %% ../nbs/11_alignment.ipynb #c026
+# %% ../nbs/11_alignment.ipynb #c030
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -190,7 +190,7 @@ def hf_gpt2_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
             "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": config.tie_weights,
             "bos_token_id": eos, "eos_token_id": eos}
 
-
+# %% ../nbs/11_alignment.ipynb #c034
 def tiny_gpt2(vocab_size: int = 512, n_embd: int = 64, n_layer: int = 2, n_head: int = 2, block_size: int = 1024,
               seed: int = 0) -> GPT:
     "A GPT-2-shaped `GPT` initialised from `seed` (global random state untouched)."
@@ -218,7 +218,7 @@ def save_hf_gpt2(model: GPT, folder: str | Path, tokenizer=None) -> list[Path]:
                                folder / "tokenizer_config.json"))
     return files
 
-# %% ../nbs/11_alignment.ipynb #c029
+# %% ../nbs/11_alignment.ipynb #c037
 TINY_GPT2_DIR = "gpt2-tiny"   # inside the text samples folder
 CORPUS_FILE = "corpus.txt"
 _TEXT_README = """\
@@ -251,7 +251,7 @@ def _publish_folder(staging: Path, target: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
+# %% ../nbs/11_alignment.ipynb #c041
 def make_text_samples(root: str | Path = "data_samples/text", seed: int = 0, n_documents: int = 250,
                       vocab_size: int = 512, n_embd: int = 64, n_layer: int = 2, n_head: int = 2,
                       n_positions: int = 1024) -> list[Path]:
@@ -282,7 +282,7 @@ def text_samples_dir(samples_root: str | Path | None = None) -> Path:
     root = Path(samples_root) if samples_root is not None else project_root() / "data_samples"
     return (root / "text").resolve()
 
-# %% ../nbs/11_alignment.ipynb #c032
+# %% ../nbs/11_alignment.ipynb #c044
 @dataclass
 class TextSource:
     "A text tokenizer and the frozen token-embedding rows its ids index."
@@ -310,7 +310,7 @@ class TextSource:
         return (f"TextSource({self.name!r}: {self.vocab_size} x {self.dim} embeddings, eos={self.eos_id}"
                 + (f"; {self.note}" if self.note else "") + ")")
 
-
+# %% ../nbs/11_alignment.ipynb #c048
 def read_text_embedding(folder: str | Path) -> torch.Tensor:
     "GPT-2's `wte` [vocab, dim] (float32) from a Hugging Face checkpoint folder, reading only that tensor when possible."
     folder = Path(folder)
@@ -344,7 +344,7 @@ def read_text_tokenizer(folder: str | Path):
         return tok
     raise FileNotFoundError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: no text tokenizer to load")
 
-
+# %% ../nbs/11_alignment.ipynb #c051
 def _hub_folder(name: str, allow_download: bool) -> Path:
     "A local folder with config, weights and tokenizer files of hub model `name` (cache only unless allowed)."
     from neurolm_nb.gpt import _resolve_checkpoint
@@ -364,7 +364,7 @@ def stand_in_embedding(vocab_size: int, dim: int, seed: int = 0) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     return torch.randn(vocab_size, dim, generator=g) * 0.02
 
-
+# %% ../nbs/11_alignment.ipynb #c054
 def load_text_source(text_model: str | Path = "auto", dim: int | None = None, allow_download: bool = False,
                      samples_root: str | Path | None = None, seed: int = 0) -> TextSource:
     "Text tokenizer + frozen `[vocab, dim]` embeddings from 'tiny' (offline samples), 'auto', a GPT-2 folder or a hub name."
@@ -406,7 +406,7 @@ def load_text_source(text_model: str | Path = "auto", dim: int | None = None, al
         eos = load_json(cfg_file).get("eos_token_id")
     return TextSource(name, tokenizer, embedding.contiguous(), eos, note)
 
-# %% ../nbs/11_alignment.ipynb #c035
+# %% ../nbs/11_alignment.ipynb #c057
 def read_corpus_documents(corpus: str | Path | None = None, allow_download: bool = False,
                           max_documents: int | None = None, samples_root: str | Path | None = None) -> list[str]:
     "Documents of a text corpus: None (the shipped sample), a .txt file, a folder of .txt, or a HF datasets name."
@@ -446,7 +446,7 @@ def read_corpus_documents(corpus: str | Path | None = None, allow_download: bool
         raise ValueError(f"text corpus {corpus if corpus is not None else path} holds no text")
     return docs
 
-
+# %% ../nbs/11_alignment.ipynb #c061
 def load_corpus_ids(source: TextSource, corpus: str | Path | None = None, allow_download: bool = False,
                     max_documents: int | None = None, samples_root: str | Path | None = None) -> np.ndarray:
     "One stream of token ids: documents tokenised by `source` and joined by end-of-text (or a nanoGPT .bin, memory-mapped)."
@@ -464,7 +464,7 @@ def load_corpus_ids(source: TextSource, corpus: str | Path | None = None, allow_
     dtype = np.uint16 if source.vocab_size <= 65536 else np.int32
     return ids.astype(dtype)
 
-
+# %% ../nbs/11_alignment.ipynb #c064
 class TextWindows:
     "Batches [B, T] of consecutive token ids at random offsets; batch (index, rank, micro) depends only on them and the seed."
 
@@ -487,7 +487,7 @@ class TextWindows:
     def __repr__(self) -> str:
         return f"TextWindows({len(self.ids)} tokens, {self.batch_size} x {self.block_size}, seed={self.seed})"
 
-# %% ../nbs/11_alignment.ipynb #c041
+# %% ../nbs/11_alignment.ipynb #c070
 def attach_text_embedding(model: VQTokenizer, source: TextSource) -> VQTokenizer:
     "Copy `source.embedding` into the tokenizer's frozen `text_embedding` (shapes must match)."
     table = getattr(model, "text_embedding", None)
@@ -502,7 +502,7 @@ def attach_text_embedding(model: VQTokenizer, source: TextSource) -> VQTokenizer
     table.weight.requires_grad_(False)
     return model
 
-
+# %% ../nbs/11_alignment.ipynb #c073
 @dataclass
 class AlignedOutput:
     vq: VQOutput                      # the EEG forward (codes, reconstructions, EEG domain logits, ...)
@@ -525,7 +525,7 @@ class TextAlignedVQ(nn.Module):
             text_logits, losses["domain_text"] = self.vq.text_domain(text_ids)
         return AlignedOutput(out, text_logits, losses, sum(losses.values()))
 
-
+# %% ../nbs/11_alignment.ipynb #c076
 def code_batch_stats(codes: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     "Perplexity and number of distinct codes among the real tokens of one batch."
     flat = codes[mask.bool()] if mask is not None else codes.reshape(-1)
@@ -535,7 +535,7 @@ def code_batch_stats(codes: torch.Tensor, mask: torch.Tensor | None = None) -> d
     p = counts[counts > 0] / counts.sum()
     return {"batch_perplexity": torch.exp(-(p * p.log()).sum()), "batch_codes": (counts > 0).sum().double()}
 
-
+# %% ../nbs/11_alignment.ipynb #c079
 class CodeUsageMonitor:
     "Callback: counts real-token codes between calls; every `every` updates records usage summed over ranks."
     def __init__(self, n_codes: int, every: int = 10, path: str | Path | None = None):
@@ -562,7 +562,7 @@ class CodeUsageMonitor:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
-
+# %% ../nbs/11_alignment.ipynb #c082
 class AlignmentLoss:
     "`loss_fn(model, batch, state)` of stage 1: NeuroLM targets, α schedule, text windows; returns (loss, terms)."
     def __init__(self, text_windows: TextWindows | None, code_usage: CodeUsageMonitor | None = None,
@@ -594,7 +594,7 @@ class AlignmentLoss:
             self.code_usage.update(out.vq.codes, mask)
         return out.loss, terms
 
-# %% ../nbs/11_alignment.ipynb #c047
+# %% ../nbs/11_alignment.ipynb #c088
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.alignment make-text-samples [root]`: write the offline text samples."
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.alignment", description="NeuroLM text alignment helpers")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'ATTN_IMPLS', 'GPT2_PRESETS', 'GPTConfig', 'normalize_attn_mask', 'naive_attention', 'sdpa_attention',
@@ -58,21 +59,24 @@ class GPTConfig:
         "Number of output classes of `lm_head`."
         return self.vocab_size if self.out_vocab_size is None else self.out_vocab_size
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+# %% ../nbs/20_gpt.ipynb #c009
+@patch(as_prop=True)
+def head_dim(self: GPTConfig) -> int:
+    return self.n_embd // self.n_head
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> GPTConfig:
-        "A released GPT-2 size by its Hugging Face name, e.g. `GPTConfig.preset('gpt2-medium')`."
-        if name not in GPT2_PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}; known: {sorted(GPT2_PRESETS)}")
-        return cls(**{**GPT2_PRESETS[name], **overrides})
 
-    @classmethod
-    def tiny(cls, **overrides) -> GPTConfig:
-        "A 2-layer, 2-head, 64-wide GPT for CPU smoke runs (the shape of the official tiny fixture)."
-        return cls(**{**dict(n_layer=2, n_head=2, n_embd=64), **overrides})
+@patch(cls_method=True)
+def preset(cls: GPTConfig, name: str, **overrides) -> GPTConfig:
+    "A released GPT-2 size by its Hugging Face name, e.g. `GPTConfig.preset('gpt2-medium')`."
+    if name not in GPT2_PRESETS:
+        raise ValueError(f"unknown GPT-2 preset {name!r}; known: {sorted(GPT2_PRESETS)}")
+    return cls(**{**GPT2_PRESETS[name], **overrides})
+
+
+@patch(cls_method=True)
+def tiny(cls: GPTConfig, **overrides) -> GPTConfig:
+    "A 2-layer, 2-head, 64-wide GPT for CPU smoke runs (the shape of the official tiny fixture)."
+    return cls(**{**dict(n_layer=2, n_head=2, n_embd=64), **overrides})
 
 
 GPT2_PRESETS = {  # the four released GPT-2 sizes (all with 64-dimensional heads)
@@ -82,7 +86,7 @@ GPT2_PRESETS = {  # the four released GPT-2 sizes (all with 64-dimensional heads
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558 M
 }
 
-# %% ../nbs/20_gpt.ipynb #c009
+# %% ../nbs/20_gpt.ipynb #c012
 def normalize_attn_mask(attn_mask: torch.Tensor | None, B: int, H: int, T: int, S: int | None = None):
     "Check a mask's shape and return it as 4-D `[B|1, H|1, T, S]` (2-D `[T,S]` and 3-D `[B,T,S]` are widened)."
     if attn_mask is None:
@@ -100,7 +104,7 @@ def normalize_attn_mask(attn_mask: torch.Tensor | None, B: int, H: int, T: int, 
         raise TypeError(f"attn_mask must be bool (True = attend) or float (additive), got {m.dtype}")
     return m
 
-
+# %% ../nbs/20_gpt.ipynb #c016
 def naive_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0):
     "softmax(q kᵀ/√d + mask) v written out; `attn_mask` None = causal, bool True = attend, float = added."
     T, S = q.shape[-2], k.shape[-2]
@@ -125,7 +129,7 @@ def sdpa_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=attn_mask is None)
 
-# %% ../nbs/20_gpt.ipynb #c012
+# %% ../nbs/20_gpt.ipynb #c019
 _FLEX: dict = {}
 
 
@@ -153,7 +157,7 @@ def dense_mask_mod(mask: torch.Tensor):
         return mask[b if per_batch else 0, h if per_head else 0, q_idx, kv_idx]
     return mask_mod
 
-
+# %% ../nbs/20_gpt.ipynb #c023
 def make_block_mask(mask_mod, B: int | None, H: int | None, T: int, S: int | None = None, device="cpu"):
     "Build a FlexAttention BlockMask from `mask_mod` (B/H None = the same for every batch/head)."
     return _flex_api()["create_block_mask"](mask_mod, B=B, H=H, Q_LEN=T, KV_LEN=T if S is None else S,
@@ -170,7 +174,7 @@ def flex_block_mask(attn_mask: torch.Tensor | None, T: int, S: int | None = None
     B, H = attn_mask.shape[0], attn_mask.shape[1]
     return make_block_mask(dense_mask_mod(attn_mask), B if B > 1 else None, H if H > 1 else None, T, S, device)
 
-
+# %% ../nbs/20_gpt.ipynb #c026
 def flex_attention_fn(q, k, v, attn_mask=None, block_mask=None, dropout_p: float = 0.0):
     "FlexAttention with our mask convention; `block_mask` (if given) wins over `attn_mask`."
     if dropout_p > 0:
@@ -205,7 +209,7 @@ def attention(q, k, v, attn_mask=None, impl: str = "sdpa", dropout_p: float = 0.
         return flex_attention_fn(q, k, v, attn_mask, block_mask, dropout_p)
     raise ValueError(f"impl={impl!r} is not one of {ATTN_IMPLS}")
 
-# %% ../nbs/20_gpt.ipynb #c017
+# %% ../nbs/20_gpt.ipynb #c031
 class CausalSelfAttention(nn.Module):
     "Multi-head self-attention; causal unless a mask says otherwise."
     def __init__(self, config: GPTConfig):
@@ -223,7 +227,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-
+# %% ../nbs/20_gpt.ipynb #c034
 class MLP(nn.Module):
     "Linear(width → 4·width) → GELU → Linear(4·width → width)."
     def __init__(self, config: GPTConfig):
@@ -250,7 +254,7 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), attn_mask, block_mask)
         return x + self.mlp(self.ln_2(x))
 
-# %% ../nbs/20_gpt.ipynb #c020
+# %% ../nbs/20_gpt.ipynb #c037
 class GPT(nn.Module):
     "GPT-2 language model with arbitrary attention masks and position ids (nanoGPT module names)."
     def __init__(self, config: GPTConfig):
@@ -280,68 +284,78 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, exclude_wpe: bool = True) -> int:
-        "Parameter count (a tied matrix counted once); like nanoGPT, `wpe` is left out by default."
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if exclude_wpe else n
+# %% ../nbs/20_gpt.ipynb #c041
+@patch
+def num_params(self: GPT, exclude_wpe: bool = True) -> int:
+    "Parameter count (a tied matrix counted once); like nanoGPT, `wpe` is left out by default."
+    n = sum(p.numel() for p in self.parameters())
+    return n - self.transformer.wpe.weight.numel() if exclude_wpe else n
 
-    def embed(self, idx=None, position_ids=None, inputs_embeds=None):
-        "`wte(idx)` (or `inputs_embeds`) + `wpe(position_ids)`: the input of the first block."
-        if (idx is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of idx and inputs_embeds")
-        x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
-        T = x.shape[1]
-        if position_ids is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
-            position_ids = torch.arange(T, device=x.device)
-        elif position_ids.shape[-1] != T:
-            raise ValueError(f"position_ids has {position_ids.shape[-1]} positions for a sequence of {T} tokens")
-        elif (position_ids.numel() and not torch.compiler.is_compiling()
-              and (int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0)):
-            raise ValueError(f"position_ids must lie in [0, block_size={self.config.block_size}), "
-                             f"got [{int(position_ids.min())}, {int(position_ids.max())}]")
-        return x + self.transformer.wpe(position_ids)
 
-    def forward(self, idx=None, position_ids=None, attn_mask=None, *, inputs_embeds=None, block_mask=None,
-                return_hidden: bool = False, last_only: bool = False):
-        "Logits `[B, T, n_out]` (or `[B, 1, n_out]` with last_only); with return_hidden also the hidden states."
-        x = self.embed(idx, position_ids, inputs_embeds)
-        B, T, _ = x.shape
-        attn_mask = normalize_attn_mask(attn_mask, B, self.config.n_head, T)
-        if self.config.attn_impl == "flex" and block_mask is None:  # build it once, not once per layer
-            block_mask = flex_block_mask(attn_mask, T, T, x.device)
-        hidden = [x]
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, attn_mask, block_mask)
-            hidden.append(x)
-        x = self.transformer.ln_f(x)
+@patch
+def embed(self: GPT, idx=None, position_ids=None, inputs_embeds=None):
+    "`wte(idx)` (or `inputs_embeds`) + `wpe(position_ids)`: the input of the first block."
+    if (idx is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of idx and inputs_embeds")
+    x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
+    T = x.shape[1]
+    if position_ids is None:
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        position_ids = torch.arange(T, device=x.device)
+    elif position_ids.shape[-1] != T:
+        raise ValueError(f"position_ids has {position_ids.shape[-1]} positions for a sequence of {T} tokens")
+    elif (position_ids.numel() and not torch.compiler.is_compiling()
+          and (int(position_ids.max()) >= self.config.block_size or int(position_ids.min()) < 0)):
+        raise ValueError(f"position_ids must lie in [0, block_size={self.config.block_size}), "
+                         f"got [{int(position_ids.min())}, {int(position_ids.max())}]")
+    return x + self.transformer.wpe(position_ids)
+
+# %% ../nbs/20_gpt.ipynb #c044
+@patch
+def forward(self: GPT, idx=None, position_ids=None, attn_mask=None, *, inputs_embeds=None, block_mask=None,
+        return_hidden: bool = False, last_only: bool = False):
+    "Logits `[B, T, n_out]` (or `[B, 1, n_out]` with last_only); with return_hidden also the hidden states."
+    x = self.embed(idx, position_ids, inputs_embeds)
+    B, T, _ = x.shape
+    attn_mask = normalize_attn_mask(attn_mask, B, self.config.n_head, T)
+    if self.config.attn_impl == "flex" and block_mask is None:  # build it once, not once per layer
+        block_mask = flex_block_mask(attn_mask, T, T, x.device)
+    hidden = [x]
+    x = self.transformer.drop(x)
+    for block in self.transformer.h:
+        x = block(x, attn_mask, block_mask)
         hidden.append(x)
-        logits = self.lm_head(x[:, -1:] if last_only else x)
-        return (logits, hidden) if return_hidden else logits
+    x = self.transformer.ln_f(x)
+    hidden.append(x)
+    logits = self.lm_head(x[:, -1:] if last_only else x)
+    return (logits, hidden) if return_hidden else logits
 
-    def set_attn_impl(self, impl: str) -> GPT:
-        "Switch every layer to `impl` ('sdpa', 'naive' or 'flex')."
-        self.config = replace(self.config, attn_impl=impl)  # validates
-        for block in self.transformer.h:
-            block.attn.impl = impl
-        return self
+# %% ../nbs/20_gpt.ipynb #c047
+@patch
+def set_attn_impl(self: GPT, impl: str) -> GPT:
+    "Switch every layer to `impl` ('sdpa', 'naive' or 'flex')."
+    self.config = replace(self.config, attn_impl=impl)  # validates
+    for block in self.transformer.h:
+        block.attn.impl = impl
+    return self
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-        "Plain causal sampling (no KV cache); `top_k=1` is greedy."
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits = self(context, last_only=True)[:, -1] / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
 
-# %% ../nbs/20_gpt.ipynb #c025
+@patch
+@torch.no_grad()
+def generate(self: GPT, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+    "Plain causal sampling (no KV cache); `top_k=1` is greedy."
+    for _ in range(max_new_tokens):
+        context = idx[:, -self.config.block_size:]
+        logits = self(context, last_only=True)[:, -1] / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+# %% ../nbs/20_gpt.ipynb #c052
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
     "Mean cross-entropy over the positions whose target is not `ignore_index`."
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
@@ -353,12 +367,7 @@ def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     keep = targets != ignore_index
     return (logits.argmax(-1)[keep] == targets[keep]).float().mean()
 
-# %% ../nbs/20_gpt.ipynb #c028
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                   "gelu": "gelu"}
-
-
+# %% ../nbs/20_gpt.ipynb #c055
 def _resolve_checkpoint(name_or_dir, allow_download: bool, revision: str | None, cache_dir):
     "A local folder holding config.json and the weight file(s) of `name_or_dir`."
     path = Path(name_or_dir).expanduser()
@@ -398,6 +407,10 @@ def _resolve_checkpoint(name_or_dir, allow_download: bool, revision: str | None,
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin for {name_or_dir!r} "
                             f"({'hub' if allow_download else 'local cache'})")
 
+# %% ../nbs/20_gpt.ipynb #c059
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                   "gelu": "gelu"}
+
 
 def _read_state_dict(folder: Path) -> dict:
     "All tensors of a checkpoint folder (safetensors, sharded safetensors, or pytorch_model.bin)."
@@ -432,6 +445,9 @@ def config_from_hf(hf: dict, source="config.json", **overrides) -> GPTConfig:
                 layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_weights=hf.get("tie_word_embeddings", True))
     return GPTConfig(**{**base, **overrides})
 
+# %% ../nbs/20_gpt.ipynb #c062
+_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
 
 def hf_to_gpt_state_dict(hf_sd: dict) -> dict:
     "Rename/transpose a Hugging Face GPT-2 state dict into our key names (Conv1D [in,out] -> Linear [out,in])."
@@ -445,7 +461,7 @@ def hf_to_gpt_state_dict(hf_sd: dict) -> dict:
         out[name] = tensor.contiguous()
     return out
 
-
+# %% ../nbs/20_gpt.ipynb #c065
 def _from_pretrained(cls, name_or_dir, *, allow_download: bool = False, activation: str = "gelu",
                      attn_impl: str = "sdpa", dropout: float = 0.0, dtype=torch.float32, device="cpu",
                      revision: str | None = None, cache_dir=None) -> GPT:
@@ -480,7 +496,7 @@ def _from_pretrained(cls, name_or_dir, *, allow_download: bool = False, activati
 
 GPT.from_pretrained = classmethod(_from_pretrained)
 
-# %% ../nbs/20_gpt.ipynb #c032
+# %% ../nbs/20_gpt.ipynb #c069
 @torch.no_grad()
 def enlarge_embeddings(model: GPT, n_in: int, n_out: int | None = None, seed: int | None = None) -> GPT:
     "Grow `wte` to `n_in` rows and `lm_head` to `n_out` classes (new rows random as in NeuroLM); unties them."
@@ -508,7 +524,7 @@ def enlarge_embeddings(model: GPT, n_in: int, n_out: int | None = None, seed: in
     model.config = replace(cfg, vocab_size=n_in, out_vocab_size=n_out, tie_weights=False)
     return model
 
-# %% ../nbs/20_gpt.ipynb #c035
+# %% ../nbs/20_gpt.ipynb #c072
 def load_neurolm_gpt_weights(tensors: dict, n_head: int, n_layer: int | None = None, prefix: str = "GPT2.",
                              **overrides) -> GPT:
     "Our GPT from a NeuroLM state dict's `GPT2.*` entries (sizes read from the tensors; `_orig_mod.` stripped)."

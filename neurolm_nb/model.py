@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .core import load_checkpoint, save_checkpoint
 from .gpt import GPT, GPTConfig, enlarge_embeddings, lm_loss, make_block_mask, token_accuracy
@@ -24,11 +25,11 @@ from .vq import TokenTransformer, VQConfig, VQTokenizer
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'NEUROLM_VOCAB', 'TEXT_POSITION_MODES', 'MODEL_FORMAT', 'VocabLayout', 'check_time_major',
            'stair_mask', 'stair_mask_mod', 'stair_block_mask', 'next_second_targets', 'pretraining_targets',
-           'text_position_ids', 'NeuroLMConfig', 'prefix_group_norm', 'encoder_input', 'encoder_blocks',
-           'causal_encoder_features', 'new_encoder', 'NeuroLMOutput', 'NeuroLM', 'sample_next_token',
-           'sampling_generator', 'grow_mask_like_original', 'official_lm_key_table',
-           'neurolm_lm_config_from_state_dict', 'load_official_neurolm_lm', 'to_official_neurolm_lm',
-           'lm_fixture_state_dict', 'save_neurolm', 'load_neurolm']
+           'text_position_ids', 'NeuroLMConfig', 'prefix_group_norm', 'new_encoder', 'encoder_input', 'encoder_blocks',
+           'causal_encoder_features', 'NeuroLMOutput', 'NeuroLM', 'sample_next_token', 'sampling_generator',
+           'grow_mask_like_original', 'official_lm_key_table', 'neurolm_lm_config_from_state_dict',
+           'load_official_neurolm_lm', 'to_official_neurolm_lm', 'lm_fixture_state_dict', 'save_neurolm',
+           'load_neurolm']
 
 # %% ../nbs/21_neurolm.ipynb #c006
 IGNORE_INDEX = -1  # a target that carries no loss (cross-entropy's ignore_index, as in nanoGPT)
@@ -56,28 +57,34 @@ class VocabLayout:
         "Rows of the input table `wte`: text + [SEP], rounded up."
         return math.ceil((self.text_vocab_size + 1) / self.multiple) * self.multiple
 
-    @property
-    def eeg_offset(self) -> int:
-        "Class id of EEG code 0."
-        return self.input_size
+# %% ../nbs/21_neurolm.ipynb #c009
+@patch(as_prop=True)
+def eeg_offset(self: VocabLayout) -> int:
+    "Class id of EEG code 0."
+    return self.input_size
 
-    @property
-    def output_size(self) -> int:
-        "Classes of `lm_head`: every input row, then one class per EEG code."
-        return self.input_size + self.n_codes
 
-    def eeg_class(self, codes: torch.Tensor) -> torch.Tensor:
-        "Class ids of EEG codes."
-        return codes + self.eeg_offset
+@patch(as_prop=True)
+def output_size(self: VocabLayout) -> int:
+    "Classes of `lm_head`: every input row, then one class per EEG code."
+    return self.input_size + self.n_codes
 
-    def code_of(self, classes: torch.Tensor) -> torch.Tensor:
-        "EEG code of each class id (-1 where the class is not an EEG code)."
-        return torch.where(classes >= self.eeg_offset, classes - self.eeg_offset, torch.full_like(classes, -1))
+
+@patch
+def eeg_class(self: VocabLayout, codes: torch.Tensor) -> torch.Tensor:
+    "Class ids of EEG codes."
+    return codes + self.eeg_offset
+
+
+@patch
+def code_of(self: VocabLayout, classes: torch.Tensor) -> torch.Tensor:
+    "EEG code of each class id (-1 where the class is not an EEG code)."
+    return torch.where(classes >= self.eeg_offset, classes - self.eeg_offset, torch.full_like(classes, -1))
 
 
 NEUROLM_VOCAB = VocabLayout()
 
-# %% ../nbs/21_neurolm.ipynb #c011
+# %% ../nbs/21_neurolm.ipynb #c014
 def _batched(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     "A [L] tensor as [1, L] (and whether it was unbatched)."
     return (x[None], True) if x.dim() == 1 else (x, False)
@@ -116,7 +123,7 @@ def stair_mask(input_time: torch.Tensor, input_mask: torch.Tensor, n_channels=No
     mask[:, :, :L] &= real[:, None, :]                              # nobody sees padded EEG
     return mask[:, None] if not single else mask
 
-# %% ../nbs/21_neurolm.ipynb #c020
+# %% ../nbs/21_neurolm.ipynb #c023
 def stair_mask_mod(input_time: torch.Tensor, input_mask: torch.Tensor):
     "FlexAttention `mask_mod` of `stair_mask` (True = attend) from [B, L] indices; keys/queries >= L are text."
     (time, _), (real, _) = _batched(input_time.long()), _batched(input_mask.bool())
@@ -138,7 +145,7 @@ def stair_block_mask(input_time: torch.Tensor, input_mask: torch.Tensor, n_text:
     return make_block_mask(stair_mask_mod(input_time, input_mask), B, None, L + n_text, L + n_text,
                            input_time.device)
 
-# %% ../nbs/21_neurolm.ipynb #c024
+# %% ../nbs/21_neurolm.ipynb #c027
 def next_second_targets(codes: torch.Tensor, input_time: torch.Tensor, input_mask: torch.Tensor, n_channels=None,
                         vocab: VocabLayout = NEUROLM_VOCAB) -> torch.Tensor:
     """Class ids [B, L] (or [L]): the target of token (t, c) is the code of (t+1, c) + `vocab.eeg_offset`.
@@ -166,7 +173,7 @@ def pretraining_targets(tokenizer: VQTokenizer, X, input_chans, input_time, inpu
     vocab = vocab or VocabLayout(n_codes=tokenizer.config.n_codes)
     return next_second_targets(codes, input_time, input_mask, vocab=vocab)
 
-# %% ../nbs/21_neurolm.ipynb #c029
+# %% ../nbs/21_neurolm.ipynb #c032
 TEXT_POSITION_MODES = ("batch", "sample")
 
 
@@ -183,7 +190,7 @@ def text_position_ids(input_time: torch.Tensor | None, n_text: int, mode: str = 
         start = time.max(-1, keepdim=True).values + 1
     return start + torch.arange(n_text, device=time.device)[None]
 
-# %% ../nbs/21_neurolm.ipynb #c032
+# %% ../nbs/21_neurolm.ipynb #c035
 @dataclass
 class NeuroLMConfig:
     "The LLM stage: a GPT-2, the frozen stage-1 encoder it reads, and NeuroLM's extras."
@@ -209,35 +216,40 @@ class NeuroLMConfig:
         self.gpt = replace(self.gpt, vocab_size=self.vocab.input_size, out_vocab_size=self.vocab.output_size,
                            tie_weights=False)
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "NeuroLMConfig":
-        "NeuroLM-B / -L / -XL (GPT-2 small / medium / XL on the 12 x 768 tokenizer encoder)."
-        backbones = {"NeuroLM-B": "gpt2", "NeuroLM-L": "gpt2-medium", "NeuroLM-XL": "gpt2-xl"}
-        if name not in backbones:
-            raise ValueError(f"unknown NeuroLM preset {name!r}; known: {sorted(backbones)}")
-        return cls(**{"gpt": GPTConfig.preset(backbones[name]), **overrides})
+# %% ../nbs/21_neurolm.ipynb #c038
+@patch(cls_method=True)
+def preset(cls: NeuroLMConfig, name: str, **overrides) -> "NeuroLMConfig":
+    "NeuroLM-B / -L / -XL (GPT-2 small / medium / XL on the 12 x 768 tokenizer encoder)."
+    backbones = {"NeuroLM-B": "gpt2", "NeuroLM-L": "gpt2-medium", "NeuroLM-XL": "gpt2-xl"}
+    if name not in backbones:
+        raise ValueError(f"unknown NeuroLM preset {name!r}; known: {sorted(backbones)}")
+    return cls(**{"gpt": GPTConfig.preset(backbones[name]), **overrides})
 
-    @classmethod
-    def tiny(cls, **overrides) -> "NeuroLMConfig":
-        "CPU-sized: tiny tokenizer (width 64, 256 codes), 2-layer GPT of width 48, 512 text tokens."
-        tokenizer = VQConfig.tiny()
-        base = dict(gpt=GPTConfig.tiny(n_embd=48, n_head=2, block_size=256), tokenizer=tokenizer,
-                    vocab=VocabLayout(text_vocab_size=512, n_codes=tokenizer.n_codes))
-        return cls(**{**base, **overrides})
 
-    def to_dict(self) -> dict:
-        return {"gpt": asdict(self.gpt), "tokenizer": self.tokenizer.to_dict(), "vocab": asdict(self.vocab),
-                **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("gpt", "tokenizer", "vocab")}}
+@patch(cls_method=True)
+def tiny(cls: NeuroLMConfig, **overrides) -> "NeuroLMConfig":
+    "CPU-sized: tiny tokenizer (width 64, 256 codes), 2-layer GPT of width 48, 512 text tokens."
+    tokenizer = VQConfig.tiny()
+    base = dict(gpt=GPTConfig.tiny(n_embd=48, n_head=2, block_size=256), tokenizer=tokenizer,
+                vocab=VocabLayout(text_vocab_size=512, n_codes=tokenizer.n_codes))
+    return cls(**{**base, **overrides})
 
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "NeuroLMConfig":
-        "Inverse of `to_dict`; unknown keys raise an error naming them."
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise KeyError(f"NeuroLMConfig has no fields {unknown}")
-        return cls(**d)
 
-# %% ../nbs/21_neurolm.ipynb #c035
+@patch
+def to_dict(self: NeuroLMConfig) -> dict:
+    return {"gpt": asdict(self.gpt), "tokenizer": self.tokenizer.to_dict(), "vocab": asdict(self.vocab),
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("gpt", "tokenizer", "vocab")}}
+
+
+@patch(cls_method=True)
+def from_dict(cls: NeuroLMConfig, d: Mapping) -> "NeuroLMConfig":
+    "Inverse of `to_dict`; unknown keys raise an error naming them."
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise KeyError(f"NeuroLMConfig has no fields {unknown}")
+    return cls(**d)
+
+# %% ../nbs/21_neurolm.ipynb #c041
 def prefix_group_norm(z: torch.Tensor, norm: nn.GroupNorm, last_token: torch.Tensor) -> torch.Tensor:
     """GroupNorm of conv maps z [B, maps, L, steps] whose statistics for patch j cover patches 0..last_token[b, j].
 
@@ -254,6 +266,11 @@ def prefix_group_norm(z: torch.Tensor, norm: nn.GroupNorm, last_token: torch.Ten
     scale = torch.rsqrt(var + norm.eps)
     zn = (zg - mean[:, :, None, :, None].to(z.dtype)) * scale[:, :, None, :, None].to(z.dtype)
     return zn.view(B, c, L, T) * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+
+# %% ../nbs/21_neurolm.ipynb #c045
+def new_encoder(config: VQConfig) -> TokenTransformer:
+    "A freshly initialised stage-1 encoder (the tokenizer's own initialisation); real runs copy a trained one."
+    return VQTokenizer(replace(config, decoder_depth=0, text_vocab_size=0, domain_classes=0)).encoder
 
 
 def encoder_input(encoder: TokenTransformer, X, input_chans, input_time, last_token=None) -> torch.Tensor:
@@ -274,7 +291,7 @@ def encoder_input(encoder: TokenTransformer, X, input_chans, input_time, last_to
         patches = F.gelu(pe.linear(h)) if pe.linear is not None else h
     return patches + encoder.channel_embed(input_chans) + encoder.time_embed(input_time)
 
-
+# %% ../nbs/21_neurolm.ipynb #c048
 def encoder_blocks(encoder: TokenTransformer, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     "The encoder's blocks and final LayerNorm with a boolean mask [B|1, 1, L|1, L] (True = attend)."
     for block in encoder.blocks:
@@ -298,12 +315,7 @@ def causal_encoder_features(encoder: TokenTransformer, X, input_chans, input_tim
     last_token = mask[:, 0].sum(-1) - 1 if causal_norm else None   # last real token a row may see
     return encoder_blocks(encoder, encoder_input(encoder, X, input_chans, input_time, last_token), mask)
 
-
-def new_encoder(config: VQConfig) -> TokenTransformer:
-    "A freshly initialised stage-1 encoder (the tokenizer's own initialisation); real runs copy a trained one."
-    return VQTokenizer(replace(config, decoder_depth=0, text_vocab_size=0, domain_classes=0)).encoder
-
-# %% ../nbs/21_neurolm.ipynb #c037
+# %% ../nbs/21_neurolm.ipynb #c051
 @dataclass
 class NeuroLMOutput:
     "What one forward pass gives back."
@@ -337,100 +349,118 @@ class NeuroLM(nn.Module):
                              f"needs {cfg.vocab.input_size}, {cfg.vocab.output_size}, {width} "
                              f"(NeuroLM.from_parts enlarges a GPT-2)")
 
-    @classmethod
-    def from_parts(cls, tokenizer: VQTokenizer, gpt: GPT, text_vocab_size: int | None = None, seed: int | None = None,
-                   **config_overrides) -> "NeuroLM":
-        "NeuroLM from a trained stage-1 `tokenizer` (its encoder is copied) and a GPT-2 (enlarged here, new rows random)."
-        g = gpt.config
-        if text_vocab_size is None:
-            if g.n_out != g.vocab_size:
-                raise ValueError("this GPT is already enlarged: pass text_vocab_size")
-            text_vocab_size = g.vocab_size
-        vocab = VocabLayout(text_vocab_size=text_vocab_size, n_codes=tokenizer.config.n_codes)
-        if (g.vocab_size, g.n_out) != (vocab.input_size, vocab.output_size):
-            gpt = enlarge_embeddings(gpt, vocab.input_size, vocab.output_size, seed=seed)
-        config = NeuroLMConfig(gpt=gpt.config, tokenizer=tokenizer.config, vocab=vocab, **config_overrides)
-        return cls(config, copy.deepcopy(tokenizer.encoder), gpt)
+# %% ../nbs/21_neurolm.ipynb #c054
+@patch(cls_method=True)
+def from_parts(cls: NeuroLM, tokenizer: VQTokenizer, gpt: GPT, text_vocab_size: int | None = None,
+           seed: int | None = None, **config_overrides) -> "NeuroLM":
+    "NeuroLM from a trained stage-1 `tokenizer` (its encoder is copied) and a GPT-2 (enlarged here, new rows random)."
+    g = gpt.config
+    if text_vocab_size is None:
+        if g.n_out != g.vocab_size:
+            raise ValueError("this GPT is already enlarged: pass text_vocab_size")
+        text_vocab_size = g.vocab_size
+    vocab = VocabLayout(text_vocab_size=text_vocab_size, n_codes=tokenizer.config.n_codes)
+    if (g.vocab_size, g.n_out) != (vocab.input_size, vocab.output_size):
+        gpt = enlarge_embeddings(gpt, vocab.input_size, vocab.output_size, seed=seed)
+    config = NeuroLMConfig(gpt=gpt.config, tokenizer=tokenizer.config, vocab=vocab, **config_overrides)
+    return cls(config, copy.deepcopy(tokenizer.encoder), gpt)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.encoder.eval()  # frozen: always in inference mode
-        return self
 
-    def eeg_features(self, X, input_chans, input_time, input_mask=None) -> torch.Tensor:
-        "The frozen encoder's output [B, L, dim] for every token, padded ones included."
-        chans, time = input_chans.long(), input_time.long()
+@patch
+def train(self: NeuroLM, mode: bool = True):
+    nn.Module.train(self, mode)
+    self.encoder.eval()  # frozen: always in inference mode
+    return self
+
+# %% ../nbs/21_neurolm.ipynb #c057
+@patch
+def eeg_features(self: NeuroLM, X, input_chans, input_time, input_mask=None) -> torch.Tensor:
+    "The frozen encoder's output [B, L, dim] for every token, padded ones included."
+    chans, time = input_chans.long(), input_time.long()
+    with torch.no_grad():
+        if self.config.causal_encoder:
+            real = input_mask if input_mask is not None else torch.ones_like(time, dtype=torch.bool)
+            return causal_encoder_features(self.encoder, X, chans, time, real, self.config.causal_encoder_norm)
+        return self.encoder(X, chans, time, input_mask)
+
+
+@patch
+def embed_eeg(self: NeuroLM, X, input_chans, input_time, input_mask=None, hidden: dict | None = None) -> torch.Tensor:
+    "Projected encoder features + channel embedding [B, L, width] (the GPT adds wpe)."
+    features = self.eeg_features(X, input_chans, input_time, input_mask)
+    embedded = self.projection(features) + self.channel_embed(input_chans.long())
+    if hidden is not None:
+        hidden.update(eeg_features=features, eeg_embedded=embedded)
+    return embedded
+
+# %% ../nbs/21_neurolm.ipynb #c060
+@patch
+def _gpt_inputs(self: NeuroLM, X, input_chans, input_time, input_mask, text, eeg_targets, text_targets, attn_mask,
+                eeg_embeds, hidden: dict | None):
+    "GPT input embeddings, positions, per-part targets and the mask: EEG first (if any), then text (if any)."
+    has_eeg = X is not None or eeg_embeds is not None
+    parts, positions, targets = [], [], []
+    if has_eeg:
+        if input_chans is None or input_time is None:
+            raise ValueError("EEG input needs input_chans and input_time")
+        if input_mask is None:
+            input_mask = torch.ones(input_time.shape, dtype=torch.bool, device=input_time.device)
+        eeg = eeg_embeds if eeg_embeds is not None else self.embed_eeg(X, input_chans, input_time, input_mask, hidden)
+        parts.append(eeg)
+        positions.append(input_time.long())
+        targets.append(eeg_targets if eeg_targets is not None else
+                       torch.full(input_time.shape, IGNORE_INDEX, dtype=torch.long, device=eeg.device))
+    if text is not None:
+        text = text.long()
+        parts.append(self.gpt.transformer.wte(text))
+        pos = text_position_ids(input_time if has_eeg else None, text.shape[1], self.config.text_positions)
+        positions.append(pos.to(text.device).expand(text.shape[0], -1))
+        targets.append(text_targets if text_targets is not None else torch.full_like(text, IGNORE_INDEX))
+    block_mask = None
+    if attn_mask is None and has_eeg:
+        n_text = 0 if text is None else text.shape[1]
+        if self.gpt.config.attn_impl == "flex":  # the rule as a block mask: no dense S×S tensor
+            block_mask = stair_block_mask(input_time, input_mask, n_text)
+        else:
+            attn_mask = stair_mask(input_time, input_mask, n_text=n_text)
+    return torch.cat(parts, dim=1), torch.cat(positions, dim=1), targets, attn_mask, block_mask
+
+# %% ../nbs/21_neurolm.ipynb #c064
+@patch
+def forward(self: NeuroLM, X=None, input_chans=None, input_time=None, input_mask=None, text=None, eeg_targets=None,
+            text_targets=None, attn_mask=None, *, eeg_embeds=None, return_hidden: bool = False,
+            all_logits: bool = False, supervised_only: bool = False) -> NeuroLMOutput:
+    """EEG tokens (X [B, L, 200] + input_chans/input_time/input_mask [B, L]) and/or text ids [B, T].
+
+    `eeg_targets`: class ids (`next_second_targets`); `text_targets`: token ids; -1 = ignore.
+    `attn_mask`: bool (True = attend) or float (added); default: the stair mask (causal for text only).
+    `eeg_embeds` replaces X with an `embed_eeg` result (generation embeds the EEG once)."""
+    if X is None and eeg_embeds is None and text is None:
+        raise ValueError("NeuroLM.forward needs EEG tokens (X with input_chans, input_time) and/or text ids")
+    hidden = {} if return_hidden else None
+    embeds, positions, targets, attn_mask, block_mask = self._gpt_inputs(
+        X, input_chans, input_time, input_mask, text, eeg_targets, text_targets, attn_mask, eeg_embeds, hidden)
+    has_targets = eeg_targets is not None or text_targets is not None
+    logits, states = self.gpt(inputs_embeds=embeds, position_ids=positions,
+                              attn_mask=attn_mask, block_mask=block_mask, return_hidden=True,
+                              last_only=supervised_only or not (has_targets or all_logits))
+    if hidden is not None:
+        hidden.update(gpt_input=states[0], gpt_final_hidden=states[-1])
+    out = NeuroLMOutput(logits, hidden=hidden)
+    if has_targets:
+        out.targets = torch.cat([t.long() for t in targets], dim=1)
+        if supervised_only:
+            keep = out.targets != IGNORE_INDEX
+            out.logits = self.gpt.lm_head(states[-1][keep])
+            flat_targets = out.targets[keep]
+        else:
+            flat_targets = out.targets
+        out.loss = lm_loss(out.logits, flat_targets)
         with torch.no_grad():
-            if self.config.causal_encoder:
-                real = input_mask if input_mask is not None else torch.ones_like(time, dtype=torch.bool)
-                return causal_encoder_features(self.encoder, X, chans, time, real, self.config.causal_encoder_norm)
-            return self.encoder(X, chans, time, input_mask)
+            out.accuracy = token_accuracy(out.logits, flat_targets)
+    return out
 
-    def embed_eeg(self, X, input_chans, input_time, input_mask=None, hidden: dict | None = None) -> torch.Tensor:
-        "Projected encoder features + channel embedding [B, L, width] (the GPT adds wpe)."
-        features = self.eeg_features(X, input_chans, input_time, input_mask)
-        embedded = self.projection(features) + self.channel_embed(input_chans.long())
-        if hidden is not None:
-            hidden.update(eeg_features=features, eeg_embedded=embedded)
-        return embedded
-
-    def forward(self, X=None, input_chans=None, input_time=None, input_mask=None, text=None, eeg_targets=None,
-                text_targets=None, attn_mask=None, *, eeg_embeds=None, return_hidden: bool = False,
-                all_logits: bool = False, supervised_only: bool = False) -> NeuroLMOutput:
-        """EEG tokens (X [B, L, 200] + input_chans/input_time/input_mask [B, L]) and/or text ids [B, T].
-
-        `eeg_targets`: class ids (`next_second_targets`); `text_targets`: token ids; -1 = ignore.
-        `attn_mask`: bool (True = attend) or float (added); default: the stair mask (causal for text only).
-        `eeg_embeds` replaces X with an `embed_eeg` result (generation embeds the EEG once)."""
-        has_eeg = X is not None or eeg_embeds is not None
-        if not has_eeg and text is None:
-            raise ValueError("NeuroLM.forward needs EEG tokens (X with input_chans, input_time) and/or text ids")
-        hidden = {} if return_hidden else None
-        parts, positions, targets = [], [], []
-        if has_eeg:
-            if input_chans is None or input_time is None:
-                raise ValueError("EEG input needs input_chans and input_time")
-            if input_mask is None:
-                input_mask = torch.ones(input_time.shape, dtype=torch.bool, device=input_time.device)
-            eeg = eeg_embeds if eeg_embeds is not None else self.embed_eeg(X, input_chans, input_time, input_mask, hidden)
-            parts.append(eeg)
-            positions.append(input_time.long())
-            targets.append(eeg_targets if eeg_targets is not None else
-                           torch.full(input_time.shape, IGNORE_INDEX, dtype=torch.long, device=eeg.device))
-        if text is not None:
-            text = text.long()
-            parts.append(self.gpt.transformer.wte(text))
-            pos = text_position_ids(input_time if has_eeg else None, text.shape[1], self.config.text_positions)
-            positions.append(pos.to(text.device).expand(text.shape[0], -1))
-            targets.append(text_targets if text_targets is not None else torch.full_like(text, IGNORE_INDEX))
-        block_mask = None
-        if attn_mask is None and has_eeg:
-            n_text = 0 if text is None else text.shape[1]
-            if self.gpt.config.attn_impl == "flex":  # the rule as a block mask: no dense S×S tensor
-                block_mask = stair_block_mask(input_time, input_mask, n_text)
-            else:
-                attn_mask = stair_mask(input_time, input_mask, n_text=n_text)
-        has_targets = eeg_targets is not None or text_targets is not None
-        logits, states = self.gpt(inputs_embeds=torch.cat(parts, dim=1), position_ids=torch.cat(positions, dim=1),
-                                  attn_mask=attn_mask, block_mask=block_mask, return_hidden=True,
-                                  last_only=supervised_only or not (has_targets or all_logits))
-        if hidden is not None:
-            hidden.update(gpt_input=states[0], gpt_final_hidden=states[-1])
-        out = NeuroLMOutput(logits, hidden=hidden)
-        if has_targets:
-            out.targets = torch.cat([t.long() for t in targets], dim=1)
-            if supervised_only:
-                keep = out.targets != IGNORE_INDEX
-                out.logits = self.gpt.lm_head(states[-1][keep])
-                flat_targets = out.targets[keep]
-            else:
-                flat_targets = out.targets
-            out.loss = lm_loss(out.logits, flat_targets)
-            with torch.no_grad():
-                out.accuracy = token_accuracy(out.logits, flat_targets)
-        return out
-
-# %% ../nbs/21_neurolm.ipynb #c050
+# %% ../nbs/21_neurolm.ipynb #c077
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = 1,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Next ids [B, 1] from logits [B, V] as the original's `generate`: / temperature, keep top_k, softmax, multinomial.
@@ -457,14 +487,14 @@ def sampling_generator(generator: torch.Generator | None = None, seed: int | Non
         return generator
     return torch.Generator(device=device).manual_seed(seed)
 
-# %% ../nbs/21_neurolm.ipynb #c054
+# %% ../nbs/21_neurolm.ipynb #c081
 def grow_mask_like_original(mask: torch.Tensor) -> torch.Tensor:
     "The original's mask growth (N13): a float32 zero column and ones row -> an additive 0/1 mask."
     B, H, T, _ = mask.shape
     grown = torch.cat([mask.float(), torch.zeros(B, H, T, 1, device=mask.device)], dim=-1)
     return torch.cat([grown, torch.ones(B, H, 1, T + 1, device=mask.device)], dim=-2)
 
-
+# %% ../nbs/21_neurolm.ipynb #c084
 @torch.no_grad()
 def _generate(self: NeuroLM, X=None, input_chans=None, input_time=None, input_mask=None, text=None,
               max_new_tokens: int = 10, attn_mask: torch.Tensor | None = None, original_mask_quirk: bool = False,
@@ -504,7 +534,7 @@ def _generate(self: NeuroLM, X=None, input_chans=None, input_time=None, input_ma
 
 NeuroLM.generate = _generate
 
-# %% ../nbs/21_neurolm.ipynb #c061
+# %% ../nbs/21_neurolm.ipynb #c091
 def _official_lm_key(key: str) -> str:
     "The official NeuroLM name of one of our state-dict keys."
     from neurolm_nb.convert import official_key
@@ -530,7 +560,7 @@ def _n_blocks(sd: Mapping, prefix: str) -> int:
     found = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
     return max(found) + 1 if found else 0
 
-
+# %% ../nbs/21_neurolm.ipynb #c094
 def neurolm_lm_config_from_state_dict(sd: Mapping, model_args: Mapping | None = None, n_head: int | None = None,
                                       encoder_heads: int | None = None, text_vocab_size: int | None = None,
                                       **overrides) -> NeuroLMConfig:
@@ -564,7 +594,7 @@ def neurolm_lm_config_from_state_dict(sd: Mapping, model_args: Mapping | None = 
     return NeuroLMConfig(gpt=gpt, tokenizer=tokenizer, vocab=vocab, n_channel_embeddings=shape("pos_embed.weight")[0],
                          **overrides)
 
-
+# %% ../nbs/21_neurolm.ipynb #c097
 def load_official_neurolm_lm(source, model: NeuroLM | None = None, strict: bool = True, n_head: int | None = None,
                              trusted: bool = False, **config_overrides) -> NeuroLM:
     "A NeuroLM holding an official NeuroLM checkpoint (file or dict: checkpoint with 'model', or a bare state dict)."
@@ -604,7 +634,7 @@ def to_official_neurolm_lm(model: NeuroLM) -> dict[str, torch.Tensor]:
     ours = model.state_dict()
     return {theirs: ours[key] for theirs, key in official_lm_key_table(model).items()}
 
-# %% ../nbs/21_neurolm.ipynb #c065
+# %% ../nbs/21_neurolm.ipynb #c101
 def lm_fixture_state_dict(lm_tensors: Mapping[str, torch.Tensor], vq_tensors: Mapping[str, torch.Tensor],
                           two_layer: bool = False) -> dict[str, torch.Tensor]:
     "The official state dict of fixture `neurolm_lm_tiny` (float32), tokenizer keys rebuilt from `neurolm_vq_tiny`."
@@ -616,7 +646,7 @@ def lm_fixture_state_dict(lm_tensors: Mapping[str, torch.Tensor], vq_tensors: Ma
                    if k.startswith("weights_2layer_extra.")})
     return sd
 
-# %% ../nbs/21_neurolm.ipynb #c071
+# %% ../nbs/21_neurolm.ipynb #c107
 MODEL_FORMAT = "neurolm_nb.model/1"
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastcore.basics import patch
+
 from .core import load_checkpoint, save_checkpoint
 
 # %% auto #0
@@ -56,7 +58,6 @@ class VQConfig:
     text_vocab_size: int = 50257     # rows of the frozen text embedding (GPT-2's wte); 0: no text branch
     original_padding: bool = False   # True: padded tokens count in k-means, EMA, commitment and MSE (quirk N3)
     smooth_l1_loss: bool = False     # True: smooth L1 (Huber, beta 1) instead of MSE for the reconstructions
-
     def __post_init__(self):
         if self.dim % self.n_heads:
             raise ValueError(f"VQConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}")
@@ -66,45 +67,51 @@ class VQConfig:
         if not self.targets:
             raise ValueError("VQConfig: targets must name at least one reconstruction target")
 
-    @property
-    def conv_steps(self) -> int:
-        "Length of the feature map after the stride-8 convolution (25 for 200 samples)."
-        return (self.patch_size + 2 * 7 - 15) // 8 + 1
-
-    @classmethod
-    def neurolm(cls, **overrides) -> "VQConfig":
-        "NeuroLM's text-aligned tokenizer `VQ_Align` with the train_vq.py defaults."
-        return cls(**overrides)
-
-    @classmethod
-    def labram(cls, **overrides) -> "VQConfig":
-        "LaBraM's tokenizer VQ-NSP, base size, 64-d codebook (the released vqnsp.pth)."
-        base = dict(conv_channels=8, patch_linear=False, dim=200, n_heads=10, encoder_depth=12, decoder_depth=3,
-                    bias=True, norm_eps=1e-6, cls_token=True, n_channel_embeddings=129, n_time_embeddings=16,
-                    embedding_init_std=0.02, code_dim=64, targets={"amplitude": 200, "phase": 200},
-                    shared_decoder=True, domain_classes=0, text_vocab_size=0)
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def tiny(cls, **overrides) -> "VQConfig":
-        "A NeuroLM-shaped tokenizer for CPU smoke runs (about 0.3 M parameters)."
-        base = dict(conv_channels=4, dim=64, n_heads=4, encoder_depth=2, decoder_depth=1, code_dim=16,
-                    n_codes=256, domain_hidden=32, text_vocab_size=512)
-        return cls(**{**base, **overrides})
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "VQConfig":
-        "Inverse of `to_dict`; unknown keys raise an error naming them."
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise KeyError(f"VQConfig has no fields {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 # %% ../nbs/10_vq.ipynb #c009
+@patch(as_prop=True)
+def conv_steps(self: VQConfig) -> int:
+    "Length of the feature map after the stride-8 convolution (25 for 200 samples)."
+    return (self.patch_size + 2 * 7 - 15) // 8 + 1
+
+# %% ../nbs/10_vq.ipynb #c012
+@patch(cls_method=True)
+def neurolm(cls: VQConfig, **overrides) -> "VQConfig":
+    "NeuroLM's text-aligned tokenizer `VQ_Align` with the train_vq.py defaults."
+    return cls(**overrides)
+
+
+@patch(cls_method=True)
+def labram(cls: VQConfig, **overrides) -> "VQConfig":
+    "LaBraM's tokenizer VQ-NSP, base size, 64-d codebook (the released vqnsp.pth)."
+    base = dict(conv_channels=8, patch_linear=False, dim=200, n_heads=10, encoder_depth=12, decoder_depth=3,
+                bias=True, norm_eps=1e-6, cls_token=True, n_channel_embeddings=129, n_time_embeddings=16,
+                embedding_init_std=0.02, code_dim=64, targets={"amplitude": 200, "phase": 200},
+                shared_decoder=True, domain_classes=0, text_vocab_size=0)
+    return cls(**{**base, **overrides})
+
+
+@patch(cls_method=True)
+def tiny(cls: VQConfig, **overrides) -> "VQConfig":
+    "A NeuroLM-shaped tokenizer for CPU smoke runs (about 0.3 M parameters)."
+    base = dict(conv_channels=4, dim=64, n_heads=4, encoder_depth=2, decoder_depth=1, code_dim=16,
+                n_codes=256, domain_hidden=32, text_vocab_size=512)
+    return cls(**{**base, **overrides})
+
+
+@patch(cls_method=True)
+def from_dict(cls: VQConfig, d: Mapping) -> "VQConfig":
+    "Inverse of `to_dict`; unknown keys raise an error naming them."
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise KeyError(f"VQConfig has no fields {unknown}")
+    return cls(**d)
+
+
+@patch
+def to_dict(self: VQConfig) -> dict:
+    return asdict(self)
+
+# %% ../nbs/10_vq.ipynb #c015
 class TemporalConv(nn.Module):
     "Three Conv→GroupNorm→GELU stages over every patch, flattened time-step-major (+ Linear→GELU if `out_dim`)."
     def __init__(self, conv_channels: int = 16, out_dim: int | None = 768, patch_size: int = 200, groups: int = 4):
@@ -129,7 +136,7 @@ class TemporalConv(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, L, self.flat_dim)  # [B, C, L, T] -> feature t·C + c
         return F.gelu(self.linear(h)) if self.linear is not None else h
 
-# %% ../nbs/10_vq.ipynb #c013
+# %% ../nbs/10_vq.ipynb #c019
 class SelfAttention(nn.Module):
     "Bidirectional multi-head attention through SDPA; padded keys are masked out."
     def __init__(self, dim: int, n_heads: int, bias: bool = False):
@@ -152,7 +159,7 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
-
+# %% ../nbs/10_vq.ipynb #c023
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
@@ -176,7 +183,7 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.norm1(x), key_mask)
         return x + self.mlp(self.norm2(x))
 
-# %% ../nbs/10_vq.ipynb #c017
+# %% ../nbs/10_vq.ipynb #c027
 class TokenTransformer(nn.Module):
     "Patch embedding + channel/time embeddings (+ CLS) → blocks → LayerNorm; returns patch-token features."
     def __init__(self, cfg: VQConfig, depth: int, patch_embed: nn.Module):
@@ -206,7 +213,7 @@ class TokenTransformer(nn.Module):
             h = h[:, 1:]
         return (patches, h) if return_patch_embed else h
 
-# %% ../nbs/10_vq.ipynb #c021
+# %% ../nbs/10_vq.ipynb #c031
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2, dim=-1)
 
@@ -231,7 +238,7 @@ def cosine_kmeans(samples: torch.Tensor, k: int, iters: int = 10, chunk: int = 1
         means = torch.where((counts > 0).unsqueeze(1), new_means, means)  # empty clusters keep their mean
     return means, counts
 
-
+# %% ../nbs/10_vq.ipynb #c035
 @dataclass
 class QuantizerOutput:
     quantized: torch.Tensor  # straight-through code vectors, the input's shape
@@ -261,52 +268,58 @@ class EMAQuantizer(nn.Module):
         return torch.cat([(part.pow(2).sum(1, keepdim=True) + e2 - 2 * part @ e.T).argmin(1)
                           for part in z.split(chunk)])
 
-    @torch.no_grad()
-    def kmeans_init_(self, z: torch.Tensor) -> None:
-        "Initialise the codebook by cosine k-means on `z` (rank 0's vectors, broadcast to every rank)."
-        if not _distributed() or dist.get_rank() == 0:
-            if len(z):
-                means, counts = cosine_kmeans(z.to(self.codebook.dtype), self.n_codes, self.kmeans_iters)
-                self.codebook.copy_(means)
-                self.kmeans_counts.copy_(counts)
-        if _distributed():
-            dist.broadcast(self.codebook, 0)
-            dist.broadcast(self.kmeans_counts, 0)
-        self.initted.fill_(1.0)
+# %% ../nbs/10_vq.ipynb #c039
+@patch
+@torch.no_grad()
+def kmeans_init_(self: EMAQuantizer, z: torch.Tensor) -> None:
+    "Initialise the codebook by cosine k-means on `z` (rank 0's vectors, broadcast to every rank)."
+    if not _distributed() or dist.get_rank() == 0:
+        if len(z):
+            means, counts = cosine_kmeans(z.to(self.codebook.dtype), self.n_codes, self.kmeans_iters)
+            self.codebook.copy_(means)
+            self.kmeans_counts.copy_(counts)
+    if _distributed():
+        dist.broadcast(self.codebook, 0)
+        dist.broadcast(self.kmeans_counts, 0)
+    self.initted.fill_(1.0)
 
-    @torch.no_grad()
-    def ema_update_(self, z: torch.Tensor, codes: torch.Tensor) -> None:
-        "Move each used code towards the normalised mean of its vectors (counts and sums summed over ranks)."
-        counts = torch.bincount(codes, minlength=self.n_codes).to(self.codebook.dtype)
-        sums = torch.zeros_like(self.codebook).index_add_(0, codes, z.to(self.codebook.dtype))
-        if _distributed():
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        means = l2norm(sums / counts.clamp(min=1).unsqueeze(1))
-        moved = l2norm(self.decay * self.codebook + (1 - self.decay) * means)
-        self.codebook.copy_(torch.where((counts > 0).unsqueeze(1), moved, self.codebook))  # unused codes stay put
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
-        "`z` [..., dim]; `mask` [...] True where a vector may shape the codebook and the loss (None: all)."
-        shape = z.shape
-        z = l2norm(z.to(self.codebook.dtype)).reshape(-1, self.dim)
-        keep = mask.reshape(-1).bool() if mask is not None else None
-        if self.training and not bool(self.initted.item()):
-            self.kmeans_init_(z.detach() if keep is None else z.detach()[keep])
-        codes = self.nearest_codes(z.detach())
-        e = F.embedding(codes, self.codebook)
-        if self.training:
-            self.ema_update_(*((z.detach(), codes) if keep is None else (z.detach()[keep], codes[keep])))
-        sq = (e - z).pow(2)  # e carries no gradient: the commitment loss pulls only the encoder
-        if keep is None:
-            loss = sq.mean()
-        else:
-            loss = sq[keep].mean() if keep.any() else sq.sum() * 0.0
-        quantized = z + (e - z).detach()  # straight-through: the code forward, the identity backward
-        return QuantizerOutput(quantized.view(shape), codes.view(shape[:-1]), self.beta * loss, z.view(shape))
+@patch
+@torch.no_grad()
+def ema_update_(self: EMAQuantizer, z: torch.Tensor, codes: torch.Tensor) -> None:
+    "Move each used code towards the normalised mean of its vectors (counts and sums summed over ranks)."
+    counts = torch.bincount(codes, minlength=self.n_codes).to(self.codebook.dtype)
+    sums = torch.zeros_like(self.codebook).index_add_(0, codes, z.to(self.codebook.dtype))
+    if _distributed():
+        dist.all_reduce(counts)
+        dist.all_reduce(sums)
+    self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+    means = l2norm(sums / counts.clamp(min=1).unsqueeze(1))
+    moved = l2norm(self.decay * self.codebook + (1 - self.decay) * means)
+    self.codebook.copy_(torch.where((counts > 0).unsqueeze(1), moved, self.codebook))  # unused codes stay put
 
-# %% ../nbs/10_vq.ipynb #c029
+# %% ../nbs/10_vq.ipynb #c043
+@patch
+def forward(self: EMAQuantizer, z: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
+    "`z` [..., dim]; `mask` [...] True where a vector may shape the codebook and the loss (None: all)."
+    shape = z.shape
+    z = l2norm(z.to(self.codebook.dtype)).reshape(-1, self.dim)
+    keep = mask.reshape(-1).bool() if mask is not None else None
+    if self.training and not bool(self.initted.item()):
+        self.kmeans_init_(z.detach() if keep is None else z.detach()[keep])
+    codes = self.nearest_codes(z.detach())
+    e = F.embedding(codes, self.codebook)
+    if self.training:
+        self.ema_update_(*((z.detach(), codes) if keep is None else (z.detach()[keep], codes[keep])))
+    sq = (e - z).pow(2)  # e carries no gradient: the commitment loss pulls only the encoder
+    if keep is None:
+        loss = sq.mean()
+    else:
+        loss = sq[keep].mean() if keep.any() else sq.sum() * 0.0
+    quantized = z + (e - z).detach()  # straight-through: the code forward, the identity backward
+    return QuantizerOutput(quantized.view(shape), codes.view(shape[:-1]), self.beta * loss, z.view(shape))
+
+# %% ../nbs/10_vq.ipynb #c051
 class _GradientReversal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha):
@@ -332,7 +345,7 @@ def domain_classifier(dim: int = 768, hidden: int = 256, n_classes: int = 2) -> 
     "Linear → GELU → Linear; class 0 = EEG features, class 1 = text embeddings."
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n_classes))
 
-# %% ../nbs/10_vq.ipynb #c032
+# %% ../nbs/10_vq.ipynb #c054
 def task_head(dim: int, out_dim: int) -> nn.Sequential:
     "Linear(dim→dim) → Tanh → Linear(dim→out_dim): the quantizer head and the reconstruction heads."
     return nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out_dim))
@@ -351,7 +364,7 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
         return loss_fn(pred * mask.unsqueeze(-1), target)
     return loss_fn(pred[mask], target[mask])
 
-
+# %% ../nbs/10_vq.ipynb #c058
 @dataclass
 class VQOutput:
     "Everything one forward pass computes; token tensors are [B, L, ...] in the input's token order."
@@ -391,79 +404,89 @@ class VQTokenizer(nn.Module):
     def decoder_for(self, target: str) -> str:
         return "shared" if self.config.shared_decoder else target
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        "The original initialisation (see the prose above)."
-        cfg = self.config
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)  # bounds ±2 (absolute), as timm's: effectively a normal
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        for tower in [self.encoder, *self.decoders.values()]:
-            for table in (tower.channel_embed, tower.time_embed):
-                if cfg.embedding_init_std == 1.0:
-                    nn.init.normal_(table.weight)
-                else:
-                    nn.init.trunc_normal_(table.weight, std=cfg.embedding_init_std)
-            if tower.cls_token is not None:
-                nn.init.trunc_normal_(tower.cls_token, std=0.02)
-            for layer, block in enumerate(tower.blocks, start=1):
-                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
-        if self.text_embedding is not None:
-            nn.init.normal_(self.text_embedding.weight, std=0.02)  # a placeholder until real embeddings are set
+# %% ../nbs/10_vq.ipynb #c062
+@patch
+@torch.no_grad()
+def reset_parameters(self: VQTokenizer) -> None:
+    "The original initialisation (see the prose above)."
+    cfg = self.config
+    for m in self.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)  # bounds ±2 (absolute), as timm's: effectively a normal
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for tower in [self.encoder, *self.decoders.values()]:
+        for table in (tower.channel_embed, tower.time_embed):
+            if cfg.embedding_init_std == 1.0:
+                nn.init.normal_(table.weight)
+            else:
+                nn.init.trunc_normal_(table.weight, std=cfg.embedding_init_std)
+        if tower.cls_token is not None:
+            nn.init.trunc_normal_(tower.cls_token, std=0.02)
+        for layer, block in enumerate(tower.blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+    if self.text_embedding is not None:
+        nn.init.normal_(self.text_embedding.weight, std=0.02)  # a placeholder until real embeddings are set
 
-    def encode(self, X, input_chans, input_time, input_mask=None) -> torch.Tensor:
-        "Encoder features [B, L, dim] (the LLM's EEG input in stage 2)."
-        return self.encoder(X, input_chans, input_time, input_mask)
+# %% ../nbs/10_vq.ipynb #c066
+@patch
+def encode(self: VQTokenizer, X, input_chans, input_time, input_mask=None) -> torch.Tensor:
+    "Encoder features [B, L, dim] (the LLM's EEG input in stage 2)."
+    return self.encoder(X, input_chans, input_time, input_mask)
 
-    @torch.no_grad()
-    def get_codes(self, X, input_chans, input_time, input_mask=None) -> torch.Tensor:
-        "Code indices [B, L] without touching the codebook (padded tokens get codes too; mask them yourself)."
-        features = self.encoder(X, input_chans, input_time, input_mask)
-        z = l2norm(self.quant_head(features.to(self.quant_head[0].weight.dtype)).to(self.quantizer.codebook.dtype))
-        return self.quantizer.nearest_codes(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
 
-    def forward(self, X, input_chans, input_time, input_mask=None, targets: Mapping | None = None,
-                alpha: float = 0.0) -> VQOutput:
-        "Tokens [B, L, patch] + indices [B, L] (+ mask, targets by name, reversal alpha) -> `VQOutput`."
-        cfg = self.config
-        patches, features = self.encoder(X, input_chans, input_time, input_mask, return_patch_embed=True)
-        with torch.autocast(device_type=X.device.type, enabled=False):  # the quantizer path stays float32
-            to_quantizer = self.quant_head(features.to(self.quant_head[0].weight.dtype))
-        q = self.quantizer(to_quantizer, None if cfg.original_padding else input_mask)
-        dec_features = {name: dec(q.quantized, input_chans, input_time, input_mask) for name, dec in self.decoders.items()}
-        recs = {name: head(dec_features[self.decoder_for(name)]) for name, head in self.heads.items()}
-        losses = {"commitment": q.loss}
-        for key, target in (targets or {}).items():
-            name = key[2:] if key.startswith("Y_") and key[2:] in recs else key
-            if name not in recs:
-                raise KeyError(f"target {key!r} is not one of this tokenizer's targets {list(recs)}")
-            losses[f"rec_{name}"] = reconstruction_loss(recs[name], target, input_mask, cfg.original_padding,
-                                                        cfg.smooth_l1_loss)
-        domain_logits = None
-        if self.domain_classifier is not None:
-            domain_logits = self.domain_classifier(gradient_reversal(features, alpha))
-            real = domain_logits if input_mask is None else domain_logits[input_mask.bool()]
-            real = real.reshape(-1, real.shape[-1])
-            losses["domain_eeg"] = F.cross_entropy(real, real.new_zeros(len(real), dtype=torch.long))
-        return VQOutput(patches, features, to_quantizer, q.quantized, q.codes, dec_features, recs, domain_logits,
-                        losses, sum(losses.values()))
+@patch
+@torch.no_grad()
+def get_codes(self: VQTokenizer, X, input_chans, input_time, input_mask=None) -> torch.Tensor:
+    "Code indices [B, L] without touching the codebook (padded tokens get codes too; mask them yourself)."
+    features = self.encoder(X, input_chans, input_time, input_mask)
+    z = l2norm(self.quant_head(features.to(self.quant_head[0].weight.dtype)).to(self.quantizer.codebook.dtype))
+    return self.quantizer.nearest_codes(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
 
-    def text_domain(self, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Domain logits [.., 2] of frozen text embeddings and their cross-entropy against class 1."
-        if self.text_embedding is None or self.domain_classifier is None:
-            raise RuntimeError("this tokenizer has no text branch (text_vocab_size=0 or domain_classes=0)")
-        logits = self.domain_classifier(self.text_embedding(text_ids).detach())
-        flat = logits.reshape(-1, logits.shape[-1])
-        return logits, F.cross_entropy(flat, flat.new_ones(len(flat), dtype=torch.long))
 
-# %% ../nbs/10_vq.ipynb #c040
+@patch
+def text_domain(self: VQTokenizer, text_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Domain logits [.., 2] of frozen text embeddings and their cross-entropy against class 1."
+    if self.text_embedding is None or self.domain_classifier is None:
+        raise RuntimeError("this tokenizer has no text branch (text_vocab_size=0 or domain_classes=0)")
+    logits = self.domain_classifier(self.text_embedding(text_ids).detach())
+    flat = logits.reshape(-1, logits.shape[-1])
+    return logits, F.cross_entropy(flat, flat.new_ones(len(flat), dtype=torch.long))
+
+# %% ../nbs/10_vq.ipynb #c069
+@patch
+def forward(self: VQTokenizer, X, input_chans, input_time, input_mask=None, targets: Mapping | None = None,
+        alpha: float = 0.0) -> VQOutput:
+    "Tokens [B, L, patch] + indices [B, L] (+ mask, targets by name, reversal alpha) -> `VQOutput`."
+    cfg = self.config
+    patches, features = self.encoder(X, input_chans, input_time, input_mask, return_patch_embed=True)
+    with torch.autocast(device_type=X.device.type, enabled=False):  # the quantizer path stays float32
+        to_quantizer = self.quant_head(features.to(self.quant_head[0].weight.dtype))
+    q = self.quantizer(to_quantizer, None if cfg.original_padding else input_mask)
+    dec_features = {name: dec(q.quantized, input_chans, input_time, input_mask) for name, dec in self.decoders.items()}
+    recs = {name: head(dec_features[self.decoder_for(name)]) for name, head in self.heads.items()}
+    losses = {"commitment": q.loss}
+    for key, target in (targets or {}).items():
+        name = key[2:] if key.startswith("Y_") and key[2:] in recs else key
+        if name not in recs:
+            raise KeyError(f"target {key!r} is not one of this tokenizer's targets {list(recs)}")
+        losses[f"rec_{name}"] = reconstruction_loss(recs[name], target, input_mask, cfg.original_padding,
+                                                    cfg.smooth_l1_loss)
+    domain_logits = None
+    if self.domain_classifier is not None:
+        domain_logits = self.domain_classifier(gradient_reversal(features, alpha))
+        real = domain_logits if input_mask is None else domain_logits[input_mask.bool()]
+        real = real.reshape(-1, real.shape[-1])
+        losses["domain_eeg"] = F.cross_entropy(real, real.new_zeros(len(real), dtype=torch.long))
+    return VQOutput(patches, features, to_quantizer, q.quantized, q.codes, dec_features, recs, domain_logits,
+                    losses, sum(losses.values()))
+
+# %% ../nbs/10_vq.ipynb #c075
 def count_parameters(model: nn.Module) -> dict:
     "Trainable parameters, frozen parameters, buffers and state-dict values of `model` (works on meta tensors)."
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -473,7 +496,7 @@ def count_parameters(model: nn.Module) -> dict:
             "state_dict_values": sum(v.numel() for v in model.state_dict().values()),
             "state_dict_keys": len(model.state_dict())}
 
-# %% ../nbs/10_vq.ipynb #c044
+# %% ../nbs/10_vq.ipynb #c079
 def channel_major_tokens(x: torch.Tensor, input_chans: torch.Tensor) -> dict[str, torch.Tensor]:
     "LaBraM batch x [B, C, A, P] + input_chans [C+1] (or [B, C+1]) -> {X [B, C·A, P], input_chans, input_time}."
     B, C, A, P = x.shape
@@ -486,7 +509,7 @@ def channel_major_tokens(x: torch.Tensor, input_chans: torch.Tensor) -> dict[str
             "input_chans": chans.repeat_interleave(A, dim=1),
             "input_time": torch.arange(A, device=x.device).repeat(C).expand(B, -1)}
 
-# %% ../nbs/10_vq.ipynb #c047
+# %% ../nbs/10_vq.ipynb #c082
 class CodebookStats:
     "Running code-usage counts; perplexity, usage and dead codes."
     def __init__(self, n_codes: int):
@@ -509,25 +532,32 @@ class CodebookStats:
     def reset(self) -> None:
         self.counts.zero_()
 
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum())
-
-    def perplexity(self) -> float:
-        if self.total == 0:
-            return 0.0
-        p = self.counts[self.counts > 0].double() / self.total
-        return float(torch.exp(-(p * p.log()).sum()))
-
-    def dead_codes(self) -> int:
-        return int((self.counts == 0).sum())
-
-    def summary(self) -> dict:
-        n = len(self.counts)
-        return {"n_codes": n, "tokens": self.total, "used_codes": n - self.dead_codes(),
-                "dead_codes": self.dead_codes(), "usage": (n - self.dead_codes()) / n, "perplexity": self.perplexity()}
+# %% ../nbs/10_vq.ipynb #c085
+@patch(as_prop=True)
+def total(self: CodebookStats) -> int:
+    return int(self.counts.sum())
 
 
+@patch
+def perplexity(self: CodebookStats) -> float:
+    if self.total == 0:
+        return 0.0
+    p = self.counts[self.counts > 0].double() / self.total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@patch
+def dead_codes(self: CodebookStats) -> int:
+    return int((self.counts == 0).sum())
+
+
+@patch
+def summary(self: CodebookStats) -> dict:
+    n = len(self.counts)
+    return {"n_codes": n, "tokens": self.total, "used_codes": n - self.dead_codes(),
+            "dead_codes": self.dead_codes(), "usage": (n - self.dead_codes()) / n, "perplexity": self.perplexity()}
+
+# %% ../nbs/10_vq.ipynb #c088
 def plot_code_usage(counts: torch.Tensor, title: str = "codebook usage"):
     "Rank-frequency plot of code counts (log scale) beside a histogram of the counts."
     import matplotlib.pyplot as plt
@@ -543,7 +573,7 @@ def plot_code_usage(counts: torch.Tensor, title: str = "codebook usage"):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/10_vq.ipynb #c050
+# %% ../nbs/10_vq.ipynb #c091
 TOKENIZER_FORMAT = "neurolm_nb.vq/1"
 
 
