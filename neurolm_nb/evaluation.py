@@ -17,13 +17,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, load_checkpoint, load_json, project_root,
+from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, load_json, project_root,
                             save_json)
 from .datasets import WindowDataset
 from .instructions import (EEG_MAX_LEN, InstructionDataset, InstructionTask, collate_instructions,
                                      find_task_datasets, get_task, greedy_answers, load_text_tokenizer,
                                      score_options)
-from .model import NeuroLM, load_neurolm
+from .model import NeuroLM
 from .training import (cleanup_distributed, die_with_torchrun_agent, gather_objects, is_main_process, move_to_device,
                                  setup_distributed, world_info)
 
@@ -328,7 +328,7 @@ class EvalSetup:
     run_root: str | None = None
     datasets_root: str | None = None         # None: <run_root>/datasets
     tasks: Any = "auto"
-    checkpoint: str | None = None            # None: <run_root>/instruct/neurolm.pt
+    checkpoint: str | None = None            # checkpoint or save_pretrained folder; None: <run_root>/instruct/neurolm.pt
     text_tokenizer: str | None = None        # None: the checkpoint's own
     split: str = "test"
     batch_size: int = 16
@@ -341,14 +341,14 @@ class EvalSetup:
 
 
 def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
-    "(model, text tokenizer spec, checkpoint path) of `setup`."
-    from neurolm_nb.instruct import checkpoint_text_tokenizer
+    "(model, text tokenizer spec, checkpoint path) of `setup`: a checkpoint file or a save_pretrained folder."
+    from neurolm_nb.instruct import load_start_model
     path = Path(setup.checkpoint) if setup.checkpoint else (Path(setup.run_root) / INSTRUCTED if setup.run_root else None)
     if path is None or not path.exists():
         raise FileNotFoundError(f"no instruction-tuned model to evaluate: {path or 'checkpoint=None and run_root=None'} "
                                 "(run the instruct stage first, or pass checkpoint=)")
-    ckpt = load_checkpoint(path)
-    return load_neurolm(ckpt), setup.text_tokenizer or checkpoint_text_tokenizer(ckpt), str(path)
+    lm, tokenizer_spec = load_start_model(path)  # a folder is read with hub.from_pretrained, never unpickled
+    return lm, setup.text_tokenizer or tokenizer_spec, str(path)
 
 
 def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:

@@ -22,7 +22,8 @@ from .core import atomic_write_bytes, to_jsonable
 # %% auto #0
 __all__ = ['HUB_FORMAT', 'WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'PretrainedFolderError', 'DownloadNotAllowedError', 'Family',
            'hub_families', 'shared_tensors', 'tie_', 'ModelCard', 'deviation_options', 'render_card', 'save_pretrained',
-           'resolve_folder', 'read_config', 'from_pretrained', 'assert_same_weights']
+           'resolve_folder', 'read_config', 'from_pretrained', 'assert_same_weights', 'read_card', 'flat_metrics',
+           'describe_datasets']
 
 # %% ../nbs/42_hub.ipynb #c006
 HUB_FORMAT = "neurolm_nb.hub/1"
@@ -121,6 +122,7 @@ class ModelCard:
     data: str | None = None       # what it was trained on (None: 'not recorded')
     metrics: dict | None = None   # metric -> value, of the run that produced these weights
     options: dict | None = None   # training options worth naming, e.g. deviations from the original
+    usage: dict | None = None     # what using the weights takes beyond them, e.g. {"text_tokenizer": "gpt2"}
     notes: str | None = None      # free text, appended
     license: str | None = None    # the weights' licence, if known
 
@@ -165,6 +167,7 @@ def render_card(model: nn.Module, card: ModelCard, stage: str, weights_sha256: s
     options = {**deviation_options(model), **(card.options or {})}
     body += ["", "## Options where this differs from the original code", ""]
     body += _table(options, ("option", "value")) if options else ["None of this model's options differ from the original."]
+    body += ["", "## Using it", "", *_table(card.usage, ("setting", "value"))] if card.usage else []
     body += ["", "## Notes", "", card.notes] if card.notes else []
     return "\n".join(front + body) + "\n"
 
@@ -185,10 +188,15 @@ def _own_memory(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _is_family_class(cls: type, family_cls: type) -> bool:
+    "The family's class, or its twin defined in a notebook (module `__main__`, the same name)."
+    return cls is family_cls or (cls.__module__ == "__main__" and cls.__qualname__ == family_cls.__qualname__)
+
+
 def _describe(model: nn.Module) -> tuple[Family, dict]:
     families = hub_families()
     family = families.get(type(model).__name__)
-    if family is None or type(model) is not family.cls:
+    if family is None or not _is_family_class(type(model), family.cls):
         raise TypeError(f"save_pretrained writes {sorted(families)}, not {type(model).__qualname__}")
     if any(t.is_meta for t in model.state_dict().values()):
         raise ValueError("the model has tensors on the meta device (no values): load or initialise it first")
@@ -309,7 +317,7 @@ def from_pretrained(source: str | Path, allow_download: bool = False, *, revisio
     record = read_config(folder)
     spec = {k: record[k] for k in _SPEC_KEYS}
     family = hub_families()[spec["class"]]
-    if expect is not None and family.cls is not expect:
+    if expect is not None and not _is_family_class(expect, family.cls):
         raise TypeError(f"{folder} holds a {spec['class']}, not a {expect.__name__}")
     tensors, metadata = _read_weights(folder / WEIGHTS_NAME, map_location)
     if check_config and metadata.get("neurolm_nb.config_sha256") != _fingerprint(spec):
@@ -345,3 +353,44 @@ def assert_same_weights(a: nn.Module | Mapping, b: nn.Module | Mapping) -> None:
         x, y = sa[k], sb[k]
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.cpu(), y.cpu()):
             raise AssertionError(f"{k!r} differs: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}")
+
+# %% ../nbs/42_hub.ipynb #c031
+def read_card(folder: str | Path) -> ModelCard:
+    "The card's facts that `save_pretrained` wrote into `folder/config.json`."
+    record = read_config(folder)
+    known = set(ModelCard.__dataclass_fields__)
+    return ModelCard(**{k: v for k, v in (record.get("card") or {}).items() if k in known})
+
+
+def flat_metrics(metrics: Mapping, digits: int = 4, prefix: str = "") -> dict[str, int | float]:
+    "The numbers of a nested metrics dict, keys joined by '.', floats to `digits` significant digits."
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            out.update(flat_metrics(value, digits, f"{prefix}{key}."))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+        elif isinstance(value, float) and value == value:  # NaN says nothing on a card
+            out[f"{prefix}{key}"] = float(f"{value:.{digits}g}")
+    return out
+
+
+def describe_datasets(roots, splits=("train",), max_subjects: int = 8) -> str:
+    "A card's data line: per built dataset and split used, windows and subjects (from its split_manifest.json)."
+    from neurolm_nb.datasets import MANIFEST_FILE
+    parts = []
+    for root in map(Path, roots):
+        try:
+            manifest = json.loads((root / MANIFEST_FILE).read_text())
+        except (OSError, ValueError):
+            parts.append(f"{root.name} (no readable {MANIFEST_FILE})")
+            continue
+        per = []
+        for split in splits:
+            d = (manifest.get("splits") or {}).get(split) or {}
+            if d.get("n_windows") or d.get("subjects"):  # an empty split says nothing
+                subjects = [str(x) for x in d.get("subjects", [])]
+                shown = ", ".join(subjects[:max_subjects]) + (", ..." if len(subjects) > max_subjects else "")
+                per.append(f"{split}: {d.get('n_windows', '?')} windows of {len(subjects)} subjects ({shown})")
+        parts.append(f"{manifest.get('dataset', root.name)} [{'; '.join(per) or 'none of ' + '/'.join(splits)}]")
+    return "; ".join(parts) or "not recorded"

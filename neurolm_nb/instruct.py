@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .core import load_checkpoint, load_json, save_json, seed_everything
+from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, read_card, save_pretrained
 from .instructions import (EEG_MAX_LEN, TASK_NAMES, InstructionDataset, MixedInstructions,
                                      collate_instructions, find_task_datasets, get_task, load_text_tokenizer,
                                      longest_text, score_options)
@@ -26,9 +27,10 @@ from .training import (TrainConfig, TrainResult, cleanup_distributed, die_with_t
                                  move_to_device, setup_distributed, train, unwrap_model, world_info)
 
 # %% auto #0
-__all__ = ['PRETRAINED', 'checkpoint_text_tokenizer', 'tiny_neurolm', 'resolve_start_model', 'InstructModel', 'InstructLoss',
-           'spread_indices', 'evaluate_instructions', 'InstructSetup', 'PreparedInstruct', 'prepare_instruct',
-           'report_validation', 'run_instruct', 'write_launch_config', 'read_launch_config', 'main']
+__all__ = ['PRETRAINED', 'checkpoint_text_tokenizer', 'tiny_neurolm', 'resolve_start_model', 'load_start_model', 'InstructModel',
+           'InstructLoss', 'spread_indices', 'evaluate_instructions', 'instruct_card', 'InstructSetup',
+           'PreparedInstruct', 'prepare_instruct', 'report_validation', 'run_instruct', 'write_launch_config',
+           'read_launch_config', 'main']
 
 # %% ../nbs/31_instruction_tuning.ipynb #c008
 PRETRAINED = Path("pretrain") / "neurolm.pt"  # relative to run_root; written by 22_pretrain
@@ -61,12 +63,23 @@ def resolve_start_model(checkpoint: str | Path | None = None, run_root: str | Pa
         raise FileNotFoundError(f"stage 3 (instruct) needs the stage-2 model {path}, which does not exist: "
                                 "run the 'pretrain' stage first, or name a checkpoint in the 'checkpoint' parameter")
     if path is not None:
-        ckpt = load_checkpoint(path)
-        return load_neurolm(ckpt), checkpoint_text_tokenizer(ckpt), str(path)
+        return *load_start_model(path), str(path)
     torch.manual_seed(seed)
     return tiny_neurolm(seed), "tiny", "tiny random NeuroLM (no stage-2 checkpoint)"
 
-# %% ../nbs/31_instruction_tuning.ipynb #c011
+# %% ../nbs/31_instruction_tuning.ipynb #c009
+def load_start_model(path: str | Path) -> tuple[NeuroLM, str]:
+    "(model, text tokenizer spec) of a `save_neurolm` checkpoint file or a `save_pretrained` folder."
+    if Path(path).is_dir():  # hub format: safetensors + config.json (errors name a missing file)
+        lm = from_pretrained(path, expect=NeuroLM).train()
+        lm.requires_grad_(True)
+        lm.encoder.requires_grad_(False)  # as load_neurolm: only the stage-1 encoder is frozen
+        spec = (read_card(path).usage or {}).get("text_tokenizer")
+        return lm, str(spec or ("gpt2" if lm.config.vocab.text_vocab_size == 50257 else "tiny"))
+    ckpt = load_checkpoint(path)
+    return load_neurolm(ckpt), checkpoint_text_tokenizer(ckpt)
+
+# %% ../nbs/31_instruction_tuning.ipynb #c014
 class InstructModel(nn.Module):
     "NeuroLM + stage 3's loss: `forward(batch)` -> {loss, instruct_loss, instruct_accuracy[, text_loss, text_accuracy]}."
 
@@ -107,7 +120,7 @@ class InstructLoss:
         out = model(batch)
         return out.pop("loss"), out
 
-# %% ../nbs/31_instruction_tuning.ipynb #c014
+# %% ../nbs/31_instruction_tuning.ipynb #c017
 def spread_indices(n: int, k: int | None) -> np.ndarray:
     "`k` indices spread evenly over range(n) (all of them when k is None or >= n)."
     if k is None or k >= n:
@@ -139,14 +152,33 @@ def evaluate_instructions(lm: NeuroLM, val_sets: Sequence[InstructionDataset], t
             out[f"{ds.task.name}_answer_nll"] = float(torch.cat(nll).mean())
     return out
 
-# %% ../nbs/31_instruction_tuning.ipynb #c017
+# %% ../nbs/31_instruction_tuning.ipynb #c020
+def instruct_card(setup: InstructSetup, info: Mapping, history: Sequence[Mapping] = ()) -> ModelCard:
+    "The model card of a stage-3 NeuroLM: stage, data (tasks' splits, subjects), last metrics, options, text tokenizer."
+    last = history[-1] if history else {}
+    last_eval = next((r for r in reversed(history) if any(k.startswith("eval_") for k in r)), {})
+    metrics = {"updates": last.get("step"), "last_update": {k: last[k] for k in
+               ("loss", "instruct_loss", "text_loss", "instruct_accuracy", "text_accuracy") if k in last},
+               "validation": {k[len("eval_"):]: v for k, v in last_eval.items() if k.startswith("eval_")}}
+    roots = [t["root"] for t in info["tasks"].values()]
+    return ModelCard(
+        stage="pipeline stage `instruct` (stage 3): NeuroLM after multi-task instruction tuning",
+        data=f"{describe_datasets(roots, ('train', 'val'))}. Text: {info.get('text_source', 'none (no text loss)')}",
+        metrics=flat_metrics(metrics),
+        options={"start model": info.get("start"),
+                 "balanced_sampling": f"{setup.balanced_sampling} (the original: proportional to size)",
+                 "supervise_paren": f"{setup.supervise_paren} (None: the original, TUEV and HMC supervise ' (')",
+                 "eeg_max_len / text_max_len": f"{setup.eeg_max_len} / {info.get('text_max_len')} (the original: 276 / 80)"},
+        usage={"text_tokenizer": info["text_tokenizer"], "tasks": ", ".join(info["tasks"])})
+
+# %% ../nbs/31_instruction_tuning.ipynb #c021
 @dataclass
 class InstructSetup:
     "What stage 3 trains on and with; the optimiser, schedule and batch are a `TrainConfig`."
     run_root: str | None = None            # runs/<profile>: datasets/ and pretrain/neurolm.pt
     datasets_root: str | None = None       # folder of built datasets; None: <run_root>/datasets
     tasks: Any = "auto"                    # task names, or "auto": every instruction task that was built
-    checkpoint: str | None = None          # start model; None: <run_root>/pretrain/neurolm.pt, standalone a tiny random one
+    checkpoint: str | None = None          # start model (checkpoint or save_pretrained folder); None: <run_root>/pretrain/neurolm.pt, standalone a tiny random one
     text_tokenizer: str | None = None      # None: the checkpoint's own
     text_data: str | None = None           # web-text corpus of the LM loss; None: the shipped sample
     eeg_max_len: int = EEG_MAX_LEN
@@ -157,6 +189,7 @@ class InstructSetup:
     text_block: int = 1024
     max_train_windows: int | None = None   # per task
     val_samples: int | None = 64           # validation windows per task and evaluation (None: all)
+    export_pretrained: str | None = None   # a folder: also write the final NeuroLM there in hub format (with a card)
 
     def __post_init__(self):
         if self.eeg_max_len < 1 or (self.text_max_len is not None and self.text_max_len < 2):
@@ -248,6 +281,8 @@ def run_instruct(setup: InstructSetup, cfg: TrainConfig, callbacks: Sequence[Cal
         out = Path(cfg.out_dir)
         save_neurolm(prep.model.lm, out / "neurolm.pt", step=result.step, setup=asdict(setup),
                      text_tokenizer=prep.info["text_tokenizer"], tasks=list(prep.info["tasks"]))
+        if setup.export_pretrained:
+            save_pretrained(prep.model.lm, setup.export_pretrained, card=instruct_card(setup, prep.info, result.history))
         save_json({**prep.info, "world_size": world_info().world_size, "steps": result.step,
                    "schedule": result.schedule._asdict(), "elapsed_s": result.elapsed_s}, out / "run_info.json")
     return result

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .convert import CheckpointMismatchError, read_checkpoint, strip_prefix
 from .core import rng_state, set_rng_state
+from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained
 from .patching import collate_labram
 from .targets import labram_targets
 from .training import (TrainConfig, TrainResult, TrainState, gather_objects, train, unwrap_model, weight_decay_groups,
@@ -31,10 +32,11 @@ __all__ = ['CLS_POSITIONS', 'STUDENT_ONLY_KEYS', 'HEAD_KEYS', 'CLS_HEAD_KEYS', '
            'LaBraMStudent', 'random_mask', 'plot_mask_pair', 'MEMOutput', 'LaBraMForMEM', 'mem_loss',
            'LaBraMClassifier', 'count_encoder_parameters', 'labram_sizes', 'layer_index', 'layer_decay_groups',
            'official_state_dict', 'labram_student_config', 'state_dict_problems', 'load_official_labram_mem',
-           'load_official_labram_student', 'load_official_labram_classifier', 'to_official_labram',
-           'labram_base_fixture_checkpoint', 'labram_base_fixture_outputs', 'compare_labram_base',
-           'classification_metrics', 'predict', 'tokenizer_codes', 'vqnsp_loss', 'mem_loss_fn', 'pretrain_mem',
-           'ModelEMA', 'FinetuneConfig', 'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune']
+           'load_official_labram_student', 'load_official_labram_classifier', 'to_official_labram', 'labram_tokenizer',
+           'labram_start_classifier', 'labram_base_fixture_checkpoint', 'labram_base_fixture_outputs',
+           'compare_labram_base', 'classification_metrics', 'predict', 'tokenizer_codes', 'vqnsp_loss', 'mem_loss_fn',
+           'pretrain_mem', 'ModelEMA', 'FinetuneConfig', 'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune',
+           'labram_card']
 
 # %% ../nbs/15_labram.ipynb #c006
 @dataclass
@@ -616,6 +618,35 @@ def to_official_labram(model: nn.Module, as_checkpoint: bool = False) -> dict:
     return {"model": sd} if as_checkpoint else sd
 
 # %% ../nbs/15_labram.ipynb #c042
+def labram_tokenizer(source: str | Path) -> VQTokenizer:
+    "A VQ-NSP tokenizer from a save_pretrained folder (hub format) or an official LaBraM `vqnsp.pth`."
+    if Path(source).is_dir():  # errors name a missing file
+        return from_pretrained(source, expect=VQTokenizer)
+    from neurolm_nb.convert import load_official_labram_vqnsp
+    return load_official_labram_vqnsp(source)
+
+
+def labram_start_classifier(source: str | Path | Mapping, n_classes: int = 1, drop_path: float = 0.1,
+                            use_cls: bool = False) -> LaBraMClassifier:
+    "The classifier to fine-tune: from a save_pretrained folder (MEM model or student: fresh head; classifier) or an official checkpoint."
+    if not (isinstance(source, (str, Path)) and Path(source).is_dir()):
+        return load_official_labram_classifier(source, n_classes=n_classes, drop_path=drop_path, use_cls=use_cls)
+    model = from_pretrained(source)
+    kind = type(model).__name__  # by name: in this chapter the classes are its own twins of the package's
+    if kind in ("LaBraMForMEM", "LaBraMStudent"):
+        student = model.student if kind == "LaBraMForMEM" else model
+        return LaBraMClassifier.from_student(student, n_classes, drop_path, use_cls=use_cls)
+    if kind != "LaBraMClassifier":
+        raise TypeError(f"{source} holds a {kind}, not a LaBraM model to fine-tune")
+    if model.n_classes != n_classes or model.use_cls != use_cls:
+        raise CheckpointMismatchError(f"{source} holds a classifier with {model.n_classes} outputs and "
+                                      f"{'CLS' if model.use_cls else 'mean'} pooling; asked for n_classes={n_classes}, "
+                                      f"use_cls={use_cls}")
+    out = LaBraMClassifier(replace(model.config, drop_path=drop_path), model.n_classes, use_cls=model.use_cls)
+    out.load_state_dict(model.state_dict())
+    return out
+
+# %% ../nbs/15_labram.ipynb #c045
 def labram_base_fixture_checkpoint(t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "The complete official MEM state dict (float32) of fixture `labram_base`, the omitted student.lm_head filled with zeros."
     sd = {k[len("weights.mem."):]: v.float() for k, v in t.items() if k.startswith("weights.mem.")}
@@ -672,7 +703,7 @@ def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.
         report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
     return report
 
-# %% ../nbs/15_labram.ipynb #c046
+# %% ../nbs/15_labram.ipynb #c049
 def classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     "Binary (scores [n, 1] logits): balanced accuracy, AUROC, AUC-PR, accuracy; multi-class: balanced accuracy, kappa, weighted F1, accuracy."
     import warnings
@@ -728,7 +759,7 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, collate_fn
         raise RuntimeError(f"gathered predictions cover {len(index)} indices, expected each of {len(dataset)} once")
     return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
-# %% ../nbs/15_labram.ipynb #c049
+# %% ../nbs/15_labram.ipynb #c052
 MEM_DEFAULTS = dict(lr=5e-4, min_lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05, grad_clip=3.0, epochs=50,
                     warmup_epochs=5, batch_size=64)
 MEM_NO_WEIGHT_DECAY = tuple(f"student.{n}" for n in NO_WEIGHT_DECAY)
@@ -775,7 +806,7 @@ def pretrain_mem(model: LaBraMForMEM, tokenizer: VQTokenizer, dataset: Dataset, 
     return train(model, dataset, mem_loss_fn(tokenizer, mask_ratio), cfg, collate_fn=collate_fn, param_groups=groups,
                  **train_kwargs)
 
-# %% ../nbs/15_labram.ipynb #c051
+# %% ../nbs/15_labram.ipynb #c054
 class ModelEMA:
     "timm's ModelEma (LaBraM --model_ema): an exponential moving average of a model's state, a checkpointed `train` callback."
     checkpoint_key = "model_ema"  # the original's checkpoint key
@@ -807,7 +838,7 @@ class ModelEMA:
     def load_state_dict(self, state_dict: Mapping) -> None:
         self.module.load_state_dict(state_dict)
 
-# %% ../nbs/15_labram.ipynb #c054
+# %% ../nbs/15_labram.ipynb #c057
 @dataclass
 class FinetuneConfig:
     "Fine-tuning settings; the defaults are the paper's TUAB run (batch per process)."
@@ -915,3 +946,14 @@ def finetune(model: LaBraMClassifier, train_set: Dataset, val_set: Dataset, cfg:
         best.evaluate(ema.module if cfg.model_ema_eval and ema else result.model, result.epoch, result.step)
     model.load_state_dict(best.best_state)
     return FinetuneResult(model, best.best_epoch, best.best_value, metric, best.rows, result.history, result, ema)
+
+# %% ../nbs/15_labram.ipynb #c073
+def labram_card(data_root: str | Path, metrics: Mapping, options: Mapping | None = None) -> ModelCard:
+    "The model card of the `labram` stage's fine-tuned Workload classifier: stage, data, metrics, options."
+    return ModelCard(
+        stage="pipeline stage `labram`: LaBraM, masked EEG modelling then fine-tuning on Workload (one logit)",
+        data=(f"{describe_datasets([data_root], ('train', 'val', 'test'))}: pretraining and fine-tuning on train, "
+              "the epoch chosen on val, metrics on test"),
+        metrics=flat_metrics(metrics), options=dict(options or {}),
+        usage={"input": "labram.collate_labram batches: x [B, channels, seconds, 200] in µV at 200 Hz, input_chans",
+               "output": "one logit; > 0: mental arithmetic, < 0: rest"})

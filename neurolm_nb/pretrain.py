@@ -25,6 +25,7 @@ from .alignment import TINY_GPT2_DIR, TextWindows, load_corpus_ids, load_text_so
 from .core import save_json, seed_everything
 from .datasets import WindowDataset
 from .gpt import ATTN_IMPLS, GPT, GPTConfig
+from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, save_pretrained
 from .model import IGNORE_INDEX, NeuroLM, NeuroLMOutput, next_second_targets, save_neurolm
 from .patching import MAX_SECONDS, NeuroLMCollate
 from .training import (TrainConfig, TrainResult, add_train_args, cleanup_distributed, config_from_args,
@@ -36,8 +37,8 @@ from .vq import VQConfig, VQTokenizer, l2norm, load_tokenizer
 __all__ = ['STAGE1_TOKENIZER', 'KMEANS_CROPS', 'crop_seconds', 'EEGCrops', 'find_eeg_datasets', 'TextStream', 'text_corpus',
            'random_tokenizer', 'init_codebook', 'resolve_tokenizer', 'stage1_tokenizer', 'CodeHead', 'build_gpt',
            'PretrainModel', 'PretrainLoss', 'build_pretrain_model', 'evaluate_pretraining', 'PretrainSetup',
-           'PreparedPretraining', 'prepare_pretraining', 'report_evaluations', 'run_pretraining', 'pretrain_parser',
-           'setup_from_args', 'pretrain_argv', 'main']
+           'PreparedPretraining', 'prepare_pretraining', 'report_evaluations', 'run_pretraining', 'pretrain_card',
+           'pretrain_parser', 'setup_from_args', 'pretrain_argv', 'main']
 
 # %% ../nbs/22_pretrain.ipynb #c008
 def crop_seconds(n_channels: int, n_seconds: int, max_tokens: int, max_seconds: int = MAX_SECONDS) -> int:
@@ -167,9 +168,11 @@ KMEANS_CROPS = 64  # crops whose real tokens initialise a random tokenizer's cod
 
 def resolve_tokenizer(tokenizer: str | Path | VQTokenizer | None = None, run_root: str | Path | None = None,
                       seed: int = 0) -> tuple[VQTokenizer, str]:
-    "The stage-1 tokenizer and where it came from: the given checkpoint, `<run_root>/tokenizer/tokenizer.pt` (which must exist), or standalone 'random'."
+    "The stage-1 tokenizer and where it came from: the given checkpoint or save_pretrained folder, `<run_root>/tokenizer/tokenizer.pt` (which must exist), or standalone 'random'."
     if isinstance(tokenizer, VQTokenizer):
         return tokenizer.eval(), "given"
+    if tokenizer is not None and Path(tokenizer).is_dir():  # a save_pretrained folder (errors name a missing file)
+        return from_pretrained(tokenizer, expect=VQTokenizer), str(tokenizer)
     if tokenizer is not None:
         return load_tokenizer(tokenizer).eval(), str(tokenizer)
     if run_root is not None:  # a pipeline run: never a random tokenizer in place of stage 1's
@@ -208,7 +211,7 @@ class CodeHead(nn.Module):
             z = l2norm(self.quant_head(features.float()))
             return self.quantizer.nearest_codes(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
 
-# %% ../nbs/22_pretrain.ipynb #c019
+# %% ../nbs/22_pretrain.ipynb #c021
 def build_gpt(gpt: str | Path = "tiny", attn_impl: str = "sdpa", seed: int = 0) -> tuple[GPT, str]:
     "A GPT-2 and the name of its text tokenizer (for `alignment.load_text_source`)."
     spec = str(gpt)
@@ -223,7 +226,7 @@ def build_gpt(gpt: str | Path = "tiny", attn_impl: str = "sdpa", seed: int = 0) 
         return GPT(GPTConfig.preset(spec.split(":", 1)[1], attn_impl=attn_impl)), spec.split(":", 1)[1]
     return GPT.from_pretrained(spec, attn_impl=attn_impl), spec
 
-# %% ../nbs/22_pretrain.ipynb #c021
+# %% ../nbs/22_pretrain.ipynb #c023
 class PretrainModel(nn.Module):
     "NeuroLM + the code head of its tokenizer: `forward(batch)` returns the stage-2 loss and its terms."
 
@@ -293,7 +296,7 @@ def build_pretrain_model(tokenizer: VQTokenizer, gpt: GPT, seed: int = 0, causal
     lm = NeuroLM.from_parts(tokenizer, gpt, seed=seed, causal_encoder=causal_encoder)
     return PretrainModel(lm, CodeHead(tokenizer))
 
-# %% ../nbs/22_pretrain.ipynb #c026
+# %% ../nbs/22_pretrain.ipynb #c028
 @torch.no_grad()
 def evaluate_pretraining(model: nn.Module, eeg_val: Dataset | None = None, collate: Callable | None = None,
                          text_val: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 8,
@@ -328,14 +331,14 @@ def evaluate_pretraining(model: nn.Module, eeg_val: Dataset | None = None, colla
         out.update(text_loss=loss, text_accuracy=o.accuracy.item(), text_perplexity=math.exp(loss))
     return out
 
-# %% ../nbs/22_pretrain.ipynb #c029
+# %% ../nbs/22_pretrain.ipynb #c031
 @dataclass
 class PretrainSetup:
     "What stage 2 trains on and with; the optimiser, schedule and batch size are a `TrainConfig`."
     run_root: str | None = None          # runs/<profile>: datasets/ and tokenizer/tokenizer.pt
     datasets_root: str | None = None     # folder of built datasets; None: <run_root>/datasets
     eeg_datasets: Any = "auto"           # names (or paths) of datasets; "auto": `pretrain` if built, else all
-    tokenizer: str | None = None         # save_tokenizer checkpoint; None: <run_root>/tokenizer/tokenizer.pt, standalone random
+    tokenizer: str | None = None         # save_tokenizer checkpoint or save_pretrained folder; None: <run_root>/tokenizer/tokenizer.pt, standalone random
     gpt: str = "tiny"                    # "tiny", a GPT-2 folder / cached name, or "random:<preset>"
     text_data: str | None = None         # corpus (see alignment.load_corpus_ids); None: the shipped sample
     text_tokenizer: str | None = None    # None: the GPT's own
@@ -346,6 +349,7 @@ class PretrainSetup:
     attn_impl: str = "sdpa"              # "sdpa", "naive" or "flex"
     val_batches: int = 20                # EEG validation batches per evaluation (0: the whole split)
     val_text_windows: int = 8            # held-out text windows per evaluation
+    export_pretrained: str | None = None # a folder: also write the final NeuroLM there in hub format (with a card)
 
     def __post_init__(self):
         if self.attn_impl not in ATTN_IMPLS:
@@ -419,6 +423,7 @@ def prepare_pretraining(setup: PretrainSetup, cfg: TrainConfig) -> PreparedPretr
     info = {"eeg_datasets": [str(r) for r in roots], "train_crops": len(train_data),
             "val_crops": len(val_data) if val_data is not None else 0, "skipped_windows": train_data.skipped,
             "tokenizer": tokenizer_source, "gpt": setup.gpt, "vocab": asdict(lm.config.vocab),
+            "text_tokenizer_spec": setup.text_tokenizer or gpt_tokenizer,  # what stage 3 loads to speak to this model
             "parameters": {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                            "encoder_frozen": sum(p.numel() for p in lm.encoder.parameters()),
                            "gpt": sum(p.numel() for p in lm.gpt.parameters())},
@@ -445,14 +450,36 @@ def run_pretraining(setup: PretrainSetup, cfg: TrainConfig, callbacks: Sequence[
     if is_main_process() and cfg.out_dir is not None:
         out = Path(cfg.out_dir)
         save_neurolm(prep.model.lm, out / "neurolm.pt", step=result.step, setup=asdict(setup))
+        if setup.export_pretrained:
+            save_pretrained(prep.model.lm, setup.export_pretrained, card=pretrain_card(setup, prep.info, result.history))
         save_json({**prep.info, "world_size": world_info().world_size, "steps": result.step,
                    "schedule": result.schedule._asdict(), "elapsed_s": result.elapsed_s}, out / "run_info.json")
     return result
 
-# %% ../nbs/22_pretrain.ipynb #c031
+# %% ../nbs/22_pretrain.ipynb #c032
+def pretrain_card(setup: PretrainSetup, info: Mapping, history: Sequence[Mapping] = ()) -> ModelCard:
+    "The model card of a stage-2 NeuroLM: stage, data (EEG datasets, splits, subjects; text), last metrics, options."
+    last = history[-1] if history else {}
+    last_eval = next((r for r in reversed(history) if any(k.startswith("eval_") for k in r)), {})
+    metrics = {"updates": last.get("step"), "last_update": {k: last[k] for k in
+               ("loss", "eeg_loss", "text_loss", "eeg_accuracy", "text_accuracy") if k in last},
+               "validation": {k[len("eval_"):]: v for k, v in last_eval.items() if k.startswith("eval_")}}
+    text = (f"Text: {info['text_source']} ({info['text_train_tokens']:,} training tokens)" if "text_source" in info
+            else "Text: none (no text loss)")
+    return ModelCard(
+        stage="pipeline stage `pretrain` (stage 2): NeuroLM after multi-channel autoregressive pretraining",
+        data=f"EEG: {describe_datasets(info['eeg_datasets'], ('train', 'val'))}. {text}",
+        metrics=flat_metrics(metrics),
+        options={"stage-1 tokenizer": info.get("tokenizer"), "gpt": setup.gpt,
+                 "max_tokens": f"{setup.max_tokens} (the original: 1024)",
+                 "text windows": f"{setup.text_batch} x {setup.text_block} per process and micro-step, keyed by "
+                                 "(seed, update, slot) (the original: 4 x 1024 at unseeded offsets)"},
+        usage={"text_tokenizer": info.get("text_tokenizer_spec") or setup.text_tokenizer or setup.gpt})
+
+# %% ../nbs/22_pretrain.ipynb #c035
 _SETUP_FLAGS = {"run_root": str, "datasets_root": str, "tokenizer": str, "gpt": str, "text_data": str,
                 "text_tokenizer": str, "max_tokens": int, "text_batch": int, "text_block": int, "attn_impl": str,
-                "val_batches": int, "val_text_windows": int}
+                "val_batches": int, "val_text_windows": int, "export_pretrained": str}
 
 
 def pretrain_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from .alignment import (AlignmentLoss, CodeUsageMonitor, TextAlignedVQ, TextSour
                                   attach_text_embedding, load_corpus_ids, load_text_source)
 from .core import atomic_write_bytes, latest_checkpoint, load_json, save_json, seed_everything
 from .datasets import INDEX_FILE, WindowDataset, build_dataset, samples_dir_for
+from .hub import ModelCard, describe_datasets, flat_metrics, save_pretrained
 from .patching import NeuroLMCollate, PATCH_SIZE, max_seconds_for
 from .targets import neurolm_targets
 from .training import (TrainConfig, cleanup_distributed, die_with_torchrun_agent, is_main_process,
@@ -32,7 +33,7 @@ from .vq import CodebookStats, VQConfig, VQTokenizer, save_tokenizer
 
 # %% auto #0
 __all__ = ['find_datasets', 'build_sample_datasets', 'CropToTokens', 'eeg_training_set', 'TokenizerRun', 'load_run_text',
-           'build_vq', 'read_code_usage', 'TokenizerResult', 'train_tokenizer', 'plot_loss_terms',
+           'build_vq', 'read_code_usage', 'TokenizerResult', 'train_tokenizer', 'tokenizer_card', 'plot_loss_terms',
            'plot_usage_over_training', 'probe_batch', 'batch_to', 'run_probe', 'plot_reconstructions', 'domain_points',
            'embed_2d', 'plot_domain_maps', 'plot_domain_accuracy', 'main']
 
@@ -114,6 +115,7 @@ class TokenizerRun:
     usage_every: int = 10
     seed: int = 0
     samples_root: str | None = None         # where data_samples/ is (None: the project's)
+    export_pretrained: str | None = None    # a folder: also write the final tokenizer there in hub format (with a card)
     train: dict = field(default_factory=dict)  # TrainConfig fields; out_dir and seed are set from this run
 
     def __post_init__(self):
@@ -216,10 +218,32 @@ def train_tokenizer(run: TokenizerRun | dict) -> TokenizerResult:
     if is_main_process():
         path = save_tokenizer(vq, out / "tokenizer.pt", text_source=source.name, text_note=source.note,
                               step=result.step, run=run.to_dict())
+        if run.export_pretrained:
+            save_pretrained(vq, run.export_pretrained, card=tokenizer_card(run, result.history, source.name))
     return TokenizerResult(result.model if is_main_process() else None, result.history, read_code_usage(usage_path),
                            path, repr(source), len(data), time.perf_counter() - t0)
 
-# %% ../nbs/12_train_tokenizer.ipynb #c014
+# %% ../nbs/12_train_tokenizer.ipynb #c012
+_CARD_TERMS = ("step", "loss", "rec_freq", "rec_raw", "commitment", "domain_acc", "domain_acc_eeg", "domain_acc_text",
+               "batch_perplexity")
+
+
+def tokenizer_card(run: TokenizerRun, history: Sequence[dict] = (), text_source: str | None = None) -> ModelCard:
+    "The model card of a stage-1 tokenizer: stage, data (datasets, splits, subjects; text), last metrics, options."
+    last = history[-1] if history else {}
+    samples = "all samples" if run.max_samples is None else f"at most {run.max_samples} samples"
+    corpus = run.text_corpus or "data_samples/text/corpus.txt"
+    return ModelCard(
+        stage=f"pipeline stage `tokenizer` (stage 1): NeuroLM's text-aligned VQ tokenizer, preset {run.model!r}",
+        data=(f"EEG: {describe_datasets(run.dataset_roots, run.splits)}; {samples} of <= {run.max_tokens} tokens. "
+              f"Text: {corpus} through {text_source or run.text_model}"),
+        metrics=flat_metrics({f"last_update.{k}": last[k] for k in _CARD_TERMS if k in last}),
+        options={"reversal": f"{run.reversal} (False: no gradient reversal, an ablation)",
+                 "max_tokens": f"{run.max_tokens} (the original: 1024)", "seed": run.seed,
+                 **{f"model_overrides.{k}": v for k, v in run.model_overrides.items()}},
+        usage={"text_source": text_source or run.text_model})
+
+# %% ../nbs/12_train_tokenizer.ipynb #c017
 _TERM_GROUPS = {"reconstruction (MSE, z-scored targets)": ["rec_freq", "rec_raw"], "commitment": ["commitment"],
                 "domain cross-entropy": ["domain_eeg", "domain_text"], "total loss": ["loss"]}
 
@@ -237,7 +261,7 @@ def plot_loss_terms(history: list[dict]):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c017
+# %% ../nbs/12_train_tokenizer.ipynb #c020
 def plot_usage_over_training(rows: list[dict], n_codes: int):
     "Used codes, dead codes and perplexity per monitoring interval."
     import matplotlib.pyplot as plt
@@ -275,7 +299,7 @@ def run_probe(vq: VQTokenizer, batch: dict):
     b = batch_to(batch, next(vq.parameters()).device)
     return vq(b["X"], b["input_chans"], b["input_time"], b["input_mask"], targets=b["targets"])
 
-# %% ../nbs/12_train_tokenizer.ipynb #c020
+# %% ../nbs/12_train_tokenizer.ipynb #c023
 def plot_reconstructions(out, batch: dict, n_tokens: int = 4, seed: int = 0):
     "True vs reconstructed amplitude spectra (top) and temporal signals (bottom) of `n_tokens` real tokens."
     import matplotlib.pyplot as plt
@@ -293,7 +317,7 @@ def plot_reconstructions(out, batch: dict, n_tokens: int = 4, seed: int = 0):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c023
+# %% ../nbs/12_train_tokenizer.ipynb #c026
 def domain_points(features: torch.Tensor, mask: torch.Tensor, text_embeddings: torch.Tensor, n: int,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "Up to `n` EEG feature rows (real tokens) and `n` text embedding rows, chosen with `seed`."
@@ -335,7 +359,7 @@ def plot_domain_maps(panels: dict, method: str = "umap", seed: int = 0):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c026
+# %% ../nbs/12_train_tokenizer.ipynb #c029
 def plot_domain_accuracy(history: list[dict]):
     "Domain-classifier accuracies (EEG, text, balanced) and α against the update step."
     import matplotlib.pyplot as plt
@@ -354,7 +378,7 @@ def plot_domain_accuracy(history: list[dict]):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c031
+# %% ../nbs/12_train_tokenizer.ipynb #c035
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.tokenizer_stage RUN.json`: train the tokenizer of a saved `TokenizerRun` (alone or under torchrun)."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent

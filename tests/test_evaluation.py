@@ -118,6 +118,25 @@ def test_distributed_predictions_equal_single_process(tmp_path):
         run_evaluation(EvalSetup(datasets_root=str(root)))
 
 
+def test_a_hub_folder_is_evaluated_like_its_checkpoint(tmp_path):
+    "checkpoint= a save_pretrained folder: the same model and tokenizer, hence the same answers, read without unpickling."
+    from neurolm_nb.evaluation import load_eval_model
+    from neurolm_nb.hub import ModelCard, save_pretrained
+    root = tmp_path / "datasets"
+    build_dataset("workload", samples_dir_for("workload"), root / "workload", seed=0)
+    save_neurolm(tiny_neurolm(2), tmp_path / "model.pt", text_tokenizer="tiny")
+    folder = save_pretrained(tiny_neurolm(2), tmp_path / "hub", card=ModelCard(usage={"text_tokenizer": "tiny"}))
+    base = dict(datasets_root=str(root), batch_size=2, max_samples=6)
+    by_file = run_evaluation(EvalSetup(out_dir=str(tmp_path / "file"), checkpoint=str(tmp_path / "model.pt"), **base))
+    by_folder = run_evaluation(EvalSetup(out_dir=str(tmp_path / "folder"), checkpoint=str(folder), **base))
+    for key in ("labels", "greedy_pred", "answers", "probs"):
+        assert np.array_equal(by_file["workload"][key], by_folder["workload"][key]), key
+    info = json.loads((tmp_path / "folder" / "eval_info.json").read_text())
+    assert info["checkpoint"] == str(folder) and info["text_tokenizer"] == "tiny"
+    lm, spec, _ = load_eval_model(EvalSetup(checkpoint=str(folder), text_tokenizer="stub"))
+    assert spec == "stub" and not any(p.requires_grad for p in lm.encoder.parameters())  # an explicit tokenizer wins
+
+
 def test_results_say_which_rows_are_real_eeg(tmp_path):
     "A dataset built from the project's synthetic samples is labelled so; one built from other recordings is real EEG."
     from neurolm_nb.datasets import samples_dir_for

@@ -11,8 +11,8 @@ import torch
 
 from neurolm_nb.gpt import GPT, GPTConfig
 from neurolm_nb.hub import (CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, DownloadNotAllowedError, ModelCard,
-                            PretrainedFolderError, assert_same_weights, from_pretrained, save_pretrained,
-                            shared_tensors)
+                            PretrainedFolderError, assert_same_weights, describe_datasets, flat_metrics,
+                            from_pretrained, read_card, save_pretrained, shared_tensors)
 from neurolm_nb.labram import LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent
 from neurolm_nb.model import NeuroLM, NeuroLMConfig
 from neurolm_nb.vq import VQConfig, VQTokenizer
@@ -123,6 +123,36 @@ def test_card_names_data_metrics_and_deviations(tmp_path):
     assert "original_padding (N3)" in (save_pretrained(VQTokenizer(VQConfig.tiny()), tmp_path / "v") / CARD_NAME).read_text()
 
 
+def test_card_usage_is_shown_and_read_back(tmp_path):
+    "What a later stage needs (a NeuroLM's text tokenizer) is in the card and in config.json; unknown card keys are ignored."
+    folder = save_pretrained(NeuroLM(NeuroLMConfig.tiny()), tmp_path / "lm", card=ModelCard(
+        stage="pipeline stage `pretrain`", usage={"text_tokenizer": "gpt2-medium"}, metrics={"steps": 3}))
+    card = (folder / CARD_NAME).read_text()
+    assert "## Using it" in card and "| text_tokenizer | gpt2-medium |" in card and "pipeline stage `pretrain`." in card
+    assert read_card(folder) == ModelCard(stage="pipeline stage `pretrain`", usage={"text_tokenizer": "gpt2-medium"},
+                                          metrics={"steps": 3})
+    record = json.loads((folder / CONFIG_NAME).read_text())
+    record["card"]["written_by_a_later_version"] = 1  # the card is outside the fingerprint: the folder still loads
+    (folder / CONFIG_NAME).write_text(json.dumps(record))
+    assert read_card(folder).usage == {"text_tokenizer": "gpt2-medium"}
+    assert from_pretrained(folder) is not None
+    assert "## Using it" not in (save_pretrained(GPT(GPTConfig.tiny()), tmp_path / "gpt") / CARD_NAME).read_text()
+
+
+def test_flat_metrics_and_describe_datasets(tmp_path):
+    assert flat_metrics({"steps": 4, "val": {"acc": 0.123456, "nll": float("nan")}, "ok": True, "name": "x"}) == \
+        {"steps": 4, "val.acc": 0.1235}
+    root = tmp_path / "tuab"
+    root.mkdir()
+    (root / "split_manifest.json").write_text(json.dumps({"dataset": "tuab", "splits": {
+        "train": {"subjects": [f"s{i}" for i in range(10)], "n_windows": 100},
+        "val": {"subjects": ["s10"], "n_windows": 7}, "test": {"subjects": [], "n_windows": 0}}}))
+    line = describe_datasets([root, tmp_path / "nothing"], ("train", "val"), max_subjects=3)
+    assert line == ("tuab [train: 100 windows of 10 subjects (s0, s1, s2, ...); val: 7 windows of 1 subjects (s10)]; "
+                    "nothing (no readable split_manifest.json)")
+    assert describe_datasets([root], ("test",)) == "tuab [none of test]" and describe_datasets([]) == "not recorded"
+
+
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
@@ -172,6 +202,19 @@ def test_expect_checks_the_class(saved):
     assert type(from_pretrained(saved, expect=LaBraMClassifier)) is LaBraMClassifier
     with pytest.raises(TypeError, match="not a LaBraMStudent"):
         from_pretrained(saved, expect=LaBraMStudent)
+
+
+def test_a_notebooks_twin_class_saves_but_other_subclasses_do_not(tmp_path):
+    "A chapter notebook defines its own LaBraMClassifier (module __main__): it saves, and loads as the package's class."
+    twin = type("LaBraMClassifier", (LaBraMClassifier,), {"__module__": "__main__"})
+    model = twin(LaBraMConfig.tiny(), n_classes=2)
+    back = from_pretrained(save_pretrained(model, tmp_path / "twin"), expect=twin)
+    assert type(back) is LaBraMClassifier
+    assert_same_weights(model, back)
+    for name, module in (("MyClassifier", "__main__"), ("LaBraMClassifier", "somewhere.else")):
+        other = type(name, (LaBraMClassifier,), {"__module__": module})
+        with pytest.raises(TypeError, match="save_pretrained writes"):
+            save_pretrained(other(LaBraMConfig.tiny()), tmp_path / "other")
 
 
 def test_unsupported_model_and_missing_path(tmp_path):

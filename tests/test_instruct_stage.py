@@ -52,6 +52,32 @@ def test_start_model_and_its_tokenizer(run_root, tmp_path):
     assert spread_indices(5, None).tolist() == [0, 1, 2, 3, 4] and spread_indices(9, 3).tolist() == [0, 4, 8]
 
 
+def test_a_hub_folder_is_accepted_as_the_start_model(run_root, tmp_path):
+    "A save_pretrained NeuroLM starts stage 3 as its checkpoint does: weights, frozen parameters, mode, tokenizer, logits."
+    from neurolm_nb.hub import ModelCard, PretrainedFolderError, save_pretrained
+    by_file, file_spec, _ = resolve_start_model(None, run_root)
+    folder = save_pretrained(tiny_neurolm(3), tmp_path / "hub", card=ModelCard(usage={"text_tokenizer": "tiny"}))
+    by_folder, spec, source = resolve_start_model(str(folder), tmp_path / "run_without_stage2")
+    assert (spec, source) == (file_spec, str(folder)) and by_folder.training == by_file.training
+    assert list(by_folder.state_dict()) == list(by_file.state_dict())
+    assert all(torch.equal(v, by_file.state_dict()[k]) for k, v in by_folder.state_dict().items())
+    frozen = lambda m: [n for n, p in m.named_parameters() if not p.requires_grad]
+    assert frozen(by_folder) == frozen(by_file) and all(n.startswith("encoder.") for n in frozen(by_folder))
+    tok = load_text_tokenizer(spec)
+    ds = InstructionDataset(run_root / "datasets" / "workload", "train", tok, sep_id=by_file.config.vocab.sep_id)
+    batch = collate_instructions([ds[i] for i in range(3)])
+    args = (batch["X"], batch["input_chans"], batch["input_time"], batch["input_mask"])
+    with torch.no_grad():
+        assert torch.equal(by_folder.eval().eeg_features(*args), by_file.eval().eeg_features(*args))
+        assert torch.equal(by_folder(*args, text=batch["text"], all_logits=True).logits,
+                           by_file(*args, text=batch["text"], all_logits=True).logits)
+    # a card without usage: the tokenizer the vocabulary implies (512 text tokens: the tiny one)
+    assert resolve_start_model(str(save_pretrained(tiny_neurolm(3), tmp_path / "bare")))[1] == "tiny"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainedFolderError, match=r"config\.json is missing"):
+        resolve_start_model(str(tmp_path / "empty"))
+
+
 def test_a_pipeline_run_without_stage2_stops_naming_the_file_and_the_stage(tmp_path):
     "With a run root, a missing stage-2 model is an error, never a tiny random NeuroLM."
     with pytest.raises(FileNotFoundError) as info:
@@ -106,7 +132,8 @@ def test_launch_config_round_trip(tmp_path):
 
 
 def test_short_run_from_a_stage2_checkpoint(run_root, tmp_path):
-    setup = InstructSetup(run_root=str(run_root), text_max_len=None, text_batch=1, text_block=16, val_samples=4)
+    setup = InstructSetup(run_root=str(run_root), text_max_len=None, text_batch=1, text_block=16, val_samples=4,
+                          export_pretrained=str(tmp_path / "hub"))
     result = run_instruct(setup, cfg(tmp_path, eval_every=3))
     assert result.step == 3
     rows = read_metrics(tmp_path / "metrics.jsonl")
@@ -119,6 +146,16 @@ def test_short_run_from_a_stage2_checkpoint(run_root, tmp_path):
     assert torch.equal(tuned["encoder.patch_embed.conv1.weight"], start["encoder.patch_embed.conv1.weight"])  # frozen
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["start"] == str(run_root / PRETRAINED) and info["tasks"]["workload"]["train"] == 58
+    # export_pretrained: the same weights in hub format; its card names the stage, tasks, tokenizer and metrics
+    from neurolm_nb.hub import CARD_NAME, read_card
+    exported, spec, _ = resolve_start_model(str(tmp_path / "hub"))
+    assert spec == "tiny" and all(torch.equal(v, tuned[k]) for k, v in exported.state_dict().items())
+    facts = read_card(tmp_path / "hub")
+    assert "pipeline stage `instruct`" in (tmp_path / "hub" / CARD_NAME).read_text()
+    assert facts.usage == {"text_tokenizer": "tiny", "tasks": ", ".join(ckpt["tasks"])}
+    assert "workload [train: 58 windows" in facts.data and "tusl [train:" in facts.data and "val:" in facts.data
+    assert facts.metrics["updates"] == 3 and "validation.workload_balanced_accuracy" in facts.metrics
+    assert facts.options["balanced_sampling"].startswith("False")
 
 
 def test_torchrun_two_processes_match_one(run_root, tmp_path):

@@ -15,7 +15,8 @@ from neurolm_nb.io import synth_eeg
 from neurolm_nb.labram import (
     FinetuneConfig, LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent, MEM_DEFAULTS, ModelEMA,
     classification_metrics, compare_labram_base, count_encoder_parameters, finetune, finetune_loss,
-    labram_base_fixture_checkpoint, labram_base_fixture_outputs, labram_sizes, layer_decay_groups, layer_index,
+    labram_base_fixture_checkpoint, labram_base_fixture_outputs, labram_card, labram_sizes, labram_start_classifier,
+    labram_tokenizer, layer_decay_groups, layer_index,
     load_official_labram_classifier, load_official_labram_mem, load_official_labram_student, mem_loss, predict,
     pretrain_mem, random_mask, to_official_labram,
 )
@@ -170,6 +171,55 @@ def test_official_checkpoint_file_round_trip(tmp_path):
     clf = load_official_labram_classifier(path, n_classes=2)
     assert torch.equal(clf.pos_embed, model.student.pos_embed)
     assert clf.head.weight.abs().max() < 0.01  # fresh head, scaled by 0.001
+
+
+def test_hub_folders_are_accepted_where_official_files_are(tmp_path):
+    "labram_start_classifier / labram_tokenizer take save_pretrained folders: the same model as the official-file route."
+    from neurolm_nb.hub import PretrainedFolderError, assert_same_weights, save_pretrained
+    torch.manual_seed(0)
+    mem = LaBraMForMEM(LaBraMConfig.tiny()).eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save(to_official_labram(mem, as_checkpoint=True), path)
+    x, chans = torch.randn(2, 3, 2, 200), torch.tensor([0, 3, 8, 20])
+    for model, use_cls in ((mem, False), (mem.student, True)):  # a MEM model or its student: the --finetune path
+        folder = save_pretrained(model, tmp_path / f"hub_{type(model).__name__}")
+        torch.manual_seed(1)
+        by_folder = labram_start_classifier(str(folder), n_classes=2, use_cls=use_cls)
+        torch.manual_seed(1)
+        by_file = labram_start_classifier(path, n_classes=2, use_cls=use_cls)
+        assert_same_weights(by_folder, by_file)  # trunk copied, fresh head drawn the same way
+        with torch.no_grad():
+            assert torch.equal(by_folder.eval()(x, chans), by_file.eval()(x, chans))
+    tuned = LaBraMClassifier.from_student(mem, n_classes=3, drop_path=0.0).eval()
+    folder = save_pretrained(tuned, tmp_path / "classifier")
+    again = labram_start_classifier(folder, n_classes=3, drop_path=0.1)
+    assert_same_weights(tuned, again)
+    assert again.config.drop_path == 0.1 and again.blocks[1].drop_path.p == 0.1  # this run's drop-path
+    with pytest.raises(CheckpointMismatchError, match="3 outputs"):
+        labram_start_classifier(folder, n_classes=1)
+    with pytest.raises(TypeError, match="VQTokenizer"):
+        labram_start_classifier(save_pretrained(VQTokenizer(VQConfig.tiny()), tmp_path / "vq_tiny"))
+    vq = VQTokenizer(VQConfig.labram(conv_channels=4, dim=100, n_heads=4, encoder_depth=1, decoder_depth=1, n_codes=64))
+    assert_same_weights(vq, labram_tokenizer(save_pretrained(vq, tmp_path / "vqnsp")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainedFolderError, match=r"config\.json is missing"):
+        labram_start_classifier(tmp_path / "empty")
+
+
+def test_finetuned_classifier_card(tmp_path):
+    "export_pretrained's card: the stage, the Workload splits with their subjects, the metrics and the options."
+    from neurolm_nb.datasets import build_dataset, load_manifest, samples_dir_for
+    from neurolm_nb.hub import CARD_NAME, from_pretrained, read_card, save_pretrained
+    build_dataset("workload", samples_dir_for("workload"), tmp_path / "workload", seed=0)
+    card = labram_card(tmp_path / "workload", {"test": {"auroc": 0.61234, "n": 58}, "best_epoch": 2},
+                       {"select_metric": "auroc (the original: accuracy)"})
+    folder = save_pretrained(LaBraMClassifier(LaBraMConfig.tiny(), n_classes=1), tmp_path / "hub", card=card)
+    text, facts = (folder / CARD_NAME).read_text(), read_card(folder)
+    assert "pipeline stage `labram`" in text and "| test.auroc | 0.6123 |" in text and "select_metric" in text
+    for split, d in load_manifest(tmp_path / "workload")["splits"].items():
+        assert f"{split}: {d['n_windows']} windows of {len(d['subjects'])} subjects ({d['subjects'][0]}" in facts.data
+    assert facts.metrics == {"test.auroc": 0.6123, "test.n": 58, "best_epoch": 2}
+    assert isinstance(from_pretrained(folder), LaBraMClassifier)
 
 
 # ---------------------------------------------------------------- model rules

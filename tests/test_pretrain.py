@@ -95,6 +95,29 @@ def test_stage1_tokenizer_is_read_from_the_run_root(tmp_path):
     assert resolve_tokenizer(None, None)[1] == "random"  # standalone: the visible fallback
 
 
+def test_a_hub_folder_is_accepted_as_the_stage1_tokenizer(tmp_path, crops, tiny_parts):
+    "A save_pretrained folder gives the tokenizer of its checkpoint: same weights, features and codes; no k-means re-init."
+    from neurolm_nb.hub import PretrainedFolderError, save_pretrained
+    tokenizer, _ = tiny_parts
+    save_tokenizer(tokenizer, tmp_path / "tokenizer.pt")
+    folder = save_pretrained(tokenizer, tmp_path / "tokenizer_hub")
+    by_file, _ = resolve_tokenizer(str(tmp_path / "tokenizer.pt"))
+    by_folder, source = stage1_tokenizer(str(folder), tmp_path / "run_without_stage1", crops, NeuroLMCollate(64), seed=9)
+    assert source == str(folder) and type(by_folder) is type(by_file)
+    assert list(by_folder.state_dict()) == list(by_file.state_dict())
+    assert all(torch.equal(v, by_file.state_dict()[k]) for k, v in by_folder.state_dict().items())
+    assert [n for n, p in by_folder.named_parameters() if not p.requires_grad] == \
+        [n for n, p in by_file.named_parameters() if not p.requires_grad]
+    batch = NeuroLMCollate(64)([crops[i] for i in range(4)])
+    args = (batch["X"], batch["input_chans"], batch["input_time"], batch["input_mask"])
+    with torch.no_grad():
+        assert torch.equal(by_folder.eval().encode(*args), by_file.eval().encode(*args))
+        assert torch.equal(CodeHead(by_folder)(by_folder.encode(*args)), by_file.get_codes(*args))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainedFolderError, match=r"config\.json is missing"):  # a folder is never unpickled
+        resolve_tokenizer(str(tmp_path / "empty"))
+
+
 def test_a_pipeline_run_without_stage1_stops_naming_the_file_and_the_stage(tmp_path):
     "With a run root, a missing stage-1 tokenizer is an error, never a random tokenizer."
     with pytest.raises(FileNotFoundError) as info:
@@ -132,7 +155,7 @@ def test_stage2_loss_falls_on_a_tiny_overfit(crops, tiny_parts):
 
 def test_command_line_round_trip(datasets_root):
     setup = PretrainSetup(datasets_root=str(datasets_root), max_tokens=64, text_batch=1, text_block=32,
-                          eeg_datasets=["pretrain"], causal_encoder=True, val_batches=0)
+                          eeg_datasets=["pretrain"], causal_encoder=True, val_batches=0, export_pretrained="/tmp/hub")
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=3, betas=(0.9, 0.95), grad_clip=1.0,
                       batch_size=4, out_dir="/tmp/somewhere", progress=False, keep_last=3, no_decay=("*.bias",),
                       dist_timeout_s=90.0)
@@ -143,9 +166,10 @@ def test_command_line_round_trip(datasets_root):
         PretrainSetup(attn_impl="fast")
 
 
-def _flags(datasets_root, tokenizer_path, out_dir, batch_size, text_batch):
+def _flags(datasets_root, tokenizer_path, out_dir, batch_size, text_batch, export=None):
     setup = PretrainSetup(datasets_root=str(datasets_root), tokenizer=str(tokenizer_path), gpt="tiny", max_tokens=64,
-                          text_batch=text_batch, text_block=32, val_batches=1, val_text_windows=2)
+                          text_batch=text_batch, text_block=32, val_batches=1, val_text_windows=2,
+                          export_pretrained=None if export is None else str(export))
     cfg = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=4, weight_decay=0.1, betas=(0.9, 0.95),
                       grad_clip=1.0, batch_size=batch_size, seed=0, out_dir=str(out_dir), eval_every=4,
                       device="cpu", progress=False)
@@ -158,7 +182,7 @@ def test_two_processes_match_one_and_the_entry_point_runs(tmp_path, datasets_roo
     alone, together = tmp_path / "alone", tmp_path / "ddp"
     # one process, global batch 8 EEG + 2 text windows, through the module's entry point
     proc = subprocess.run([sys.executable, "-m", "neurolm_nb.pretrain",
-                           *_flags(datasets_root, tmp_path / "tokenizer.pt", alone, 8, 2)],
+                           *_flags(datasets_root, tmp_path / "tokenizer.pt", alone, 8, 2, export=tmp_path / "hub")],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -186,3 +210,17 @@ def test_two_processes_match_one_and_the_entry_point_runs(tmp_path, datasets_roo
     assert all(torch.equal(sd[k], a["model"]["lm." + k]) for k in sd)
     info = json.loads((together / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["train_crops"] == 16
+    # export_pretrained: the same weights in hub format, with a card naming the stage, its data and metrics
+    from neurolm_nb.hub import CARD_NAME, from_pretrained, read_card
+    from neurolm_nb.model import NeuroLM
+    exported = from_pretrained(tmp_path / "hub", expect=NeuroLM)
+    assert all(torch.equal(v, sd[k]) for k, v in exported.state_dict().items()) and list(exported.state_dict()) == list(sd)
+    facts = read_card(tmp_path / "hub")
+    assert "pipeline stage `pretrain`" in (tmp_path / "hub" / CARD_NAME).read_text()
+    assert facts.usage == {"text_tokenizer": "tiny"} and facts.metrics["updates"] == 4
+    assert facts.metrics["validation.eeg_loss"] == pytest.approx(rows_a[-1]["eval_eeg_loss"], rel=1e-3)
+    from neurolm_nb.datasets import load_manifest
+    train = load_manifest(datasets_root / "pretrain")["splits"]["train"]
+    assert f"pretrain [train: {train['n_windows']} windows of {len(train['subjects'])} subjects" in facts.data
+    assert all(subject in facts.data for subject in train["subjects"]) and "Text: " in facts.data
+    assert not (together / "hub").exists() and not any(p.name == "hub" for p in together.iterdir())

@@ -1,6 +1,7 @@
 """Stage 1 (neurolm_nb.tokenizer_stage): smoke training of the text-aligned tokenizer on the data samples,
 its outputs, resume, data selection, and two real processes under torchrun."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ def tiny_run(out_dir, roots, steps=40, **train_overrides):
 def smoke(sample_roots, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
     run = tiny_run(out, sample_roots)
+    run.export_pretrained = str(tmp_path_factory.mktemp("stage1_hub") / "tokenizer")  # the stage's hub-format export
     return run, train_tokenizer(run)
 
 
@@ -146,3 +148,34 @@ def test_two_processes_under_torchrun(sample_roots, tmp_path):
     assert usage[0]["tokens"] == expected
     vq = load_tokenizer(tmp_path / "out" / "tokenizer.pt")
     assert vq.quantizer.initted.item() == 1.0
+
+
+def test_export_is_a_hub_folder_that_stage2_accepts(smoke, tmp_path):
+    "export_pretrained: the trained tokenizer as safetensors + card; pretrain's resolver reads it, features as from tokenizer.pt."
+    from neurolm_nb.datasets import load_manifest
+    from neurolm_nb.hub import CARD_NAME, assert_same_weights, from_pretrained, read_card
+    from neurolm_nb.patching import NeuroLMCollate
+    from neurolm_nb.pretrain import resolve_tokenizer
+    from neurolm_nb.vq import VQTokenizer
+    run, result = smoke
+    folder = Path(run.export_pretrained)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert_same_weights(load_tokenizer(result.tokenizer_path), from_pretrained(folder, expect=VQTokenizer))
+    card, facts = (folder / CARD_NAME).read_text(), read_card(folder)
+    assert "pipeline stage `tokenizer`" in card and facts.usage == {"text_source": "tiny"}
+    for root in run.dataset_roots:  # every dataset, with its train subjects from the split manifest
+        manifest = load_manifest(root)
+        assert f"{manifest['dataset']} [train: {manifest['splits']['train']['n_windows']} windows" in facts.data
+        assert manifest["splits"]["train"]["subjects"][0] in facts.data
+    assert facts.metrics["last_update.step"] == 40 and abs(facts.metrics["last_update.loss"] - result.history[-1]["loss"]) < 1e-3
+    assert facts.options["reversal"].startswith("True")
+    # stage 2 takes the folder where it takes tokenizer.pt, even in a run root without stage 1
+    by_folder, source = resolve_tokenizer(str(folder), tmp_path / "run_without_stage1")
+    by_file, _ = resolve_tokenizer(result.tokenizer_path)
+    assert source == str(folder) and not by_folder.training
+    data = eeg_training_set(run.dataset_roots, run.splits, run.max_tokens, 8, 0)
+    batch = NeuroLMCollate(run.max_tokens)([data[i] for i in range(8)])
+    args = (batch["X"], batch["input_chans"], batch["input_time"], batch["input_mask"])
+    with torch.no_grad():
+        assert torch.equal(by_folder.encode(*args), by_file.encode(*args))
+        assert torch.equal(by_folder.get_codes(*args), by_file.get_codes(*args))
