@@ -32,7 +32,7 @@ help:
 	@echo "make check    export + clean, and fail if that changed any file"
 	@echo "make samples  regenerate data_samples/"
 	@echo "make book     render the executed notebooks of runs/$(PROFILE) (BOOK_RUN=runs/<profile>) into _book/html"
-	@echo "              (installs the book extra on first use; BOOK_EXECUTE=1 also runs the non-stage notebooks, cached)"
+	@echo "              (installs the book extra on first use; runs the non-stage notebooks once, cached; BOOK_EXECUTE= to skip)"
 	@echo "make book-test  build the book and open every page in headless Chromium (installs chromium + playwright)"
 
 $(PY):
@@ -112,9 +112,10 @@ samples: $(STAMP)
 	$(PY) -m neurolm_nb.datasets make-samples data_samples
 
 # The book: Sphinx + myst-nb + sphinx-book-theme render the executed notebooks of a finished run (nothing is
-# re-executed unless BOOK_EXECUTE=1); the site is _book/html/index.html. Configuration: book/conf.py.
+# re-executed); notebooks that are not stages of the run are executed once with papermill and cached
+# (BOOK_EXECUTE= renders them from source, without outputs). The site is _book/html/index.html (book/conf.py).
 BOOK_RUN ?= runs/$(PROFILE)
-BOOK_EXECUTE ?=
+BOOK_EXECUTE ?= 1
 ifneq ($(filter book book-test,$(MAKECMDGOALS)),)
 ifeq ($(filter demo,$(MAKECMDGOALS))$(wildcard $(BOOK_RUN)/.),)
 $(error no run folder $(BOOK_RUN): run 'make demo' first (or make book BOOK_RUN=runs/<profile>))

@@ -321,6 +321,12 @@ def build(run_dir: Path, out: Path, execute: bool = False, jobs: str = "auto", q
 
     files: dict[Path, bytes | str] = {}
     chapters: list[tuple[str, str]] = []   # (doc name, how it was rendered)
+    executed_here: dict[Path, Path] = {}
+    if execute:  # two kernels at a time (each its own process): the 2-core budget of a CI machine
+        from concurrent.futures import ThreadPoolExecutor
+        todo = [p for p in nbs if p.name not in run.executed]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            executed_here = dict(zip(todo, pool.map(lambda p: execute_cached(p, out / "exec"), todo)))
     for nb_path in nbs:
         stem = nb_path.stem
         if nb_path.name in run.executed:
@@ -339,7 +345,7 @@ def build(run_dir: Path, out: Path, execute: bool = False, jobs: str = "auto", q
             files[src / f"{stem}.ipynb"] = json.dumps(prepare_notebook(nb, banner, True, gallery), indent=1)
             chapters.append((stem, "executed"))
         elif execute:
-            executed = execute_cached(nb_path, out / "exec")
+            executed = executed_here[nb_path]
             banner = (f":::{{note}}\n:class: neurolm-provenance\nRun `{run.profile}` holds no executed copy: executed for "
                       f"the book with papermill (smoke parameters, standalone) from `nbs/{nb_path.name}` at "
                       f"{describe_commit(here)}.\n:::")
