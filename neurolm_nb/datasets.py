@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -18,17 +19,22 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import warnings
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .channels import channel_indices, normalize_channel_names
 from .core import atomic_write, atomic_write_bytes, load_json, project_root, save_json, shared_dir, to_jsonable
@@ -38,14 +44,17 @@ from .io import (MAX_ABS_UV, ImplausibleRecordingError, check_amplitude, find_fl
 # %% auto #0
 __all__ = ['TUH_CHANNELS', 'WORKLOAD_CHANNELS', 'HMC_CHANNELS', 'SEED_CHANNELS', 'SPLITS', 'TUEV_CODES', 'SEED_TRIAL_START_S',
            'SEED_TRIAL_END_S', 'SEED_TRIAL_LABELS', 'HMC_STAGES', 'DATASET_SPECS', 'SHARD_FORMAT_VERSION', 'INDEX_FILE',
-           'MANIFEST_FILE', 'REPORT_FILE', 'PHYSIONET_EEGMAT_URL', 'EEGMAT_SHA256', 'SAMPLE_FOLDERS', 'split_counts',
-           'seeded_order', 'assign_splits', 'DatasetError', 'read_tuev_rec', 'read_tse', 'read_hmc_scoring',
-           'read_seed_lists', 'RecordingEntry', 'Windows', 'merge_units', 'DatasetSpec', 'WorkloadSpec', 'TUABSpec',
-           'TUEVSpec', 'TUSLSpec', 'HMCSpec', 'SEEDSpec', 'PretrainSpec', 'get_spec', 'OutputError', 'output_error',
-           'ensure_space', 'write_shard', 'ShardWriter', 'signal_span', 'duplicate_groups', 'remove_stale_builds',
-           'BuildReport', 'split_manifest', 'build_dataset', 'load_index', 'list_shards', 'load_manifest',
-           'WindowDataset', 'ChecksumError', 'sha256_file', 'eegmat_files', 'fetch_file', 'fetch_eegmat',
-           'make_data_samples', 'samples_dir_for', 'main']
+           'MANIFEST_FILE', 'REPORT_FILE', 'RUN_FIELDS', 'JOURNAL_VERSION', 'PARALLEL_MIN_MB', 'PHYSIONET_EEGMAT_URL',
+           'EEGMAT_SHA256', 'SAMPLE_FOLDERS', 'split_counts', 'seeded_order', 'assign_splits', 'DatasetError',
+           'read_tuev_rec', 'read_tse', 'read_hmc_scoring', 'read_seed_lists', 'RecordingEntry', 'Windows',
+           'merge_units', 'DatasetSpec', 'WorkloadSpec', 'TUABSpec', 'TUEVSpec', 'TUSLSpec', 'HMCSpec', 'SEEDSpec',
+           'PretrainSpec', 'get_spec', 'OutputError', 'output_error', 'ensure_space', 'write_shard', 'PendingWindows',
+           'ShardWriter', 'signal_span', 'duplicate_groups', 'remove_stale_builds', 'BuildReport', 'split_manifest',
+           'process_recording', 'writer_state', 'restore_writer', 'JournalReader', 'BuildJournal', 'claim_staging',
+           'WorkerPool', 'usable_cores', 'default_workers', 'worker_pool', 'recording_seconds', 'BuildPlan',
+           'plan_build', 'build_dataset', 'build_digest', 'load_index', 'list_shards', 'load_manifest', 'WindowDataset',
+           'ChecksumError', 'sha256_file', 'eegmat_files', 'fetch_file', 'fetch_eegmat', 'make_data_samples',
+           'samples_dir_for', 'bench_build', 'bench_table', 'main']
 
 # %% ../nbs/03_datasets.ipynb #c006
 TUH_CHANNELS: tuple[str, ...] = ("FP1", "FP2", "F3", "F4", "C3", "C4", "P3", "P4", "O1", "O2", "F7", "F8",
@@ -700,80 +709,124 @@ SHARD_FORMAT_VERSION = 1
 INDEX_FILE, MANIFEST_FILE, REPORT_FILE = "index.json", "split_manifest.json", "build_report.json"
 
 
-def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, start_s, ch_names: Sequence[str],
-                sfreq: float, dataset: str, split: str, classes: Sequence[str] = ()) -> Path:
-    "Write one HDF5 shard atomically: built in memory, space checked, written to a temporary name, renamed."
-    path = Path(path)
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 3 or x.shape[1] != len(ch_names):
-        raise ValueError(f"shard {path.name}: x has shape {x.shape}, expected [n, {len(ch_names)}, T]")
-    n = len(x)
-    for what, v in (("labels", labels), ("subjects", subjects), ("recordings", recordings), ("start_s", start_s)):
-        if len(v) != n:
-            raise ValueError(f"shard {path.name}: {len(v)} {what} for {n} windows")
+def _shard_image(blocks: Iterable[np.ndarray], n: int, shape: tuple[int, int], labels, subjects, recordings, start_s,
+                 ch_names: Sequence[str], sfreq: float, dataset: str, split: str, classes: Sequence[str]) -> memoryview:
+    "The bytes of one HDF5 shard, built in memory (HDF5 never sees a disk error); `blocks` give `x` in row order."
     image, text = _io.BytesIO(), h5py.string_dtype("utf-8")
-    with h5py.File(image, "w", libver="earliest") as f:  # in memory: HDF5 never sees a disk error
-        f.create_dataset("x", data=x, chunks=(1, *x.shape[1:]) if n else None, track_times=False)
+    with h5py.File(image, "w", libver="earliest") as f:
+        x, at = f.create_dataset("x", (n, *shape), np.float32, chunks=(1, *shape) if n else None, track_times=False), 0
+        for block in blocks:  # one recording at a time: never the whole shard twice in memory
+            x[at:at + len(block)] = block; at += len(block)
+        if at != n:
+            raise ValueError(f"shard of {split}: {at} windows written, {n} expected")
         f.create_dataset("label", data=np.asarray(labels, dtype=np.int64), track_times=False)
         f.create_dataset("subject", data=np.array(list(subjects), dtype=object), dtype=text, track_times=False)
         f.create_dataset("recording", data=np.array(list(recordings), dtype=object), dtype=text, track_times=False)
         f.create_dataset("start_s", data=np.asarray(start_s, dtype=np.float64), track_times=False)
-        f.attrs["ch_names"] = np.array(list(ch_names), dtype=object)
-        f.attrs["classes"] = json.dumps(list(classes))
-        f.attrs["sfreq"] = float(sfreq)
-        f.attrs["dataset"] = dataset
-        f.attrs["split"] = split
-        f.attrs["format_version"] = SHARD_FORMAT_VERSION
-    data = image.getbuffer()
+        f.attrs.update({"ch_names": np.array(list(ch_names), dtype=object), "classes": json.dumps(list(classes)),
+                        "sfreq": float(sfreq), "dataset": dataset, "split": split, "format_version": SHARD_FORMAT_VERSION})
+    return image.getbuffer()
+
+
+def _write_file(path: Path, data, what: str) -> Path:
+    "Write bytes (or an array, as `.npy`) atomically after checking the space; output problems as one-line `OutputError`."
+    is_array = isinstance(data, np.ndarray)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        ensure_space(path.parent, len(data), f"shard {path.name}")
-        return atomic_write(path, lambda fh: fh.write(data))
+        ensure_space(path.parent, data.nbytes + 4096 if is_array else len(data), what)
+        return atomic_write(path, (lambda fh: np.save(fh, data, allow_pickle=False)) if is_array else (lambda fh: fh.write(data)))
     except OSError as e:
         raise output_error(e, path) from None
 
+# %% ../nbs/03_datasets.ipynb #c033
+def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, start_s, ch_names: Sequence[str],
+                sfreq: float, dataset: str, split: str, classes: Sequence[str] = ()) -> Path:
+    "Write one HDF5 shard atomically: built in memory, space checked, written to a temporary name, renamed."
+    path, x = Path(path), np.asarray(x, dtype=np.float32)
+    if x.ndim != 3 or x.shape[1] != len(ch_names):
+        raise ValueError(f"shard {path.name}: x has shape {x.shape}, expected [n, {len(ch_names)}, T]")
+    for what, v in (("labels", labels), ("subjects", subjects), ("recordings", recordings), ("start_s", start_s)):
+        if len(v) != len(x):
+            raise ValueError(f"shard {path.name}: {len(v)} {what} for {len(x)} windows")
+    image = _shard_image([x], len(x), x.shape[1:], labels, subjects, recordings, start_s, ch_names, sfreq, dataset, split, classes)
+    return _write_file(path, image, f"shard {path.name}")
 
+# %% ../nbs/03_datasets.ipynb #c036
+class PendingWindows:
+    "Windows waiting for their shard per (split, ch_names, n_times): arrays, or `rows` of `.npy` files under `folder`."
+
+    def __init__(self, folder: str | Path):
+        self.folder, self.by_key = Path(folder), {}
+
+    def add(self, split: str, ch_names: Sequence[str], x, labels, subject: str, recording: str, start_s,
+            rows: Sequence[int] | None = None) -> tuple:
+        "Queue one recording's windows (`x`: array [n, C, T] or a `.npy` path); returns its group's key."
+        on_disk = isinstance(x, (str, Path))
+        arr = np.load(x, mmap_mode="r") if on_disk else np.asarray(x, dtype=np.float32)  # a file: header only
+        rows = list(range(len(arr))) if rows is None else [int(r) for r in rows]
+        if len(labels) != len(rows) or len(start_s) != len(rows):
+            raise ValueError(f"{recording}: {len(rows)} windows, {len(labels)} labels, {len(start_s)} start times")
+        key = (split, tuple(ch_names), int(arr.shape[-1]))
+        self.by_key.setdefault(key, []).append({
+            "x": os.path.relpath(x, self.folder) if on_disk else arr, "rows": rows, "subject": subject,
+            "recording": recording, "label": [int(v) for v in labels], "start_s": [float(v) for v in start_s],
+            "bytes": len(rows) * int(np.prod(arr.shape[1:])) * 4})
+        return key
+
+    def nbytes(self, key: tuple) -> int:
+        return sum(p["bytes"] for p in self.by_key.get(key, []))
+
+    def blocks(self, pieces: list[dict]):
+        "The windows of `pieces`, one recording at a time."
+        for p in pieces:
+            arr = np.load(self.folder / p["x"], mmap_mode="r") if isinstance(p["x"], str) else p["x"]
+            yield np.asarray(arr[p["rows"]], dtype=np.float32)
+
+    @staticmethod
+    def column(pieces: list[dict], name: str) -> list:
+        "One value per window: `label` / `start_s` lists joined, `subject` / `recording` repeated."
+        return [v for p in pieces for v in (p[name] if isinstance(p[name], list) else [p[name]] * len(p["rows"]))]
+
+    def sources(self) -> set[str]:
+        "The files (relative to `folder`) that waiting windows are read from."
+        return {p["x"] for ps in self.by_key.values() for p in ps if isinstance(p["x"], str)}
+
+# %% ../nbs/03_datasets.ipynb #c039
 class ShardWriter:
-    "Collects windows per (split, channel layout, length) and writes a shard whenever ~`shard_mb` MB are buffered."
+    "Collects windows per (split, channel layout, length) and writes a shard whenever ~`shard_mb` MB are collected."
 
     def __init__(self, folder: str | Path, dataset: str, sfreq: float, classes: Sequence[str] = (), shard_mb: float = 256.0):
         self.folder, self.dataset, self.sfreq, self.classes = Path(folder), dataset, sfreq, tuple(classes)
-        self.max_bytes = int(shard_mb * 2**20)
-        self.buffers: dict[tuple, dict] = {}
-        self.next_index: dict[str, int] = {}
-        self.shards: list[dict] = []
+        self.max_bytes, self.pending, self.next_index, self.shards = int(shard_mb * 2**20), PendingWindows(folder), {}, []
 
-    def add(self, split: str, ch_names: Sequence[str], x: np.ndarray, labels, subject: str, recording: str, start_s) -> None:
+    def add(self, split: str, ch_names: Sequence[str], x, labels, subject: str, recording: str, start_s,
+            rows: Sequence[int] | None = None) -> bool:
+        "Queue windows (`x`: array [n, C, T], or a `.npy` path whose `rows` they are); True if a shard was written."
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
-        key = (split, tuple(ch_names), int(x.shape[-1]))
-        buf = self.buffers.setdefault(key, {"x": [], "label": [], "subject": [], "recording": [], "start_s": [], "bytes": 0})
-        buf["x"].append(np.asarray(x, dtype=np.float32)); buf["label"].append(np.asarray(labels, dtype=np.int64))
-        buf["subject"] += [subject] * len(x); buf["recording"] += [recording] * len(x)
-        buf["start_s"].append(np.asarray(start_s, dtype=np.float64)); buf["bytes"] += x.size * 4
-        if buf["bytes"] >= self.max_bytes:
+        key = self.pending.add(split, ch_names, x, labels, subject, recording, start_s, rows)
+        if full := self.pending.nbytes(key) >= self.max_bytes:
             self._flush(key)
+        return full
 
     def _flush(self, key: tuple) -> None:
-        buf = self.buffers.pop(key, None)
-        if not buf or not buf["subject"]:
-            return
-        split, ch_names, n_times = key
-        k = self.next_index.get(split, 0); self.next_index[split] = k + 1
-        name = f"{split}-{k:05d}.h5"
-        labels = np.concatenate(buf["label"])
-        write_shard(self.folder / name, np.concatenate(buf["x"]), labels, buf["subject"], buf["recording"],
-                    np.concatenate(buf["start_s"]), ch_names, self.sfreq, self.dataset, split, self.classes)
-        self.shards.append({"file": name, "split": split, "n": int(len(labels)), "ch_names": list(ch_names),
-                            "n_times": n_times})
+        (split, ch_names, n_times), pieces, col = key, self.pending.by_key.pop(key), self.pending.column
+        k = self.next_index.get(split, 0)
+        name, n = f"{split}-{k:05d}.h5", sum(len(p["rows"]) for p in pieces)
+        image = _shard_image(self.pending.blocks(pieces), n, (len(ch_names), n_times), col(pieces, "label"),
+                             col(pieces, "subject"), col(pieces, "recording"), col(pieces, "start_s"), ch_names,
+                             self.sfreq, self.dataset, split, self.classes)
+        _write_file(self.folder / name, image, f"shard {name}")
+        self.next_index[split] = k + 1
+        self.shards.append({"file": name, "split": split, "n": n, "ch_names": list(ch_names), "n_times": n_times})
 
     def close(self) -> list[dict]:
-        "Write what is still buffered; returns every shard written."
-        for key in sorted(self.buffers):
+        "Write what is still waiting; returns every shard written."
+        for key in sorted(self.pending.by_key):
             self._flush(key)
         return self.shards
 
-# %% ../nbs/03_datasets.ipynb #c033
+# %% ../nbs/03_datasets.ipynb #c043
 def signal_span(path: str | Path) -> tuple[int, int]:
     "(offset, length) of a file's signal bytes: after the header for EDF/BDF, the whole file otherwise."
     path = Path(path)
@@ -798,7 +851,7 @@ def _span_hash(path: str | Path, offset: int, length: int, sample: int | None = 
                 h.update(block); n -= len(block)
     return h.hexdigest()
 
-# %% ../nbs/03_datasets.ipynb #c035
+# %% ../nbs/03_datasets.ipynb #c045
 def duplicate_groups(paths: Sequence[str | Path], sample_bytes: int = 2**12) -> list[tuple[str, list[int]]]:
     "[(sha256, indices into `paths`)] of files with identical signal bytes: same length, then same ends, then same hash."
     def split_by(indices, key) -> dict:
@@ -821,7 +874,7 @@ def duplicate_groups(paths: Sequence[str | Path], sample_bytes: int = 2**12) -> 
             found += list(split_by(same_ends, lambda i: _span_hash(paths[i], *span[i])).items()) if length else []
     return sorted(found, key=lambda hg: hg[1])
 
-# %% ../nbs/03_datasets.ipynb #c039
+# %% ../nbs/03_datasets.ipynb #c049
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
@@ -859,14 +912,19 @@ def remove_stale_builds(out_dir: str | Path, legacy_age_s: float = 86400.0) -> l
             shutil.rmtree(p, ignore_errors=True); done.append(f"{p.name} removed")
     return done
 
-# %% ../nbs/03_datasets.ipynb #c043
-def _staging_dir(out_dir: Path) -> Path:
-    "A new hidden folder beside `out_dir`, named after this host and process; output problems as `OutputError`."
+# %% ../nbs/03_datasets.ipynb #c053
+def _check_out_dir(out_dir: Path) -> None:
+    "Raise before anything is written when `out_dir` cannot become a build (a file in the way, someone else's folder)."
     above = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
     if above is not None and not above.is_dir():
         raise OutputError(f"cannot write {out_dir}: {above} is a file, not a folder; choose another out_dir", errno.ENOTDIR)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / INDEX_FILE).exists():
         raise FileExistsError(f"{out_dir} is not empty and holds no {INDEX_FILE}: not a dataset build, refusing to replace it")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    "A new hidden folder beside `out_dir`, named after this host and process; output problems as `OutputError`."
+    _check_out_dir(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-{_host()}-{os.getpid()}-", dir=out_dir.parent))
@@ -886,10 +944,10 @@ def _publish(staging: Path, out_dir: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-# %% ../nbs/03_datasets.ipynb #c046
+# %% ../nbs/03_datasets.ipynb #c056
 @dataclass
 class BuildReport:
-    "What `build_dataset` did: counts per split and class; files skipped, rejected, flat or copied; time taken."
+    "What `build_dataset` did: counts per split and class; files skipped, rejected, flat or copied; cost of the run."
     dataset: str
     raw_dir: str
     out_dir: str
@@ -905,7 +963,14 @@ class BuildReport:
     duplicates: list = field(default_factory=list)              # [{"sha256", "recordings", "subjects", "split"}]
     stale_builds: list = field(default_factory=list)            # what killed builds left, cleaned up
     shards: list = field(default_factory=list)
+    eeg_hours: float = 0.0                                      # hours of EEG in the recordings found
     seconds: float = 0.0
+    eeg_hours_per_s: float = 0.0
+    workers: int = 1
+    backend: str = "in-process"
+    peak_rss_mb: dict = field(default_factory=dict)             # {"parent": MB, "workers": MB}
+    reused: int = 0                                             # recordings taken over from a killed build
+    resumed_from: str | None = None
 
     def to_dict(self) -> dict:
         return to_jsonable(dataclasses.asdict(self))
@@ -914,7 +979,11 @@ class BuildReport:
         return (f"BuildReport({self.dataset}: {self.n_built}/{self.n_found} recordings, windows {self.windows}, "
                 f"{len(self.skipped)} skipped, {len(self.rejected)} rejected, {self.seconds:.1f} s)")
 
-# %% ../nbs/03_datasets.ipynb #c049
+
+RUN_FIELDS: tuple[str, ...] = ("seconds", "eeg_hours_per_s", "workers", "backend", "peak_rss_mb", "reused",
+                               "resumed_from", "stale_builds")
+
+# %% ../nbs/03_datasets.ipynb #c059
 def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[RecordingEntry, str, int]],
                    duplicates: Sequence[dict] = ()) -> dict:
     "The deterministic split record: per split, the subjects and recordings (with window counts); copies found."
@@ -938,7 +1007,7 @@ def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[Recording
 def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(to_jsonable(manifest), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
-# %% ../nbs/03_datasets.ipynb #c050
+# %% ../nbs/03_datasets.ipynb #c062
 def _check_recording(rec, entry: RecordingEntry, spec: DatasetSpec) -> list[str]:
     "The flat channels of a loaded recording; raises for everything that must keep it out."
     data = np.asarray(rec.data)
@@ -953,33 +1022,299 @@ def _check_recording(rec, entry: RecordingEntry, spec: DatasetSpec) -> list[str]
     return find_flat_channels(data, rec.ch_names, spec.flat_std_uV)
 
 
-def _load_windows(spec: DatasetSpec, entry: RecordingEntry, report: BuildReport) -> tuple | None:
-    "(recording, windows) of one entry, or None once `report` says why it is left out."
-    try:
-        rec = spec.load(entry)
-        flat = _check_recording(rec, entry, spec)
-        if flat:
-            report.flat_channels.append({"file": entry.relpath, "channels": flat, "kept": spec.flat_channels == "warn"})
-            what = f"{entry.relpath}: flat channel(s) {flat} (std < {spec.flat_std_uV:g} µV after preprocessing)"
-            if spec.flat_channels == "reject":
-                raise ImplausibleRecordingError(f"{what}; flat_channels='reject'")
-            warnings.warn(f"{what}, kept (flat_channels='warn'; listed in {REPORT_FILE})", stacklevel=3)
-        w = spec.windows(entry, rec)
-        if len(w) == 0:
-            raise DatasetError(f"{entry.relpath}: no windows")
-        return rec, w
-    except ImplausibleRecordingError as e:  # it reads, but its values cannot be EEG
-        report.rejected.append({"file": entry.relpath, "reason": str(e)})
-    except Exception as e:  # any failure of one file is that file's problem: record it, go on
-        report.skipped.append({"file": entry.relpath, "reason": f"{type(e).__name__}: {e}"})
-    return None
+def _flat_text(entry: RecordingEntry, flat: Sequence[str], spec: DatasetSpec) -> str:
+    return f"{entry.relpath}: flat channel(s) {list(flat)} (std < {spec.flat_std_uV:g} µV after preprocessing)"
 
-# %% ../nbs/03_datasets.ipynb #c051
-def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
-                  max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
-                  verbose: bool = False, **overrides) -> BuildReport:
-    "Build HDF5 shards, `index.json`, `split_manifest.json` and `build_report.json` for one dataset in `out_dir`."
-    t0 = time.perf_counter()
+
+def _peak_rss_mb() -> float:
+    "Peak resident memory of this process so far, in MB (VmHWM: unlike ru_maxrss, not inherited across fork + exec)."
+    try:
+        with open("/proc/self/status") as f:
+            return round(int(next(l for l in f if l.startswith("VmHWM:")).split()[1]) / 1024, 1)
+    except (OSError, StopIteration, ValueError, IndexError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+        return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+# %% ../nbs/03_datasets.ipynb #c065
+def process_recording(spec: DatasetSpec, entry: RecordingEntry) -> dict:
+    "Load, check and window one recording: windows `x` and what the report must say; a bad file never raises."
+    out = {"relpath": entry.relpath, "status": "built", "reason": None, "flat": [], "seconds": None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            rec = spec.load(entry)
+            out["seconds"] = float(rec.data.shape[1] / rec.sfreq)
+            out["flat"] = _check_recording(rec, entry, spec)
+            if out["flat"] and spec.flat_channels == "reject":
+                raise ImplausibleRecordingError(f"{_flat_text(entry, out['flat'], spec)}; flat_channels='reject'")
+            w = spec.windows(entry, rec)
+            if len(w) == 0:
+                raise DatasetError(f"{entry.relpath}: no windows")
+            out.update(x=np.ascontiguousarray(w.x, dtype=np.float32), ch_names=list(rec.ch_names), split=w.split,
+                       labels=[int(v) for v in w.labels], start_s=[float(v) for v in w.start_s])
+        except ImplausibleRecordingError as e:  # it reads, but its values cannot be EEG
+            out.update(status="rejected", reason=str(e))
+        except Exception as e:  # any failure of one file is that file's problem: record it, go on
+            out.update(status="skipped", reason=f"{type(e).__name__}: {e}")
+    out["warnings"] = list(dict.fromkeys((w.category.__name__, str(w.message)) for w in caught))
+    out["rss_mb"] = _peak_rss_mb()
+    return out
+
+# %% ../nbs/03_datasets.ipynb #c068
+def writer_state(writer: ShardWriter) -> dict:
+    "A shard writer as JSON: shards written and windows waiting (files, not arrays)."
+    waiting = [[s, list(c), t, ps] for (s, c, t), ps in sorted(writer.pending.by_key.items())]
+    if any(not isinstance(p["x"], str) for *_, ps in waiting for p in ps):
+        raise ValueError("windows given as arrays cannot be saved; give the files they are in")
+    return to_jsonable({"shards": writer.shards, "next_index": writer.next_index, "pending": waiting})
+
+
+def restore_writer(writer: ShardWriter, state: dict) -> ShardWriter:
+    "Put a saved `writer_state` back into a new writer of the same folder."
+    writer.shards, writer.next_index = [dict(s) for s in state["shards"]], dict(state["next_index"])
+    writer.pending.by_key = {(s, tuple(c), int(t)): [dict(p) for p in ps] for s, c, t, ps in state["pending"]}
+    return writer
+
+# %% ../nbs/03_datasets.ipynb #c071
+JOURNAL_VERSION = 1
+
+
+class JournalReader:
+    "What the journal of a build (`staging/journal`, `staging/parts`) holds."
+
+    def __init__(self, staging: str | Path, key: str):
+        self.root, self.key = Path(staging), key
+        self.dir, self.parts = self.root / "journal", self.root / "parts"
+
+    @staticmethod
+    def count(staging: str | Path, key: str) -> int:
+        "Recordings journalled in `staging` by a build of `key` (0: another key, or no journal)."
+        try:
+            same = json.loads((Path(staging) / "journal" / "key.json").read_text())["key"] == key
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+        return len(list((Path(staging) / "journal").glob("[0-9]*.json"))) if same else 0
+
+    def part(self, i: int) -> Path:
+        return self.parts / f"{i:06d}.npy"
+
+    def load(self, relpaths: Sequence[str]) -> dict[int, dict]:
+        "The records that belong to these recordings (each one is whole or absent: written atomically)."
+        out = {}
+        for p in sorted(self.dir.glob("[0-9]*.json")):
+            try:
+                rec = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(i := rec.get("i"), int) and 0 <= i < len(relpaths) and rec.get("relpath") == relpaths[i]:
+                out[i] = rec
+        return out
+
+    def load_writer(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "writer.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+# %% ../nbs/03_datasets.ipynb #c074
+class BuildJournal(JournalReader):
+    "A build's record of its finished recordings: `journal/<i>.json` + `parts/<i>.npy`, each written atomically."
+
+    def start(self) -> "BuildJournal":
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "key.json").exists():
+            atomic_write_bytes(self.dir / "key.json", json.dumps({"key": self.key, "version": JOURNAL_VERSION}).encode())
+        return self
+
+    def record(self, i: int, result: dict) -> dict:
+        "Keep one finished recording: its windows first, then its record (which says it is done)."
+        if result["status"] == "built":
+            _write_file(self.part(i), result["x"], f"the windows of {result['relpath']}")
+        rec = {k: v for k, v in result.items() if k != "x"} | {"i": i}
+        _write_file(self.dir / f"{i:06d}.json", json.dumps(to_jsonable(rec)).encode(), f"the record of {result['relpath']}")
+        return rec
+
+    def save_writer(self, fed: int, writer: ShardWriter) -> None:
+        "Checkpoint the shard writer, which has taken in every recording up to `fed`."
+        _write_file(self.dir / "writer.json", json.dumps({"fed": fed, "writer": writer_state(writer)}).encode(), "the journal")
+
+# %% ../nbs/03_datasets.ipynb #c077
+_ACTIVE_STAGING: set[str] = set()  # staging folders of the builds running in this process
+
+
+def claim_staging(out_dir: str | Path, key: str) -> tuple[Path | None, str | None]:
+    "Take over the staging folder of a dead build of `out_dir` whose journal has `key` (the one with most done)."
+    out_dir = Path(out_dir)
+    ours = re.compile(rf"\.{re.escape(out_dir.name)}\.building-{re.escape(_host())}-(\d+)-.+")
+    found = []
+    for p in sorted(out_dir.parent.iterdir()) if out_dir.parent.is_dir() else []:
+        m = ours.fullmatch(p.name)
+        if m is None or not p.is_dir() or str(p) in _ACTIVE_STAGING:
+            continue
+        if (int(m[1]) == os.getpid() or not _pid_alive(int(m[1]))) and (n := BuildJournal.count(p, key)) > 0:
+            found.append((-n, p.name, p))
+    for _, name, p in sorted(found):
+        new = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-{_host()}-{os.getpid()}-", dir=out_dir.parent))
+        try:
+            os.replace(p, new)  # onto the new empty folder: atomic
+            return new, name
+        except OSError:
+            new.rmdir()
+    return None, None
+
+# %% ../nbs/03_datasets.ipynb #c080
+def _resume(journal: BuildJournal, writer: ShardWriter, relpaths: Sequence[str]) -> tuple[dict[int, dict], int]:
+    "(usable records, last recording the restored `writer` had taken in) of a claimed staging folder."
+    records, saved, fed = journal.load(relpaths), journal.load_writer(), -1
+    if saved and all(i in records for i in range(saved["fed"] + 1)):
+        state = saved["writer"]
+        needed = [s["file"] for s in state["shards"]] + [p["x"] for *_, ps in state["pending"] for p in ps]
+        if all((journal.root / f).exists() for f in needed):
+            restore_writer(writer, state); fed = saved["fed"]
+    kept = {s["file"] for s in writer.shards}
+    for p in [*journal.root.glob("*.h5"), *journal.root.rglob(".*.tmp")]:
+        if p.name not in kept:
+            p.unlink()
+    usable = {i: r for i, r in records.items() if i <= fed or r["status"] != "built" or journal.part(i).exists()}
+    waiting = writer.pending.sources()
+    for i in usable:
+        if i <= fed and os.path.relpath(journal.part(i), journal.root) not in waiting:
+            journal.part(i).unlink(missing_ok=True)  # its windows are in a shard already
+    return usable, fed
+
+# %% ../nbs/03_datasets.ipynb #c083
+@dataclass
+class WorkerPool:
+    "How recordings are processed: `submit(fn, *args)` -> future; `wait_first(futures)` -> (done, not_done)."
+    submit: Callable
+    wait_first: Callable
+    workers: int
+    backend: str
+
+
+def usable_cores() -> int:
+    "CPU cores this process may run on (its affinity mask; `os.cpu_count()` where there is none)."
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+PARALLEL_MIN_MB = 20.0  # below this much to read, starting worker processes costs more than it saves
+
+
+def default_workers(entries: Sequence[RecordingEntry]) -> int:
+    "`workers=None`: every usable core, once the recordings to read weigh `PARALLEL_MIN_MB` or more; else 1."
+    size = sum(e.path.stat().st_size for e in entries if e.path.is_file()) / 2**20
+    return usable_cores() if size >= PARALLEL_MIN_MB else 1
+
+
+def _run_here(fn: Callable, *args) -> Future:
+    fut = Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as e:
+        fut.set_exception(e)
+    return fut
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)  # the build process is gone (killed): its workers go too
+
+
+def _worker_init(parent: int) -> None:
+    "Set up a builder process: numba blocked (MNE would import it, for nothing we call); exit when `parent` dies."
+    sys.modules.setdefault("numba", None)
+    if os.getppid() == parent:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
+
+# %% ../nbs/03_datasets.ipynb #c086
+@contextlib.contextmanager
+def worker_pool(workers: int | None = None, scheduler=None):
+    "A `WorkerPool`: this process (workers=1), `workers` loky processes, or a Dask cluster (`scheduler`)."
+    first = partial(wait_futures, return_when=FIRST_COMPLETED)
+    if scheduler is not None:
+        from distributed import Client, wait
+        client = scheduler if isinstance(scheduler, Client) else Client(scheduler)  # an address, or a cluster
+        try:
+            yield WorkerPool(partial(client.submit, pure=False), partial(wait, return_when="FIRST_COMPLETED"),
+                             max(sum(client.nthreads().values()), 1), f"dask {client.scheduler.address}")
+        finally:
+            if client is not scheduler:
+                client.close()
+    elif (workers := workers or usable_cores()) <= 1:
+        yield WorkerPool(_run_here, first, 1, "in-process")
+    else:
+        from joblib.externals.loky import get_reusable_executor
+        pool = get_reusable_executor(max_workers=workers, timeout=60, initializer=_worker_init, initargs=(os.getpid(),))
+        yield WorkerPool(pool.submit, first, workers, "loky")
+
+# %% ../nbs/03_datasets.ipynb #c089
+def recording_seconds(path: str | Path) -> float | None:
+    "Duration from an EDF/BDF header (data records x record duration); None for other formats or a broken header."
+    if Path(path).suffix.lower() not in (".edf", ".bdf"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+        n, d = int(head[236:244]), float(head[244:252])
+    except (OSError, ValueError):
+        return None
+    return n * d if n > 0 and d > 0 else None
+
+
+def _progress(total_h: float, done_h: float, desc: str, enabled: bool | None):
+    "A tqdm bar in EEG hours: done/total, EEG-h/s and time left (None: only on a terminal)."
+    return tqdm(total=round(total_h, 4), initial=round(done_h, 4), desc=desc, unit="h", dynamic_ncols=True,
+                disable=None if enabled is None else not enabled,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} EEG h [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+# %% ../nbs/03_datasets.ipynb #c092
+@dataclass
+class BuildPlan:
+    "A build decided before any signal is read: recordings in order, splits, copies, durations, journal key."
+    spec: DatasetSpec
+    raw_dir: Path
+    out_dir: Path
+    seed: int
+    shard_mb: float
+    entries: list
+    assignment: dict
+    duplicates: list
+    skipped: list
+    header_seconds: list
+    key: str = ""
+
+    def hours(self) -> list[float]:
+        "Hours per recording for the progress bar (the mean of the known ones where a header says nothing)."
+        known = [s for s in self.header_seconds if s]
+        mean = sum(known) / len(known) if known else 0.0
+        return [(s or mean) / 3600 for s in self.header_seconds]
+
+
+def _build_key(plan: BuildPlan) -> str:
+    "SHA-256 of all that decides a build's output: spec, seed, shard size, files (size, mtime), splits, copies."
+    def stat(p):
+        try:
+            s = Path(p).stat()
+            return [s.st_size, s.st_mtime_ns]
+        except (OSError, TypeError):
+            return None
+    files = [[e.relpath, e.subject, e.label, e.official_split, stat(e.path), stat(e.annotation) if e.annotation else None]
+             for e in plan.entries]
+    blob = {"journal": JOURNAL_VERSION, "shards": SHARD_FORMAT_VERSION, "spec": plan.spec.config(), "seed": plan.seed,
+            "shard_mb": plan.shard_mb, "raw_dir": str(plan.raw_dir), "files": files, "assignment": plan.assignment,
+            "duplicates": plan.duplicates}
+    return hashlib.sha256(json.dumps(to_jsonable(blob), sort_keys=True).encode()).hexdigest()
+
+# %% ../nbs/03_datasets.ipynb #c095
+def plan_build(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
+               max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
+               **overrides) -> BuildPlan:
+    "Discover the recordings, find copies, assign splits: everything a build decides before reading a signal."
     spec = get_spec(name_or_spec, **overrides)
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if not raw_dir.is_dir():
@@ -994,54 +1329,181 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
                                 + (f"; {len(skipped)} files did not fit the layout, e.g. {skipped[0]}" if skipped else "") + ")")
     copies = [(h, [entries[i] for i in ix]) for h, ix in duplicate_groups([e.path for e in entries])]
     assignment = spec.assign(entries, seed, [[e.relpath for e in group] for _, group in copies])
-    report = BuildReport(spec.name, str(raw_dir), str(out_dir), int(seed), n_found=len(entries), skipped=list(skipped),
-                         duplicates=[{"sha256": h, "recordings": [e.relpath for e in g], "split": assignment.get(g[0].relpath, "per window"),
-                                      "subjects": sorted({e.subject for e in g})} for h, g in copies],
-                         stale_builds=remove_stale_builds(out_dir))
-    staging = _staging_dir(out_dir)
+    duplicates = [{"sha256": h, "recordings": [e.relpath for e in g], "split": assignment.get(g[0].relpath, "per window"),
+                   "subjects": sorted({e.subject for e in g})} for h, g in copies]
+    plan = BuildPlan(spec, raw_dir, out_dir, int(seed), float(shard_mb), entries, assignment, duplicates,
+                     list(skipped), [recording_seconds(e.path) for e in entries])
+    plan.key = _build_key(plan)
+    return plan
+
+# %% ../nbs/03_datasets.ipynb #c098
+def _warning_class(name: str) -> type:
+    import builtins
+    c = getattr(builtins, name, None)
+    return c if isinstance(c, type) and issubclass(c, Warning) else UserWarning
+
+
+def _take_in(plan: BuildPlan, i: int, rec: dict, report: BuildReport, writer: ShardWriter | None,
+             journal: BuildJournal, built: list, counts: dict, verbose: bool) -> bool:
+    "Add one journalled recording to the report (and its windows to `writer`, if given); True if a shard was written."
+    entry, spec, flushed = plan.entries[i], plan.spec, False
+    report.eeg_hours += (plan.header_seconds[i] or rec["seconds"] or 0.0) / 3600
+    for category, message in rec.get("warnings", []):
+        warnings.warn(message, _warning_class(category), stacklevel=3)
+    if rec["flat"]:
+        report.flat_channels.append({"file": entry.relpath, "channels": rec["flat"], "kept": spec.flat_channels == "warn"})
+        if spec.flat_channels == "warn":
+            warnings.warn(f"{_flat_text(entry, rec['flat'], spec)}, kept (flat_channels='warn'; listed in {REPORT_FILE})", stacklevel=3)
+    if rec["status"] != "built":
+        (report.rejected if rec["status"] == "rejected" else report.skipped).append({"file": entry.relpath, "reason": rec["reason"]})
+        if verbose:
+            print(f"left out {entry.relpath}: {rec['reason']}")
+        return False
+    labels = np.asarray(rec["labels"], dtype=np.int64)
+    per_window = rec["split"] or [plan.assignment[entry.relpath]] * len(labels)
+    for split in SPLITS:
+        rows = [k for k, s in enumerate(per_window) if s == split]
+        if rows:
+            if writer is not None:
+                flushed |= writer.add(split, rec["ch_names"], journal.part(i), labels[rows], entry.subject,
+                                      entry.relpath, [rec["start_s"][k] for k in rows], rows=rows)
+            built.append((entry, split, len(rows)))
+            if len(spec.classes):
+                counts[split] += np.bincount(labels[rows], minlength=len(spec.classes))[:len(spec.classes)]
+    report.windows_per_recording[entry.relpath] = len(labels)
+    report.n_built += 1
+    return flushed
+
+# %% ../nbs/03_datasets.ipynb #c101
+def _drop_part(journal: BuildJournal, writer: ShardWriter, i: int) -> bool:
+    "Delete recording i's part once its windows are all in shards; True while it is still needed."
+    if os.path.relpath(journal.part(i), journal.root) in writer.pending.sources():
+        return True
+    journal.part(i).unlink(missing_ok=True)
+    return False
+
+
+def _run_recordings(plan: BuildPlan, journal: BuildJournal, writer: ShardWriter, report: BuildReport, pool: WorkerPool,
+                    records: dict, fed: int, bar, verbose: bool) -> tuple[list, dict, list]:
+    "Process the recordings not in `records` on `pool`, journal each as it ends, take all in in order."
+    built, counts = [], {s: np.zeros(max(len(plan.spec.classes), 1), dtype=np.int64) for s in SPLITS}
+    hours, n, rss, taken, done = plan.hours(), len(plan.entries), [], [], len(records)
+    queue, pending = iter([i for i in range(n) if i not in records]), {}
     try:
+        for nxt in range(n):
+            while nxt not in records:
+                while len(pending) < 2 * pool.workers and (i := next(queue, None)) is not None:
+                    pending[pool.submit(process_recording, plan.spec, plan.entries[i])] = i
+                for fut in pool.wait_first(list(pending)).done:
+                    i, result = pending.pop(fut), fut.result()
+                    records[i] = journal.record(i, result); rss.append(result["rss_mb"]); done += 1
+                    bar.set_postfix_str(f"{done}/{n} recordings", refresh=False); bar.update(hours[i])
+            rec = records.pop(nxt)
+            flushed = _take_in(plan, nxt, rec, report, writer if nxt > fed else None, journal, built, counts, verbose)
+            if nxt > fed and rec["status"] == "built":
+                taken.append(nxt)
+            if flushed:  # a checkpoint, then the parts whose windows are all in shards now go
+                journal.save_writer(nxt, writer)
+                taken = [j for j in taken if _drop_part(journal, writer, j)]
+    finally:
+        for fut in pending:
+            fut.cancel()
+    return built, counts, rss
+
+# %% ../nbs/03_datasets.ipynb #c104
+def _open_staging(out_dir: Path, key: str | None) -> tuple[Path, str | None, list[str]]:
+    "(staging folder, the dead build it continues or None, what stale builds were cleaned up)."
+    _check_out_dir(out_dir)
+    try:
+        claimed, was = claim_staging(out_dir, key) if key else (None, None)
+    except OSError as e:
+        raise output_error(e, out_dir) from None
+    stale = remove_stale_builds(out_dir)
+    staging = claimed or _staging_dir(out_dir)
+    _ACTIVE_STAGING.add(str(staging))
+    return staging, was, stale
+
+
+def _abandon(staging: Path, key: str, error: BaseException, out_dir: Path) -> None:
+    "After a failure: keep a staging folder worth continuing (interrupted, a worker died), else remove it; then raise."
+    from concurrent.futures.process import BrokenProcessPool
+    interrupted = isinstance(error, (KeyboardInterrupt, BrokenProcessPool)) or type(error).__name__ == "KilledWorker"
+    if interrupted and BuildJournal.count(staging, key) > 0:
+        print(f"build of {out_dir} interrupted ({type(error).__name__}); {BuildJournal.count(staging, key)} recordings "
+              f"are kept in {staging.name}: the same build continues from them", file=sys.stderr)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+    clear = output_error(error, out_dir) if isinstance(error, OSError) else None
+    if isinstance(clear, OutputError):  # full disk, read-only...: one line that names out_dir
+        raise (clear if str(out_dir) in str(clear) else OutputError(f"{out_dir}: {clear}", clear.errno)) from None
+    raise error
+
+# %% ../nbs/03_datasets.ipynb #c107
+def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: BuildReport, built: list,
+                  counts: dict, rss: list, t0: float) -> None:
+    "Write the last shards, the manifest, the index and the report into `staging`; the journal goes."
+    spec = plan.spec
+    if report.n_built == 0:
+        raise DatasetError(f"every one of the {len(plan.entries)} {spec.name} recordings under {plan.raw_dir} failed; "
+                           f"first reasons: {(report.skipped + report.rejected)[:3]}")
+    report.shards = writer.close()
+    for sub in ("journal", "parts"):
+        shutil.rmtree(staging / sub)
+    manifest = split_manifest(spec, plan.seed, built, report.duplicates)
+    report.windows = {s: manifest["splits"][s]["n_windows"] for s in SPLITS}
+    report.class_counts = {s: {c: int(n) for c, n in zip(spec.classes, counts[s])} for s in SPLITS} if spec.classes else {}
+    atomic_write_bytes(staging / MANIFEST_FILE, _manifest_bytes(manifest))
+    save_json({"format": "neurolm_nb.shards", "version": SHARD_FORMAT_VERSION, "dataset": spec.name,
+               "sfreq": spec.sfreq, "classes": list(spec.classes), "spec": spec.config(), "shards": report.shards},
+              staging / INDEX_FILE)
+    report.eeg_hours, report.seconds = round(report.eeg_hours, 6), round(time.perf_counter() - t0, 3)
+    report.eeg_hours_per_s = round(report.eeg_hours / max(report.seconds, 1e-9), 5)
+    parent = _peak_rss_mb()
+    report.peak_rss_mb = {"parent": parent, "workers": parent if report.backend == "in-process" else max(rss, default=None)}
+    save_json(report.to_dict(), staging / REPORT_FILE)
+
+# %% ../nbs/03_datasets.ipynb #c110
+def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
+                  max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
+                  verbose: bool = False, workers: int | None = None, scheduler=None, resume: bool = True,
+                  progress: bool | None = None, **overrides) -> BuildReport:
+    "Build HDF5 shards, `index.json`, `split_manifest.json` and `build_report.json` for one dataset in `out_dir`."
+    t0 = time.perf_counter()
+    plan = plan_build(name_or_spec, raw_dir, out_dir, seed, max_files, subjects, shard_mb, **overrides)
+    spec, out_dir = plan.spec, plan.out_dir
+    staging, was, stale = _open_staging(out_dir, plan.key if resume else None)
+    report = BuildReport(spec.name, str(plan.raw_dir), str(out_dir), plan.seed, n_found=len(plan.entries),
+                         skipped=list(plan.skipped), duplicates=plan.duplicates, stale_builds=stale, resumed_from=was)
+    try:
+        journal = BuildJournal(staging, plan.key).start()
         writer = ShardWriter(staging, spec.name, spec.sfreq, spec.classes, shard_mb)
-        built, counts = [], {s: np.zeros(max(len(spec.classes), 1), dtype=np.int64) for s in SPLITS}
-        for entry in entries:
-            loaded = _load_windows(spec, entry, report)
-            if loaded is None:
-                if verbose:
-                    print(f"left out {entry.relpath}: {(report.skipped + report.rejected)[-1]['reason']}")
-                continue
-            rec, w = loaded
-            per_window = w.split if w.split is not None else [assignment[entry.relpath]] * len(w)
-            for split in SPLITS:
-                sel = np.array([s == split for s in per_window])
-                if sel.any():
-                    writer.add(split, rec.ch_names, w.x[sel], w.labels[sel], entry.subject, entry.relpath, w.start_s[sel])
-                    built.append((entry, split, int(sel.sum())))
-                    if len(spec.classes):
-                        counts[split] += np.bincount(w.labels[sel], minlength=len(spec.classes))[:len(spec.classes)]
-            report.windows_per_recording[entry.relpath] = len(w)
-            report.n_built += 1
-        if report.n_built == 0:
-            raise DatasetError(f"every one of the {len(entries)} {spec.name} recordings under {raw_dir} failed; "
-                               f"first reasons: {(report.skipped + report.rejected)[:3]}")
-        report.shards = writer.close()
-        manifest = split_manifest(spec, seed, built, report.duplicates)
-        report.windows = {s: manifest["splits"][s]["n_windows"] for s in SPLITS}
-        report.class_counts = {s: {c: int(n) for c, n in zip(spec.classes, counts[s])} for s in SPLITS} if spec.classes else {}
-        atomic_write_bytes(staging / MANIFEST_FILE, _manifest_bytes(manifest))
-        save_json({"format": "neurolm_nb.shards", "version": SHARD_FORMAT_VERSION, "dataset": spec.name,
-                   "sfreq": spec.sfreq, "classes": list(spec.classes), "spec": spec.config(), "shards": report.shards},
-                  staging / INDEX_FILE)
-        report.seconds = round(time.perf_counter() - t0, 3)
-        save_json(report.to_dict(), staging / REPORT_FILE)
+        records, fed = _resume(journal, writer, [e.relpath for e in plan.entries])
+        report.reused, hours = len(records), plan.hours()
+        todo = [e for i, e in enumerate(plan.entries) if i not in records]
+        with worker_pool(min(workers or default_workers(todo), max(len(todo), 1)), scheduler) as pool, \
+                _progress(sum(hours), sum(hours[i] for i in records), spec.name, progress) as bar:
+            report.workers, report.backend = pool.workers, pool.backend
+            built, counts, rss = _run_recordings(plan, journal, writer, report, pool, records, fed, bar, verbose)
+        _finish_build(plan, staging, writer, report, built, counts, rss, t0)
         _publish(staging, out_dir)
     except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        clear = output_error(e, out_dir) if isinstance(e, OSError) else None
-        if isinstance(clear, OutputError):  # full disk, read-only...: one line that names out_dir
-            raise (clear if str(out_dir) in str(clear) else OutputError(f"{out_dir}: {clear}", clear.errno)) from None
-        raise
+        _abandon(staging, plan.key, e, out_dir)
+    finally:
+        _ACTIVE_STAGING.discard(str(staging))
     return report
 
-# %% ../nbs/03_datasets.ipynb #c053
+# %% ../nbs/03_datasets.ipynb #c113
+def build_digest(root: str | Path) -> dict[str, str]:
+    "SHA-256 of every file of a build (the report without `RUN_FIELDS` and `out_dir`): equal digests, equal builds."
+    root, out = Path(root), {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != REPORT_FILE:
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    report = {k: v for k, v in load_json(root / REPORT_FILE).items() if k not in (*RUN_FIELDS, "out_dir")}
+    out[REPORT_FILE] = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+    return out
+
+# %% ../nbs/03_datasets.ipynb #c119
 def load_index(root: str | Path) -> dict:
     "The `index.json` of a built dataset (the error says when `root` is not one)."
     p = Path(root) / INDEX_FILE
@@ -1121,7 +1583,7 @@ class WindowDataset(Dataset):
     def __repr__(self) -> str:
         return f"WindowDataset({self.dataset}/{self.split}: {len(self)} windows in {len(self.shards)} shards)"
 
-# %% ../nbs/03_datasets.ipynb #c055
+# %% ../nbs/03_datasets.ipynb #c121
 PHYSIONET_EEGMAT_URL = "https://physionet.org/files/eegmat/1.0.0/"
 EEGMAT_SHA256: dict[str, str] = {
     "Subject00_1.edf": "8b23c443f2f5f733f8ccc31a54377898009c28c7563d1107692a8735212d2f15",
@@ -1274,7 +1736,7 @@ def fetch_eegmat(dest: str | Path, base_url: str | Path = PHYSIONET_EEGMAT_URL,
     "Fetch EEGMAT files (all 36 subjects, or `subjects`) into `dest`, each checked against the release's SHA-256."
     return [fetch_file(base_url, n, dest, EEGMAT_SHA256[n], progress) for n in eegmat_files(subjects, include_info)]
 
-# %% ../nbs/03_datasets.ipynb #c058
+# %% ../nbs/03_datasets.ipynb #c124
 SAMPLE_FOLDERS: dict[str, str] = {"workload": "eegmat", "tuab": "tuab", "tuev": "tuev", "tusl": "tusl",
                                   "hmc": "hmc", "seed": "seed", "pretrain": "."}
 _SAMPLES_README = """\
@@ -1434,7 +1896,48 @@ def samples_dir_for(name: str, samples_root: str | Path | None = None) -> Path:
         raise KeyError(f"no sample folder for dataset {name!r}; known: {sorted(SAMPLE_FOLDERS)}")
     return (root / "eeg" / SAMPLE_FOLDERS[key]).resolve()
 
-# %% ../nbs/03_datasets.ipynb #c060
+# %% ../nbs/03_datasets.ipynb #c126
+def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2), repeat: int = 2,
+                max_files: int | None = None, work_dir: str | Path | None = None, **options) -> dict:
+    "EEG-hours per second of `build_dataset` with each worker count on the same files (warm-up first, rounds interleaved)."
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="neurolm_build_bench_"))
+    run = lambda w: build_dataset(name, raw_dir, work / f"workers{w}", workers=w, max_files=max_files, progress=False, **options)
+    load, warm = [os.getloadavg()[0]], {w: run(w).seconds for w in workers}  # start-up, imports, page cache: not timed
+    rounds: dict[int, list] = {w: [] for w in workers}
+    for _ in range(repeat):
+        for w in workers:
+            r = run(w)
+            rounds[w].append({"seconds": r.seconds, "eeg_hours_per_s": r.eeg_hours_per_s, "peak_rss_mb": r.peak_rss_mb})
+    load.append(os.getloadavg()[0])
+    rates = {w: [x["eeg_hours_per_s"] for x in rounds[w]] for w in workers}
+    median = {w: float(np.median(v)) for w, v in rates.items()}
+    digests = [build_digest(work / f"workers{w}") for w in workers]
+    result = {"dataset": r.dataset, "raw_dir": r.raw_dir, "files": r.n_found, "eeg_hours": r.eeg_hours,
+              "cores": usable_cores(), "load_avg_1min": load, "warmup_seconds": warm, "rounds": rounds,
+              "eeg_hours_per_s": median, "eeg_hours_per_s_range": {w: [min(v), max(v)] for w, v in rates.items()},
+              "scaling": {w: round(median[w] / median[workers[0]], 3) for w in workers},
+              "scaling_best": {w: round(max(rates[w]) / max(rates[workers[0]]), 3) for w in workers},
+              "same_output": all(d == digests[0] for d in digests)}
+    if work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+# %% ../nbs/03_datasets.ipynb #c129
+def bench_table(result: dict) -> str:
+    "The benchmark as a few lines of text."
+    lines = [f"{result['dataset']}: {result['files']} files, {result['eeg_hours']:.3f} EEG h, {result['cores']} usable cores, "
+             f"1-min load {result['load_avg_1min'][0]:.2f} before / {result['load_avg_1min'][-1]:.2f} after",
+             "workers | EEG-h/s median (range) | seconds (median) | scaling median / best | peak RSS MB parent / workers"]
+    for w, rate in result["eeg_hours_per_s"].items():
+        lo, hi = result["eeg_hours_per_s_range"][w]
+        rounds = result["rounds"][w]
+        rss = rounds[-1]["peak_rss_mb"]
+        lines.append(f"{w:>7} | {rate:.3f} ({lo:.3f}-{hi:.3f}) | {np.median([x['seconds'] for x in rounds]):.2f} | "
+                     f"{result['scaling'][w]:.2f}x / {result['scaling_best'][w]:.2f}x | {rss.get('parent')} / {rss.get('workers')}")
+    lines.append(f"same output for every worker count: {result['same_output']}")
+    return "\n".join(lines)
+
+# %% ../nbs/03_datasets.ipynb #c132
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     out = {}
     for pair in pairs or []:
@@ -1450,28 +1953,49 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    "Command line: `make-samples [root]`, `build <dataset> <raw_dir> <out_dir>`, `fetch-eegmat <dest>`."
+def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.datasets", description="NeuroLM dataset builders")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-samples", help="write the synthetic sample recordings")
     p.add_argument("root", nargs="?", default="data_samples"); p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("build", help="build HDF5 shards and a split manifest for one dataset")
-    p.add_argument("dataset", choices=sorted(DATASET_SPECS)); p.add_argument("raw_dir"); p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0); p.add_argument("--max-files", type=int, default=None)
-    p.add_argument("--subjects", nargs="*", default=None); p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    for cmd, text in (("build", "build HDF5 shards and a split manifest for one dataset"),
+                      ("bench", "EEG-hours per second of the builder with each worker count")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("dataset", choices=sorted(DATASET_SPECS)); p.add_argument("raw_dir")
+        p.add_argument("--seed", type=int, default=0); p.add_argument("--max-files", type=int, default=None)
+        p.add_argument("--subjects", nargs="*", default=None); p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+        p.add_argument("--shard-mb", type=float, default=256.0)
+    p = sub.choices["build"]
+    p.add_argument("out_dir"); p.add_argument("--workers", type=int, default=None); p.add_argument("--scheduler", default=None)
+    p.add_argument("--no-resume", dest="resume", action="store_false"); p.add_argument("--progress", action=argparse.BooleanOptionalAction)
+    p = sub.choices["bench"]
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2]); p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the result here")
     p = sub.add_parser("fetch-eegmat", help="fetch PhysioNet EEGMAT with SHA-256 checks")
     p.add_argument("dest"); p.add_argument("--base-url", default=PHYSIONET_EEGMAT_URL)
     p.add_argument("--subjects", nargs="*", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+# %% ../nbs/03_datasets.ipynb #c135
+def main(argv: Sequence[str] | None = None) -> int:
+    "Command line: `make-samples [root]`, `build <dataset> <raw_dir> <out_dir>`, `bench <dataset> <raw_dir>`, `fetch-eegmat <dest>`."
+    args = _cli_parser().parse_args(argv)
     try:
         if args.command == "make-samples":
             files = make_data_samples(args.root, seed=args.seed)
             print(f"wrote {len(files)} files, {sum(f.stat().st_size for f in files) / 2**20:.2f} MB, under {Path(args.root).resolve()}")
         elif args.command == "build":
             report = build_dataset(args.dataset, args.raw_dir, args.out_dir, seed=args.seed, max_files=args.max_files,
-                                   subjects=args.subjects, verbose=True, **_parse_overrides(args.set))
+                                   subjects=args.subjects, shard_mb=args.shard_mb, verbose=True, workers=args.workers,
+                                   scheduler=args.scheduler, resume=args.resume, progress=args.progress,
+                                   **_parse_overrides(args.set))
             print(report)
+        elif args.command == "bench":
+            result = bench_build(args.dataset, args.raw_dir, args.workers, args.repeat, args.max_files, seed=args.seed,
+                                 subjects=args.subjects, shard_mb=args.shard_mb, **_parse_overrides(args.set))
+            print(bench_table(result))
+            if args.json:
+                save_json(result, args.json)
         else:
             files = fetch_eegmat(args.dest, args.base_url, args.subjects, progress=True)
             print(f"{len(files)} files verified in {Path(args.dest).resolve()}")
