@@ -670,6 +670,13 @@ def get_spec(name_or_spec: str | DatasetSpec, **overrides) -> DatasetSpec:
     bad = sorted(set(overrides) - known)
     if bad:
         raise TypeError(f"{type(spec).__name__} has no field(s) {bad}; fields: {sorted(known)}")
+    for k, v in overrides.items():   # a value must look like the field's own: a number for a number, ...
+        cur, number = getattr(spec, k), lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+        ok = (cur is None or v is None or (number(cur) and number(v)) or (isinstance(cur, bool) and isinstance(v, bool))
+              or (isinstance(cur, str) and isinstance(v, str)) or (isinstance(cur, (list, tuple)) and isinstance(v, (list, tuple)))
+              or (isinstance(cur, dict) and isinstance(v, dict)))
+        if not ok:
+            raise TypeError(f"{type(spec).__name__}.{k} = {v!r} ({type(v).__name__}) should be like its default {cur!r}")
     return dataclasses.replace(spec, **overrides) if overrides else spec
 
 # %% ../nbs/03_datasets.ipynb #c027

@@ -507,6 +507,11 @@ def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, regist
         if not notebook.exists():
             raise ProfileError(f"stage {stage!r}: notebook {notebook} does not exist")
         params = resolve_parameters(notebook, prof, stage, root / stage, root)
+        for name, opts in (params.get("build_options") or {}).items() if stage == "datasets" else ():
+            try:                                              # nested spec overrides: checked now, not mid-run
+                __import__("neurolm_nb.datasets", fromlist=["get_spec"]).get_spec(name, **opts)
+            except (KeyError, TypeError) as e:
+                raise ProfileError(f"stage 'datasets': build_options[{name!r}]: {e}") from None
         problems += missing_inputs(stage, params, root, [s for s, *_ in plan])
         plan.append((stage, notebook, root / stage, params))
     if problems:

@@ -340,6 +340,10 @@ def test_wrong_types_and_missing_upstream_stop_before_any_kernel(tmp_path):
         run_pipeline("smoke", stages="pretrain", runs_dir=tmp_path, verbose=False)
     with pytest.raises(ProfileError, match="instruct/neurolm.pt"):
         run_pipeline("smoke", stages="evaluation", runs_dir=tmp_path, verbose=False)
+    for section, message in [({"max_files": "two"}, "parameter 'max_files' = 'two'"),
+                             ({"build_options": {"workload": {"window_s": "four"}}}, "WorkloadSpec.window_s = 'four'")]:
+        with pytest.raises(ProfileError, match=message):
+            run_pipeline({"name": "typed", "stages": {"eeg_io": {}, "datasets": section}}, runs_dir=tmp_path, verbose=False)
     assert not (tmp_path / "typed").exists() and not (tmp_path / "smoke" / "pretrain").exists()
 
 
