@@ -174,7 +174,7 @@ def test_official_fixture_batches_with_flex(fixtures_dir):
         ins = model(**eeg("instruct"), text=lm["input.instruct.X_text"], text_targets=lm["input.instruct.Y_text"])
     for name, out in (("pretrain", pre), ("instruct", ins)):
         o = lambda key: lm[f"output.{name}.{key}"]
-        assert abs(out.loss.item() - o("loss").item()) <= 1e-5 * abs(o("loss").item())
+        assert abs(out.loss.item() - o("loss").item()) <= 1e-5 * abs(o("loss").item())  # fixtures README §5 (testing.TOLERANCES)
         assert torch.equal(out.logits.argmax(-1), o("argmax"))
         torch.testing.assert_close(out.logits[..., :64], o("logits_text_0_64"), **TOL)
         torch.testing.assert_close(out.logits.logsumexp(-1), o("logsumexp"), **TOL)

@@ -331,14 +331,14 @@ def test_official_text_batch_parity():
     pairs = {"gpt_input": hidden[0], "gpt_final_hidden": hidden[-1], "logits_text_0_64": logits[..., :64],
              "logits_eeg_50304_50368": logits[..., 50304:50368], "logsumexp": logits.logsumexp(-1)}
     for name, mine in pairs.items():
-        assert torch.allclose(mine, out(name), atol=1e-5, rtol=1e-5), name
+        assert torch.allclose(mine, out(name), atol=1e-5, rtol=1e-5), name  # fixtures README §5 (testing.TOLERANCES)
     assert torch.equal(logits.argmax(-1), out("argmax"))
     logprob = torch.log_softmax(logits.double(), -1).gather(-1, y[..., None])[..., 0]
-    assert torch.allclose(logprob.float(), out("logprob_at_target"), atol=1e-5, rtol=1e-5)
-    assert torch.allclose(lm_loss(logits, y), out("loss"), rtol=1e-5, atol=0)
+    assert torch.allclose(logprob.float(), out("logprob_at_target"), atol=1e-5, rtol=1e-5)  # fixtures README §5 (testing.TOLERANCES)
+    assert torch.allclose(lm_loss(logits, y), out("loss"), rtol=1e-5, atol=0)  # fixtures README §5 (testing.TOLERANCES)
     assert token_accuracy(logits, y).item() == out("accuracy").item()
     # the same batch through an explicit causal mask and through the naive path
     causal = torch.ones(24, 24, dtype=torch.bool).tril()
     with torch.no_grad():
         assert torch.allclose(model.set_attn_impl("naive")(x, attn_mask=causal)[..., :64],
-                              out("logits_text_0_64"), atol=1e-5, rtol=1e-5)
+                              out("logits_text_0_64"), atol=1e-5, rtol=1e-5)  # fixtures README §5 (testing.TOLERANCES)

@@ -69,10 +69,10 @@ def test_labram_base_reproduces_every_official_output(fixtures_dir):
     assert not bad, bad
     for name in ("mem.argmax", "mem_sym.argmax", "mem.labels", "mem_sym.labels"):
         assert torch.equal(ours[name], t[f"output.{name}"])
-    torch.testing.assert_close(ours["finetune.logits"], t["output.finetune.logits"], atol=1e-7, rtol=0)
-    torch.testing.assert_close(ours["finetune.pooled_features"], t["output.finetune.pooled_features"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["finetune.logits"], t["output.finetune.logits"], atol=1e-7, rtol=0)  # fixtures README §5 (testing.TOLERANCES)
+    torch.testing.assert_close(ours["finetune.pooled_features"], t["output.finetune.pooled_features"], atol=1e-5, rtol=1e-5)  # fixtures README §5 (testing.TOLERANCES)
     for name in ("mem.loss_rec", "mem.loss_rec_sym", "mem.loss", "mem.mlm_acc", "mem.mlm_acc_sym"):
-        assert abs(ours[name].item() - t[f"output.{name}"].item()) <= 1e-5 * abs(t[f"output.{name}"].item())
+        assert abs(ours[name].item() - t[f"output.{name}"].item()) <= 1e-5 * abs(t[f"output.{name}"].item())  # fixtures README §5 (testing.TOLERANCES)
 
 
 def test_random_mask_reproduces_the_official_draws(fixtures_dir):

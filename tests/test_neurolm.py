@@ -379,7 +379,7 @@ def official(fixtures_dir):
 
 
 def close(a, b, what):
-    assert torch.allclose(a.detach().float(), b.float(), atol=1e-5, rtol=1e-5), (what, (a.detach().float() - b).abs().max())
+    assert torch.allclose(a.detach().float(), b.float(), atol=1e-5, rtol=1e-5), (what, (a.detach().float() - b).abs().max())  # fixtures README §5 (testing.TOLERANCES)
 
 
 def eeg(lm, batch, rows=slice(None)):
@@ -389,7 +389,7 @@ def eeg(lm, batch, rows=slice(None)):
 
 def check(lm, name, out):
     o = lambda k: lm[f"output.{name}.{k}"]
-    assert abs(out.loss.item() - o("loss").item()) <= 1e-5 * abs(o("loss").item())
+    assert abs(out.loss.item() - o("loss").item()) <= 1e-5 * abs(o("loss").item())  # fixtures README §5 (testing.TOLERANCES)
     assert out.accuracy.item() == o("accuracy").item()
     assert torch.equal(out.logits.argmax(-1), o("argmax"))
     lp = torch.log_softmax(out.logits.double(), -1)
