@@ -171,7 +171,10 @@ def test_sigkill_mid_build_then_rerun_gives_the_same_bytes_and_reuses_the_journa
 
 def test_ctrl_c_keeps_the_journal_and_the_next_build_continues(eegmat_dir, tmp_path):
     out = tmp_path / "out"
-    victim = cli("build", "workload", str(eegmat_dir), str(out), "--workers", "1", "--max-files", "16")
+    # A shell that starts jobs in the background (CI's may) passes SIGINT on as ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the build the default disposition, as a terminal would.
+    victim = cli("build", "workload", str(eegmat_dir), str(out), "--workers", "1", "--max-files", "16",
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for_records(tmp_path, "out", 3, victim)
         victim.send_signal(signal.SIGINT)
