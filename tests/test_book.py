@@ -75,7 +75,8 @@ def site() -> Path:
     if run.is_dir():
         sys.path.insert(0, str(ROOT / "tools"))
         import build_book
-        return Path(build_book.build(run.resolve(), ROOT / "_book", quiet=True)["site"])
+        # as `make book` builds it: notebooks that are not stages executed (cached, so cheap after a make book)
+        return Path(build_book.build(run.resolve(), ROOT / "_book", execute=True, quiet=True)["site"])
     if (ROOT / "_book" / "html" / "index.html").is_file():
         return ROOT / "_book" / "html"
     _missing_or_skip(f"no run folder {run} to build the book from (run `make demo` first) and no _book/html")
