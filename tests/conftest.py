@@ -90,3 +90,30 @@ def load_official(fixtures_dir: Path, name: str) -> dict:
     if not path.exists():
         pytest.skip(f"official fixture {path} not found")
     return _official_tensors(str(path))
+
+
+# ---------------------------------------------------------------- a tiny random NeuroLM shared by the model tests
+def layout(n_channels, n_seconds, length):
+    "input_time / input_mask of one time-major sample of C·A real tokens padded to `length`."
+    import torch
+    n = n_channels * n_seconds
+    time = torch.zeros(length, dtype=torch.long)
+    time[:n] = torch.arange(n) // n_channels
+    return time, torch.arange(length) < n
+
+
+def tiny_neurolm():
+    "(tokenizer, model, batch): a seeded tiny NeuroLM in eval mode and a padded two-sample batch (5×3 and 3×6 tokens)."
+    import torch
+    from neurolm_nb.gpt import GPT, GPTConfig
+    from neurolm_nb.model import NeuroLM, NeuroLMConfig
+    from neurolm_nb.vq import VQTokenizer
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer(NeuroLMConfig.tiny().tokenizer).eval()
+    model = NeuroLM.from_parts(tokenizer, GPT(GPTConfig.tiny(n_embd=48, n_head=2, vocab_size=512, block_size=256)),
+                               seed=0).eval()
+    (t1, r1), (t2, r2) = layout(5, 3, 24), layout(3, 6, 24)
+    time, real = torch.stack([t1, t2]), torch.stack([r1, r2])
+    chans = torch.where(real, torch.arange(24) % 7, torch.full_like(time, 136))
+    batch = {"X": torch.randn(2, 24, 200) * real[..., None], "input_chans": chans, "input_time": time, "input_mask": real}
+    return tokenizer, model, batch

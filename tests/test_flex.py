@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import load_official
+from conftest import layout, load_official, tiny_neurolm
 from neurolm_nb.gpt import GPT, GPTConfig, attention, lm_loss
 from neurolm_nb.model import (NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_official_neurolm_lm,
                               stair_block_mask, stair_mask, stair_mask_mod)
@@ -16,14 +16,6 @@ from neurolm_nb.vq import VQTokenizer
 flex = pytest.importorskip("torch.nn.attention.flex_attention", reason="FlexAttention needs torch >= 2.5")
 TOL = dict(atol=1e-5, rtol=1e-5)  # the fixtures' float tolerance (README §5)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: compiled FlexAttention not run")
-
-
-def layout(n_channels, n_seconds, length):
-    "input_time / input_mask of one time-major sample of C·A real tokens padded to `length`."
-    n = n_channels * n_seconds
-    time = torch.zeros(length, dtype=torch.long)
-    time[:n] = torch.arange(n) // n_channels
-    return time, torch.arange(length) < n
 
 
 def random_batch(g, B=3, max_channels=7, max_seconds=6, max_pad=9):
@@ -111,15 +103,7 @@ def test_cpu_flex_backward_where_supported():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    tokenizer = VQTokenizer(NeuroLMConfig.tiny().tokenizer).eval()
-    model = NeuroLM.from_parts(tokenizer, GPT(GPTConfig.tiny(n_embd=48, n_head=2, vocab_size=512, block_size=256)),
-                               seed=0).eval()
-    (t1, r1), (t2, r2) = layout(5, 3, 24), layout(3, 6, 24)
-    time, real = torch.stack([t1, t2]), torch.stack([r1, r2])
-    chans = torch.where(real, torch.arange(24) % 7, torch.full_like(time, 136))
-    batch = {"X": torch.randn(2, 24, 200) * real[..., None], "input_chans": chans, "input_time": time, "input_mask": real}
-    return model, batch
+    return tiny_neurolm()[1:]
 
 
 def run_with(model, impl, fn):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import layout, tiny_neurolm  # tests/ is on sys.path under pytest
 from neurolm_nb.gpt import GPT, GPTConfig
 from neurolm_nb.model import (IGNORE_INDEX, NEUROLM_VOCAB, NeuroLM, NeuroLMConfig, VocabLayout, encoder_blocks,
                               encoder_input, grow_mask_like_original, lm_fixture_state_dict, load_neurolm,
@@ -15,14 +16,6 @@ from neurolm_nb.model import (IGNORE_INDEX, NEUROLM_VOCAB, NeuroLM, NeuroLMConfi
 from neurolm_nb.vq import VQTokenizer
 
 torch.set_num_threads(1)
-
-
-def layout(n_channels, n_seconds, length):
-    "input_time / input_mask of one time-major sample of C·A real tokens padded to `length`."
-    n = n_channels * n_seconds
-    time = torch.zeros(length, dtype=torch.long)
-    time[:n] = torch.arange(n) // n_channels
-    return time, torch.arange(length) < n
 
 
 def official_recipe(C, A, L, n_text=0):
@@ -114,15 +107,7 @@ def test_text_positions_batch_and_sample():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    tokenizer = VQTokenizer(NeuroLMConfig.tiny().tokenizer).eval()
-    model = NeuroLM.from_parts(tokenizer, GPT(GPTConfig.tiny(n_embd=48, n_head=2, vocab_size=512, block_size=256)),
-                               seed=0).eval()
-    (t1, r1), (t2, r2) = layout(5, 3, 24), layout(3, 6, 24)
-    time, real = torch.stack([t1, t2]), torch.stack([r1, r2])
-    chans = torch.where(real, torch.arange(24) % 7, torch.full_like(time, 136))
-    batch = {"X": torch.randn(2, 24, 200) * real[..., None], "input_chans": chans, "input_time": time, "input_mask": real}
-    return tokenizer, model, batch
+    return tiny_neurolm()
 
 
 def test_from_parts_enlarges_and_unties(tiny):
