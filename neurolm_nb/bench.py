@@ -23,7 +23,7 @@ import torch
 from .alignment import TextAlignedVQ
 from .core import autocast_context, get_dtype, seed_everything
 from .gpt import ATTN_IMPLS, GPTConfig
-from .model import NeuroLM, NeuroLMConfig, VocabLayout, next_second_targets
+from .neurolm import NeuroLM, NeuroLMConfig, VocabLayout, next_second_targets
 from .targets import neurolm_targets
 from .vq import VQConfig, VQTokenizer
 

@@ -268,7 +268,7 @@ def load_official_state_dict(model: VQTokenizer, state_dict: Mapping[str, torch.
                 value = value.to(torch.float32 if target.is_meta else target.dtype)
             ours[key] = value
     model.load_state_dict(ours, strict=not problems, assign=on_meta)
-    return model
+    return neurolm
 
 
 def to_official_state_dict(model: VQTokenizer, flavour: str) -> dict[str, torch.Tensor]:
@@ -482,9 +482,9 @@ _MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"
 
 
 def _lm_module():
-    "neurolm_nb.model, imported on first use (it imports this module lazily as well: no import cycle)."
-    from neurolm_nb import model
-    return model
+    "neurolm_nb.neurolm, imported on first use (it imports this module lazily as well: no import cycle)."
+    from neurolm_nb import neurolm
+    return neurolm
 
 
 def neurolm_model_args(config) -> dict:
@@ -505,7 +505,7 @@ def _check_model_args(model_args: Mapping, model, skip: tuple[str, ...] = ()) ->
 # %% ../nbs/40_official_weights.ipynb #c072
 def load_official_neurolm(source: str | Path | Mapping, model=None, strict: bool = True, n_head: int | None = None,
                           trusted: bool = False, **config_overrides):
-    """A `neurolm_nb.model.NeuroLM` holding an official NeuroLM-B/L/XL checkpoint (stage 2 or 3).
+    """A `neurolm_nb.neurolm.NeuroLM` holding an official NeuroLM-B/L/XL checkpoint (stage 2 or 3).
 
     `source`: a train_pretrain.py / train_instruction.py file or dict ({model, model_args, ...}) or a bare
     state dict; `_orig_mod.` is removed. Every key and shape is checked (`strict=False`: warn, load the rest).

@@ -23,7 +23,7 @@ from .datasets import WindowDataset
 from .instructions import (EEG_MAX_LEN, InstructionDataset, InstructionTask, collate_instructions,
                                      find_task_datasets, get_task, greedy_answers, load_text_tokenizer,
                                      score_options)
-from .model import NeuroLM
+from .neurolm import NeuroLM
 from .training import (cleanup_distributed, die_with_torchrun_agent, gather_objects, is_main_process, move_to_device,
                                  setup_distributed, world_info)
 
@@ -342,7 +342,7 @@ class EvalSetup:
 
 def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
     "(model, text tokenizer spec, checkpoint path) of `setup`: a checkpoint file or a save_pretrained folder."
-    from neurolm_nb.instruct import load_start_model
+    from neurolm_nb.instruction_tuning import load_start_model
     path = Path(setup.checkpoint) if setup.checkpoint else (Path(setup.run_root) / INSTRUCTED if setup.run_root else None)
     if path is None or not path.exists():
         raise FileNotFoundError(f"no instruction-tuned model to evaluate: {path or 'checkpoint=None and run_root=None'} "
@@ -353,7 +353,7 @@ def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
 
 def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
     "Predictions of every task (on every rank); rank 0 writes predictions/<task>.npz and eval_info.json."
-    from neurolm_nb.instruct import spread_indices
+    from neurolm_nb.instruction_tuning import spread_indices
     setup_distributed()
     datasets_root = setup.datasets_root or (str(Path(setup.run_root) / "datasets") if setup.run_root else None)
     if datasets_root is None:

@@ -233,7 +233,7 @@ def datasets_table(ctx: FigureContext) -> Made:
 # %% ../nbs/90_paper_figures.ipynb #c027
 def stair_mask_example(n_channels: int = 3, n_seconds: int = 3, n_pad: int = 2, n_text: int = 3):
     "(mask [S, S] bool, token labels) of a toy time-major sequence, from `model.stair_mask`."
-    from neurolm_nb.model import stair_mask
+    from neurolm_nb.neurolm import stair_mask
     L = n_channels * n_seconds + n_pad
     input_time = torch.tensor([t for t in range(n_seconds) for _ in range(n_channels)] + [0] * n_pad)
     input_mask = torch.tensor([True] * (n_channels * n_seconds) + [False] * n_pad)

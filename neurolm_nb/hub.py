@@ -62,7 +62,7 @@ def hub_families() -> dict[str, Family]:
     "Every class `save_pretrained` writes, by class name."
     from neurolm_nb.gpt import GPT, GPTConfig
     from neurolm_nb.labram import LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent
-    from neurolm_nb.model import NeuroLM, NeuroLMConfig
+    from neurolm_nb.neurolm import NeuroLM, NeuroLMConfig
     from neurolm_nb.vq import VQConfig, VQTokenizer
     plain = lambda m: (m.config.to_dict(), {})
     families = [

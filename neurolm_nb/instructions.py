@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import WindowDataset
-from .model import IGNORE_INDEX, NEUROLM_VOCAB, VocabLayout
+from .neurolm import IGNORE_INDEX, NEUROLM_VOCAB, VocabLayout
 from .patching import PatchingError, neurolm_sample
 
 # %% auto #0

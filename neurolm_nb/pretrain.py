@@ -26,7 +26,7 @@ from .core import save_json, seed_everything
 from .datasets import WindowDataset
 from .gpt import ATTN_IMPLS, GPT, GPTConfig
 from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, save_pretrained
-from .model import IGNORE_INDEX, NeuroLM, NeuroLMOutput, next_second_targets, save_neurolm
+from .neurolm import IGNORE_INDEX, NeuroLM, NeuroLMOutput, next_second_targets, save_neurolm
 from .patching import MAX_SECONDS, NeuroLMCollate
 from .training import (TrainConfig, TrainResult, add_train_args, cleanup_distributed, config_from_args,
                                  die_with_torchrun_agent, is_main_process, move_to_device, setup_distributed, train,

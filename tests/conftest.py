@@ -106,7 +106,7 @@ def tiny_neurolm():
     "(tokenizer, model, batch): a seeded tiny NeuroLM in eval mode and a padded two-sample batch (5×3 and 3×6 tokens)."
     import torch
     from neurolm_nb.gpt import GPT, GPTConfig
-    from neurolm_nb.model import NeuroLM, NeuroLMConfig
+    from neurolm_nb.neurolm import NeuroLM, NeuroLMConfig
     from neurolm_nb.vq import VQTokenizer
     torch.manual_seed(0)
     tokenizer = VQTokenizer(NeuroLMConfig.tiny().tokenizer).eval()

@@ -15,7 +15,7 @@ from neurolm_nb.convert import (
 )
 from neurolm_nb.core import load_json, save_checkpoint
 from neurolm_nb.gpt import GPTConfig
-from neurolm_nb.model import NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_neurolm, save_neurolm
+from neurolm_nb.neurolm import NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_neurolm, save_neurolm
 from neurolm_nb.vq import VQConfig, VQTokenizer, load_tokenizer, save_tokenizer
 
 torch.set_num_threads(1)

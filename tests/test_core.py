@@ -14,7 +14,7 @@ import torch
 
 from neurolm_nb.core import (PARENT_PID_ENV, UnsafeCheckpointError, fresh_dir, load_checkpoint, rng_state,
                              save_checkpoint, seed_everything, set_rng_state)
-from neurolm_nb.model import load_neurolm
+from neurolm_nb.neurolm import load_neurolm
 from neurolm_nb.vq import load_tokenizer
 
 

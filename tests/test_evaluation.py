@@ -14,9 +14,9 @@ from neurolm_nb.datasets import WindowDataset, build_dataset, samples_dir_for
 from neurolm_nb.evaluation import (BINARY_METRICS, MULTICLASS_METRICS, PAPER_RESULTS, EvalSetup, band_power_features,
                                    bandpower_baseline, confusion, corrected_metrics, greedy_metrics, load_predictions,
                                    original_metrics, results_table, run_evaluation, task_metric_names, task_metrics)
-from neurolm_nb.instruct import tiny_neurolm
+from neurolm_nb.instruction_tuning import tiny_neurolm
 from neurolm_nb.instructions import TASK_NAMES
-from neurolm_nb.model import save_neurolm
+from neurolm_nb.neurolm import save_neurolm
 from neurolm_nb.training import launch_torchrun
 
 

@@ -1,4 +1,4 @@
-"""NeuroLM's stair mask as a FlexAttention block mask (neurolm_nb.model.stair_mask_mod / stair_block_mask):
+"""NeuroLM's stair mask as a FlexAttention block mask (neurolm_nb.neurolm.stair_mask_mod / stair_block_mask):
 the rule equals `stair_mask` exactly, and FlexAttention with it equals SDPA with the dense mask — attention
 alone, the NeuroLM model, generation and the official fixture batches. On a CPU FlexAttention is eager and
 forward-only (torch 2.13); forward + backward of the compiled kernel are compared on CUDA (`-m gpu`)."""
@@ -9,7 +9,7 @@ import torch
 
 from conftest import layout, load_official, tiny_neurolm
 from neurolm_nb.gpt import GPT, GPTConfig, attention, lm_loss
-from neurolm_nb.model import (NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_official_neurolm_lm,
+from neurolm_nb.neurolm import (NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_official_neurolm_lm,
                               stair_block_mask, stair_mask, stair_mask_mod)
 from neurolm_nb.vq import VQTokenizer
 

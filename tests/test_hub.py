@@ -14,7 +14,7 @@ from neurolm_nb.hub import (CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, DownloadNotAll
                             PretrainedFolderError, assert_same_weights, describe_datasets, flat_metrics,
                             from_pretrained, read_card, save_pretrained, shared_tensors)
 from neurolm_nb.labram import LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent
-from neurolm_nb.model import NeuroLM, NeuroLMConfig
+from neurolm_nb.neurolm import NeuroLM, NeuroLMConfig
 from neurolm_nb.vq import VQConfig, VQTokenizer
 
 

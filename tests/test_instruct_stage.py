@@ -1,6 +1,6 @@
-"""Tests of `neurolm_nb.instruct` (nbs/31_instruction_tuning.ipynb): the starting model and its tokenizer, the stage-3
+"""Tests of `neurolm_nb.instruction_tuning` (nbs/31_instruction_tuning.ipynb): the starting model and its tokenizer, the stage-3
 loss (answer tokens reach back to every real EEG token and to nothing padded), the launch file, a short run in this
-process from a stage-2 checkpoint, and `python -m neurolm_nb.instruct` under torchrun (2 gloo processes) giving the
+process from a stage-2 checkpoint, and `python -m neurolm_nb.instruction_tuning` under torchrun (2 gloo processes) giving the
 weights of one process on the same global batch."""
 import dataclasses
 import json
@@ -10,12 +10,12 @@ import torch
 
 from neurolm_nb.core import load_checkpoint
 from neurolm_nb.datasets import build_dataset, samples_dir_for
-from neurolm_nb.instruct import (PRETRAINED, InstructLoss, InstructModel, InstructSetup, checkpoint_text_tokenizer,
+from neurolm_nb.instruction_tuning import (PRETRAINED, InstructLoss, InstructModel, InstructSetup, checkpoint_text_tokenizer,
                                  read_launch_config, resolve_start_model, run_instruct, spread_indices, tiny_neurolm,
                                  write_launch_config)
 from neurolm_nb.instructions import (InstructionDataset, MixedInstructions, collate_instructions, find_task_datasets,
                                      load_text_tokenizer, longest_text)
-from neurolm_nb.model import IGNORE_INDEX, load_neurolm, save_neurolm
+from neurolm_nb.neurolm import IGNORE_INDEX, load_neurolm, save_neurolm
 from neurolm_nb.training import TrainConfig, launch_torchrun, read_metrics
 
 
@@ -164,7 +164,7 @@ def test_torchrun_two_processes_match_one(run_root, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_instruct(InstructSetup(**base, text_batch=2), cfg(one, batch_size=4))
     launch = write_launch_config(InstructSetup(**base, text_batch=1), cfg(two, batch_size=2), tmp_path / "two.json")
-    proc = launch_torchrun(2, ["neurolm_nb.instruct", "--config", str(launch)], timeout_s=240)
+    proc = launch_torchrun(2, ["neurolm_nb.instruction_tuning", "--config", str(launch)], timeout_s=240)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
     a, b = (load_checkpoint(p / "neurolm.pt")["model"] for p in (one, two))
     worst = max((a[k] - b[k]).abs().max().item() for k in a)

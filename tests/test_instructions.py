@@ -15,7 +15,7 @@ from neurolm_nb.instructions import (EEG_MAX_LEN, INSTRUCTION_TASKS, TASK_NAMES,
                                      collate_instructions, decode_answers, find_task_datasets, get_task,
                                      greedy_answers, instruction_sample, load_text_tokenizer, longest_text,
                                      option_continuations, parse_answer, score_options)
-from neurolm_nb.model import IGNORE_INDEX, NeuroLM, stair_mask
+from neurolm_nb.neurolm import IGNORE_INDEX, NeuroLM, stair_mask
 from neurolm_nb.testing import check_parity
 
 CHANNELS = {"TUAB": TUH_CHANNELS, "TUEV": TUH_CHANNELS, "SEED": SEED_CHANNELS, "HMC": HMC_CHANNELS,
@@ -34,7 +34,7 @@ def seq(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from neurolm_nb.instruct import tiny_neurolm
+    from neurolm_nb.instruction_tuning import tiny_neurolm
     return tiny_neurolm(0).eval(), load_text_tokenizer("tiny")
 
 
@@ -154,7 +154,7 @@ def test_parse_answer_rules():
 
 def test_official_instruction_batch_loss_and_generation(fixtures_dir):
     from safetensors.torch import load_file
-    from neurolm_nb.model import lm_fixture_state_dict, load_official_neurolm_lm
+    from neurolm_nb.neurolm import lm_fixture_state_dict, load_official_neurolm_lm
     lm_fx = load_file(fixtures_dir / "neurolm_lm_tiny.safetensors")
     vq_fx = load_file(fixtures_dir / "neurolm_vq_tiny.safetensors")
     stub = StubTokenizer()

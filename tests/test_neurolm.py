@@ -1,4 +1,4 @@
-"Tests of neurolm_nb.model: stair mask, next-second targets, positions, the NeuroLM model, generation, official parity."
+"Tests of neurolm_nb.neurolm: stair mask, next-second targets, positions, the NeuroLM model, generation, official parity."
 import json
 from dataclasses import replace
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import layout, tiny_neurolm  # tests/ is on sys.path under pytest
 from neurolm_nb.gpt import GPT, GPTConfig
-from neurolm_nb.model import (IGNORE_INDEX, NEUROLM_VOCAB, NeuroLM, NeuroLMConfig, VocabLayout, encoder_blocks,
+from neurolm_nb.neurolm import (IGNORE_INDEX, NEUROLM_VOCAB, NeuroLM, NeuroLMConfig, VocabLayout, encoder_blocks,
                               encoder_input, grow_mask_like_original, lm_fixture_state_dict, load_neurolm,
                               load_official_neurolm_lm, next_second_targets, pretraining_targets, sample_next_token,
                               sampling_generator, save_neurolm, stair_mask, text_position_ids,

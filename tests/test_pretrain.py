@@ -13,7 +13,7 @@ import torch
 
 from neurolm_nb.core import latest_checkpoint, load_checkpoint
 from neurolm_nb.datasets import build_dataset, samples_dir_for
-from neurolm_nb.model import load_neurolm
+from neurolm_nb.neurolm import load_neurolm
 from neurolm_nb.patching import NeuroLMCollate
 from neurolm_nb.pretrain import (STAGE1_TOKENIZER, CodeHead, EEGCrops, PretrainLoss, PretrainSetup, TextStream,
                                  build_gpt, build_pretrain_model, crop_seconds, evaluate_pretraining,
@@ -212,7 +212,7 @@ def test_two_processes_match_one_and_the_entry_point_runs(tmp_path, datasets_roo
     assert info["world_size"] == 2 and info["train_crops"] == 16
     # export_pretrained: the same weights in hub format, with a card naming the stage, its data and metrics
     from neurolm_nb.hub import CARD_NAME, from_pretrained, read_card
-    from neurolm_nb.model import NeuroLM
+    from neurolm_nb.neurolm import NeuroLM
     exported = from_pretrained(tmp_path / "hub", expect=NeuroLM)
     assert all(torch.equal(v, sd[k]) for k, v in exported.state_dict().items()) and list(exported.state_dict()) == list(sd)
     facts = read_card(tmp_path / "hub")

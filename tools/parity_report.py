@@ -25,7 +25,7 @@ def measure() -> dict:
                                     neurolm_fixture_outputs, neurolm_lm_fixture_outputs)
     from neurolm_nb.labram import (compare_labram_base, labram_base_fixture_checkpoint, labram_base_fixture_outputs,
                                    load_official_labram_classifier, load_official_labram_mem)
-    from neurolm_nb.model import lm_fixture_state_dict, load_official_neurolm_lm
+    from neurolm_nb.neurolm import lm_fixture_state_dict, load_official_neurolm_lm
     from neurolm_nb.targets import labram_targets, neurolm_targets
     from neurolm_nb.testing import max_abs_diff
     out = {}

@@ -22,7 +22,7 @@ from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, re
 from .instructions import (EEG_MAX_LEN, TASK_NAMES, InstructionDataset, MixedInstructions,
                                      collate_instructions, find_task_datasets, get_task, load_text_tokenizer,
                                      longest_text, score_options)
-from .model import NeuroLM, load_neurolm, save_neurolm
+from .neurolm import NeuroLM, load_neurolm, save_neurolm
 from .training import (TrainConfig, TrainResult, cleanup_distributed, die_with_torchrun_agent, is_main_process,
                                  move_to_device, setup_distributed, train, unwrap_model, world_info)
 
@@ -289,7 +289,7 @@ def run_instruct(setup: InstructSetup, cfg: TrainConfig, callbacks: Sequence[Cal
 
 
 def write_launch_config(setup: InstructSetup, cfg: TrainConfig, path: str | Path) -> Path:
-    "Both dataclasses as JSON, for `python -m neurolm_nb.instruct --config <path>`."
+    "Both dataclasses as JSON, for `python -m neurolm_nb.instruction_tuning --config <path>`."
     return save_json({"setup": asdict(setup), "train": asdict(cfg)}, path)
 
 
@@ -304,9 +304,9 @@ def read_launch_config(path: str | Path) -> tuple[InstructSetup, TrainConfig]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    "`python -m neurolm_nb.instruct --config launch.json`: stage 3, alone or under torchrun."
+    "`python -m neurolm_nb.instruction_tuning --config launch.json`: stage 3, alone or under torchrun."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent
-    parser = argparse.ArgumentParser(prog="python -m neurolm_nb.instruct",
+    parser = argparse.ArgumentParser(prog="python -m neurolm_nb.instruction_tuning",
                                      description="NeuroLM stage 3: multi-task instruction tuning (alone or under torchrun).")
     parser.add_argument("--config", required=True, help="JSON with 'setup' (InstructSetup) and 'train' (TrainConfig)")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
@@ -322,5 +322,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".instruct"):
-    sys.exit(main())  # only under `python -m neurolm_nb.instruct` (not when a notebook kernel runs this cell)
+if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".instruction_tuning"):
+    sys.exit(main())  # only under `python -m neurolm_nb.instruction_tuning` (not when a notebook kernel runs this cell)
