@@ -5,7 +5,9 @@
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +28,7 @@ __all__ = ['PARENT_PID_ENV', 'seed_everything', 'rng_state', 'set_rng_state', 'g
            'get_dtype', 'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'fresh_dir', 'atomic_write',
            'atomic_write_bytes', 'save_checkpoint', 'UnsafeCheckpointError', 'load_checkpoint', 'latest_checkpoint',
            'die_with_parent', 'in_notebook', 'save_fig', 'to_jsonable', 'save_json', 'load_json', 'load_yaml',
-           'save_yaml', 'merge_config']
+           'save_yaml', 'merge_config', 'ConfigMixin', 'write_launch_config', 'read_launch_config', 'launch_parser']
 
 # %% ../nbs/00_core.ipynb #c006
 def seed_everything(seed: int) -> None:
@@ -365,3 +367,43 @@ def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _p
         else:
             out[k] = v
     return out
+
+# %% ../nbs/00_core.ipynb #c047
+class ConfigMixin:
+    "`to_dict` / `from_dict` for a config dataclass; `from_dict` refuses unknown keys, naming them."
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise KeyError(f"{cls.__name__} has no fields {unknown}")
+        return cls(**d)
+
+# %% ../nbs/00_core.ipynb #c050
+def write_launch_config(path: str | Path, **parts) -> Path:
+    "Write config dataclasses as one launch file: `{name: fields}` for `python -m neurolm_nb.<stage> --config`."
+    return save_json({name: dataclasses.asdict(part) for name, part in parts.items()}, path)
+
+
+def read_launch_config(path: str | Path, **classes) -> tuple:
+    "The dataclasses of a launch file, one per `name=Class`, in that order; missing or unknown keys raise, naming them."
+    data = load_json(path)
+    if not isinstance(data, dict) or set(data) != set(classes):
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise KeyError(f"{path}: a launch file holds exactly {sorted(classes)}, found {found}")
+    out = []
+    for name, cls in classes.items():
+        unknown = sorted(set(data[name]) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise KeyError(f"{path}: {name} has unknown keys {unknown}")
+        out.append(cls(**data[name]))
+    return tuple(out)
+
+
+def launch_parser(module: str, description: str) -> argparse.ArgumentParser:
+    "The command line every multi-process stage shares: `python -m <module> --config launch.json`."
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    parser.add_argument("--config", required=True, help="the launch file (write_launch_config) holding the stage's configs")
+    return parser

@@ -5,11 +5,10 @@
 # %% ../nbs/31_instruction_tuning.ipynb #c003
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .core import load_checkpoint, load_json, save_json, seed_everything
+from .core import (in_notebook, launch_parser, load_checkpoint, load_json, read_launch_config, save_json,
+                             seed_everything, write_launch_config)
 from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, read_card, save_pretrained
 from .instructions import (EEG_MAX_LEN, TASK_NAMES, InstructionDataset, MixedInstructions,
                                      collate_instructions, find_task_datasets, get_task, load_text_tokenizer,
@@ -29,8 +29,7 @@ from .training import (TrainConfig, TrainResult, cleanup_distributed, die_with_t
 # %% auto #0
 __all__ = ['PRETRAINED', 'checkpoint_text_tokenizer', 'tiny_neurolm', 'resolve_start_model', 'load_start_model', 'InstructModel',
            'InstructLoss', 'spread_indices', 'evaluate_instructions', 'instruct_card', 'InstructSetup',
-           'PreparedInstruct', 'prepare_instruct', 'report_validation', 'run_instruct', 'write_launch_config',
-           'read_launch_config', 'main']
+           'PreparedInstruct', 'prepare_instruct', 'report_validation', 'run_instruct', 'main']
 
 # %% ../nbs/31_instruction_tuning.ipynb #c008
 PRETRAINED = Path("pretrain") / "neurolm.pt"  # relative to run_root; written by 22_pretrain
@@ -288,29 +287,13 @@ def run_instruct(setup: InstructSetup, cfg: TrainConfig, callbacks: Sequence[Cal
     return result
 
 
-def write_launch_config(setup: InstructSetup, cfg: TrainConfig, path: str | Path) -> Path:
-    "Both dataclasses as JSON, for `python -m neurolm_nb.instruction_tuning --config <path>`."
-    return save_json({"setup": asdict(setup), "train": asdict(cfg)}, path)
-
-
-def read_launch_config(path: str | Path) -> tuple[InstructSetup, TrainConfig]:
-    "The (setup, train config) of a launch file (unknown keys raise an error naming them)."
-    data = load_json(path)
-    for key, cls in (("setup", InstructSetup), ("train", TrainConfig)):
-        unknown = sorted(set(data.get(key, {})) - {f.name for f in fields(cls)})
-        if unknown:
-            raise KeyError(f"{path}: {key} has unknown keys {unknown}")
-    return InstructSetup(**data["setup"]), TrainConfig(**data["train"])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.instruction_tuning --config launch.json`: stage 3, alone or under torchrun."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent
-    parser = argparse.ArgumentParser(prog="python -m neurolm_nb.instruction_tuning",
-                                     description="NeuroLM stage 3: multi-task instruction tuning (alone or under torchrun).")
-    parser.add_argument("--config", required=True, help="JSON with 'setup' (InstructSetup) and 'train' (TrainConfig)")
+    parser = launch_parser("neurolm_nb.instruction_tuning", "NeuroLM stage 3: multi-task instruction tuning "
+                           "(alone or under torchrun). The launch file holds 'setup' (InstructSetup) and 'train' (TrainConfig).")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    setup, cfg = read_launch_config(args.config)
+    setup, cfg = read_launch_config(args.config, setup=InstructSetup, train=TrainConfig)
     try:
         result = run_instruct(setup, cfg)
         if is_main_process():
@@ -322,5 +305,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".instruction_tuning"):
-    sys.exit(main())  # only under `python -m neurolm_nb.instruction_tuning` (not when a notebook kernel runs this cell)
+if __name__ == "__main__" and not in_notebook():
+    sys.exit(main())

@@ -5,7 +5,6 @@
 # %% ../nbs/22_pretrain.ipynb #c003
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -22,13 +21,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .alignment import TINY_GPT2_DIR, TextWindows, load_corpus_ids, load_text_source, text_samples_dir
-from .core import save_json, seed_everything
+from .core import in_notebook, launch_parser, read_launch_config, save_json, seed_everything, write_launch_config
 from .datasets import WindowDataset
 from .gpt import ATTN_IMPLS, GPT, GPTConfig
 from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, save_pretrained
 from .neurolm import IGNORE_INDEX, NeuroLM, NeuroLMOutput, next_second_targets, save_neurolm
 from .patching import MAX_SECONDS, NeuroLMCollate
-from .training import (TrainConfig, TrainResult, add_train_args, cleanup_distributed, config_from_args,
+from .training import (TrainConfig, TrainResult, cleanup_distributed,
                                  die_with_torchrun_agent, is_main_process, move_to_device, setup_distributed, train,
                                  unwrap_model, world_info)
 from .vq import VQConfig, VQTokenizer, l2norm, load_tokenizer
@@ -38,7 +37,7 @@ __all__ = ['STAGE1_TOKENIZER', 'KMEANS_CROPS', 'crop_seconds', 'EEGCrops', 'find
            'random_tokenizer', 'init_codebook', 'resolve_tokenizer', 'stage1_tokenizer', 'CodeHead', 'build_gpt',
            'PretrainModel', 'PretrainLoss', 'build_pretrain_model', 'evaluate_pretraining', 'PretrainSetup',
            'PreparedPretraining', 'prepare_pretraining', 'report_evaluations', 'run_pretraining', 'pretrain_card',
-           'pretrain_parser', 'setup_from_args', 'pretrain_argv', 'main']
+           'main']
 
 # %% ../nbs/22_pretrain.ipynb #c008
 def crop_seconds(n_channels: int, n_seconds: int, max_tokens: int, max_seconds: int = MAX_SECONDS) -> int:
@@ -477,69 +476,13 @@ def pretrain_card(setup: PretrainSetup, info: Mapping, history: Sequence[Mapping
         usage={"text_tokenizer": info.get("text_tokenizer_spec") or setup.text_tokenizer or setup.gpt})
 
 # %% ../nbs/22_pretrain.ipynb #c035
-_SETUP_FLAGS = {"run_root": str, "datasets_root": str, "tokenizer": str, "gpt": str, "text_data": str,
-                "text_tokenizer": str, "max_tokens": int, "text_batch": int, "text_block": int, "attn_impl": str,
-                "val_batches": int, "val_text_windows": int, "export_pretrained": str}
-
-
-def pretrain_parser() -> argparse.ArgumentParser:
-    "The command line of `python -m neurolm_nb.pretrain`: PretrainSetup flags + TrainConfig flags."
-    parser = argparse.ArgumentParser(prog="python -m neurolm_nb.pretrain",
-                                     description="NeuroLM stage 2: multi-channel autoregressive pretraining "
-                                                 "(alone, or under torchrun for DDP).")
-    g = parser.add_argument_group("stage 2 (PretrainSetup)")
-    for name, typ in _SETUP_FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=f"PretrainSetup.{name}")
-    g.add_argument("--eeg-datasets", nargs="+", default=None, help="dataset names or paths ('auto': pretrain, else all)")
-    g.add_argument("--causal-encoder", action="store_true", default=None, help="ablation: causal frozen encoder")
-    return add_train_args(parser)
-
-
-def setup_from_args(args: argparse.Namespace, **defaults) -> PretrainSetup:
-    "A PretrainSetup from parsed flags; flags not given fall back to `defaults`, then to PretrainSetup's."
-    names = [f.name for f in dataclasses.fields(PretrainSetup)]
-    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    return PretrainSetup(**{**defaults, **given})
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def pretrain_argv(setup: PretrainSetup, cfg: TrainConfig) -> list[str]:
-    "Flags for `python -m neurolm_nb.pretrain` that rebuild exactly `setup` and `cfg`."
-    argv = []
-    for name in _SETUP_FLAGS:
-        value = getattr(setup, name)
-        if value is not None:
-            argv += [_flag(name), str(value)]
-    eeg = setup.eeg_datasets
-    argv += ["--eeg-datasets", *([eeg] if isinstance(eeg, (str, Path)) else [str(e) for e in eeg])]
-    if setup.causal_encoder:
-        argv.append("--causal-encoder")
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if f.name in ("shuffle", "resume", "progress"):
-            argv += [] if value else [f"--no-{f.name}"]
-        elif f.name in ("compile", "find_unused_parameters"):
-            argv += [_flag(f.name)] if value else []
-        elif f.name == "betas":
-            argv += ["--betas", *(repr(float(b)) for b in value)]
-        elif f.name == "no_decay":
-            argv += ["--no-decay", *value] if value else []
-        elif f.name == "keep_last":
-            argv += ["--keep-last", str(value or 0)]
-        elif value is not None:
-            argv += [_flag(f.name), repr(value) if isinstance(value, float) else str(value)]
-    return argv
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    "`python -m neurolm_nb.pretrain [flags]`: stage 2, alone or under torchrun."
+    "`python -m neurolm_nb.pretrain --config launch.json`: stage 2, alone or under torchrun."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent
-    args = pretrain_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    setup = setup_from_args(args)
-    cfg = config_from_args(args, progress=sys.stderr.isatty())
+    parser = launch_parser("neurolm_nb.pretrain", "NeuroLM stage 2: multi-channel autoregressive pretraining (alone, "
+                           "or under torchrun for DDP). The launch file holds 'setup' (PretrainSetup) and 'train' (TrainConfig).")
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    setup, cfg = read_launch_config(args.config, setup=PretrainSetup, train=TrainConfig)
     try:
         result = run_pretraining(setup, cfg)
         if is_main_process():
@@ -553,5 +496,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".pretrain"):
-    sys.exit(main())  # only under `python -m neurolm_nb.pretrain` (not when a notebook kernel runs this cell)
+if __name__ == "__main__" and not in_notebook():
+    sys.exit(main())

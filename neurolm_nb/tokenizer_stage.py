@@ -5,7 +5,6 @@
 # %% ../nbs/12_train_tokenizer.ipynb #c003
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -22,7 +21,8 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from .alignment import (AlignmentLoss, CodeUsageMonitor, TextAlignedVQ, TextSource, TextWindows,
                                   attach_text_embedding, load_corpus_ids, load_text_source)
-from .core import atomic_write_bytes, latest_checkpoint, load_json, save_json, seed_everything
+from .core import (atomic_write_bytes, in_notebook, latest_checkpoint, launch_parser, read_launch_config,
+                             save_json, seed_everything, write_launch_config)
 from .datasets import INDEX_FILE, WindowDataset, build_dataset, samples_dir_for
 from .hub import ModelCard, describe_datasets, flat_metrics, save_pretrained
 from .patching import NeuroLMCollate, PATCH_SIZE, max_seconds_for
@@ -380,14 +380,14 @@ def plot_domain_accuracy(history: list[dict]):
 
 # %% ../nbs/12_train_tokenizer.ipynb #c035
 def main(argv: Sequence[str] | None = None) -> int:
-    "`python -m neurolm_nb.tokenizer_stage RUN.json`: train the tokenizer of a saved `TokenizerRun` (alone or under torchrun)."
+    "`python -m neurolm_nb.tokenizer_stage --config launch.json`: stage 1 of a `TokenizerRun` (alone or under torchrun)."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent
-    parser = argparse.ArgumentParser(prog="python -m neurolm_nb.tokenizer_stage",
-                                     description="Stage 1 of NeuroLM: train the text-aligned VQ tokenizer")
-    parser.add_argument("run", help="a JSON file holding a TokenizerRun (TokenizerRun.to_dict())")
-    args = parser.parse_args(None if argv is None else list(argv))
+    parser = launch_parser("neurolm_nb.tokenizer_stage", "Stage 1 of NeuroLM: train the text-aligned VQ tokenizer. "
+                           "The launch file holds 'run' (TokenizerRun).")
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    (run,) = read_launch_config(args.config, run=TokenizerRun)
     try:
-        result = train_tokenizer(load_json(args.run))
+        result = train_tokenizer(run)
         if is_main_process():
             print(json.dumps({"step": result.history[-1]["step"] if result.history else 0,
                               "tokenizer": str(result.tokenizer_path), "seconds": round(result.seconds, 1)}), flush=True)
@@ -396,5 +396,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules:
+if __name__ == "__main__" and not in_notebook():
     sys.exit(main())

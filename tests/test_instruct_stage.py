@@ -11,8 +11,8 @@ import torch
 from neurolm_nb.core import load_checkpoint
 from neurolm_nb.datasets import build_dataset, samples_dir_for
 from neurolm_nb.instruction_tuning import (PRETRAINED, InstructLoss, InstructModel, InstructSetup, checkpoint_text_tokenizer,
-                                 read_launch_config, resolve_start_model, run_instruct, spread_indices, tiny_neurolm,
-                                 write_launch_config)
+                                 resolve_start_model, run_instruct, spread_indices, tiny_neurolm)
+from neurolm_nb.core import read_launch_config, write_launch_config
 from neurolm_nb.instructions import (InstructionDataset, MixedInstructions, collate_instructions, find_task_datasets,
                                      load_text_tokenizer, longest_text)
 from neurolm_nb.neurolm import IGNORE_INDEX, load_neurolm, save_neurolm
@@ -122,13 +122,13 @@ def test_answer_loss_reaches_every_real_eeg_token_and_no_padding(run_root):
 def test_launch_config_round_trip(tmp_path):
     setup = InstructSetup(run_root="/r", tasks=["workload", "tusl"], text_max_len=None, balanced_sampling=True)
     config = cfg(tmp_path, no_decay=("*.bias",))
-    path = write_launch_config(setup, config, tmp_path / "launch.json")
-    assert read_launch_config(path) == (setup, config)
+    path = write_launch_config(tmp_path / "launch.json", setup=setup, train=config)
+    assert read_launch_config(path, setup=InstructSetup, train=TrainConfig) == (setup, config)
     data = json.loads(path.read_text())
     data["setup"]["text_max_lenn"] = 3
     path.write_text(json.dumps(data))
     with pytest.raises(KeyError, match="text_max_lenn"):
-        read_launch_config(path)
+        read_launch_config(path, setup=InstructSetup, train=TrainConfig)
 
 
 def test_short_run_from_a_stage2_checkpoint(run_root, tmp_path):
@@ -163,7 +163,7 @@ def test_torchrun_two_processes_match_one(run_root, tmp_path):
     base = dict(run_root=str(run_root), tasks=["workload"], text_max_len=None, text_block=16, val_samples=4)
     one, two = tmp_path / "one", tmp_path / "two"
     run_instruct(InstructSetup(**base, text_batch=2), cfg(one, batch_size=4))
-    launch = write_launch_config(InstructSetup(**base, text_batch=1), cfg(two, batch_size=2), tmp_path / "two.json")
+    launch = write_launch_config(tmp_path / "two.json", setup=InstructSetup(**base, text_batch=1), train=cfg(two, batch_size=2))
     proc = launch_torchrun(2, ["neurolm_nb.instruction_tuning", "--config", str(launch)], timeout_s=240)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
     a, b = (load_checkpoint(p / "neurolm.pt")["model"] for p in (one, two))

@@ -1,5 +1,5 @@
 """Tests of `neurolm_nb.pretrain` (nbs/22_pretrain.ipynb): crops, text windows, codes, the stage-2 loss, the
-command line, and — with real processes — `python -m neurolm_nb.pretrain` alone and under torchrun (2 processes,
+launch file, and — with real processes — `python -m neurolm_nb.pretrain` alone and under torchrun (2 processes,
 gloo) giving the same weights as one process on the same global batch."""
 import copy
 import dataclasses
@@ -7,19 +7,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from neurolm_nb.core import latest_checkpoint, load_checkpoint
+from neurolm_nb.core import latest_checkpoint, load_checkpoint, read_launch_config, write_launch_config
 from neurolm_nb.datasets import build_dataset, samples_dir_for
 from neurolm_nb.neurolm import load_neurolm
 from neurolm_nb.patching import NeuroLMCollate
 from neurolm_nb.pretrain import (STAGE1_TOKENIZER, CodeHead, EEGCrops, PretrainLoss, PretrainSetup, TextStream,
                                  build_gpt, build_pretrain_model, crop_seconds, evaluate_pretraining,
-                                 find_eeg_datasets, pretrain_argv, pretrain_parser, random_tokenizer,
-                                 resolve_tokenizer, setup_from_args, stage1_tokenizer)
-from neurolm_nb.training import TrainConfig, config_from_args, launch_torchrun, read_metrics
+                                 find_eeg_datasets, random_tokenizer, resolve_tokenizer, stage1_tokenizer)
+from neurolm_nb.training import TrainConfig, launch_torchrun, read_metrics
 from neurolm_nb.vq import save_tokenizer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -153,15 +153,19 @@ def test_stage2_loss_falls_on_a_tiny_overfit(crops, tiny_parts):
     assert abs(val["eeg_perplexity"] - torch.tensor(val["eeg_loss"]).exp().item()) < 1e-3
 
 
-def test_command_line_round_trip(datasets_root):
+def test_launch_file_round_trip(datasets_root, tmp_path):
     setup = PretrainSetup(datasets_root=str(datasets_root), max_tokens=64, text_batch=1, text_block=32,
                           eeg_datasets=["pretrain"], causal_encoder=True, val_batches=0, export_pretrained="/tmp/hub")
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=3, betas=(0.9, 0.95), grad_clip=1.0,
                       batch_size=4, out_dir="/tmp/somewhere", progress=False, keep_last=3, no_decay=("*.bias",),
                       dist_timeout_s=90.0)
-    args = pretrain_parser().parse_args(pretrain_argv(setup, cfg))
-    assert setup_from_args(args) == setup
-    assert config_from_args(args) == cfg
+    launch = write_launch_config(tmp_path / "launch.json", setup=setup, train=cfg)
+    assert read_launch_config(launch, setup=PretrainSetup, train=TrainConfig) == (setup, cfg)
+    data = json.loads(launch.read_text())
+    data["train"]["lrr"] = 1.0
+    launch.write_text(json.dumps(data))
+    with pytest.raises(KeyError, match="lrr"):
+        read_launch_config(launch, setup=PretrainSetup, train=TrainConfig)
     with pytest.raises(ValueError, match="attn_impl"):
         PretrainSetup(attn_impl="fast")
 
@@ -173,7 +177,8 @@ def _flags(datasets_root, tokenizer_path, out_dir, batch_size, text_batch, expor
     cfg = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=4, weight_decay=0.1, betas=(0.9, 0.95),
                       grad_clip=1.0, batch_size=batch_size, seed=0, out_dir=str(out_dir), eval_every=4,
                       device="cpu", progress=False)
-    return pretrain_argv(setup, cfg)
+    launch = write_launch_config(Path(out_dir).parent / f"{Path(out_dir).name}_launch.json", setup=setup, train=cfg)
+    return ["--config", str(launch)]
 
 
 def test_two_processes_match_one_and_the_entry_point_runs(tmp_path, datasets_root, tiny_parts):

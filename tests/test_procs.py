@@ -131,9 +131,9 @@ def test_a_stopped_rank_is_named_and_the_run_killed(tmp_path, mark):
     wait_until(lambda: marked(mark) == [], 10, "every process of the run to be gone")
 
 
-@pytest.mark.parametrize("module,args", [("neurolm_nb.training", ["--demo"]), ("neurolm_nb.pretrain", []),
+@pytest.mark.parametrize("module,args", [("neurolm_nb.training", ["--demo"]), ("neurolm_nb.pretrain", ["--config", "x.json"]),
                                          ("neurolm_nb.instruction_tuning", ["--config", "x.json"]),
-                                         ("neurolm_nb.tokenizer_stage", ["x.json"])])
+                                         ("neurolm_nb.tokenizer_stage", ["--config", "x.json"])])
 def test_a_worker_whose_agent_is_already_gone_exits_at_once(module, args, mark):
     "As if the agent died between starting the worker and the worker arming PR_SET_PDEATHSIG."
     done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,

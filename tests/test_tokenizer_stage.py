@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurolm_nb.core import save_json
+from neurolm_nb.core import write_launch_config
 from neurolm_nb.tokenizer_stage import (
     CropToTokens, TokenizerRun, build_sample_datasets, build_vq, eeg_training_set, find_datasets, load_run_text,
     read_code_usage, train_tokenizer,
@@ -128,8 +128,8 @@ def test_run_settings_are_checked():
 def test_two_processes_under_torchrun(sample_roots, tmp_path):
     run = tiny_run(tmp_path / "out", sample_roots, steps=4)
     run.usage_every = 2
-    run_file = save_json(run.to_dict(), tmp_path / "run.json")
-    done = launch_torchrun(2, ["neurolm_nb.tokenizer_stage", run_file], timeout_s=300)
+    launch = write_launch_config(tmp_path / "launch.json", run=run)
+    done = launch_torchrun(2, ["neurolm_nb.tokenizer_stage", "--config", launch], timeout_s=300)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["step"] == 4
     rows = read_metrics(tmp_path / "out" / "train" / "metrics.jsonl")
