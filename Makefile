@@ -20,7 +20,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # The install is redone only when the packaging files change (their checksum names the stamp).
 STAMP := $(VENV)/.installed-$(shell cat settings.ini setup.py pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: help venv install demo test lab export clean check samples book book-test
+.PHONY: help venv install demo test lab export clean check samples book book-test test-interop
 
 help:
 	@echo "make demo     run the '$(PROFILE)' pipeline with papermill into runs/$(PROFILE)/"
@@ -34,6 +34,7 @@ help:
 	@echo "make book     render the executed notebooks of runs/$(PROFILE) (BOOK_RUN=runs/<profile>) into _book/html"
 	@echo "              (installs the book extra on first use; runs the non-stage notebooks once, cached; BOOK_EXECUTE= to skip)"
 	@echo "make book-test  build the book and open every page in headless Chromium (installs chromium + playwright)"
+	@echo "make test-interop  our LaBraM vs the real braindecode Labram, in .venv-interop (torch 2.9.1 + torchaudio; ~7 GB)"
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: '$(PYTHON)' not found; install Python >= 3.10 or run make PYTHON=/path/to/python3.x" >&2; exit 1; }
@@ -144,3 +145,26 @@ book-test: $(VENV)/.book-test-installed book
 	  else echo "warning: no /usr/bin/chromium (install it, or set BOOK_CHROMIUM=/path/to/chrome); the browser test will skip" >&2; fi; \
 	fi
 	BOOK_SITE=_book/html BOOK_TEST_STRICT=1 $(PY) -m pytest tests/test_book.py -s $(PYTEST_ARGS)
+
+# braindecode interop against the real package. braindecode imports torchaudio, and no torchaudio on the registry
+# loads beside the torch of .venv, so this runs in its own venv with torch 2.9.1 + torchaudio 2.9 (a CUDA build on
+# x86_64, about 7 GB), reused while the packaging files and the pins stay the same (their checksum names the stamp).
+# NEUROLM_REQUIRE_BRAINDECODE=1 turns the tests' "braindecode is not usable" skip into a failure.
+INTEROP_VENV ?= .venv-interop
+INTEROP_TORCH ?= torch==2.9.1
+INTEROP_TORCHAUDIO ?= torchaudio==2.9.*
+INTEROP_PY := $(INTEROP_VENV)/bin/python
+INTEROP_PIP := $(INTEROP_PY) -m pip --disable-pip-version-check
+INTEROP_STAMP := $(INTEROP_VENV)/.installed-$(shell { cat settings.ini setup.py pyproject.toml; echo '$(INTEROP_TORCH) $(INTEROP_TORCHAUDIO)'; } 2>/dev/null | cksum | cut -d' ' -f1)
+
+$(INTEROP_STAMP):
+	@[ -x $(INTEROP_PY) ] || { echo "creating $(INTEROP_VENV) with $$($(PYTHON) -V 2>&1)"; $(PYTHON) -m venv $(INTEROP_VENV); }
+	$(INTEROP_PIP) install "$(INTEROP_TORCH)" "$(INTEROP_TORCHAUDIO)"
+	@$(INTEROP_PY) -c 'from importlib.metadata import version as v; print("torch==" + v("torch")); print("torchaudio==" + v("torchaudio"))' > $(INTEROP_VENV)/torch-constraint.txt
+	$(INTEROP_PIP) install -e ".[interop]" "pytest>=7" -c $(INTEROP_VENV)/torch-constraint.txt
+	@rm -f $(INTEROP_VENV)/.installed-*
+	@touch $@
+
+test-interop: $(INTEROP_STAMP)
+	@$(INTEROP_PY) -c 'from importlib.metadata import version as v; print(" ".join(p + " " + v(p) for p in ("torch", "torchaudio", "braindecode")))'
+	NEUROLM_REQUIRE_BRAINDECODE=1 $(INTEROP_PY) -m pytest tests/test_interop.py -p no:cacheprovider -rs -s $(PYTEST_ARGS)

@@ -1,5 +1,11 @@
 """braindecode interop (neurolm_nb.interop): the state-dict mappings are inverses (no braindecode needed), and with
-the real braindecode package (optional extra 'interop') our LaBraM and braindecode's Labram give equal outputs."""
+the real braindecode package (optional extra 'interop') our LaBraM and braindecode's Labram give equal outputs.
+
+`make test-interop` runs this file in .venv-interop (torch 2.9.1 + torchaudio + braindecode) with
+NEUROLM_REQUIRE_BRAINDECODE=1, which turns the "braindecode is not usable" skip into a failure; at the end of the
+module it prints one `interop max |diff|` line per comparison (the largest output difference measured)."""
+import os
+
 import pytest
 import torch
 
@@ -15,6 +21,8 @@ CHANS = torch.as_tensor(labram_channel_indices(NAMES))
 X = torch.randn(2, len(NAMES), 4, 200, generator=torch.Generator().manual_seed(0))
 FLAT = X.reshape(2, len(NAMES), -1)
 TOL = 1e-5
+REQUIRE = os.environ.get("NEUROLM_REQUIRE_BRAINDECODE", "") not in ("", "0")
+MEASURED: dict[str, float] = {}  # comparison -> largest |difference| measured (printed at the end of the module)
 
 
 @pytest.fixture(autouse=True)
@@ -22,18 +30,34 @@ def _threads(one_thread):
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _report_differences():
+    yield
+    if MEASURED:
+        import braindecode
+        print(f"\ninterop max |diff| (torch {torch.__version__}, braindecode {braindecode.__version__}):")
+        for what, d in MEASURED.items():
+            print(f"  interop max |diff| {what}: {d:.2e}")
+
+
 @pytest.fixture(scope="module")
 def bd_order():
     "braindecode's canonical channel order; skips (naming the reason) when braindecode cannot be imported."
     reason = braindecode_unavailable()
     if reason is not None:
+        if REQUIRE:  # make test-interop: a missing braindecode is a failure, not a skip
+            pytest.fail(f"NEUROLM_REQUIRE_BRAINDECODE is set but braindecode is not usable: {reason}")
         pytest.skip(f"braindecode is not usable here: {reason}")
     from braindecode.models.labram import LABRAM_CHANNEL_ORDER
     return list(LABRAM_CHANNEL_ORDER)
 
 
-def _diff(a, b):
-    return (a.detach() - b.detach()).abs().max().item()
+def _diff(a, b, what=None):
+    "max |a - b|; `what` names the comparison in the end-of-module report (the largest value per name is kept)."
+    d = (a.detach() - b.detach()).abs().max().item()
+    if what is not None:
+        MEASURED[what] = max(d, MEASURED.get(what, 0.0))
+    return d
 
 
 # ---------------------------------------------------------------- the mappings (no braindecode needed)
@@ -88,7 +112,7 @@ def test_classifier_outputs_agree_both_ways(bd_order, use_cls):
     assert not bd.training and [c["ch_name"] for c in bd.chs_info] == CANON
     theirs = bd(FLAT, ch_names=CANON)
     assert theirs.shape == (2, 3) and theirs.abs().max() > 1e-2  # outputs that could differ visibly
-    assert _diff(model(X, CHANS), theirs) < TOL
+    assert _diff(model(X, CHANS), theirs, f"tiny classifier ({'cls' if use_cls else 'mean'}): ours vs braindecode") < TOL
     back = from_braindecode(bd, n_time_embeddings=16)
     assert type(back) is LaBraMClassifier and back.use_cls == use_cls
     for k, v in model.state_dict().items():
@@ -96,7 +120,7 @@ def test_classifier_outputs_agree_both_ways(bd_order, use_cls):
             assert torch.equal(back.time_embed[:, :5], v[:, :5])
         else:
             assert torch.equal(back.state_dict()[k], v), k
-    assert _diff(back(X, CHANS), theirs) < TOL
+    assert _diff(back(X, CHANS), theirs, f"tiny classifier ({'cls' if use_cls else 'mean'}): back from braindecode vs braindecode") < TOL
 
 
 def test_braindecode_initialised_model_comes_over(bd_order):
@@ -106,7 +130,7 @@ def test_braindecode_initialised_model_comes_over(bd_order):
                     use_mean_pooling=True, init_scale=1.0).eval()
     ours = from_braindecode(native)
     assert ours.config.dim == 100 and ours.config.depth == 2 and ours.n_classes == 4
-    assert _diff(ours(X, CHANS), native(FLAT, ch_names=CANON)) < TOL
+    assert _diff(ours(X, CHANS), native(FLAT, ch_names=CANON), "braindecode-initialised Labram: ours vs braindecode") < TOL
     again = to_braindecode(ours, 4, NAMES)
     for k, v in native.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
@@ -118,9 +142,9 @@ def test_student_and_the_cls_quirk(bd_order):
     plain = to_braindecode(student, 4, NAMES)(FLAT, ch_names=CANON, return_all_tokens=True)
     quirk = to_braindecode(student, 4, NAMES, mem_cls_quirk=True)(FLAT, ch_names=CANON, return_all_tokens=True)
     assert _diff(logits, plain) > 1e-3  # braindecode adds row 0 to CLS ...
-    assert _diff(logits, quirk) < TOL   # ... unless the first channel's row is written there
+    assert _diff(logits, quirk, "MEM student (mem_cls_quirk): ours vs braindecode") < TOL  # ... unless the first channel's row is written there
     student.cls_position = "cls_row"
-    assert _diff(student.lm_head(student(X, CHANS)), plain) < TOL
+    assert _diff(student.lm_head(student(X, CHANS)), plain, "MEM student (cls_row): ours vs braindecode") < TOL
     with pytest.raises(ValueError, match="needs ch_names"):
         to_braindecode(student, 4, mem_cls_quirk=True)
     back = from_braindecode(to_braindecode(student, 4, NAMES), kind="student")
@@ -132,7 +156,8 @@ def test_mem_model_uses_its_mem_head(bd_order):
     mem.student.cls_position = "cls_row"
     bd = to_braindecode(mem, 4, NAMES)
     assert torch.equal(bd.final_layer.weight, mem.lm_head.weight)
-    assert _diff(mem.lm_head(mem.student(X, CHANS)), bd(FLAT, ch_names=CANON, return_all_tokens=True)) < TOL
+    assert _diff(mem.lm_head(mem.student(X, CHANS)), bd(FLAT, ch_names=CANON, return_all_tokens=True),
+                 "LaBraMForMEM: ours vs braindecode") < TOL
 
 
 def test_what_braindecode_cannot_express_is_refused(bd_order):
@@ -160,5 +185,5 @@ def test_labram_base_matches_the_official_outputs(bd_order, fixtures_dir):
     bd.final_layer.register_forward_hook(lambda module, inputs, output: pooled.update(x=inputs[0]))
     with torch.no_grad():
         logits = bd(t["input.x"].reshape(2, len(names), -1), ch_names=names)
-    assert _diff(pooled["x"], t["output.finetune.pooled_features"]) < TOL
-    assert _diff(logits, t["output.finetune.logits"]) < 1e-7
+    assert _diff(pooled["x"], t["output.finetune.pooled_features"], "LaBraM-Base pooled features: braindecode vs official") < TOL
+    assert _diff(logits, t["output.finetune.logits"], "LaBraM-Base logits: braindecode vs official") < 1e-7
