@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import atomic_write_bytes, load_json, project_root, save_json
+from .core import atomic_write_bytes, in_notebook, load_json, project_root, publish_folder, save_json
 from .gpt import GPT, GPTConfig, hf_to_gpt_state_dict
 from .targets import neurolm_targets
 from .vq import (CodebookStats, VQOutput, VQTokenizer, domain_classifier, gradient_reversal,
@@ -240,18 +240,7 @@ The weights are random: aligning EEG with them exercises the machinery only. For
 point `text_model` at a GPT-2 folder (or a hub name with `allow_download=True`).
 """
 
-
-def _publish_folder(staging: Path, target: Path) -> None:
-    "Swap `staging` in for `target` (the old one is removed only after the swap)."
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-# %% ../nbs/11_alignment.ipynb #c041
+# %% ../nbs/11_alignment.ipynb #c039
 def make_text_samples(root: str | Path = "data_samples/text", seed: int = 0, n_documents: int = 250,
                       vocab_size: int = 512, n_embd: int = 64, n_layer: int = 2, n_head: int = 2,
                       n_positions: int = 1024) -> list[Path]:
@@ -270,7 +259,7 @@ def make_text_samples(root: str | Path = "data_samples/text", seed: int = 0, n_d
         for p in staging.rglob("*"):  # mkstemp's private modes -> ordinary ones
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         os.chmod(staging, 0o755)
-        _publish_folder(staging, root)
+        publish_folder(staging, root)  # core: built beside, swapped in with two renames
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -282,7 +271,7 @@ def text_samples_dir(samples_root: str | Path | None = None) -> Path:
     root = Path(samples_root) if samples_root is not None else project_root() / "data_samples"
     return (root / "text").resolve()
 
-# %% ../nbs/11_alignment.ipynb #c044
+# %% ../nbs/11_alignment.ipynb #c042
 @dataclass
 class TextSource:
     "A text tokenizer and the frozen token-embedding rows its ids index."
@@ -310,7 +299,7 @@ class TextSource:
         return (f"TextSource({self.name!r}: {self.vocab_size} x {self.dim} embeddings, eos={self.eos_id}"
                 + (f"; {self.note}" if self.note else "") + ")")
 
-# %% ../nbs/11_alignment.ipynb #c048
+# %% ../nbs/11_alignment.ipynb #c046
 def read_text_embedding(folder: str | Path) -> torch.Tensor:
     "GPT-2's `wte` [vocab, dim] (float32) from a Hugging Face checkpoint folder, reading only that tensor when possible."
     folder = Path(folder)
@@ -344,7 +333,7 @@ def read_text_tokenizer(folder: str | Path):
         return tok
     raise FileNotFoundError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: no text tokenizer to load")
 
-# %% ../nbs/11_alignment.ipynb #c051
+# %% ../nbs/11_alignment.ipynb #c049
 def _hub_folder(name: str, allow_download: bool) -> Path:
     "A local folder with config, weights and tokenizer files of hub model `name` (cache only unless allowed)."
     from neurolm_nb.gpt import _resolve_checkpoint
@@ -364,7 +353,7 @@ def stand_in_embedding(vocab_size: int, dim: int, seed: int = 0) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     return torch.randn(vocab_size, dim, generator=g) * 0.02
 
-# %% ../nbs/11_alignment.ipynb #c054
+# %% ../nbs/11_alignment.ipynb #c052
 def load_text_source(text_model: str | Path = "auto", dim: int | None = None, allow_download: bool = False,
                      samples_root: str | Path | None = None, seed: int = 0) -> TextSource:
     "Text tokenizer + frozen `[vocab, dim]` embeddings from 'tiny' (offline samples), 'auto', a GPT-2 folder or a hub name."
@@ -406,7 +395,7 @@ def load_text_source(text_model: str | Path = "auto", dim: int | None = None, al
         eos = load_json(cfg_file).get("eos_token_id")
     return TextSource(name, tokenizer, embedding.contiguous(), eos, note)
 
-# %% ../nbs/11_alignment.ipynb #c057
+# %% ../nbs/11_alignment.ipynb #c055
 def read_corpus_documents(corpus: str | Path | None = None, allow_download: bool = False,
                           max_documents: int | None = None, samples_root: str | Path | None = None) -> list[str]:
     "Documents of a text corpus: None (the shipped sample), a .txt file, a folder of .txt, or a HF datasets name."
@@ -446,7 +435,7 @@ def read_corpus_documents(corpus: str | Path | None = None, allow_download: bool
         raise ValueError(f"text corpus {corpus if corpus is not None else path} holds no text")
     return docs
 
-# %% ../nbs/11_alignment.ipynb #c061
+# %% ../nbs/11_alignment.ipynb #c059
 def load_corpus_ids(source: TextSource, corpus: str | Path | None = None, allow_download: bool = False,
                     max_documents: int | None = None, samples_root: str | Path | None = None) -> np.ndarray:
     "One stream of token ids: documents tokenised by `source` and joined by end-of-text (or a nanoGPT .bin, memory-mapped)."
@@ -464,7 +453,7 @@ def load_corpus_ids(source: TextSource, corpus: str | Path | None = None, allow_
     dtype = np.uint16 if source.vocab_size <= 65536 else np.int32
     return ids.astype(dtype)
 
-# %% ../nbs/11_alignment.ipynb #c064
+# %% ../nbs/11_alignment.ipynb #c062
 class TextWindows:
     "Batches [B, T] of consecutive token ids at random offsets; batch (index, rank, micro) depends only on them and the seed."
 
@@ -487,7 +476,7 @@ class TextWindows:
     def __repr__(self) -> str:
         return f"TextWindows({len(self.ids)} tokens, {self.batch_size} x {self.block_size}, seed={self.seed})"
 
-# %% ../nbs/11_alignment.ipynb #c070
+# %% ../nbs/11_alignment.ipynb #c068
 def attach_text_embedding(model: VQTokenizer, source: TextSource) -> VQTokenizer:
     "Copy `source.embedding` into the tokenizer's frozen `text_embedding` (shapes must match)."
     table = getattr(model, "text_embedding", None)
@@ -502,7 +491,7 @@ def attach_text_embedding(model: VQTokenizer, source: TextSource) -> VQTokenizer
     table.weight.requires_grad_(False)
     return model
 
-# %% ../nbs/11_alignment.ipynb #c073
+# %% ../nbs/11_alignment.ipynb #c071
 @dataclass
 class AlignedOutput:
     vq: VQOutput                      # the EEG forward (codes, reconstructions, EEG domain logits, ...)
@@ -525,7 +514,7 @@ class TextAlignedVQ(nn.Module):
             text_logits, losses["domain_text"] = self.vq.text_domain(text_ids)
         return AlignedOutput(out, text_logits, losses, sum(losses.values()))
 
-# %% ../nbs/11_alignment.ipynb #c076
+# %% ../nbs/11_alignment.ipynb #c074
 def code_batch_stats(codes: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     "Perplexity and number of distinct codes among the real tokens of one batch."
     flat = codes[mask.bool()] if mask is not None else codes.reshape(-1)
@@ -535,7 +524,7 @@ def code_batch_stats(codes: torch.Tensor, mask: torch.Tensor | None = None) -> d
     p = counts[counts > 0] / counts.sum()
     return {"batch_perplexity": torch.exp(-(p * p.log()).sum()), "batch_codes": (counts > 0).sum().double()}
 
-# %% ../nbs/11_alignment.ipynb #c079
+# %% ../nbs/11_alignment.ipynb #c077
 class CodeUsageMonitor:
     "Callback: counts real-token codes between calls; every `every` updates records usage summed over ranks."
     def __init__(self, n_codes: int, every: int = 10, path: str | Path | None = None):
@@ -562,7 +551,7 @@ class CodeUsageMonitor:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
-# %% ../nbs/11_alignment.ipynb #c082
+# %% ../nbs/11_alignment.ipynb #c080
 class AlignmentLoss:
     "`loss_fn(model, batch, state)` of stage 1: NeuroLM targets, α schedule, text windows; returns (loss, terms)."
     def __init__(self, text_windows: TextWindows | None, code_usage: CodeUsageMonitor | None = None,
@@ -594,7 +583,7 @@ class AlignmentLoss:
             self.code_usage.update(out.vq.codes, mask)
         return out.loss, terms
 
-# %% ../nbs/11_alignment.ipynb #c088
+# %% ../nbs/11_alignment.ipynb #c086
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.alignment make-text-samples [root]`: write the offline text samples."
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.alignment", description="NeuroLM text alignment helpers")
@@ -608,5 +597,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules:
+if __name__ == "__main__" and not in_notebook():
     sys.exit(main())

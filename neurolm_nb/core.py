@@ -15,8 +15,10 @@ import pickle
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,9 +28,10 @@ import torch
 # %% auto #0
 __all__ = ['PARENT_PID_ENV', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'bf16_supported', 'describe_device',
            'get_dtype', 'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'fresh_dir', 'atomic_write',
-           'atomic_write_bytes', 'save_checkpoint', 'UnsafeCheckpointError', 'load_checkpoint', 'latest_checkpoint',
-           'die_with_parent', 'in_notebook', 'save_fig', 'to_jsonable', 'save_json', 'load_json', 'load_yaml',
-           'save_yaml', 'merge_config', 'ConfigMixin', 'write_launch_config', 'read_launch_config', 'launch_parser']
+           'atomic_write_bytes', 'save_checkpoint', 'publish_folder', 'UnsafeCheckpointError', 'load_checkpoint',
+           'latest_checkpoint', 'die_with_parent', 'in_notebook', 'save_fig', 'to_jsonable', 'save_json', 'load_json',
+           'load_yaml', 'save_yaml', 'merge_config', 'ConfigMixin', 'write_launch_config', 'read_launch_config',
+           'launch_parser']
 
 # %% ../nbs/00_core.ipynb #c006
 def seed_everything(seed: int) -> None:
@@ -207,6 +210,19 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 
 # %% ../nbs/00_core.ipynb #c026
+def publish_folder(staging: str | Path, target: str | Path) -> Path:
+    "Swap the finished folder `staging` in for `target` (same parent): two renames; the old one is removed afterwards."
+    staging, target = Path(staging), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+# %% ../nbs/00_core.ipynb #c029
 class UnsafeCheckpointError(RuntimeError):
     "A checkpoint that holds more than tensors and plain values: loading it could run code."
 
@@ -240,7 +256,7 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
 
-# %% ../nbs/00_core.ipynb #c031
+# %% ../nbs/00_core.ipynb #c034
 PARENT_PID_ENV = "NEUROLM_PARENT_PID"  # a launcher sets it to its own pid for the children it starts
 _PR_SET_PDEATHSIG = 1                   # from <linux/prctl.h>
 
@@ -263,7 +279,7 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
         os._exit(1)
     return armed
 
-# %% ../nbs/00_core.ipynb #c035
+# %% ../nbs/00_core.ipynb #c038
 def in_notebook() -> bool:
     "True inside a Jupyter kernel (JupyterLab, papermill), False in scripts and torchrun workers."
     try:
@@ -295,7 +311,7 @@ def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: in
     plt.close(fig)                                                # shown once, not again at cell end
     return out
 
-# %% ../nbs/00_core.ipynb #c038
+# %% ../nbs/00_core.ipynb #c041
 def to_jsonable(obj: Any) -> Any:
     "Convert paths, tensors, NumPy values and tuples to plain JSON types."
     if isinstance(obj, dict):
@@ -331,7 +347,7 @@ def load_json(path: str | Path) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-# %% ../nbs/00_core.ipynb #c041
+# %% ../nbs/00_core.ipynb #c044
 def load_yaml(path: str | Path) -> dict:
     "Read a YAML file into a dict (an empty file gives {})."
     import yaml
@@ -352,7 +368,7 @@ def save_yaml(obj: dict, path: str | Path) -> Path:
     import yaml
     return atomic_write_bytes(path, yaml.safe_dump(to_jsonable(obj), sort_keys=False).encode("utf-8"))
 
-# %% ../nbs/00_core.ipynb #c044
+# %% ../nbs/00_core.ipynb #c047
 def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _path: str = "") -> dict:
     "Recursively overlay `overrides` on `defaults`; with `strict`, unknown keys raise an error naming them."
     out = dict(defaults)
@@ -368,7 +384,7 @@ def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _p
             out[k] = v
     return out
 
-# %% ../nbs/00_core.ipynb #c047
+# %% ../nbs/00_core.ipynb #c050
 class ConfigMixin:
     "`to_dict` / `from_dict` for a config dataclass; `from_dict` refuses unknown keys, naming them."
     def to_dict(self) -> dict:
@@ -381,7 +397,7 @@ class ConfigMixin:
             raise KeyError(f"{cls.__name__} has no fields {unknown}")
         return cls(**d)
 
-# %% ../nbs/00_core.ipynb #c050
+# %% ../nbs/00_core.ipynb #c053
 def write_launch_config(path: str | Path, **parts) -> Path:
     "Write config dataclasses as one launch file: `{name: fields}` for `python -m neurolm_nb.<stage> --config`."
     return save_json({name: dataclasses.asdict(part) for name, part in parts.items()}, path)

@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from .alignment import (AlignmentLoss, CodeUsageMonitor, TextAlignedVQ, TextSource, TextWindows,
                                   attach_text_embedding, load_corpus_ids, load_text_source)
-from .core import (atomic_write_bytes, in_notebook, latest_checkpoint, launch_parser, read_launch_config,
+from .core import (ConfigMixin, atomic_write_bytes, in_notebook, latest_checkpoint, launch_parser, read_launch_config,
                              save_json, seed_everything, write_launch_config)
 from .datasets import INDEX_FILE, WindowDataset, build_dataset, samples_dir_for
 from .hub import ModelCard, describe_datasets, flat_metrics, save_pretrained
@@ -96,7 +96,7 @@ def eeg_training_set(roots: Sequence[str | Path], splits: Sequence[str] = ("trai
 
 # %% ../nbs/12_train_tokenizer.ipynb #c009
 @dataclass
-class TokenizerRun:
+class TokenizerRun(ConfigMixin):
     "Every setting of stage 1 as JSON values (what config.json records and torchrun processes read)."
     out_dir: str
     dataset_roots: list = field(default_factory=list)  # folders of built datasets (index.json + shards)
@@ -137,12 +137,6 @@ class TokenizerRun:
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{**self.train, "out_dir": str(Path(self.out_dir) / "train"), "seed": self.seed})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerRun":
-        return cls(**d)
 
 
 def load_run_text(run: TokenizerRun) -> tuple[TextSource, np.ndarray]:

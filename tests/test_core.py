@@ -109,3 +109,33 @@ def test_a_child_whose_parent_is_already_gone_exits_at_once():
     ok = subprocess.run([sys.executable, "-c", code], env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
                         capture_output=True, text=True, timeout=120)
     assert (ok.returncode, ok.stdout) == (0, "alive\n"), ok.stderr
+
+
+def test_publish_folder_swaps_in_the_new_folder_and_leaves_nothing_behind(tmp_path):
+    from neurolm_nb.core import publish_folder
+    target = tmp_path / "built"
+    for text in ("old", "new"):
+        staging = tmp_path / f".built.building-{text}"
+        staging.mkdir()
+        (staging / "x.txt").write_text(text)
+        assert publish_folder(staging, target) == target
+        assert not staging.exists()
+    assert (target / "x.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # the parked old copy is gone
+
+
+def test_launch_files_refuse_missing_parts_and_unknown_keys(tmp_path):
+    from dataclasses import dataclass
+    from neurolm_nb.core import read_launch_config, write_launch_config
+
+    @dataclass
+    class A:
+        x: int = 1
+
+    path = write_launch_config(tmp_path / "l.json", setup=A(2), train=A())
+    assert read_launch_config(path, setup=A, train=A) == (A(2), A())
+    with pytest.raises(KeyError, match=r"holds exactly \['setup'\], found \['setup', 'train'\]"):
+        read_launch_config(path, setup=A)
+    path.write_text('{"setup": {"x": 1, "y": 2}, "train": {}}')
+    with pytest.raises(KeyError, match=r"setup has unknown keys \['y'\]"):
+        read_launch_config(path, setup=A, train=A)
