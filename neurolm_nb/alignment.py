@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -20,9 +21,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from fastcore.basics import patch
 
-from .core import atomic_write_bytes, in_notebook, load_json, project_root, publish_folder, save_json
+from .core import atomic_write_bytes, in_notebook, load_json, project_root, publish_folder, save_fig, save_json
 from .gpt import GPT, GPTConfig, hf_to_gpt_state_dict
 from .targets import neurolm_targets
 from .vq import (CodebookStats, VQOutput, VQTokenizer, domain_classifier, gradient_reversal,
@@ -35,8 +38,9 @@ __all__ = ['EOT', 'TINY_GPT2_DIR', 'CORPUS_FILE', 'domain_accuracy', 'domain_adv
            'gpt_to_hf_state_dict', 'hf_gpt2_config', 'tiny_gpt2', 'save_hf_gpt2', 'make_text_samples',
            'text_samples_dir', 'TextSource', 'read_text_embedding', 'read_text_tokenizer', 'stand_in_embedding',
            'load_text_source', 'read_corpus_documents', 'load_corpus_ids', 'TextWindows', 'attach_text_embedding',
-           'AlignedOutput', 'TextAlignedVQ', 'code_batch_stats', 'CodeUsageMonitor', 'AlignmentLoss', 'main',
-           'gradient_reversal', 'reversal_alpha', 'domain_classifier']
+           'AlignedOutput', 'TextAlignedVQ', 'code_batch_stats', 'CodebookCollapse', 'restart_dead_codes_',
+           'CodeUsageMonitor', 'plot_usage_history', 'AlignmentLoss', 'main', 'gradient_reversal', 'reversal_alpha',
+           'domain_classifier']
 
 # %% ../nbs/11_alignment.ipynb #c011
 def domain_accuracy(logits: torch.Tensor, label: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -525,33 +529,99 @@ def code_batch_stats(codes: torch.Tensor, mask: torch.Tensor | None = None) -> d
     return {"batch_perplexity": torch.exp(-(p * p.log()).sum()), "batch_codes": (counts > 0).sum().double()}
 
 # %% ../nbs/11_alignment.ipynb #c077
-class CodeUsageMonitor:
-    "Callback: counts real-token codes between calls; every `every` updates records usage summed over ranks."
-    def __init__(self, n_codes: int, every: int = 10, path: str | Path | None = None):
-        self.n_codes, self.every = int(n_codes), max(1, int(every))
-        self.path = Path(path) if path is not None else None
-        self.interval, self.total = CodebookStats(n_codes), CodebookStats(n_codes)
-        self.history: list[dict] = []
+class CodebookCollapse(RuntimeError):
+    "Training stopped because the codebook collapsed; the message names the update, the usage and the figure."
 
-    def update(self, codes: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        self.interval.update(codes.detach(), None if mask is None else mask.detach())
 
-    def __call__(self, state) -> None:
-        if state.step % self.every and state.step != state.max_steps:
-            return
-        stats = CodebookStats(self.n_codes)
-        stats.counts = self.interval.counts.clone()
-        stats.all_reduce()  # every rank calls callbacks, so the collective is matched
-        self.total.counts += stats.counts
-        row = {"step": int(state.step), **stats.summary()}
-        self.history.append(row)
-        self.interval.reset()
-        if self.path is not None and state.rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+@torch.no_grad()
+def restart_dead_codes_(quantizer: nn.Module, dead: torch.Tensor, vectors: torch.Tensor,
+                        generator: torch.Generator | None = None) -> int:
+    "Move each dead code (`dead` bool [n_codes]) onto a random row of `vectors` [m, dim]; rank 0 picks, all ranks get it."
+    n = int(dead.sum())
+    if n and len(vectors) and (not dist.is_initialized() or dist.get_rank() == 0):
+        pick = torch.randint(len(vectors), (n,), generator=generator)
+        rows = F.normalize(vectors[pick].to(quantizer.codebook), dim=-1)
+        quantizer.codebook[dead.to(quantizer.codebook.device)] = rows
+    if dist.is_initialized():
+        dist.broadcast(quantizer.codebook, 0)
+    return n if len(vectors) else 0
 
 # %% ../nbs/11_alignment.ipynb #c080
+class CodeUsageMonitor:
+    "Callback: counts real-token codes between calls; every `every` updates records usage summed over ranks and acts on a collapse."
+    def __init__(self, n_codes: int, every: int = 10, path: str | Path | None = None, quantizer: nn.Module | None = None,
+                 on_collapse: str = "stop", min_used_codes: int = 2, seed: int = 0):
+        if on_collapse not in ("stop", "restart", "warn"):
+            raise ValueError(f"on_collapse={on_collapse!r} must be 'stop', 'restart' or 'warn'")
+        if on_collapse == "restart" and quantizer is None:
+            raise ValueError("on_collapse='restart' needs the quantizer whose dead codes it restarts")
+        self.n_codes, self.every = int(n_codes), max(1, int(every))
+        self.path = Path(path) if path is not None else None
+        self.quantizer, self.on_collapse, self.min_used_codes = quantizer, on_collapse, int(min_used_codes)
+        self.interval, self.total = CodebookStats(n_codes), CodebookStats(n_codes)
+        self.history: list[dict] = []
+        self.vectors: torch.Tensor | None = None  # the last batch's real-token quantizer inputs (for restarts)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def update(self, codes: torch.Tensor, mask: torch.Tensor | None = None, vectors: torch.Tensor | None = None) -> None:
+        self.interval.update(codes.detach(), None if mask is None else mask.detach())
+        if vectors is not None and self.on_collapse == "restart":
+            v = vectors.detach()
+            self.vectors = (v[mask.bool()] if mask is not None else v.reshape(-1, v.shape[-1])).float().cpu()
+
+# %% ../nbs/11_alignment.ipynb #c082
+@patch
+def __call__(self: CodeUsageMonitor, state) -> None:
+    if state.step % self.every and state.step != state.max_steps:
+        return
+    stats = CodebookStats(self.n_codes)
+    stats.counts = self.interval.counts.clone()
+    stats.all_reduce()  # every rank calls callbacks, so the collective is matched
+    self.total.counts += stats.counts
+    row = {"step": int(state.step), **stats.summary()}
+    collapsed = stats.total > 0 and row["used_codes"] < self.min_used_codes
+    if collapsed and self.on_collapse == "restart":
+        row["restarted_codes"] = restart_dead_codes_(self.quantizer, stats.counts == 0, self.vectors
+                                                     if self.vectors is not None else torch.empty(0), self.generator)
+    self.history.append(row)
+    self.interval.reset()
+    if self.path is not None and state.rank == 0:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    if collapsed:
+        self._collapsed(row, state)
+
+# %% ../nbs/11_alignment.ipynb #c084
+@patch
+def _collapsed(self: CodeUsageMonitor, row: dict, state) -> None:
+    what = (f"codebook collapse at update {row['step']}: {row['used_codes']} of {self.n_codes} codes used in the last "
+            f"{self.every} updates (perplexity {row['perplexity']:.2f}; fewer than min_used_codes={self.min_used_codes})")
+    figure = None
+    if self.path is not None and state.rank == 0:
+        figure = self.path.parent / "figures" / "code_usage_collapse.png"
+        save_fig(plot_usage_history(self.history, self.n_codes), figure.with_suffix(""))
+    if self.on_collapse == "stop":
+        raise CodebookCollapse(what + (f"; usage per interval: {self.path}, figure: {figure}" if figure else "")
+                               + ". Lower the learning rate, or set on_collapse='restart' to restart dead codes.")
+    if self.on_collapse == "warn":
+        warnings.warn(what, RuntimeWarning)
+
+
+def plot_usage_history(rows: list[dict], n_codes: int):
+    "Used codes and perplexity per monitoring interval (log scale)."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["used_codes"] for r in rows], "o-", ms=3, label="codes used in the interval")
+    ax.plot(steps, [r["perplexity"] for r in rows], "s--", ms=3, label="perplexity")
+    ax.axhline(n_codes, color="grey", lw=1, ls=":", label=f"codebook size {n_codes}")
+    ax.set_yscale("log"); ax.set_xlabel("update"); ax.legend(fontsize=7)
+    ax.set_title("code usage per interval", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_alignment.ipynb #c089
 class AlignmentLoss:
     "`loss_fn(model, batch, state)` of stage 1: NeuroLM targets, α schedule, text windows; returns (loss, terms)."
     def __init__(self, text_windows: TextWindows | None, code_usage: CodeUsageMonitor | None = None,
@@ -580,10 +650,10 @@ class AlignmentLoss:
                 terms["domain_acc"] = 0.5 * (terms["domain_acc_eeg"] + terms["domain_acc_text"])
         terms.update(code_batch_stats(out.vq.codes, mask))
         if self.code_usage is not None:
-            self.code_usage.update(out.vq.codes, mask)
+            self.code_usage.update(out.vq.codes, mask, out.vq.to_quantizer)
         return out.loss, terms
 
-# %% ../nbs/11_alignment.ipynb #c086
+# %% ../nbs/11_alignment.ipynb #c095
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.alignment make-text-samples [root]`: write the offline text samples."
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.alignment", description="NeuroLM text alignment helpers")

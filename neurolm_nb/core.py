@@ -281,13 +281,12 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
 
 # %% ../nbs/00_core.ipynb #c038
 def in_notebook() -> bool:
-    "True inside a Jupyter kernel (JupyterLab, papermill), False in scripts and torchrun workers."
+    "True when notebook cells run here (a Jupyter kernel, papermill, nbdev_test); False in scripts and torchrun workers."
     try:
         from IPython import get_ipython
     except ImportError:
         return False
-    shell = get_ipython()
-    return shell is not None and hasattr(shell, "kernel")
+    return get_ipython() is not None
 
 
 def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from .alignment import (AlignmentLoss, CodeUsageMonitor, TextAlignedVQ, TextSource, TextWindows,
+from .alignment import (AlignmentLoss, CodebookCollapse, CodeUsageMonitor, TextAlignedVQ, TextSource, TextWindows,
                                   attach_text_embedding, load_corpus_ids, load_text_source)
 from .core import (ConfigMixin, atomic_write_bytes, in_notebook, latest_checkpoint, launch_parser, read_launch_config,
                              save_json, seed_everything, write_launch_config)
@@ -113,6 +113,8 @@ class TokenizerRun(ConfigMixin):
     max_documents: int | None = None        # cap on corpus documents (text files or a datasets stream)
     reversal: bool = True
     usage_every: int = 10
+    on_collapse: str = "stop"                # "stop" | "restart" | "warn" (alignment.CodeUsageMonitor)
+    min_used_codes: int = 2
     seed: int = 0
     samples_root: str | None = None         # where data_samples/ is (None: the project's)
     export_pretrained: str | None = None    # a folder: also write the final tokenizer there in hub format (with a card)
@@ -121,6 +123,8 @@ class TokenizerRun(ConfigMixin):
     def __post_init__(self):
         if self.model not in ("neurolm", "tiny"):
             raise ValueError(f"TokenizerRun.model={self.model!r} must be 'neurolm' or 'tiny'")
+        if self.on_collapse not in ("stop", "restart", "warn"):
+            raise ValueError(f"TokenizerRun.on_collapse={self.on_collapse!r} must be 'stop', 'restart' or 'warn'")
         known = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(self.train) - known)
         if unknown:
@@ -204,7 +208,8 @@ def train_tokenizer(run: TokenizerRun | dict) -> TokenizerResult:
             usage_path.unlink(missing_ok=True)
         else:
             _usage_rows_until(usage_path, int(found.stem.split("_")[-1]))
-    monitor = CodeUsageMonitor(vq.config.n_codes, run.usage_every, usage_path)
+    monitor = CodeUsageMonitor(vq.config.n_codes, run.usage_every, usage_path, quantizer=vq.quantizer,
+                               on_collapse=run.on_collapse, min_used_codes=run.min_used_codes, seed=run.seed)
     loss_fn = AlignmentLoss(TextWindows(ids, run.text_batch, run.text_block, run.seed), monitor, run.reversal)
     result = train(TextAlignedVQ(vq), data, loss_fn, cfg, collate_fn=NeuroLMCollate(run.max_tokens), callbacks=[monitor],
                    tokens_fn=lambda batch: int(batch["input_mask"].sum()))

@@ -179,3 +179,22 @@ def test_export_is_a_hub_folder_that_stage2_accepts(smoke, tmp_path):
     with torch.no_grad():
         assert torch.equal(by_folder.encode(*args), by_file.encode(*args))
         assert torch.equal(by_folder.get_codes(*args), by_file.get_codes(*args))
+
+
+def test_a_collapsed_codebook_stops_the_run_naming_the_update_or_is_restarted(sample_roots, tmp_path):
+    "min_used_codes above the codebook size makes every interval a collapse: the stop and restart paths, for real."
+    from neurolm_nb.alignment import CodebookCollapse
+    run = tiny_run(tmp_path / "stop", sample_roots, steps=12)
+    run.usage_every, run.min_used_codes = 4, 10**6
+    with pytest.raises(CodebookCollapse, match=r"codebook collapse at update 4: \d+ of \d+ codes used"):
+        train_tokenizer(run)
+    assert (tmp_path / "stop" / "figures" / "code_usage_collapse.png").stat().st_size > 0
+    assert not (tmp_path / "stop" / "tokenizer.pt").exists()  # nothing is published from a collapsed run
+    run = tiny_run(tmp_path / "restart", sample_roots, steps=12)
+    run.usage_every, run.min_used_codes, run.on_collapse = 4, 10**6, "restart"
+    result = train_tokenizer(run)
+    assert [u["step"] for u in result.code_usage] == [4, 8, 12]
+    assert all(u["restarted_codes"] == u["dead_codes"] > 0 for u in result.code_usage)
+    assert result.tokenizer_path.exists()
+    with pytest.raises(ValueError, match="on_collapse"):
+        TokenizerRun(out_dir="x", on_collapse="ignore")
