@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections import Counter
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ __all__ = ['STAGE1_TOKENIZER', 'KMEANS_CROPS', 'crop_seconds', 'EEGCrops', 'find
            'random_tokenizer', 'init_codebook', 'resolve_tokenizer', 'stage1_tokenizer', 'CodeHead', 'build_gpt',
            'PretrainModel', 'PretrainLoss', 'build_pretrain_model', 'evaluate_pretraining', 'PretrainSetup',
            'PreparedPretraining', 'prepare_pretraining', 'report_evaluations', 'run_pretraining', 'pretrain_card',
-           'main']
+           'main', 'code_prior_baselines']
 
 # %% ../nbs/22_pretrain.ipynb #c008
 def crop_seconds(n_channels: int, n_seconds: int, max_tokens: int, max_seconds: int = MAX_SECONDS) -> int:
@@ -498,3 +499,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__" and not in_notebook():
     sys.exit(main())
+
+# %% ../nbs/22_pretrain.ipynb #c042
+@torch.no_grad()
+def code_prior_baselines(model: nn.Module, train_data: Dataset, val_data: Dataset, collate: Callable,
+                         batch_size: int = 8, max_batches: int | None = None) -> dict[str, float]:
+    "Validation next-code accuracy of the unigram and the (channel, second) position guesses, fitted on `train_data`."
+    model = unwrap_model(model).eval()
+    device = next(model.lm.gpt.parameters()).device
+
+    def supervised(data):
+        n = math.ceil(len(data) / batch_size)
+        for b in range(min(n, max_batches) if max_batches else n):
+            batch = move_to_device(collate([data[i] for i in range(b * batch_size, min((b + 1) * batch_size, len(data)))]), device)
+            _, targets, _ = model.eeg_inputs(batch)
+            keep = targets != IGNORE_INDEX
+            yield (batch["input_chans"].long()[keep] * 4096 + batch["input_time"].long()[keep]).tolist(), targets[keep].tolist()
+
+    overall, at = Counter(), {}
+    for keys, targets in supervised(train_data):
+        overall.update(targets)
+        for k, t in zip(keys, targets):
+            at.setdefault(k, Counter())[t] += 1
+    top = overall.most_common(1)[0][0] if overall else -1
+    best = {k: c.most_common(1)[0][0] for k, c in at.items()}
+    unigram = position = count = 0
+    for keys, targets in supervised(val_data):
+        unigram += sum(t == top for t in targets)
+        position += sum(t == best.get(k, top) for k, t in zip(keys, targets))
+        count += len(targets)
+    return {"unigram_accuracy": unigram / max(count, 1), "position_accuracy": position / max(count, 1), "tokens": count}

@@ -14,7 +14,7 @@ import torch
 
 from neurolm_nb.core import latest_checkpoint, load_checkpoint, read_launch_config, write_launch_config
 from neurolm_nb.datasets import build_dataset, samples_dir_for
-from neurolm_nb.neurolm import load_neurolm
+from neurolm_nb.neurolm import IGNORE_INDEX, load_neurolm
 from neurolm_nb.patching import NeuroLMCollate
 from neurolm_nb.pretrain import (STAGE1_TOKENIZER, CodeHead, EEGCrops, PretrainLoss, PretrainSetup, TextStream,
                                  build_gpt, build_pretrain_model, crop_seconds, evaluate_pretraining,
@@ -229,3 +229,22 @@ def test_two_processes_match_one_and_the_entry_point_runs(tmp_path, datasets_roo
     assert f"pretrain [train: {train['n_windows']} windows of {len(train['subjects'])} subjects" in facts.data
     assert all(subject in facts.data for subject in train["subjects"]) and "Text: " in facts.data
     assert not (together / "hub").exists() and not any(p.name == "hub" for p in together.iterdir())
+
+
+def test_code_prior_baselines_count_the_same_tokens_and_the_position_guess_beats_the_unigram_one(crops, tiny_parts):
+    from neurolm_nb.pretrain import code_prior_baselines
+    tokenizer, gpt = tiny_parts
+    model = build_pretrain_model(tokenizer, copy.deepcopy(gpt), seed=0).eval()
+    priors = code_prior_baselines(model, crops, crops, NeuroLMCollate(64), batch_size=4, max_batches=2)
+    val = evaluate_pretraining(model, crops, NeuroLMCollate(64), None, batch_size=4, max_batches=2)
+    assert priors["tokens"] == val["eeg_tokens"] > 0
+    # fitted and scored on the same crops, the per-position mode can only match or beat the global one
+    assert 0 < priors["unigram_accuracy"] <= priors["position_accuracy"] <= 1
+    # by hand: the most frequent target of those tokens, and how often it is the target
+    from collections import Counter
+    targets = []
+    for b in range(2):
+        batch = NeuroLMCollate(64)([crops[i] for i in range(4 * b, 4 * b + 4)])
+        _, t, _ = model.eeg_inputs(batch)
+        targets += t[t != IGNORE_INDEX].tolist()
+    assert abs(priors["unigram_accuracy"] - Counter(targets).most_common(1)[0][1] / len(targets)) < 1e-12
