@@ -34,8 +34,8 @@ from .vq import CodebookStats, VQConfig, VQTokenizer, save_tokenizer
 # %% auto #0
 __all__ = ['find_datasets', 'build_sample_datasets', 'CropToTokens', 'eeg_training_set', 'TokenizerRun', 'load_run_text',
            'build_vq', 'read_code_usage', 'TokenizerResult', 'train_tokenizer', 'tokenizer_card', 'plot_loss_terms',
-           'plot_usage_over_training', 'probe_batch', 'batch_to', 'run_probe', 'plot_reconstructions', 'domain_points',
-           'embed_2d', 'plot_domain_maps', 'plot_domain_accuracy', 'main']
+           'plot_usage_over_training', 'probe_batch', 'batch_to', 'run_probe', 'plot_reconstructions',
+           'reconstruction_vs_mean', 'domain_points', 'embed_2d', 'plot_domain_maps', 'plot_domain_accuracy', 'main']
 
 # %% ../nbs/12_train_tokenizer.ipynb #c006
 def find_datasets(run_root: str | Path, names: Sequence[str] | None = None) -> list[Path]:
@@ -317,6 +317,18 @@ def plot_reconstructions(out, batch: dict, n_tokens: int = 4, seed: int = 0):
     return fig
 
 # %% ../nbs/12_train_tokenizer.ipynb #c026
+def reconstruction_vs_mean(out, batch: dict, reference: dict) -> dict[str, dict[str, float]]:
+    "Per target: MSE of the reconstructions and of the mean target of `reference` (real tokens of `batch` only)."
+    keep, ref_keep = batch["input_mask"].bool(), reference["input_mask"].bool()
+    result = {}
+    for key in ("freq", "raw"):
+        truth = batch["targets"][f"Y_{key}"][keep].float()
+        mean = reference["targets"][f"Y_{key}"][ref_keep].float().mean(0)
+        rec = out.reconstructions[key].detach().float().cpu()[keep]
+        result[key] = {"tokenizer": float((rec - truth).pow(2).mean()), "mean target": float((mean - truth).pow(2).mean())}
+    return result
+
+# %% ../nbs/12_train_tokenizer.ipynb #c029
 def domain_points(features: torch.Tensor, mask: torch.Tensor, text_embeddings: torch.Tensor, n: int,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "Up to `n` EEG feature rows (real tokens) and `n` text embedding rows, chosen with `seed`."
@@ -358,7 +370,7 @@ def plot_domain_maps(panels: dict, method: str = "umap", seed: int = 0):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c029
+# %% ../nbs/12_train_tokenizer.ipynb #c032
 def plot_domain_accuracy(history: list[dict]):
     "Domain-classifier accuracies (EEG, text, balanced) and α against the update step."
     import matplotlib.pyplot as plt
@@ -377,7 +389,7 @@ def plot_domain_accuracy(history: list[dict]):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c035
+# %% ../nbs/12_train_tokenizer.ipynb #c038
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.tokenizer_stage --config launch.json`: stage 1 of a `TokenizerRun` (alone or under torchrun)."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent

@@ -198,3 +198,19 @@ def test_a_collapsed_codebook_stops_the_run_naming_the_update_or_is_restarted(sa
     assert result.tokenizer_path.exists()
     with pytest.raises(ValueError, match="on_collapse"):
         TokenizerRun(out_dir="x", on_collapse="ignore")
+
+
+def test_reconstruction_vs_mean_scores_a_perfect_and_a_mean_predictor():
+    from types import SimpleNamespace
+    from neurolm_nb.tokenizer_stage import reconstruction_vs_mean
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    targets = {"Y_freq": torch.randn(2, 3, 100, generator=g), "Y_raw": torch.randn(2, 3, 200, generator=g)}
+    batch = {"input_mask": mask, "targets": targets}
+    perfect = SimpleNamespace(reconstructions={"freq": targets["Y_freq"].clone(), "raw": targets["Y_raw"].clone()})
+    got = reconstruction_vs_mean(perfect, batch, batch)
+    for key in ("freq", "raw"):
+        real = targets[f"Y_{key}"][mask]
+        assert got[key]["tokenizer"] == 0.0
+        # the mean of the same real tokens: its MSE is their (biased) variance; padding never enters
+        assert abs(got[key]["mean target"] - real.var(0, unbiased=False).mean().item()) < 1e-6
