@@ -23,7 +23,7 @@ from .alignment import (AlignmentLoss, CodebookCollapse, CodeUsageMonitor, TextA
                                   attach_text_embedding, load_corpus_ids, load_text_source)
 from .core import (ConfigMixin, atomic_write_bytes, in_notebook, latest_checkpoint, launch_parser, read_launch_config,
                              save_json, seed_everything, write_launch_config)
-from .datasets import INDEX_FILE, WindowDataset, build_dataset, samples_dir_for
+from .datasets import INDEX_FILE, WindowDataset, build_dataset, load_index, samples_dir_for
 from .hub import ModelCard, describe_datasets, flat_metrics, save_pretrained
 from .patching import NeuroLMCollate, PATCH_SIZE, max_seconds_for
 from .targets import neurolm_targets
@@ -35,7 +35,8 @@ from .vq import CodebookStats, VQConfig, VQTokenizer, save_tokenizer
 __all__ = ['find_datasets', 'build_sample_datasets', 'CropToTokens', 'eeg_training_set', 'TokenizerRun', 'load_run_text',
            'build_vq', 'read_code_usage', 'TokenizerResult', 'train_tokenizer', 'tokenizer_card', 'plot_loss_terms',
            'plot_usage_over_training', 'probe_batch', 'batch_to', 'run_probe', 'plot_reconstructions',
-           'reconstruction_vs_mean', 'domain_points', 'embed_2d', 'plot_domain_maps', 'plot_domain_accuracy', 'main']
+           'reconstruction_vs_mean', 'domain_points', 'embed_2d', 'plot_domain_maps', 'window_features', 'linear_probe',
+           'plot_domain_accuracy', 'main']
 
 # %% ../nbs/12_train_tokenizer.ipynb #c006
 def find_datasets(run_root: str | Path, names: Sequence[str] | None = None) -> list[Path]:
@@ -371,6 +372,37 @@ def plot_domain_maps(panels: dict, method: str = "umap", seed: int = 0):
     return fig
 
 # %% ../nbs/12_train_tokenizer.ipynb #c032
+@torch.no_grad()
+def window_features(vq: VQTokenizer, dataset: Dataset, max_tokens: int, batch_size: int = 16) -> np.ndarray:
+    "One vector per window: the encoder's output averaged over the window's real tokens."
+    device, collate, rows = next(vq.parameters()).device, NeuroLMCollate(max_tokens), []
+    data = CropToTokens(dataset, max_tokens)
+    for start in range(0, len(data), batch_size):
+        b = batch_to(collate([data[i] for i in range(start, min(start + batch_size, len(data)))]), device)
+        f, m = vq.eval().encode(b["X"], b["input_chans"], b["input_time"], b["input_mask"]), b["input_mask"].unsqueeze(-1)
+        rows.append(((f * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, vq.config.dim), dtype=np.float32)
+
+
+def linear_probe(vq: VQTokenizer, root: str | Path, max_tokens: int, seed: int = 0) -> dict[str, float]:
+    "Balanced accuracy (and AUROC for two classes) of a logistic regression on `window_features`: train split -> test split."
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    train, test = WindowDataset(root, "train"), WindowDataset(root, "test")
+    if len(test) == 0 or len(set(train.labels.tolist())) < 2:
+        raise ValueError(f"{root}: a linear probe needs train windows of two classes or more and test windows")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
+    probe.fit(window_features(vq, train, max_tokens), train.labels)
+    features = window_features(vq, test, max_tokens)
+    out = {"balanced_accuracy": float(balanced_accuracy_score(test.labels, probe.predict(features))),
+           "train_windows": len(train), "test_windows": len(test)}
+    if len(probe.classes_) == 2 and len(set(test.labels.tolist())) == 2:
+        out["auroc"] = float(roc_auc_score(test.labels, probe.predict_proba(features)[:, 1]))
+    return out
+
+# %% ../nbs/12_train_tokenizer.ipynb #c035
 def plot_domain_accuracy(history: list[dict]):
     "Domain-classifier accuracies (EEG, text, balanced) and α against the update step."
     import matplotlib.pyplot as plt
@@ -389,7 +421,7 @@ def plot_domain_accuracy(history: list[dict]):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c038
+# %% ../nbs/12_train_tokenizer.ipynb #c041
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.tokenizer_stage --config launch.json`: stage 1 of a `TokenizerRun` (alone or under torchrun)."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent
