@@ -11,22 +11,30 @@ import pickle
 import re
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
 
-from .core import shared_dir
-from .vq import VQConfig, VQTokenizer, channel_major_tokens
+from .gpt import GPT, GPTConfig
+from .hub import from_pretrained
+from .labram import (CLS_HEAD_KEYS, HEAD_KEYS, STUDENT_ONLY_KEYS, LaBraMClassifier, LaBraMConfig, LaBraMForMEM,
+                              LaBraMStudent)
+from .neurolm import NEUROLM_VOCAB, NeuroLM, NeuroLMConfig, VocabLayout
+from .vq import VQConfig, VQTokenizer
 
 # %% auto #0
-__all__ = ['ORIG_MOD_PREFIX', 'LM_FIXTURE_BATCHES', 'CheckpointMismatchError', 'CheckpointFileError', 'read_checkpoint',
-           'strip_prefix', 'official_key', 'official_key_table', 'load_official_state_dict', 'to_official_state_dict',
-           'neurolm_config_from_state_dict', 'labram_config_from_state_dict', 'load_official_neurolm_tokenizer',
-           'load_official_labram_vqnsp', 'to_official_neurolm_tokenizer', 'to_official_labram_vqnsp', 'fixture_dir',
-           'load_fixture', 'fixture_state_dict', 'compare_with_fixture', 'neurolm_fixture_outputs',
-           'labram_fixture_outputs', 'neurolm_model_args', 'load_official_neurolm', 'to_official_neurolm',
-           'official_neurolm_key_table', 'neurolm_encoder_from_vq', 'neurolm_lm_fixture_outputs']
+__all__ = ['ORIG_MOD_PREFIX', 'CheckpointMismatchError', 'CheckpointFileError', 'read_checkpoint', 'strip_prefix', 'official_key',
+           'official_key_table', 'load_official_state_dict', 'to_official_state_dict', 'neurolm_config_from_state_dict',
+           'labram_config_from_state_dict', 'load_official_neurolm_tokenizer', 'load_official_labram_vqnsp',
+           'to_official_neurolm_tokenizer', 'to_official_labram_vqnsp', 'official_lm_key_table',
+           'neurolm_lm_config_from_state_dict', 'load_official_neurolm_lm', 'to_official_neurolm_lm',
+           'neurolm_model_args', 'load_official_neurolm', 'to_official_neurolm', 'official_neurolm_key_table',
+           'neurolm_encoder_from_vq', 'load_neurolm_gpt_weights', 'official_state_dict', 'labram_student_config',
+           'state_dict_problems', 'load_official_labram_mem', 'load_official_labram_student',
+           'load_official_labram_classifier', 'to_official_labram', 'labram_tokenizer', 'labram_start_classifier']
 
 # %% ../nbs/40_official_weights.ipynb #c006
 class CheckpointMismatchError(ValueError):
@@ -119,7 +127,7 @@ def _state_dict_of(ckpt: Mapping, containers: tuple[str, ...]) -> tuple[dict, di
 _KINDS = {"VQ.encoder.": ("a NeuroLM tokenizer (VQ_Align)", "load_official_neurolm_tokenizer"),
           "encoder.": ("a LaBraM VQNSP tokenizer", "load_official_labram_vqnsp"),
           "GPT2.": ("a NeuroLM-B/L/XL language model", "load_official_neurolm"),
-          "student.": ("a LaBraM MEM pretraining", "neurolm_nb.labram.load_official_labram_mem")}
+          "student.": ("a LaBraM MEM pretraining", "load_official_labram_mem")}
 
 
 def _expect_keys(sd: Mapping, prefix: str, example: str) -> None:
@@ -268,7 +276,7 @@ def load_official_state_dict(model: VQTokenizer, state_dict: Mapping[str, torch.
                 value = value.to(torch.float32 if target.is_meta else target.dtype)
             ours[key] = value
     model.load_state_dict(ours, strict=not problems, assign=on_meta)
-    return neurolm
+    return model
 
 
 def to_official_state_dict(model: VQTokenizer, flavour: str) -> dict[str, torch.Tensor]:
@@ -391,100 +399,100 @@ def to_official_labram_vqnsp(model: VQTokenizer, as_checkpoint: bool = False) ->
     sd = to_official_state_dict(model, "labram")
     return {"model": sd} if as_checkpoint else sd
 
-# %% ../nbs/40_official_weights.ipynb #c056
-def fixture_dir() -> Path:
-    "`shared/fixtures/official` beside the checkout (FileNotFoundError naming what is missing)."
-    root = shared_dir()
-    if root is None or not (root / "fixtures" / "official").is_dir():
-        raise FileNotFoundError("the official fixtures (shared/fixtures/official beside the checkout, or "
-                                "$NEUROLM_SHARED/fixtures/official) were not found")
-    return root / "fixtures" / "official"
+# %% ../nbs/40_official_weights.ipynb #c065
+def _official_lm_key(key: str) -> str:
+    "The official NeuroLM name of one of our state-dict keys."
+    if key.startswith("gpt."):
+        return "GPT2." + key[len("gpt."):]
+    if key.startswith("encoder."):
+        theirs, _ = official_key(key, "neurolm")   # 'VQ.encoder.<name>' inside the tokenizer checkpoint
+        return "tokenizer." + theirs[len("VQ.encoder."):]
+    if key == "channel_embed.weight":
+        return "pos_embed.weight"
+    m = re.fullmatch(r"projection\.0\.(weight|bias)", key)
+    if m:
+        return f"encode_transform_layer.0.{m.group(1)}"
+    raise KeyError(f"our key {key!r} has no official NeuroLM name")
 
 
-def load_fixture(name: str) -> dict[str, torch.Tensor]:
-    "All tensors of `fixtures/official/<name>.safetensors`."
-    from safetensors.torch import load_file
-    path = fixture_dir() / f"{name}.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"fixture {path} does not exist")
-    return load_file(path)
+def official_lm_key_table(model: NeuroLM) -> dict[str, str]:
+    "{official key: our key} for every entry of `model.state_dict()`."
+    return {_official_lm_key(k): k for k in model.state_dict()}
+
+# %% ../nbs/40_official_weights.ipynb #c068
+def neurolm_lm_config_from_state_dict(sd: Mapping, model_args: Mapping | None = None, n_head: int | None = None,
+                                      encoder_heads: int | None = None, text_vocab_size: int | None = None,
+                                      **overrides) -> NeuroLMConfig:
+    """The NeuroLMConfig of an official NeuroLM state dict (sizes from shapes).
+
+    Heads are not shapes: GPT heads from `n_head`, `model_args` or width // 64; encoder heads from
+    `encoder_heads` or width // 64 (the official LM checkpoint does not record them)."""
+    def shape(key):
+        if key not in sd:
+            raise CheckpointMismatchError(f"the state dict has no {key!r}: not an official NeuroLM (LLM stage) checkpoint")
+        return tuple(sd[key].shape)
+    n_in, width = shape("GPT2.transformer.wte.weight")
+    n_out = shape("GPT2.lm_head.weight")[0]
+    gpt = GPTConfig(n_layer=_depth(sd, "GPT2.transformer.h."), n_embd=width,
+                    n_head=n_head or (model_args or {}).get("n_head") or width // 64,
+                    block_size=shape("GPT2.transformer.wpe.weight")[0], bias="GPT2.transformer.ln_f.bias" in sd)
+    dim = shape("tokenizer.fc_norm.weight")[0]
+    tokenizer = VQConfig.neurolm(
+        dim=dim, n_heads=encoder_heads or dim // 64, encoder_depth=_depth(sd, "tokenizer.blocks."),
+        conv_channels=shape("tokenizer.patch_embed.conv1.weight")[0],
+        mlp_ratio=shape("tokenizer.blocks.0.mlp.c_fc.weight")[0] / dim,
+        n_channel_embeddings=shape("tokenizer.pos_embed.weight")[0],
+        n_time_embeddings=shape("tokenizer.time_embed.weight")[0], n_codes=n_out - n_in)
+    if text_vocab_size is None:  # GPT-2's 50257 tokens give 50304 rows; otherwise assume text + [SEP] exactly
+        text_vocab_size = NEUROLM_VOCAB.text_vocab_size if n_in == NEUROLM_VOCAB.input_size else n_in - 1
+    vocab = VocabLayout(text_vocab_size=text_vocab_size, n_codes=n_out - n_in)
+    if vocab.input_size != n_in:
+        raise ValueError(f"wte has {n_in} rows, but {text_vocab_size} text tokens give {vocab.input_size}: "
+                         f"pass text_vocab_size")
+    return NeuroLMConfig(gpt=gpt, tokenizer=tokenizer, vocab=vocab, n_channel_embeddings=shape("pos_embed.weight")[0],
+                         **overrides)
+
+# %% ../nbs/40_official_weights.ipynb #c071
+def load_official_neurolm_lm(source, model: NeuroLM | None = None, strict: bool = True, n_head: int | None = None,
+                             trusted: bool = False, **config_overrides) -> NeuroLM:
+    "A NeuroLM holding an official NeuroLM checkpoint (file or dict: checkpoint with 'model', or a bare state dict)."
+    ckpt = read_checkpoint(source, trusted)
+    sd, extra = _state_dict_of(ckpt, ("model",))
+    sd = strip_prefix(sd)
+    if model is None:
+        config = neurolm_lm_config_from_state_dict(sd, extra.get("model_args"), n_head, **config_overrides)
+        with torch.device("meta"):  # shapes only: the checkpoint supplies every value
+            model = NeuroLM(config)
+    elif config_overrides:
+        raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
+    table, ours = official_lm_key_table(model), model.state_dict()
+    problems = [f"missing key {k!r} (shape {list(ours[v].shape)})" for k, v in table.items() if k not in sd]
+    problems += [f"unexpected key {k!r}" for k in sd if k not in table]
+    problems += [f"key {k!r}: expected shape {list(ours[v].shape)}, found {list(sd[k].shape)}"
+                 for k, v in table.items() if k in sd and sd[k].shape != ours[v].shape]
+    if problems:
+        message = (f"official NeuroLM state dict does not fit the model ({len(problems)} problem(s)):\n  "
+                   + "\n  ".join(problems[:25]))
+        if strict:
+            raise CheckpointMismatchError(message)
+        warnings.warn(message)
+    on_meta = any(t.is_meta for t in ours.values())
+    if on_meta and problems:
+        raise CheckpointMismatchError("a partial load needs a model with initial values: pass model=NeuroLM(config)")
+    values = {v: sd[k].to(torch.float32 if on_meta else ours[v].dtype) for k, v in table.items()
+              if k in sd and sd[k].shape == ours[v].shape}
+    model.load_state_dict(values, strict=not problems, assign=on_meta)
+    model.encoder.requires_grad_(False)
+    return model
 
 
-def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    "The complete official state dict (float32) of fixture `name`, with the tensors it omits rebuilt (README §2.3)."
-    t = tensors if tensors is not None else load_fixture(name)
-    sd = {k[len("weights."):]: v.float() for k, v in t.items() if k.startswith("weights.")}
-    if name == "neurolm_vq_tiny":
-        sd["VQ.quantize.embedding.embed_avg"] = sd["VQ.quantize.embedding.weight"].clone()
-        wte = torch.zeros(50257, t["output.text_wte_rows"].shape[-1])
-        wte[t["input.text_ids"].flatten()] = t["output.text_wte_rows"].reshape(-1, wte.shape[1])
-        sd["wte.weight"] = wte
-    elif name == "labram_vqnsp":
-        sd["quantize.embedding.embed_avg"] = sd["quantize.embedding.weight"].clone()
-    else:
-        raise ValueError(f"fixture_state_dict knows the tokenizer fixtures 'neurolm_vq_tiny' and 'labram_vqnsp', not {name!r}")
-    return sd
+def to_official_neurolm_lm(model: NeuroLM) -> dict[str, torch.Tensor]:
+    "Our model's state dict under the official NeuroLM names (what official code loads)."
+    ours = model.state_dict()
+    return {theirs: ours[key] for theirs, key in official_lm_key_table(model).items()}
 
-# %% ../nbs/40_official_weights.ipynb #c059
-def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
-                         atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, dict]:
-    "Per output: max |difference| and whether it is within README §5 (losses: rtol; indices: exact; else atol+rtol)."
-    report = {}
-    for name, value in ours.items():
-        ref = t[f"output.{name}"]
-        value = value.detach().to(ref.dtype) if not ref.is_floating_point() else value.detach().float()
-        if not ref.is_floating_point():
-            ok, diff = torch.equal(value, ref), float((value != ref).sum())
-        elif name.startswith("loss"):
-            diff = abs(value.item() - ref.item())
-            ok = diff <= rtol * abs(ref.item())
-        else:
-            diff = (value - ref).abs().max().item()
-            ok = torch.allclose(value, ref, atol=atol, rtol=rtol)
-        report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
-    return report
-
-# %% ../nbs/40_official_weights.ipynb #c062
-def neurolm_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    "Our outputs for the `neurolm_vq_tiny` inputs, under the fixture's output names."
-    with torch.no_grad():
-        o = model(t["input.X"], t["input.input_chans"], t["input.input_time"], t["input.input_mask"],
-                  targets={"freq": t["input.Y_freq"], "raw": t["input.Y_raw"]})
-        text_logits, text_loss = model.text_domain(t["input.text_ids"])
-    return {"enc_patch_embed": o.patch_embed, "encoder_features": o.features, "to_quantizer_features": o.to_quantizer,
-            "quantize": o.quantized, "code_indices": o.codes, "decoder_freq_features": o.decoder_features["freq"],
-            "decoder_raw_features": o.decoder_features["raw"], "rec_freq": o.reconstructions["freq"],
-            "rec_raw": o.reconstructions["raw"], "domain_logits_eeg": o.domain_logits,
-            "domain_logits_text": text_logits, "text_wte_rows": model.text_embedding(t["input.text_ids"]),
-            "loss_quant": o.losses["commitment"], "loss_rec_freq": o.losses["rec_freq"],
-            "loss_rec_raw": o.losses["rec_raw"],
-            "loss_vq_total": o.losses["commitment"] + o.losses["rec_freq"] + o.losses["rec_raw"],
-            "loss_domain_eeg": o.losses["domain_eeg"], "loss_domain_text": text_loss}
-
-
-def labram_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    "Our outputs for the `labram_vqnsp` inputs, under the fixture's names and layouts."
-    x = t["input.x"]
-    B, C, A, _ = x.shape
-    tokens = lambda y: y.reshape(B, C * A, -1)  # [B, C, A, bins] -> channel-major tokens
-    with torch.no_grad():
-        o = model(**channel_major_tokens(x, t["input.input_chans"]),
-                  targets={"amplitude": tokens(t["output.amplitude_target"]), "phase": tokens(t["output.phase_target"])})
-    return {"enc_patch_embed": o.patch_embed, "encoder_features": o.features, "to_quantizer_features": o.to_quantizer,
-            "quantize": o.quantized.reshape(B, C, A, -1).permute(0, 3, 1, 2), "code_indices": o.codes,
-            "decoder_features": o.decoder_features["shared"], "rec_amplitude": o.reconstructions["amplitude"],
-            "rec_phase": o.reconstructions["phase"], "loss_quant": o.losses["commitment"],
-            "loss_rec_amplitude": o.losses["rec_amplitude"], "loss_rec_phase": o.losses["rec_phase"],
-            "loss_total": o.loss}
-
-# %% ../nbs/40_official_weights.ipynb #c069
+# %% ../nbs/40_official_weights.ipynb #c072
 _MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
-
-
-def _lm_module():
-    "neurolm_nb.neurolm, imported on first use (it imports this module lazily as well: no import cycle)."
-    from neurolm_nb import neurolm
-    return neurolm
 
 
 def neurolm_model_args(config) -> dict:
@@ -502,7 +510,7 @@ def _check_model_args(model_args: Mapping, model, skip: tuple[str, ...] = ()) ->
     if wrong:
         raise CheckpointMismatchError(f"the checkpoint's model_args contradict its state dict: {', '.join(wrong)}")
 
-# %% ../nbs/40_official_weights.ipynb #c072
+# %% ../nbs/40_official_weights.ipynb #c075
 def load_official_neurolm(source: str | Path | Mapping, model=None, strict: bool = True, n_head: int | None = None,
                           trusted: bool = False, **config_overrides):
     """A `neurolm_nb.neurolm.NeuroLM` holding an official NeuroLM-B/L/XL checkpoint (stage 2 or 3).
@@ -514,8 +522,7 @@ def load_official_neurolm(source: str | Path | Mapping, model=None, strict: bool
     with _naming(source):
         ckpt = read_checkpoint(source, trusted)
         _expect_keys(strip_prefix(_state_dict_of(ckpt, ("model",))[0]), "GPT2.", "GPT2.transformer.wte.weight")
-        loaded = _lm_module().load_official_neurolm_lm(ckpt, model=model, strict=strict, n_head=n_head,
-                                                       **config_overrides)
+        loaded = load_official_neurolm_lm(ckpt, model=model, strict=strict, n_head=n_head, **config_overrides)
         model_args = ckpt.get("model_args")
         if isinstance(model_args, Mapping) and "model" in ckpt:
             _check_model_args(model_args, loaded, skip=("n_head",) if n_head is not None else ())  # n_head= wins
@@ -526,18 +533,18 @@ def to_official_neurolm(model, as_checkpoint: bool = False, compiled: bool = Fal
                         iter_num: int = 0, epoch: int = 0) -> dict:
     """Our NeuroLM under the official names: a state dict, or (`as_checkpoint`) a train_pretrain.py-style
     checkpoint {model, model_args, iter_num, epoch} without optimizer state. `compiled`: prefix `_orig_mod.`."""
-    sd = _lm_module().to_official_neurolm_lm(model)
+    sd = to_official_neurolm_lm(model)
     if compiled:
         sd = {ORIG_MOD_PREFIX + k: v for k, v in sd.items()}
     if not as_checkpoint:
         return sd
     return {"model": sd, "model_args": neurolm_model_args(model.config), "iter_num": iter_num, "epoch": epoch}
 
-# %% ../nbs/40_official_weights.ipynb #c075
+# %% ../nbs/40_official_weights.ipynb #c078
 def official_neurolm_key_table(model) -> dict[str, tuple[str, tuple]]:
     "{official key: (our key, shape)} for every entry of a NeuroLM's state dict (the names never reshape)."
     ours = model.state_dict()
-    return {theirs: (key, tuple(ours[key].shape)) for theirs, key in _lm_module().official_lm_key_table(model).items()}
+    return {theirs: (key, tuple(ours[key].shape)) for theirs, key in official_lm_key_table(model).items()}
 
 
 def neurolm_encoder_from_vq(source: str | Path | Mapping, trusted: bool = False) -> dict[str, torch.Tensor]:
@@ -548,43 +555,197 @@ def neurolm_encoder_from_vq(source: str | Path | Mapping, trusted: bool = False)
         _expect_keys(sd, "VQ.encoder.", "VQ.encoder.fc_norm.weight")
         return {"tokenizer." + k[len("VQ.encoder."):]: v for k, v in sd.items() if k.startswith("VQ.encoder.")}
 
-# %% ../nbs/40_official_weights.ipynb #c078
-LM_FIXTURE_BATCHES = ("pretrain", "text", "instruct")
+# %% ../nbs/40_official_weights.ipynb #c081
+def load_neurolm_gpt_weights(tensors: dict, n_head: int, n_layer: int | None = None, prefix: str = "GPT2.",
+                             **overrides) -> GPT:
+    "Our GPT from a NeuroLM state dict's `GPT2.*` entries (sizes read from the tensors; `_orig_mod.` stripped)."
+    tensors = {k.removeprefix("_orig_mod."): v for k, v in tensors.items()}  # torch.compile'd checkpoints (N15)
+    sd = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    if not sd:
+        raise KeyError(f"no keys starting with {prefix!r} among {len(tensors)} tensors")
+    wte, wpe, head = sd["transformer.wte.weight"], sd["transformer.wpe.weight"], sd["lm_head.weight"]
+    if n_layer is None:
+        n_layer = len({k.split(".")[2] for k in sd if k.startswith("transformer.h.")})
+    config = GPTConfig(**{**dict(n_layer=n_layer, n_head=n_head, n_embd=wte.shape[1], block_size=wpe.shape[0],
+                                 vocab_size=wte.shape[0], out_vocab_size=head.shape[0],
+                                 tie_weights=wte.shape[0] == head.shape[0] and torch.equal(wte, head)),
+                          **overrides})
+    model = GPT(config)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+# %% ../nbs/40_official_weights.ipynb #c092
+def official_state_dict(source: str | Path | Mapping, trusted: bool = False) -> dict[str, torch.Tensor]:
+    "The state dict inside an official LaBraM checkpoint (file, checkpoint dict or bare state dict), prefixes stripped."
+    ckpt = read_checkpoint(source, trusted)
+    sd = None
+    for key in ("model", "module", "state_dict"):
+        if key in ckpt and isinstance(ckpt[key], Mapping):
+            sd = dict(ckpt[key])
+            break
+    if sd is None:
+        if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            raise CheckpointMismatchError(f"no state dict found in {source if not isinstance(source, Mapping) else 'the checkpoint'}: "
+                                          f"expected 'model', 'module' or 'state_dict', or a flat dict of tensors; "
+                                          f"found keys {sorted(ckpt)[:10]}")
+        sd = dict(ckpt)
+    return strip_prefix(strip_prefix(sd), "module.")
 
 
-def neurolm_lm_fixture_outputs(model, t: Mapping[str, torch.Tensor],
-                               batches: tuple[str, ...] = LM_FIXTURE_BATCHES) -> dict[str, torch.Tensor]:
-    "Our outputs for the `neurolm_lm_tiny` batches under the fixture's names (`<batch>.loss`, ...)."
-    unknown = sorted(set(batches) - set(LM_FIXTURE_BATCHES))
-    if unknown:
-        raise ValueError(f"unknown neurolm_lm_tiny batches {unknown}; known: {list(LM_FIXTURE_BATCHES)}")
-    eeg_offset, outputs = model.config.vocab.eeg_offset, {}
-    for batch in batches:
-        given = lambda key: t[f"input.{batch}.{key}"]
-        if batch == "text":
-            call = dict(text=given("x_text"), text_targets=given("y_text"))
-        else:
-            call = dict(X=given("X_eeg"), input_chans=given("input_chans"), input_time=given("input_time"),
-                        input_mask=given("input_mask"))
-            if batch == "pretrain":  # the fixture's next-second targets (class ids, -1 = ignored)
-                call["eeg_targets"] = t["output.pretrain.targets"]
-            else:
-                call.update(text=given("X_text"), text_targets=given("Y_text"))
-        with torch.no_grad():
-            o = model(**call, return_hidden=True)
-            logits, top2 = o.logits, o.logits.topk(2, dim=-1).values
-            logsumexp = logits.logsumexp(-1)
-            picked = logits.gather(-1, o.targets.clamp(min=0)[..., None])[..., 0] - logsumexp
-        found = {"loss": o.loss, "accuracy": o.accuracy, "argmax": logits.argmax(-1),
-                 "top1_minus_top2": top2[..., 0] - top2[..., 1], "logsumexp": logsumexp,
-                 "logprob_at_target": torch.where(o.targets >= 0, picked, torch.zeros_like(picked)),
-                 "logits_text_0_64": logits[..., :64], "logits_eeg_50304_50368": logits[..., eeg_offset:eeg_offset + 64],
-                 "gpt_input": o.hidden["gpt_input"], "gpt_final_hidden": o.hidden["gpt_final_hidden"]}
-        if batch != "text":
-            # the official tap holds the projection *plus* the channel embedding (added in place)
-            found["eeg_projected"] = o.hidden["eeg_embedded"]
-            found["targets"] = o.targets
-        if batch == "instruct":
-            found["eeg_tokenizer_features"] = o.hidden["eeg_features"]
-        outputs.update({f"{batch}.{k}": v for k, v in found.items() if f"output.{batch}.{k}" in t})
-    return outputs
+def labram_student_config(sd: Mapping[str, torch.Tensor], **overrides) -> LaBraMConfig:
+    "The `LaBraMConfig` of an official state dict (MEM with `student.` keys, student-only, or fine-tuning)."
+    p = "student." if any(k.startswith("student.") for k in sd) else ""
+    dim = _shape(sd, f"{p}cls_token", "width")[-1]
+    depth = len({k[len(p):].split(".")[1] for k in sd if k.startswith(f"{p}blocks.")})
+    qk = f"{p}blocks.0.attn.q_norm.weight"
+    if qk in sd:
+        n_heads = dim // sd[qk].shape[0]
+    else:
+        n_heads = overrides.get("n_heads", {200: 10, 400: 16, 800: 16}.get(dim))
+        if n_heads is None:
+            raise CheckpointMismatchError(f"cannot tell the number of heads of a width-{dim} model without QK-norm; "
+                                          f"pass n_heads=")
+    lm = next((k for k in (f"{p}lm_head.weight", "lm_head.weight") if k in sd), None)
+    cfg = dict(dim=dim, depth=depth, n_heads=n_heads,
+               conv_channels=_shape(sd, f"{p}patch_embed.conv1.weight", "conv maps")[0],
+               mlp_ratio=_shape(sd, f"{p}blocks.0.mlp.fc1.weight", "MLP width")[0] / dim if depth else 4.0,
+               n_channel_embeddings=_shape(sd, f"{p}pos_embed", "channel table")[1],
+               n_time_embeddings=_shape(sd, f"{p}time_embed", "time table")[1],
+               vocab_size=sd[lm].shape[0] if lm else LaBraMConfig.vocab_size,
+               qk_norm=qk in sd, qkv_bias=f"{p}blocks.0.attn.q_bias" in sd,
+               init_values=LaBraMConfig.init_values if f"{p}blocks.0.gamma_1" in sd or not depth else 0.0)
+    return LaBraMConfig(**{**cfg, **overrides})
+
+# %% ../nbs/40_official_weights.ipynb #c093
+def state_dict_problems(expected: Mapping[str, tuple], found: Mapping[str, Any], what: str,
+                        may_be_unused: Sequence[str] = ()) -> list[str]:
+    "Every missing key, shape mismatch and unexpected key (except those in `may_be_unused`), one line each."
+    problems = [f"missing key {k!r} (expected shape {list(shape)})" for k, shape in expected.items() if k not in found]
+    problems += [f"key {k!r}: expected shape {list(shape)}, found {list(found[k].shape)}"
+                 for k, shape in expected.items() if k in found and tuple(found[k].shape) != tuple(shape)]
+    problems += [f"unexpected key {k!r} (shape {list(getattr(v, 'shape', []))}) is not part of the {what}"
+                 for k, v in found.items() if k not in expected and k not in may_be_unused]
+    return problems
+
+
+def _raise_or_warn(problems: list[str], what: str, strict: bool) -> None:
+    if not problems:
+        return
+    message = (f"official {what} state dict does not fit ({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:25])
+               + ("\n  ..." if len(problems) > 25 else ""))
+    if strict:
+        raise CheckpointMismatchError(message)
+    warnings.warn(message)
+
+
+def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, strict: bool,
+               may_be_unused: Sequence[str] = (), may_be_missing: Sequence[str] = ()) -> nn.Module:
+    "Check `sd` against `model.state_dict()` (names and shapes) and load the fitting tensors as float32."
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = state_dict_problems({k: s for k, s in expected.items() if k not in may_be_missing}, sd, what,
+                                   [*may_be_unused, *may_be_missing])
+    _raise_or_warn(problems, what, strict)
+    usable = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()
+              if k in expected and tuple(v.shape) == expected[k]}
+    on_meta = any(t.is_meta for t in model.state_dict().values())
+    model.load_state_dict(usable, strict=False, assign=on_meta)
+    return model
+
+
+def _built(cls, *args, meta: bool):
+    if meta:
+        with torch.device("meta"):  # shapes only: the checkpoint supplies every value
+            return cls(*args)
+    return cls(*args)
+
+
+def _frozen_like_original(model: LaBraMForMEM) -> LaBraMForMEM:
+    for p in [*model.student.lm_head.parameters(), *model.projection_head.parameters()]:
+        p.requires_grad_(False)  # assign=True may have replaced the parameters
+    return model
+
+# %% ../nbs/40_official_weights.ipynb #c094
+def load_official_labram_mem(source: str | Path | Mapping, strict: bool = True, trusted: bool = False,
+                             **config_overrides) -> LaBraMForMEM:
+    "A `LaBraMForMEM` holding an official MEM pretraining checkpoint (every `student.*`, `lm_head.*`, `projection_head.*` key)."
+    sd = official_state_dict(source, trusted)
+    if not any(k.startswith("student.") for k in sd):
+        raise CheckpointMismatchError("no 'student.*' keys: this is not a LaBraM MEM pretraining checkpoint "
+                                      "(a fine-tuning checkpoint loads with load_official_labram_classifier)")
+    if not any(k.startswith("lm_head.") for k in sd) and strict:
+        raise CheckpointMismatchError("the checkpoint holds the student only (no outer 'lm_head.*' / 'projection_head.*', "
+                                      "like labram-base.pth): load it with load_official_labram_student, or fine-tune "
+                                      "it with load_official_labram_classifier")
+    cfg = labram_student_config(sd, **config_overrides)
+    model = _built(LaBraMForMEM, cfg, meta=strict)
+    return _frozen_like_original(_load_into(model, sd, "LaBraM MEM", strict))
+
+
+def load_official_labram_student(source: str | Path | Mapping, strict: bool = True, trusted: bool = False,
+                                 **config_overrides) -> LaBraMStudent:
+    "A `LaBraMStudent` from `labram-base.pth` or any MEM checkpoint (its `student.*` keys; other keys are ignored)."
+    sd = official_state_dict(source, trusted)
+    if any(k.startswith("student.") for k in sd):
+        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    cfg = labram_student_config(sd, **config_overrides)
+    return _load_into(_built(LaBraMStudent, cfg, meta=strict), sd, "LaBraM student", strict)
+
+
+def load_official_labram_classifier(source: str | Path | Mapping, n_classes: int | None = None, drop_path: float = 0.1,
+                                    init_scale: float = 0.001, strict: bool = True, trusted: bool = False,
+                                    use_cls: bool | None = None, **config_overrides) -> LaBraMClassifier:
+    "A `LaBraMClassifier` from a fine-tuning checkpoint (all keys; pooling read off them), or from a pretraining one (`student.*`: fresh head)."
+    sd = official_state_dict(source, trusted)
+    from_pretraining = any(k.startswith("student.") for k in sd) or "mask_token" in sd
+    if any(k.startswith("student.") for k in sd):
+        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    cfg = labram_student_config(sd, **{"drop_path": drop_path, **config_overrides})
+    if from_pretraining:  # the --finetune path: trunk (+ the final norm with CLS pooling), a fresh head
+        model = LaBraMClassifier(cfg, n_classes or 1, init_scale, bool(use_cls))
+        unused = [k for k in STUDENT_ONLY_KEYS if not (use_cls and k.startswith("norm."))]
+        return _load_into(model, sd, "LaBraM student (for fine-tuning)", strict,
+                          may_be_unused=unused, may_be_missing=CLS_HEAD_KEYS if use_cls else HEAD_KEYS)
+    found_classes = _shape(sd, "head.weight", "number of classes")[0]
+    if n_classes is not None and n_classes != found_classes:
+        raise CheckpointMismatchError(f"the checkpoint's head has {found_classes} outputs ('head.weight' "
+                                      f"{list(sd['head.weight'].shape)}), but n_classes={n_classes} was asked for")
+    found_cls = "fc_norm.weight" not in sd and "norm.weight" in sd  # CLS pooling: a final norm, no fc_norm
+    if use_cls is not None and use_cls != found_cls:
+        raise CheckpointMismatchError(f"use_cls={use_cls} was asked for, but the checkpoint was fine-tuned with "
+                                      f"{'CLS' if found_cls else 'mean'} pooling ({'norm.*' if found_cls else 'fc_norm.*'} keys)")
+    model = _built(LaBraMClassifier, cfg, found_classes, init_scale, found_cls, meta=strict)
+    return _load_into(model, sd, "LaBraM classifier", strict)
+
+
+def to_official_labram(model: nn.Module, as_checkpoint: bool = False) -> dict:
+    "Our model's state dict in the official layout (the names are the same), or {'model': state dict}."
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"model": sd} if as_checkpoint else sd
+
+# %% ../nbs/40_official_weights.ipynb #c101
+def labram_tokenizer(source: str | Path) -> VQTokenizer:
+    "A VQ-NSP tokenizer from a save_pretrained folder (hub format) or an official LaBraM `vqnsp.pth`."
+    if Path(source).is_dir():  # errors name a missing file
+        return from_pretrained(source, expect=VQTokenizer)
+    return load_official_labram_vqnsp(source)
+
+
+def labram_start_classifier(source: str | Path | Mapping, n_classes: int = 1, drop_path: float = 0.1,
+                            use_cls: bool = False) -> LaBraMClassifier:
+    "The classifier to fine-tune: from a save_pretrained folder (MEM model or student: fresh head; classifier) or an official checkpoint."
+    if not (isinstance(source, (str, Path)) and Path(source).is_dir()):
+        return load_official_labram_classifier(source, n_classes=n_classes, drop_path=drop_path, use_cls=use_cls)
+    model = from_pretrained(source)
+    kind = type(model).__name__  # by name: chapter 15's own twins of these classes pass too
+    if kind in ("LaBraMForMEM", "LaBraMStudent"):
+        student = model.student if kind == "LaBraMForMEM" else model
+        return LaBraMClassifier.from_student(student, n_classes, drop_path, use_cls=use_cls)
+    if kind != "LaBraMClassifier":
+        raise TypeError(f"{source} holds a {kind}, not a LaBraM model to fine-tune")
+    if model.n_classes != n_classes or model.use_cls != use_cls:
+        raise CheckpointMismatchError(f"{source} holds a classifier with {model.n_classes} outputs and "
+                                      f"{'CLS' if model.use_cls else 'mean'} pooling; asked for n_classes={n_classes}, "
+                                      f"use_cls={use_cls}")
+    out = LaBraMClassifier(replace(model.config, drop_path=drop_path), model.n_classes, use_cls=model.use_cls)
+    out.load_state_dict(model.state_dict())
+    return out

@@ -20,7 +20,7 @@ from fastcore.basics import patch
 __all__ = ['ACTIVATIONS', 'ATTN_IMPLS', 'GPT2_PRESETS', 'GPTConfig', 'normalize_attn_mask', 'naive_attention', 'sdpa_attention',
            'causal_mask_mod', 'dense_mask_mod', 'make_block_mask', 'flex_block_mask', 'flex_attention_fn', 'attention',
            'CausalSelfAttention', 'MLP', 'Block', 'GPT', 'lm_loss', 'token_accuracy', 'config_from_hf',
-           'hf_to_gpt_state_dict', 'enlarge_embeddings', 'load_neurolm_gpt_weights']
+           'hf_to_gpt_state_dict', 'enlarge_embeddings']
 
 # %% ../nbs/20_gpt.ipynb #c006
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # our name -> F.gelu(approximate=...)
@@ -522,23 +522,4 @@ def enlarge_embeddings(model: GPT, n_in: int, n_out: int | None = None, seed: in
     model.lm_head = nn.Linear(d, n_out, bias=False, device=device, dtype=old_head.dtype)
     model.lm_head.weight.copy_(head)
     model.config = replace(cfg, vocab_size=n_in, out_vocab_size=n_out, tie_weights=False)
-    return model
-
-# %% ../nbs/20_gpt.ipynb #c072
-def load_neurolm_gpt_weights(tensors: dict, n_head: int, n_layer: int | None = None, prefix: str = "GPT2.",
-                             **overrides) -> GPT:
-    "Our GPT from a NeuroLM state dict's `GPT2.*` entries (sizes read from the tensors; `_orig_mod.` stripped)."
-    tensors = {k.removeprefix("_orig_mod."): v for k, v in tensors.items()}  # torch.compile'd checkpoints (N15)
-    sd = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-    if not sd:
-        raise KeyError(f"no keys starting with {prefix!r} among {len(tensors)} tensors")
-    wte, wpe, head = sd["transformer.wte.weight"], sd["transformer.wpe.weight"], sd["lm_head.weight"]
-    if n_layer is None:
-        n_layer = len({k.split(".")[2] for k in sd if k.startswith("transformer.h.")})
-    config = GPTConfig(**{**dict(n_layer=n_layer, n_head=n_head, n_embd=wte.shape[1], block_size=wpe.shape[0],
-                                 vocab_size=wte.shape[0], out_vocab_size=head.shape[0],
-                                 tie_weights=wte.shape[0] == head.shape[0] and torch.equal(wte, head)),
-                          **overrides})
-    model = GPT(config)
-    model.load_state_dict(sd, strict=True)
     return model

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,11 +20,11 @@ from .neurolm import IGNORE_INDEX, NEUROLM_VOCAB, VocabLayout
 from .patching import PatchingError, neurolm_sample
 
 # %% auto #0
-__all__ = ['ENDOFTEXT', 'EEG_MAX_LEN', 'TEXT_MAX_LEN', 'INSTRUCTION_TASKS', 'TASK_NAMES', 'STUB_PATTERN', 'InstructionTask',
-           'get_task', 'TextTokenizer', 'StubTokenizer', 'HFTextTokenizer', 'load_text_tokenizer', 'InstructionText',
-           'build_instruction_text', 'longest_text', 'instruction_sample', 'parse_answer', 'decode_answers',
-           'greedy_answers', 'option_continuations', 'OptionScores', 'score_options', 'InstructionDataset',
-           'collate_instructions', 'find_task_datasets', 'MixedInstructions']
+__all__ = ['ENDOFTEXT', 'EEG_MAX_LEN', 'TEXT_MAX_LEN', 'INSTRUCTION_TASKS', 'TASK_NAMES', 'InstructionTask', 'get_task',
+           'TextTokenizer', 'HFTextTokenizer', 'load_text_tokenizer', 'InstructionText', 'build_instruction_text',
+           'longest_text', 'instruction_sample', 'parse_answer', 'decode_answers', 'greedy_answers',
+           'option_continuations', 'OptionScores', 'score_options', 'InstructionDataset', 'collate_instructions',
+           'find_task_datasets', 'MixedInstructions']
 
 # %% ../nbs/30_instructions.ipynb #c006
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's end-of-text token: ends every answer, pads training texts
@@ -144,53 +143,7 @@ class TextTokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.vocab_size} tokens, eot={self.eot_id})"
 
-
-STUB_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
-
-# %% ../nbs/30_instructions.ipynb #c018
-class StubTokenizer(TextTokenizer):
-    "The fixtures' stand-in for GPT-2's BPE: GPT-2's pre-tokenizer split, then id = 1000 + crc32(piece) % 49000."
-
-    def __init__(self, id_to_piece: Mapping[int | str, str] | None = None, eot_id: int = 50256,
-                 vocab_size: int = 50257):
-        self.name, self.eot_id, self.vocab_size = "stub", int(eot_id), int(vocab_size)
-        self.pattern = re.compile(STUB_PATTERN)
-        self.pieces: dict[int, str] = {}
-        for i, piece in (id_to_piece or {}).items():
-            self._remember(int(i), piece)
-        for task in INSTRUCTION_TASKS.values():  # every template piece is known from the start
-            for k in range(task.n_classes):
-                self.encode(task.text(k))
-
-    @staticmethod
-    def piece_id(piece: str) -> int:
-        return 1000 + zlib.crc32(piece.encode("utf-8")) % 49000
-
-    def _remember(self, i: int, piece: str) -> None:
-        known = self.pieces.setdefault(i, piece)
-        if known != piece:  # two pieces, one id: decoding could not tell them apart
-            raise ValueError(f"stub tokenizer: pieces {known!r} and {piece!r} share id {i}")
-
-    def encode_plain(self, text: str) -> list[int]:
-        ids = []
-        for piece in self.pattern.findall(text):
-            i = self.piece_id(piece)
-            self._remember(i, piece)
-            ids.append(i)
-        return ids
-
-    def decode(self, ids) -> str:
-        "Known pieces; end-of-text as <|endoftext|>; an id it never produced as U+FFFD."
-        return "".join(ENDOFTEXT if int(i) == self.eot_id else self.pieces.get(int(i), "\ufffd") for i in ids)
-
-    @classmethod
-    def from_fixture(cls, sequences_json: str | Path | Mapping) -> "StubTokenizer":
-        "The stub with the piece table of `neurolm_sequences.json` (`stub_tokenizer.id_to_piece`)."
-        data = sequences_json if isinstance(sequences_json, Mapping) else \
-            json.loads(Path(sequences_json).read_text(encoding="utf-8"))
-        return cls(data["stub_tokenizer"]["id_to_piece"])
-
-# %% ../nbs/30_instructions.ipynb #c021
+# %% ../nbs/30_instructions.ipynb #c020
 class HFTextTokenizer(TextTokenizer):
     "A Hugging Face `tokenizers.Tokenizer` (GPT-2's byte-level BPE, or the tiny one of data_samples/text)."
 
@@ -214,7 +167,8 @@ def load_text_tokenizer(spec: str | Path | TextTokenizer = "tiny") -> TextTokeni
         return spec
     from neurolm_nb.alignment import TINY_GPT2_DIR, load_text_source, read_text_tokenizer, text_samples_dir
     text = str(spec)
-    if text == "stub":
+    if text == "stub":  # the fixtures' stand-in (test plumbing): imported only when asked for
+        from neurolm_nb.testing import StubTokenizer
         return StubTokenizer()
     folder = text_samples_dir() / TINY_GPT2_DIR if text == "tiny" else Path(text).expanduser()
     if folder.is_dir():
@@ -223,7 +177,7 @@ def load_text_tokenizer(spec: str | Path | TextTokenizer = "tiny") -> TextTokeni
         raise FileNotFoundError(f"text tokenizer folder {folder} does not exist")
     return HFTextTokenizer(load_text_source(text).tokenizer, text)  # a hub name from the local cache
 
-# %% ../nbs/30_instructions.ipynb #c024
+# %% ../nbs/30_instructions.ipynb #c023
 @dataclass
 class InstructionText:
     "Text ids of one sample (train: padded answer text; eval: the prompt) and their targets."
@@ -239,7 +193,7 @@ def _check_prefix(task: InstructionTask, tokenizer: TextTokenizer, prompt: list[
         raise ValueError(f"{task.title}: with tokenizer {tokenizer.name}, the tokens of the prompt are not a prefix of "
                          f"the tokens of the answered text; the answer would not continue the prompt")
 
-# %% ../nbs/30_instructions.ipynb #c027
+# %% ../nbs/30_instructions.ipynb #c026
 def build_instruction_text(task: str | InstructionTask, tokenizer: TextTokenizer, label: int | None = None, *,
                            sep_id: int = NEUROLM_VOCAB.sep_id, text_max_len: int | None = TEXT_MAX_LEN,
                            supervise_paren: bool | None = None) -> InstructionText:
@@ -267,7 +221,7 @@ def longest_text(tasks: Sequence[str | InstructionTask], tokenizer: TextTokenize
     "Tokens ([SEP] included) of the longest answered text of `tasks`: the smallest text_max_len that fits."
     return max(len(tokenizer.encode(get_task(t).text(k))) + 1 for t in tasks for k in range(get_task(t).n_classes))
 
-# %% ../nbs/30_instructions.ipynb #c030
+# %% ../nbs/30_instructions.ipynb #c029
 def instruction_sample(window, channels, task: str | InstructionTask, label: int, tokenizer: TextTokenizer, *,
                        train: bool = True, sep_id: int = NEUROLM_VOCAB.sep_id, eeg_max_len: int = EEG_MAX_LEN,
                        text_max_len: int | None = TEXT_MAX_LEN, supervise_paren: bool | None = None,
@@ -286,7 +240,7 @@ def instruction_sample(window, channels, task: str | InstructionTask, label: int
     sample["label"] = torch.tensor(int(label), dtype=torch.int64)
     return sample
 
-# %% ../nbs/30_instructions.ipynb #c035
+# %% ../nbs/30_instructions.ipynb #c034
 def parse_answer(decoded: str, task: str | InstructionTask, original_unparseable: bool = False) -> int:
     "Task label from a decoded prompt + answer (the original's fixed-position parse); -1 when unparseable."
     task = get_task(task)
@@ -317,7 +271,7 @@ def greedy_answers(model, batch: Mapping[str, torch.Tensor], task: str | Instruc
     texts = decode_answers(ids.cpu(), tokenizer)
     return texts, np.array([parse_answer(t, task, original_unparseable) for t in texts], dtype=np.int64)
 
-# %% ../nbs/30_instructions.ipynb #c038
+# %% ../nbs/30_instructions.ipynb #c037
 def option_continuations(task: str | InstructionTask, tokenizer: TextTokenizer) -> list[list[int]]:
     "For every answer of `task`, the token ids that follow the prompt in its training text (end-of-text included)."
     task = get_task(task)
@@ -340,7 +294,7 @@ class OptionScores:
     def pred(self) -> torch.Tensor:
         return self.probs.argmax(-1)
 
-# %% ../nbs/30_instructions.ipynb #c041
+# %% ../nbs/30_instructions.ipynb #c040
 @torch.no_grad()
 def score_options(model, batch: Mapping[str, torch.Tensor], task: str | InstructionTask, tokenizer: TextTokenizer,
                   sep_id: int | None = None) -> OptionScores:
@@ -373,7 +327,7 @@ def score_options(model, batch: Mapping[str, torch.Tensor], task: str | Instruct
     loglik = torch.zeros(B * K, device=device).index_add_(0, rows, picked).view(B, K)
     return OptionScores(loglik, loglik.softmax(-1))
 
-# %% ../nbs/30_instructions.ipynb #c047
+# %% ../nbs/30_instructions.ipynb #c046
 class InstructionDataset(Dataset):
     "Instruction samples over one split of a built dataset (`datasets.build_dataset`)."
 
@@ -418,7 +372,7 @@ class InstructionDataset(Dataset):
         return (f"InstructionDataset({self.task.title}/{self.windows.split}: {self.n} "
                 f"{'training' if self.train else 'evaluation'} samples, {self.tokenizer.name} tokens)")
 
-# %% ../nbs/30_instructions.ipynb #c050
+# %% ../nbs/30_instructions.ipynb #c049
 def collate_instructions(samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     "Stack instruction samples into a batch (texts must have one length: one task per evaluation batch)."
     if not samples:
@@ -447,7 +401,7 @@ def find_task_datasets(datasets_root: str | Path, tasks: str | Sequence[str] | N
         out[task.name] = root / task.name
     return out
 
-# %% ../nbs/30_instructions.ipynb #c053
+# %% ../nbs/30_instructions.ipynb #c052
 class MixedInstructions(Dataset):
     "Training sets of several tasks as one: every window once (proportional), or equal shares per task (balanced)."
 

@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .convert import CheckpointMismatchError, read_checkpoint, strip_prefix
 from .core import rng_state, set_rng_state
-from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained
+from .hub import ModelCard, describe_datasets, flat_metrics
 from .patching import collate_labram
 from .targets import labram_targets
 from .training import (TrainConfig, TrainResult, TrainState, gather_objects, train, unwrap_model, weight_decay_groups,
@@ -31,12 +30,8 @@ __all__ = ['CLS_POSITIONS', 'STUDENT_ONLY_KEYS', 'HEAD_KEYS', 'CLS_HEAD_KEYS', '
            'MEM_NO_WEIGHT_DECAY', 'LaBraMConfig', 'DropPath', 'QKNormAttention', 'LaBraMBlock', 'LaBraMTrunk',
            'LaBraMStudent', 'random_mask', 'plot_mask_pair', 'MEMOutput', 'LaBraMForMEM', 'mem_loss',
            'LaBraMClassifier', 'count_encoder_parameters', 'labram_sizes', 'layer_index', 'layer_decay_groups',
-           'official_state_dict', 'labram_student_config', 'state_dict_problems', 'load_official_labram_mem',
-           'load_official_labram_student', 'load_official_labram_classifier', 'to_official_labram', 'labram_tokenizer',
-           'labram_start_classifier', 'labram_base_fixture_checkpoint', 'labram_base_fixture_outputs',
-           'compare_labram_base', 'classification_metrics', 'predict', 'tokenizer_codes', 'vqnsp_loss', 'mem_loss_fn',
-           'pretrain_mem', 'ModelEMA', 'FinetuneConfig', 'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune',
-           'labram_card']
+           'classification_metrics', 'predict', 'tokenizer_codes', 'vqnsp_loss', 'mem_loss_fn', 'pretrain_mem',
+           'ModelEMA', 'FinetuneConfig', 'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune', 'labram_card']
 
 # %% ../nbs/15_labram.ipynb #c006
 @dataclass
@@ -462,248 +457,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay
         groups[key]["param_names"].append(name)
     return sorted(groups.values(), key=lambda g: (g["layer"], g["name"]))
 
-# %% ../nbs/15_labram.ipynb #c036
-def official_state_dict(source: str | Path | Mapping, trusted: bool = False) -> dict[str, torch.Tensor]:
-    "The state dict inside an official LaBraM checkpoint (file, checkpoint dict or bare state dict), prefixes stripped."
-    ckpt = read_checkpoint(source, trusted)
-    sd = None
-    for key in ("model", "module", "state_dict"):
-        if key in ckpt and isinstance(ckpt[key], Mapping):
-            sd = dict(ckpt[key])
-            break
-    if sd is None:
-        if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            raise CheckpointMismatchError(f"no state dict found in {source if not isinstance(source, Mapping) else 'the checkpoint'}: "
-                                          f"expected 'model', 'module' or 'state_dict', or a flat dict of tensors; "
-                                          f"found keys {sorted(ckpt)[:10]}")
-        sd = dict(ckpt)
-    return strip_prefix(strip_prefix(sd), "module.")
-
-
-def _shape(sd: Mapping, key: str, what: str) -> tuple:
-    if key not in sd:
-        raise CheckpointMismatchError(f"cannot read the {what} from the checkpoint: key {key!r} is missing")
-    return tuple(sd[key].shape)
-
-
-def labram_student_config(sd: Mapping[str, torch.Tensor], **overrides) -> LaBraMConfig:
-    "The `LaBraMConfig` of an official state dict (MEM with `student.` keys, student-only, or fine-tuning)."
-    p = "student." if any(k.startswith("student.") for k in sd) else ""
-    dim = _shape(sd, f"{p}cls_token", "width")[-1]
-    depth = len({k[len(p):].split(".")[1] for k in sd if k.startswith(f"{p}blocks.")})
-    qk = f"{p}blocks.0.attn.q_norm.weight"
-    if qk in sd:
-        n_heads = dim // sd[qk].shape[0]
-    else:
-        n_heads = overrides.get("n_heads", {200: 10, 400: 16, 800: 16}.get(dim))
-        if n_heads is None:
-            raise CheckpointMismatchError(f"cannot tell the number of heads of a width-{dim} model without QK-norm; "
-                                          f"pass n_heads=")
-    lm = next((k for k in (f"{p}lm_head.weight", "lm_head.weight") if k in sd), None)
-    cfg = dict(dim=dim, depth=depth, n_heads=n_heads,
-               conv_channels=_shape(sd, f"{p}patch_embed.conv1.weight", "conv maps")[0],
-               mlp_ratio=_shape(sd, f"{p}blocks.0.mlp.fc1.weight", "MLP width")[0] / dim if depth else 4.0,
-               n_channel_embeddings=_shape(sd, f"{p}pos_embed", "channel table")[1],
-               n_time_embeddings=_shape(sd, f"{p}time_embed", "time table")[1],
-               vocab_size=sd[lm].shape[0] if lm else LaBraMConfig.vocab_size,
-               qk_norm=qk in sd, qkv_bias=f"{p}blocks.0.attn.q_bias" in sd,
-               init_values=LaBraMConfig.init_values if f"{p}blocks.0.gamma_1" in sd or not depth else 0.0)
-    return LaBraMConfig(**{**cfg, **overrides})
-
-
-def state_dict_problems(expected: Mapping[str, tuple], found: Mapping[str, Any], what: str,
-                        may_be_unused: Sequence[str] = ()) -> list[str]:
-    "Every missing key, shape mismatch and unexpected key (except those in `may_be_unused`), one line each."
-    problems = [f"missing key {k!r} (expected shape {list(shape)})" for k, shape in expected.items() if k not in found]
-    problems += [f"key {k!r}: expected shape {list(shape)}, found {list(found[k].shape)}"
-                 for k, shape in expected.items() if k in found and tuple(found[k].shape) != tuple(shape)]
-    problems += [f"unexpected key {k!r} (shape {list(getattr(v, 'shape', []))}) is not part of the {what}"
-                 for k, v in found.items() if k not in expected and k not in may_be_unused]
-    return problems
-
-
-def _raise_or_warn(problems: list[str], what: str, strict: bool) -> None:
-    if not problems:
-        return
-    message = (f"official {what} state dict does not fit ({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:25])
-               + ("\n  ..." if len(problems) > 25 else ""))
-    if strict:
-        raise CheckpointMismatchError(message)
-    import warnings
-    warnings.warn(message)
-
-
-def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, strict: bool,
-               may_be_unused: Sequence[str] = (), may_be_missing: Sequence[str] = ()) -> nn.Module:
-    "Check `sd` against `model.state_dict()` (names and shapes) and load the fitting tensors as float32."
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = state_dict_problems({k: s for k, s in expected.items() if k not in may_be_missing}, sd, what,
-                                   [*may_be_unused, *may_be_missing])
-    _raise_or_warn(problems, what, strict)
-    usable = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()
-              if k in expected and tuple(v.shape) == expected[k]}
-    on_meta = any(t.is_meta for t in model.state_dict().values())
-    model.load_state_dict(usable, strict=False, assign=on_meta)
-    return model
-
-
-def _built(cls, *args, meta: bool):
-    if meta:
-        with torch.device("meta"):  # shapes only: the checkpoint supplies every value
-            return cls(*args)
-    return cls(*args)
-
-
-def _frozen_like_original(model: LaBraMForMEM) -> LaBraMForMEM:
-    for p in [*model.student.lm_head.parameters(), *model.projection_head.parameters()]:
-        p.requires_grad_(False)  # assign=True may have replaced the parameters
-    return model
-
-
-def load_official_labram_mem(source: str | Path | Mapping, strict: bool = True, trusted: bool = False,
-                             **config_overrides) -> LaBraMForMEM:
-    "A `LaBraMForMEM` holding an official MEM pretraining checkpoint (every `student.*`, `lm_head.*`, `projection_head.*` key)."
-    sd = official_state_dict(source, trusted)
-    if not any(k.startswith("student.") for k in sd):
-        raise CheckpointMismatchError("no 'student.*' keys: this is not a LaBraM MEM pretraining checkpoint "
-                                      "(a fine-tuning checkpoint loads with load_official_labram_classifier)")
-    if not any(k.startswith("lm_head.") for k in sd) and strict:
-        raise CheckpointMismatchError("the checkpoint holds the student only (no outer 'lm_head.*' / 'projection_head.*', "
-                                      "like labram-base.pth): load it with load_official_labram_student, or fine-tune "
-                                      "it with load_official_labram_classifier")
-    cfg = labram_student_config(sd, **config_overrides)
-    model = _built(LaBraMForMEM, cfg, meta=strict)
-    return _frozen_like_original(_load_into(model, sd, "LaBraM MEM", strict))
-
-
-def load_official_labram_student(source: str | Path | Mapping, strict: bool = True, trusted: bool = False,
-                                 **config_overrides) -> LaBraMStudent:
-    "A `LaBraMStudent` from `labram-base.pth` or any MEM checkpoint (its `student.*` keys; other keys are ignored)."
-    sd = official_state_dict(source, trusted)
-    if any(k.startswith("student.") for k in sd):
-        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
-    cfg = labram_student_config(sd, **config_overrides)
-    return _load_into(_built(LaBraMStudent, cfg, meta=strict), sd, "LaBraM student", strict)
-
-
-def load_official_labram_classifier(source: str | Path | Mapping, n_classes: int | None = None, drop_path: float = 0.1,
-                                    init_scale: float = 0.001, strict: bool = True, trusted: bool = False,
-                                    use_cls: bool | None = None, **config_overrides) -> LaBraMClassifier:
-    "A `LaBraMClassifier` from a fine-tuning checkpoint (all keys; pooling read off them), or from a pretraining one (`student.*`: fresh head)."
-    sd = official_state_dict(source, trusted)
-    from_pretraining = any(k.startswith("student.") for k in sd) or "mask_token" in sd
-    if any(k.startswith("student.") for k in sd):
-        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
-    cfg = labram_student_config(sd, **{"drop_path": drop_path, **config_overrides})
-    if from_pretraining:  # the --finetune path: trunk (+ the final norm with CLS pooling), a fresh head
-        model = LaBraMClassifier(cfg, n_classes or 1, init_scale, bool(use_cls))
-        unused = [k for k in STUDENT_ONLY_KEYS if not (use_cls and k.startswith("norm."))]
-        return _load_into(model, sd, "LaBraM student (for fine-tuning)", strict,
-                          may_be_unused=unused, may_be_missing=CLS_HEAD_KEYS if use_cls else HEAD_KEYS)
-    found_classes = _shape(sd, "head.weight", "number of classes")[0]
-    if n_classes is not None and n_classes != found_classes:
-        raise CheckpointMismatchError(f"the checkpoint's head has {found_classes} outputs ('head.weight' "
-                                      f"{list(sd['head.weight'].shape)}), but n_classes={n_classes} was asked for")
-    found_cls = "fc_norm.weight" not in sd and "norm.weight" in sd  # CLS pooling: a final norm, no fc_norm
-    if use_cls is not None and use_cls != found_cls:
-        raise CheckpointMismatchError(f"use_cls={use_cls} was asked for, but the checkpoint was fine-tuned with "
-                                      f"{'CLS' if found_cls else 'mean'} pooling ({'norm.*' if found_cls else 'fc_norm.*'} keys)")
-    model = _built(LaBraMClassifier, cfg, found_classes, init_scale, found_cls, meta=strict)
-    return _load_into(model, sd, "LaBraM classifier", strict)
-
-
-def to_official_labram(model: nn.Module, as_checkpoint: bool = False) -> dict:
-    "Our model's state dict in the official layout (the names are the same), or {'model': state dict}."
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"model": sd} if as_checkpoint else sd
-
-# %% ../nbs/15_labram.ipynb #c042
-def labram_tokenizer(source: str | Path) -> VQTokenizer:
-    "A VQ-NSP tokenizer from a save_pretrained folder (hub format) or an official LaBraM `vqnsp.pth`."
-    if Path(source).is_dir():  # errors name a missing file
-        return from_pretrained(source, expect=VQTokenizer)
-    from neurolm_nb.convert import load_official_labram_vqnsp
-    return load_official_labram_vqnsp(source)
-
-
-def labram_start_classifier(source: str | Path | Mapping, n_classes: int = 1, drop_path: float = 0.1,
-                            use_cls: bool = False) -> LaBraMClassifier:
-    "The classifier to fine-tune: from a save_pretrained folder (MEM model or student: fresh head; classifier) or an official checkpoint."
-    if not (isinstance(source, (str, Path)) and Path(source).is_dir()):
-        return load_official_labram_classifier(source, n_classes=n_classes, drop_path=drop_path, use_cls=use_cls)
-    model = from_pretrained(source)
-    kind = type(model).__name__  # by name: in this chapter the classes are its own twins of the package's
-    if kind in ("LaBraMForMEM", "LaBraMStudent"):
-        student = model.student if kind == "LaBraMForMEM" else model
-        return LaBraMClassifier.from_student(student, n_classes, drop_path, use_cls=use_cls)
-    if kind != "LaBraMClassifier":
-        raise TypeError(f"{source} holds a {kind}, not a LaBraM model to fine-tune")
-    if model.n_classes != n_classes or model.use_cls != use_cls:
-        raise CheckpointMismatchError(f"{source} holds a classifier with {model.n_classes} outputs and "
-                                      f"{'CLS' if model.use_cls else 'mean'} pooling; asked for n_classes={n_classes}, "
-                                      f"use_cls={use_cls}")
-    out = LaBraMClassifier(replace(model.config, drop_path=drop_path), model.n_classes, use_cls=model.use_cls)
-    out.load_state_dict(model.state_dict())
-    return out
-
-# %% ../nbs/15_labram.ipynb #c045
-def labram_base_fixture_checkpoint(t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    "The complete official MEM state dict (float32) of fixture `labram_base`, the omitted student.lm_head filled with zeros."
-    sd = {k[len("weights.mem."):]: v.float() for k, v in t.items() if k.startswith("weights.mem.")}
-    D = sd["student.cls_token"].shape[-1]
-    V = sd["lm_head.weight"].shape[0]
-    sd["student.lm_head.weight"] = torch.zeros(V, D)
-    sd["student.lm_head.bias"] = torch.zeros(V)
-    return sd
-
-
-def _row_stats(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-    top2 = logits.topk(2, dim=-1).values
-    logp = logits.log_softmax(-1)
-    return {f"{prefix}.logits_0_64": logits[:, :64], f"{prefix}.argmax": logits.argmax(-1),
-            f"{prefix}.top1_minus_top2": top2[:, 0] - top2[:, 1], f"{prefix}.logsumexp": logits.logsumexp(-1),
-            f"{prefix}.logprob_at_label": logp.gather(1, labels[:, None])[:, 0], f"{prefix}.labels": labels}
-
-
-def labram_base_fixture_outputs(mem: LaBraMForMEM, classifier: LaBraMClassifier,
-                                t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    "Our outputs for the `labram_base` fixture inputs, under the fixture's names."
-    x, chans, mask, codes = t["input.x"], t["input.input_chans"], t["input.bool_masked_pos"], t["input.codebook_labels"]
-    with torch.no_grad():
-        out = mem(x, chans, mask)
-        _, terms = mem_loss(out, codes, mask)
-        pooled = classifier.forward_features(x, chans)
-        logits = classifier.head(pooled)
-    return {**_row_stats(out.logits, codes[mask], "mem"), **_row_stats(out.logits_sym, codes[~mask], "mem_sym"),
-            "mem.loss_rec": terms["loss_rec"], "mem.loss_rec_sym": terms["loss_rec_sym"],
-            "mem.loss": terms["loss_rec"] + terms["loss_rec_sym"], "mem.mlm_acc": terms["mlm_acc"],
-            "mem.mlm_acc_sym": terms["mlm_acc_sym"], "mem.student_patch_embed": out.patch_embed,
-            "mem.student_tokens_masked": out.tokens, "mem.student_tokens_sym": out.tokens_sym,
-            "finetune.pooled_features": pooled, "finetune.logits": logits}
-
-
-def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor]) -> dict[str, dict]:
-    "Per output: max |difference| and whether it meets the chapter-45 tolerances (exact integers, rtol for losses, atol 1e-7 for the logits)."
-    report = {}
-    for name, value in ours.items():
-        ref = t[f"output.{name}"]
-        value = value.detach().cpu()
-        if not ref.is_floating_point():
-            diff = float((value.to(ref.dtype) != ref).sum())
-            ok = torch.equal(value.to(ref.dtype), ref)
-        else:
-            value = value.float()
-            diff = (value - ref).abs().max().item()
-            if ".loss" in name or ".mlm_acc" in name:
-                ok = diff <= 1e-5 * abs(ref.item())
-            elif name == "finetune.logits":
-                ok = diff <= 1e-7
-            else:
-                ok = bool(torch.allclose(value, ref, atol=1e-5, rtol=1e-5))
-        report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
-    return report
-
-# %% ../nbs/15_labram.ipynb #c049
+# %% ../nbs/15_labram.ipynb #c040
 def classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     "Binary (scores [n, 1] logits): balanced accuracy, AUROC, AUC-PR, accuracy; multi-class: balanced accuracy, kappa, weighted F1, accuracy."
     import warnings
@@ -759,7 +513,7 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, collate_fn
         raise RuntimeError(f"gathered predictions cover {len(index)} indices, expected each of {len(dataset)} once")
     return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
-# %% ../nbs/15_labram.ipynb #c052
+# %% ../nbs/15_labram.ipynb #c043
 MEM_DEFAULTS = dict(lr=5e-4, min_lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05, grad_clip=3.0, epochs=50,
                     warmup_epochs=5, batch_size=64)
 MEM_NO_WEIGHT_DECAY = tuple(f"student.{n}" for n in NO_WEIGHT_DECAY)
@@ -806,7 +560,7 @@ def pretrain_mem(model: LaBraMForMEM, tokenizer: VQTokenizer, dataset: Dataset, 
     return train(model, dataset, mem_loss_fn(tokenizer, mask_ratio), cfg, collate_fn=collate_fn, param_groups=groups,
                  **train_kwargs)
 
-# %% ../nbs/15_labram.ipynb #c054
+# %% ../nbs/15_labram.ipynb #c045
 class ModelEMA:
     "timm's ModelEma (LaBraM --model_ema): an exponential moving average of a model's state, a checkpointed `train` callback."
     checkpoint_key = "model_ema"  # the original's checkpoint key
@@ -838,7 +592,7 @@ class ModelEMA:
     def load_state_dict(self, state_dict: Mapping) -> None:
         self.module.load_state_dict(state_dict)
 
-# %% ../nbs/15_labram.ipynb #c057
+# %% ../nbs/15_labram.ipynb #c048
 @dataclass
 class FinetuneConfig:
     "Fine-tuning settings; the defaults are the paper's TUAB run (batch per process)."
@@ -947,7 +701,7 @@ def finetune(model: LaBraMClassifier, train_set: Dataset, val_set: Dataset, cfg:
     model.load_state_dict(best.best_state)
     return FinetuneResult(model, best.best_epoch, best.best_value, metric, best.rows, result.history, result, ema)
 
-# %% ../nbs/15_labram.ipynb #c073
+# %% ../nbs/15_labram.ipynb #c064
 def labram_card(data_root: str | Path, metrics: Mapping, options: Mapping | None = None) -> ModelCard:
     "The model card of the `labram` stage's fine-tuned Workload classifier: stage, data, metrics, options."
     return ModelCard(

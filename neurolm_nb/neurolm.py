@@ -27,9 +27,7 @@ __all__ = ['IGNORE_INDEX', 'NEUROLM_VOCAB', 'TEXT_POSITION_MODES', 'MODEL_FORMAT
            'stair_mask', 'stair_mask_mod', 'stair_block_mask', 'next_second_targets', 'pretraining_targets',
            'text_position_ids', 'NeuroLMConfig', 'prefix_group_norm', 'new_encoder', 'encoder_input', 'encoder_blocks',
            'causal_encoder_features', 'NeuroLMOutput', 'NeuroLM', 'sample_next_token', 'sampling_generator',
-           'grow_mask_like_original', 'official_lm_key_table', 'neurolm_lm_config_from_state_dict',
-           'load_official_neurolm_lm', 'to_official_neurolm_lm', 'lm_fixture_state_dict', 'save_neurolm',
-           'load_neurolm']
+           'grow_mask_like_original', 'save_neurolm', 'load_neurolm']
 
 # %% ../nbs/21_neurolm.ipynb #c006
 IGNORE_INDEX = -1  # a target that carries no loss (cross-entropy's ignore_index, as in nanoGPT)
@@ -534,119 +532,7 @@ def _generate(self: NeuroLM, X=None, input_chans=None, input_time=None, input_ma
 
 NeuroLM.generate = _generate
 
-# %% ../nbs/21_neurolm.ipynb #c091
-def _official_lm_key(key: str) -> str:
-    "The official NeuroLM name of one of our state-dict keys."
-    from neurolm_nb.convert import official_key
-    if key.startswith("gpt."):
-        return "GPT2." + key[len("gpt."):]
-    if key.startswith("encoder."):
-        theirs, _ = official_key(key, "neurolm")   # 'VQ.encoder.<name>' inside the tokenizer checkpoint
-        return "tokenizer." + theirs[len("VQ.encoder."):]
-    if key == "channel_embed.weight":
-        return "pos_embed.weight"
-    m = re.fullmatch(r"projection\.0\.(weight|bias)", key)
-    if m:
-        return f"encode_transform_layer.0.{m.group(1)}"
-    raise KeyError(f"our key {key!r} has no official NeuroLM name")
-
-
-def official_lm_key_table(model: NeuroLM) -> dict[str, str]:
-    "{official key: our key} for every entry of `model.state_dict()`."
-    return {_official_lm_key(k): k for k in model.state_dict()}
-
-
-def _n_blocks(sd: Mapping, prefix: str) -> int:
-    found = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
-    return max(found) + 1 if found else 0
-
-# %% ../nbs/21_neurolm.ipynb #c094
-def neurolm_lm_config_from_state_dict(sd: Mapping, model_args: Mapping | None = None, n_head: int | None = None,
-                                      encoder_heads: int | None = None, text_vocab_size: int | None = None,
-                                      **overrides) -> NeuroLMConfig:
-    """The NeuroLMConfig of an official NeuroLM state dict (sizes from shapes).
-
-    Heads are not shapes: GPT heads from `n_head`, `model_args` or width // 64; encoder heads from
-    `encoder_heads` or width // 64 (the official LM checkpoint does not record them)."""
-    from neurolm_nb.convert import CheckpointMismatchError
-    def shape(key):
-        if key not in sd:
-            raise CheckpointMismatchError(f"the state dict has no {key!r}: not an official NeuroLM (LLM stage) checkpoint")
-        return tuple(sd[key].shape)
-    n_in, width = shape("GPT2.transformer.wte.weight")
-    n_out = shape("GPT2.lm_head.weight")[0]
-    gpt = GPTConfig(n_layer=_n_blocks(sd, "GPT2.transformer.h."), n_embd=width,
-                    n_head=n_head or (model_args or {}).get("n_head") or width // 64,
-                    block_size=shape("GPT2.transformer.wpe.weight")[0], bias="GPT2.transformer.ln_f.bias" in sd)
-    dim = shape("tokenizer.fc_norm.weight")[0]
-    tokenizer = VQConfig.neurolm(
-        dim=dim, n_heads=encoder_heads or dim // 64, encoder_depth=_n_blocks(sd, "tokenizer.blocks."),
-        conv_channels=shape("tokenizer.patch_embed.conv1.weight")[0],
-        mlp_ratio=shape("tokenizer.blocks.0.mlp.c_fc.weight")[0] / dim,
-        n_channel_embeddings=shape("tokenizer.pos_embed.weight")[0],
-        n_time_embeddings=shape("tokenizer.time_embed.weight")[0], n_codes=n_out - n_in)
-    if text_vocab_size is None:  # GPT-2's 50257 tokens give 50304 rows; otherwise assume text + [SEP] exactly
-        text_vocab_size = NEUROLM_VOCAB.text_vocab_size if n_in == NEUROLM_VOCAB.input_size else n_in - 1
-    vocab = VocabLayout(text_vocab_size=text_vocab_size, n_codes=n_out - n_in)
-    if vocab.input_size != n_in:
-        raise ValueError(f"wte has {n_in} rows, but {text_vocab_size} text tokens give {vocab.input_size}: "
-                         f"pass text_vocab_size")
-    return NeuroLMConfig(gpt=gpt, tokenizer=tokenizer, vocab=vocab, n_channel_embeddings=shape("pos_embed.weight")[0],
-                         **overrides)
-
 # %% ../nbs/21_neurolm.ipynb #c097
-def load_official_neurolm_lm(source, model: NeuroLM | None = None, strict: bool = True, n_head: int | None = None,
-                             trusted: bool = False, **config_overrides) -> NeuroLM:
-    "A NeuroLM holding an official NeuroLM checkpoint (file or dict: checkpoint with 'model', or a bare state dict)."
-    from neurolm_nb.convert import CheckpointMismatchError, _state_dict_of, read_checkpoint, strip_prefix
-    ckpt = read_checkpoint(source, trusted)
-    sd, extra = _state_dict_of(ckpt, ("model",))
-    sd = strip_prefix(sd)
-    if model is None:
-        config = neurolm_lm_config_from_state_dict(sd, extra.get("model_args"), n_head, **config_overrides)
-        with torch.device("meta"):  # shapes only: the checkpoint supplies every value
-            model = NeuroLM(config)
-    elif config_overrides:
-        raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
-    table, ours = official_lm_key_table(model), model.state_dict()
-    problems = [f"missing key {k!r} (shape {list(ours[v].shape)})" for k, v in table.items() if k not in sd]
-    problems += [f"unexpected key {k!r}" for k in sd if k not in table]
-    problems += [f"key {k!r}: expected shape {list(ours[v].shape)}, found {list(sd[k].shape)}"
-                 for k, v in table.items() if k in sd and sd[k].shape != ours[v].shape]
-    if problems:
-        message = (f"official NeuroLM state dict does not fit the model ({len(problems)} problem(s)):\n  "
-                   + "\n  ".join(problems[:25]))
-        if strict:
-            raise CheckpointMismatchError(message)
-        warnings.warn(message)
-    on_meta = any(t.is_meta for t in ours.values())
-    if on_meta and problems:
-        raise CheckpointMismatchError("a partial load needs a model with initial values: pass model=NeuroLM(config)")
-    values = {v: sd[k].to(torch.float32 if on_meta else ours[v].dtype) for k, v in table.items()
-              if k in sd and sd[k].shape == ours[v].shape}
-    model.load_state_dict(values, strict=not problems, assign=on_meta)
-    model.encoder.requires_grad_(False)
-    return model
-
-
-def to_official_neurolm_lm(model: NeuroLM) -> dict[str, torch.Tensor]:
-    "Our model's state dict under the official NeuroLM names (what official code loads)."
-    ours = model.state_dict()
-    return {theirs: ours[key] for theirs, key in official_lm_key_table(model).items()}
-
-# %% ../nbs/21_neurolm.ipynb #c101
-def lm_fixture_state_dict(lm_tensors: Mapping[str, torch.Tensor], vq_tensors: Mapping[str, torch.Tensor],
-                          two_layer: bool = False) -> dict[str, torch.Tensor]:
-    "The official state dict of fixture `neurolm_lm_tiny` (float32), tokenizer keys rebuilt from `neurolm_vq_tiny`."
-    sd = {k[len("weights."):]: v.float() for k, v in lm_tensors.items() if k.startswith("weights.")}
-    sd.update({"tokenizer." + k[len("weights.VQ.encoder."):]: v.float() for k, v in vq_tensors.items()
-               if k.startswith("weights.VQ.encoder.")})
-    if two_layer:
-        sd.update({k[len("weights_2layer_extra."):]: v.float() for k, v in lm_tensors.items()
-                   if k.startswith("weights_2layer_extra.")})
-    return sd
-
-# %% ../nbs/21_neurolm.ipynb #c107
 MODEL_FORMAT = "neurolm_nb.model/1"
 
 

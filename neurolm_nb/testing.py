@@ -5,13 +5,26 @@
 # %% ../nbs/45_testing.ipynb #c003
 from __future__ import annotations
 
+import json
+import re
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
 
+from .core import shared_dir
+from .instructions import ENDOFTEXT, INSTRUCTION_TASKS, TextTokenizer
+from .labram import LaBraMClassifier, LaBraMForMEM, mem_loss
+from .vq import VQTokenizer, channel_major_tokens
+
 # %% auto #0
-__all__ = ['TOLERANCES', 'Tolerance', 'max_abs_diff', 'check_parity']
+__all__ = ['TOLERANCES', 'LM_FIXTURE_BATCHES', 'STUB_PATTERN', 'Tolerance', 'max_abs_diff', 'check_parity', 'fixture_dir',
+           'load_fixture', 'fixture_state_dict', 'lm_fixture_state_dict', 'compare_with_fixture',
+           'neurolm_fixture_outputs', 'labram_fixture_outputs', 'neurolm_lm_fixture_outputs',
+           'labram_base_fixture_checkpoint', 'labram_base_fixture_outputs', 'compare_labram_base', 'StubTokenizer']
 
 # %% ../nbs/45_testing.ipynb #c005
 @dataclass(frozen=True)
@@ -61,3 +74,245 @@ def check_parity(ours, ref, kind: str, name: str = "value") -> float:
         raise AssertionError(f"{name}: max |diff| {diff:.3g} exceeds the {kind!r} tolerance (atol {tol.atol:g}, "
                              f"rtol {tol.rtol:g}; fixtures README §5: {tol.why})")
     return diff
+
+# %% ../nbs/45_testing.ipynb #c011
+def fixture_dir() -> Path:
+    "`shared/fixtures/official` beside the checkout (FileNotFoundError naming what is missing)."
+    root = shared_dir()
+    if root is None or not (root / "fixtures" / "official").is_dir():
+        raise FileNotFoundError("the official fixtures (shared/fixtures/official beside the checkout, or "
+                                "$NEUROLM_SHARED/fixtures/official) were not found")
+    return root / "fixtures" / "official"
+
+
+def load_fixture(name: str) -> dict[str, torch.Tensor]:
+    "All tensors of `fixtures/official/<name>.safetensors`."
+    from safetensors.torch import load_file
+    path = fixture_dir() / f"{name}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"fixture {path} does not exist")
+    return load_file(path)
+
+
+def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    "The complete official state dict (float32) of fixture `name`, with the tensors it omits rebuilt (README §2.3)."
+    t = tensors if tensors is not None else load_fixture(name)
+    sd = {k[len("weights."):]: v.float() for k, v in t.items() if k.startswith("weights.")}
+    if name == "neurolm_vq_tiny":
+        sd["VQ.quantize.embedding.embed_avg"] = sd["VQ.quantize.embedding.weight"].clone()
+        wte = torch.zeros(50257, t["output.text_wte_rows"].shape[-1])
+        wte[t["input.text_ids"].flatten()] = t["output.text_wte_rows"].reshape(-1, wte.shape[1])
+        sd["wte.weight"] = wte
+    elif name == "labram_vqnsp":
+        sd["quantize.embedding.embed_avg"] = sd["quantize.embedding.weight"].clone()
+    else:
+        raise ValueError(f"fixture_state_dict knows the tokenizer fixtures 'neurolm_vq_tiny' and 'labram_vqnsp', not {name!r}")
+    return sd
+
+# %% ../nbs/45_testing.ipynb #c015
+def lm_fixture_state_dict(lm_tensors: Mapping[str, torch.Tensor], vq_tensors: Mapping[str, torch.Tensor],
+                          two_layer: bool = False) -> dict[str, torch.Tensor]:
+    "The official state dict of fixture `neurolm_lm_tiny` (float32), tokenizer keys rebuilt from `neurolm_vq_tiny`."
+    sd = {k[len("weights."):]: v.float() for k, v in lm_tensors.items() if k.startswith("weights.")}
+    sd.update({"tokenizer." + k[len("weights.VQ.encoder."):]: v.float() for k, v in vq_tensors.items()
+               if k.startswith("weights.VQ.encoder.")})
+    if two_layer:
+        sd.update({k[len("weights_2layer_extra."):]: v.float() for k, v in lm_tensors.items()
+                   if k.startswith("weights_2layer_extra.")})
+    return sd
+
+# %% ../nbs/45_testing.ipynb #c018
+def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
+                         atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, dict]:
+    "Per output: max |difference| and whether it is within README §5 (losses: rtol; indices: exact; else atol+rtol)."
+    report = {}
+    for name, value in ours.items():
+        ref = t[f"output.{name}"]
+        value = value.detach().to(ref.dtype) if not ref.is_floating_point() else value.detach().float()
+        if not ref.is_floating_point():
+            ok, diff = torch.equal(value, ref), float((value != ref).sum())
+        elif name.startswith("loss"):
+            diff = abs(value.item() - ref.item())
+            ok = diff <= rtol * abs(ref.item())
+        else:
+            diff = (value - ref).abs().max().item()
+            ok = torch.allclose(value, ref, atol=atol, rtol=rtol)
+        report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
+    return report
+
+# %% ../nbs/45_testing.ipynb #c021
+def neurolm_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    "Our outputs for the `neurolm_vq_tiny` inputs, under the fixture's output names."
+    with torch.no_grad():
+        o = model(t["input.X"], t["input.input_chans"], t["input.input_time"], t["input.input_mask"],
+                  targets={"freq": t["input.Y_freq"], "raw": t["input.Y_raw"]})
+        text_logits, text_loss = model.text_domain(t["input.text_ids"])
+    return {"enc_patch_embed": o.patch_embed, "encoder_features": o.features, "to_quantizer_features": o.to_quantizer,
+            "quantize": o.quantized, "code_indices": o.codes, "decoder_freq_features": o.decoder_features["freq"],
+            "decoder_raw_features": o.decoder_features["raw"], "rec_freq": o.reconstructions["freq"],
+            "rec_raw": o.reconstructions["raw"], "domain_logits_eeg": o.domain_logits,
+            "domain_logits_text": text_logits, "text_wte_rows": model.text_embedding(t["input.text_ids"]),
+            "loss_quant": o.losses["commitment"], "loss_rec_freq": o.losses["rec_freq"],
+            "loss_rec_raw": o.losses["rec_raw"],
+            "loss_vq_total": o.losses["commitment"] + o.losses["rec_freq"] + o.losses["rec_raw"],
+            "loss_domain_eeg": o.losses["domain_eeg"], "loss_domain_text": text_loss}
+
+
+def labram_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    "Our outputs for the `labram_vqnsp` inputs, under the fixture's names and layouts."
+    x = t["input.x"]
+    B, C, A, _ = x.shape
+    tokens = lambda y: y.reshape(B, C * A, -1)  # [B, C, A, bins] -> channel-major tokens
+    with torch.no_grad():
+        o = model(**channel_major_tokens(x, t["input.input_chans"]),
+                  targets={"amplitude": tokens(t["output.amplitude_target"]), "phase": tokens(t["output.phase_target"])})
+    return {"enc_patch_embed": o.patch_embed, "encoder_features": o.features, "to_quantizer_features": o.to_quantizer,
+            "quantize": o.quantized.reshape(B, C, A, -1).permute(0, 3, 1, 2), "code_indices": o.codes,
+            "decoder_features": o.decoder_features["shared"], "rec_amplitude": o.reconstructions["amplitude"],
+            "rec_phase": o.reconstructions["phase"], "loss_quant": o.losses["commitment"],
+            "loss_rec_amplitude": o.losses["rec_amplitude"], "loss_rec_phase": o.losses["rec_phase"],
+            "loss_total": o.loss}
+
+# %% ../nbs/45_testing.ipynb #c022
+LM_FIXTURE_BATCHES = ("pretrain", "text", "instruct")
+
+
+def neurolm_lm_fixture_outputs(model, t: Mapping[str, torch.Tensor],
+                               batches: tuple[str, ...] = LM_FIXTURE_BATCHES) -> dict[str, torch.Tensor]:
+    "Our outputs for the `neurolm_lm_tiny` batches under the fixture's names (`<batch>.loss`, ...)."
+    unknown = sorted(set(batches) - set(LM_FIXTURE_BATCHES))
+    if unknown:
+        raise ValueError(f"unknown neurolm_lm_tiny batches {unknown}; known: {list(LM_FIXTURE_BATCHES)}")
+    eeg_offset, outputs = model.config.vocab.eeg_offset, {}
+    for batch in batches:
+        given = lambda key: t[f"input.{batch}.{key}"]
+        if batch == "text":
+            call = dict(text=given("x_text"), text_targets=given("y_text"))
+        else:
+            call = dict(X=given("X_eeg"), input_chans=given("input_chans"), input_time=given("input_time"),
+                        input_mask=given("input_mask"))
+            if batch == "pretrain":  # the fixture's next-second targets (class ids, -1 = ignored)
+                call["eeg_targets"] = t["output.pretrain.targets"]
+            else:
+                call.update(text=given("X_text"), text_targets=given("Y_text"))
+        with torch.no_grad():
+            o = model(**call, return_hidden=True)
+            logits, top2 = o.logits, o.logits.topk(2, dim=-1).values
+            logsumexp = logits.logsumexp(-1)
+            picked = logits.gather(-1, o.targets.clamp(min=0)[..., None])[..., 0] - logsumexp
+        found = {"loss": o.loss, "accuracy": o.accuracy, "argmax": logits.argmax(-1),
+                 "top1_minus_top2": top2[..., 0] - top2[..., 1], "logsumexp": logsumexp,
+                 "logprob_at_target": torch.where(o.targets >= 0, picked, torch.zeros_like(picked)),
+                 "logits_text_0_64": logits[..., :64], "logits_eeg_50304_50368": logits[..., eeg_offset:eeg_offset + 64],
+                 "gpt_input": o.hidden["gpt_input"], "gpt_final_hidden": o.hidden["gpt_final_hidden"]}
+        if batch != "text":
+            # the official tap holds the projection *plus* the channel embedding (added in place)
+            found["eeg_projected"] = o.hidden["eeg_embedded"]
+            found["targets"] = o.targets
+        if batch == "instruct":
+            found["eeg_tokenizer_features"] = o.hidden["eeg_features"]
+        outputs.update({f"{batch}.{k}": v for k, v in found.items() if f"output.{batch}.{k}" in t})
+    return outputs
+
+# %% ../nbs/45_testing.ipynb #c025
+def labram_base_fixture_checkpoint(t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    "The complete official MEM state dict (float32) of fixture `labram_base`, the omitted student.lm_head filled with zeros."
+    sd = {k[len("weights.mem."):]: v.float() for k, v in t.items() if k.startswith("weights.mem.")}
+    D = sd["student.cls_token"].shape[-1]
+    V = sd["lm_head.weight"].shape[0]
+    sd["student.lm_head.weight"] = torch.zeros(V, D)
+    sd["student.lm_head.bias"] = torch.zeros(V)
+    return sd
+
+
+def _row_stats(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    top2 = logits.topk(2, dim=-1).values
+    logp = logits.log_softmax(-1)
+    return {f"{prefix}.logits_0_64": logits[:, :64], f"{prefix}.argmax": logits.argmax(-1),
+            f"{prefix}.top1_minus_top2": top2[:, 0] - top2[:, 1], f"{prefix}.logsumexp": logits.logsumexp(-1),
+            f"{prefix}.logprob_at_label": logp.gather(1, labels[:, None])[:, 0], f"{prefix}.labels": labels}
+
+
+def labram_base_fixture_outputs(mem: LaBraMForMEM, classifier: LaBraMClassifier,
+                                t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    "Our outputs for the `labram_base` fixture inputs, under the fixture's names."
+    x, chans, mask, codes = t["input.x"], t["input.input_chans"], t["input.bool_masked_pos"], t["input.codebook_labels"]
+    with torch.no_grad():
+        out = mem(x, chans, mask)
+        _, terms = mem_loss(out, codes, mask)
+        pooled = classifier.forward_features(x, chans)
+        logits = classifier.head(pooled)
+    return {**_row_stats(out.logits, codes[mask], "mem"), **_row_stats(out.logits_sym, codes[~mask], "mem_sym"),
+            "mem.loss_rec": terms["loss_rec"], "mem.loss_rec_sym": terms["loss_rec_sym"],
+            "mem.loss": terms["loss_rec"] + terms["loss_rec_sym"], "mem.mlm_acc": terms["mlm_acc"],
+            "mem.mlm_acc_sym": terms["mlm_acc_sym"], "mem.student_patch_embed": out.patch_embed,
+            "mem.student_tokens_masked": out.tokens, "mem.student_tokens_sym": out.tokens_sym,
+            "finetune.pooled_features": pooled, "finetune.logits": logits}
+
+
+def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    "Per output: max |difference| and whether it meets the chapter-45 tolerances (exact integers, rtol for losses, atol 1e-7 for the logits)."
+    report = {}
+    for name, value in ours.items():
+        ref = t[f"output.{name}"]
+        value = value.detach().cpu()
+        if not ref.is_floating_point():
+            diff = float((value.to(ref.dtype) != ref).sum())
+            ok = torch.equal(value.to(ref.dtype), ref)
+        else:
+            value = value.float()
+            diff = (value - ref).abs().max().item()
+            if ".loss" in name or ".mlm_acc" in name:
+                ok = diff <= 1e-5 * abs(ref.item())
+            elif name == "finetune.logits":
+                ok = diff <= 1e-7
+            else:
+                ok = bool(torch.allclose(value, ref, atol=1e-5, rtol=1e-5))
+        report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
+    return report
+
+# %% ../nbs/45_testing.ipynb #c028
+STUB_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
+
+
+class StubTokenizer(TextTokenizer):
+    "The fixtures' stand-in for GPT-2's BPE: GPT-2's pre-tokenizer split, then id = 1000 + crc32(piece) % 49000."
+
+    def __init__(self, id_to_piece: Mapping[int | str, str] | None = None, eot_id: int = 50256,
+                 vocab_size: int = 50257):
+        self.name, self.eot_id, self.vocab_size = "stub", int(eot_id), int(vocab_size)
+        self.pattern = re.compile(STUB_PATTERN)
+        self.pieces: dict[int, str] = {}
+        for i, piece in (id_to_piece or {}).items():
+            self._remember(int(i), piece)
+        for task in INSTRUCTION_TASKS.values():  # every template piece is known from the start
+            for k in range(task.n_classes):
+                self.encode(task.text(k))
+
+    @staticmethod
+    def piece_id(piece: str) -> int:
+        return 1000 + zlib.crc32(piece.encode("utf-8")) % 49000
+
+    def _remember(self, i: int, piece: str) -> None:
+        known = self.pieces.setdefault(i, piece)
+        if known != piece:  # two pieces, one id: decoding could not tell them apart
+            raise ValueError(f"stub tokenizer: pieces {known!r} and {piece!r} share id {i}")
+
+    def encode_plain(self, text: str) -> list[int]:
+        ids = []
+        for piece in self.pattern.findall(text):
+            i = self.piece_id(piece)
+            self._remember(i, piece)
+            ids.append(i)
+        return ids
+
+    def decode(self, ids) -> str:
+        "Known pieces; end-of-text as <|endoftext|>; an id it never produced as U+FFFD."
+        return "".join(ENDOFTEXT if int(i) == self.eot_id else self.pieces.get(int(i), "\ufffd") for i in ids)
+
+    @classmethod
+    def from_fixture(cls, sequences_json: str | Path | Mapping) -> "StubTokenizer":
+        "The stub with the piece table of `neurolm_sequences.json` (`stub_tokenizer.id_to_piece`)."
+        data = sequences_json if isinstance(sequences_json, Mapping) else \
+            json.loads(Path(sequences_json).read_text(encoding="utf-8"))
+        return cls(data["stub_tokenizer"]["id_to_piece"])

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from neurolm_nb.convert import (
-    ORIG_MOD_PREFIX, CheckpointMismatchError, compare_with_fixture, fixture_state_dict, load_fixture,
-    load_official_labram_vqnsp, load_official_neurolm, load_official_neurolm_tokenizer, neurolm_encoder_from_vq,
-    neurolm_lm_fixture_outputs, official_key_table, official_neurolm_key_table, read_checkpoint,
-    to_official_labram_vqnsp, to_official_neurolm, to_official_neurolm_tokenizer,
+    ORIG_MOD_PREFIX, CheckpointMismatchError, load_official_labram_vqnsp, load_official_neurolm,
+    load_official_neurolm_tokenizer, neurolm_encoder_from_vq, official_key_table, official_neurolm_key_table,
+    read_checkpoint, to_official_labram_vqnsp, to_official_neurolm, to_official_neurolm_tokenizer,
 )
 from neurolm_nb.core import load_json, save_checkpoint
 from neurolm_nb.gpt import GPTConfig
-from neurolm_nb.neurolm import NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_neurolm, save_neurolm
+from neurolm_nb.neurolm import NeuroLM, NeuroLMConfig, load_neurolm, save_neurolm
+from neurolm_nb.testing import compare_with_fixture, fixture_state_dict, lm_fixture_state_dict, load_fixture, neurolm_lm_fixture_outputs
 from neurolm_nb.vq import VQConfig, VQTokenizer, load_tokenizer, save_tokenizer
 
 torch.set_num_threads(1)
@@ -419,7 +419,7 @@ def test_a_checkpoint_of_another_model_names_the_file_and_the_keys_it_lacks(wron
 
 def test_the_labram_model_loaders_share_the_clear_errors(wrong_files):
     from neurolm_nb.convert import CheckpointFileError
-    from neurolm_nb.labram import load_official_labram_classifier, load_official_labram_student
+    from neurolm_nb.convert import load_official_labram_classifier, load_official_labram_student
     for load in (load_official_labram_student, load_official_labram_classifier):
         with pytest.raises(CheckpointFileError, match=r"empty\.pth is empty \(0 bytes\)"):
             load(wrong_files / "empty.pth")

@@ -9,8 +9,9 @@ import torch
 
 from conftest import layout, load_official, tiny_neurolm
 from neurolm_nb.gpt import GPT, GPTConfig, attention, lm_loss
-from neurolm_nb.neurolm import (NeuroLM, NeuroLMConfig, lm_fixture_state_dict, load_official_neurolm_lm,
-                              stair_block_mask, stair_mask, stair_mask_mod)
+from neurolm_nb.convert import load_official_neurolm_lm
+from neurolm_nb.neurolm import NeuroLM, NeuroLMConfig, stair_block_mask, stair_mask, stair_mask_mod
+from neurolm_nb.testing import lm_fixture_state_dict
 from neurolm_nb.vq import VQTokenizer
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention", reason="FlexAttention needs torch >= 2.5")

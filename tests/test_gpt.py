@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from neurolm_nb.core import shared_dir
-from neurolm_nb.gpt import (GPT, GPTConfig, GPT2_PRESETS, attention, enlarge_embeddings, flex_block_mask,
-                            load_neurolm_gpt_weights, lm_loss, make_block_mask, normalize_attn_mask,
-                            token_accuracy)
+from neurolm_nb.convert import load_neurolm_gpt_weights
+from neurolm_nb.gpt import (GPT, GPTConfig, GPT2_PRESETS, attention, enlarge_embeddings, flex_block_mask, lm_loss,
+                            make_block_mask, normalize_attn_mask, token_accuracy)
 
 torch.set_num_threads(1)
 

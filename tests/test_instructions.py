@@ -11,12 +11,12 @@ import torch
 from neurolm_nb.datasets import (HMC_CHANNELS, SEED_CHANNELS, TUH_CHANNELS, WORKLOAD_CHANNELS, build_dataset,
                                  get_spec, samples_dir_for)
 from neurolm_nb.instructions import (EEG_MAX_LEN, INSTRUCTION_TASKS, TASK_NAMES, TEXT_MAX_LEN, InstructionDataset,
-                                     MixedInstructions, StubTokenizer, TextTokenizer, build_instruction_text,
+                                     MixedInstructions, TextTokenizer, build_instruction_text,
                                      collate_instructions, decode_answers, find_task_datasets, get_task,
                                      greedy_answers, instruction_sample, load_text_tokenizer, longest_text,
                                      option_continuations, parse_answer, score_options)
 from neurolm_nb.neurolm import IGNORE_INDEX, NeuroLM, stair_mask
-from neurolm_nb.testing import check_parity
+from neurolm_nb.testing import StubTokenizer, check_parity
 
 CHANNELS = {"TUAB": TUH_CHANNELS, "TUEV": TUH_CHANNELS, "SEED": SEED_CHANNELS, "HMC": HMC_CHANNELS,
             "Workload": WORKLOAD_CHANNELS, "TUSL": TUH_CHANNELS}
@@ -154,7 +154,8 @@ def test_parse_answer_rules():
 
 def test_official_instruction_batch_loss_and_generation(fixtures_dir):
     from safetensors.torch import load_file
-    from neurolm_nb.neurolm import lm_fixture_state_dict, load_official_neurolm_lm
+    from neurolm_nb.convert import load_official_neurolm_lm
+    from neurolm_nb.testing import lm_fixture_state_dict
     lm_fx = load_file(fixtures_dir / "neurolm_lm_tiny.safetensors")
     vq_fx = load_file(fixtures_dir / "neurolm_vq_tiny.safetensors")
     stub = StubTokenizer()

@@ -174,7 +174,8 @@ def test_what_braindecode_cannot_express_is_refused(bd_order):
 
 def test_labram_base_matches_the_official_outputs(bd_order, fixtures_dir):
     from conftest import load_official
-    from neurolm_nb.labram import labram_base_fixture_checkpoint, load_official_labram_classifier
+    from neurolm_nb.convert import load_official_labram_classifier
+    from neurolm_nb.testing import labram_base_fixture_checkpoint
     t = load_official(fixtures_dir, "labram_base.safetensors")
     clf = load_official_labram_classifier(labram_base_fixture_checkpoint(t), n_classes=1)
     clf.load_state_dict({k[len("weights.finetune_extra."):]: v.float() for k, v in t.items()

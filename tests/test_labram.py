@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from neurolm_nb.convert import CheckpointMismatchError
+from neurolm_nb.convert import (CheckpointMismatchError, labram_start_classifier, labram_tokenizer,
+                                load_official_labram_classifier, load_official_labram_mem, load_official_labram_student,
+                                to_official_labram)
 from neurolm_nb.core import load_json
 from neurolm_nb.io import synth_eeg
 from neurolm_nb.labram import (
     FinetuneConfig, LaBraMClassifier, LaBraMConfig, LaBraMForMEM, LaBraMStudent, MEM_DEFAULTS, ModelEMA,
-    classification_metrics, compare_labram_base, count_encoder_parameters, finetune, finetune_loss,
-    labram_base_fixture_checkpoint, labram_base_fixture_outputs, labram_card, labram_sizes, labram_start_classifier,
-    labram_tokenizer, layer_decay_groups, layer_index,
-    load_official_labram_classifier, load_official_labram_mem, load_official_labram_student, mem_loss, predict,
-    pretrain_mem, random_mask, to_official_labram,
+    classification_metrics, count_encoder_parameters, finetune, finetune_loss, labram_card, labram_sizes,
+    layer_decay_groups, layer_index, mem_loss, predict, pretrain_mem, random_mask,
 )
 from neurolm_nb.core import latest_checkpoint, load_checkpoint
 from neurolm_nb.patching import collate_labram
+from neurolm_nb.testing import compare_labram_base, labram_base_fixture_checkpoint, labram_base_fixture_outputs
 from neurolm_nb.training import TrainConfig, check_param_groups, read_metrics, train
 from neurolm_nb.vq import VQConfig, VQTokenizer
 

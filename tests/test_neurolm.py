@@ -8,11 +8,12 @@ import torch.nn.functional as F
 
 from conftest import layout, tiny_neurolm  # tests/ is on sys.path under pytest
 from neurolm_nb.gpt import GPT, GPTConfig
+from neurolm_nb.convert import load_official_neurolm_lm, to_official_neurolm_lm
 from neurolm_nb.neurolm import (IGNORE_INDEX, NEUROLM_VOCAB, NeuroLM, NeuroLMConfig, VocabLayout, encoder_blocks,
-                              encoder_input, grow_mask_like_original, lm_fixture_state_dict, load_neurolm,
-                              load_official_neurolm_lm, next_second_targets, pretraining_targets, sample_next_token,
-                              sampling_generator, save_neurolm, stair_mask, text_position_ids,
-                              to_official_neurolm_lm)
+                              encoder_input, grow_mask_like_original, load_neurolm, next_second_targets,
+                              pretraining_targets, sample_next_token, sampling_generator, save_neurolm, stair_mask,
+                              text_position_ids)
+from neurolm_nb.testing import lm_fixture_state_dict
 from neurolm_nb.vq import VQTokenizer
 
 torch.set_num_threads(1)
@@ -353,7 +354,8 @@ def test_manifest_keys_and_shapes(fixtures_dir):
 @pytest.fixture(scope="module")
 def official(fixtures_dir):
     from safetensors.torch import load_file
-    from neurolm_nb.convert import fixture_state_dict, load_official_neurolm_tokenizer
+    from neurolm_nb.convert import load_official_neurolm_tokenizer
+    from neurolm_nb.testing import fixture_state_dict
     lm = load_file(fixtures_dir / "neurolm_lm_tiny.safetensors")
     vq = load_file(fixtures_dir / "neurolm_vq_tiny.safetensors")
     model = load_official_neurolm_lm(lm_fixture_state_dict(lm, vq), n_head=2).eval()

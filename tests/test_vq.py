@@ -9,10 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neurolm_nb.convert import (
-    compare_with_fixture, fixture_state_dict, labram_fixture_outputs, load_official_labram_vqnsp,
-    load_official_neurolm_tokenizer, neurolm_fixture_outputs,
-)
+from neurolm_nb.convert import load_official_labram_vqnsp, load_official_neurolm_tokenizer
+from neurolm_nb.testing import compare_with_fixture, fixture_state_dict, labram_fixture_outputs, neurolm_fixture_outputs
 from neurolm_nb.core import load_json
 from neurolm_nb.vq import (
     CodebookStats, EMAQuantizer, TemporalConv, TransformerBlock, VQConfig, VQTokenizer, channel_major_tokens,

@@ -20,14 +20,14 @@ def _worst(report: dict) -> dict:
 
 
 def measure() -> dict:
-    from neurolm_nb.convert import (compare_with_fixture, fixture_state_dict, labram_fixture_outputs, load_fixture,
-                                    load_official_labram_vqnsp, load_official_neurolm_tokenizer,
-                                    neurolm_fixture_outputs, neurolm_lm_fixture_outputs)
-    from neurolm_nb.labram import (compare_labram_base, labram_base_fixture_checkpoint, labram_base_fixture_outputs,
-                                   load_official_labram_classifier, load_official_labram_mem)
-    from neurolm_nb.neurolm import lm_fixture_state_dict, load_official_neurolm_lm
+    from neurolm_nb.convert import (load_official_labram_classifier, load_official_labram_mem,
+                                    load_official_labram_vqnsp, load_official_neurolm_lm,
+                                    load_official_neurolm_tokenizer)
     from neurolm_nb.targets import labram_targets, neurolm_targets
-    from neurolm_nb.testing import max_abs_diff
+    from neurolm_nb.testing import (compare_labram_base, compare_with_fixture, fixture_state_dict,
+                                    labram_base_fixture_checkpoint, labram_base_fixture_outputs, labram_fixture_outputs,
+                                    lm_fixture_state_dict, load_fixture, max_abs_diff, neurolm_fixture_outputs,
+                                    neurolm_lm_fixture_outputs)
     out = {}
     vq = load_fixture("neurolm_vq_tiny")
     t = neurolm_targets(vq["input.X"], vq["input.input_mask"])
