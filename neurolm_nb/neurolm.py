@@ -293,16 +293,7 @@ def encoder_input(encoder: TokenTransformer, X, input_chans, input_time, last_to
 def encoder_blocks(encoder: TokenTransformer, h: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     "The encoder's blocks and final LayerNorm with a boolean mask [B|1, 1, L|1, L] (True = attend)."
     for block in encoder.blocks:
-        attn, x = block.attn, block.norm1(h)
-        B, L, D = x.shape
-        qkv_bias = None
-        if attn.q_bias is not None:
-            qkv_bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
-        qkv = F.linear(x, attn.qkv.weight, qkv_bias).view(B, L, 3, attn.n_heads, D // attn.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        h = h + attn.proj(y.transpose(1, 2).reshape(B, L, D))
-        h = h + block.mlp(block.norm2(h))
+        h = block(h, attn_mask=attn_mask)  # the tokenizer's own blocks (vq.Attention takes any boolean mask)
     return encoder.norm(h)
 
 

@@ -21,8 +21,8 @@ from fastcore.basics import patch
 from .core import load_checkpoint, save_checkpoint
 
 # %% auto #0
-__all__ = ['TOKENIZER_FORMAT', 'VQConfig', 'TemporalConv', 'SelfAttention', 'MLP', 'TransformerBlock', 'TokenTransformer',
-           'l2norm', 'cosine_kmeans', 'QuantizerOutput', 'EMAQuantizer', 'gradient_reversal', 'reversal_alpha',
+__all__ = ['TOKENIZER_FORMAT', 'VQConfig', 'TemporalConv', 'Attention', 'MLP', 'TransformerBlock', 'TokenTransformer', 'l2norm',
+           'cosine_kmeans', 'QuantizerOutput', 'EMAQuantizer', 'gradient_reversal', 'reversal_alpha',
            'domain_classifier', 'task_head', 'reconstruction_loss', 'VQOutput', 'VQTokenizer', 'count_parameters',
            'channel_major_tokens', 'CodebookStats', 'plot_code_usage', 'save_tokenizer', 'load_tokenizer']
 
@@ -137,25 +137,29 @@ class TemporalConv(nn.Module):
         return F.gelu(self.linear(h)) if self.linear is not None else h
 
 # %% ../nbs/10_vq.ipynb #c019
-class SelfAttention(nn.Module):
-    "Bidirectional multi-head attention through SDPA; padded keys are masked out."
-    def __init__(self, dim: int, n_heads: int, bias: bool = False):
+class Attention(nn.Module):
+    "Multi-head self-attention through SDPA: optional q/v biases, output bias and per-head QK LayerNorm."
+    def __init__(self, dim: int, n_heads: int, qkv_bias: bool = False, proj_bias: bool = True, qk_norm: bool = False,
+                 norm_eps: float = 1e-6):
         super().__init__()
         self.n_heads = n_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if bias else None  # no k bias: the softmax would cancel it
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None  # no k bias: the softmax would cancel it
+        self.q_norm = nn.LayerNorm(dim // n_heads, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.LayerNorm(dim // n_heads, eps=norm_eps) if qk_norm else None
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "x [B, L, D]; key_mask [B, L] True on tokens that may be attended to."
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        "x [B, L, D]; attn_mask bool, broadcastable to [B, heads, L, L], True = attend (None: all to all)."
         B, L, D = x.shape
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, qkv_bias).view(B, L, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, L, head_dim]
-        attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        if self.q_norm is not None:  # LayerNorm runs in float32 under autocast: back to v's dtype for SDPA
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
@@ -175,12 +179,16 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, bias: bool = False, norm_eps: float = 1e-5):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
-        self.attn = SelfAttention(dim, n_heads, bias)
+        self.attn = Attention(dim, n_heads, qkv_bias=bias, proj_bias=bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, bias=bias)
         self.mlp = MLP(dim, int(dim * mlp_ratio), bias)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_mask)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        "key_mask [B, L] True on real tokens (keys to attend to), or a full boolean attn_mask [B|1, 1, L|1, L]."
+        if attn_mask is None and key_mask is not None:
+            attn_mask = key_mask[:, None, None, :]
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 # %% ../nbs/10_vq.ipynb #c027
