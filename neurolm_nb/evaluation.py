@@ -28,10 +28,13 @@ from .training import (cleanup_distributed, die_with_torchrun_agent, gather_obje
                                  setup_distributed, world_info)
 
 # %% auto #0
-__all__ = ['BINARY_METRICS', 'MULTICLASS_METRICS', 'PAPER_RESULTS', 'PAPER_NOTE', 'EEG_BANDS', 'INSTRUCTED', 'task_metric_names',
-           'corrected_metrics', 'original_metrics', 'greedy_metrics', 'confusion', 'predict_task', 'save_predictions',
-           'load_predictions', 'task_metrics', 'band_power_features', 'split_features', 'bandpower_baseline',
-           'data_source', 'results_table', 'plot_confusions', 'EvalSetup', 'load_eval_model', 'run_evaluation', 'main']
+__all__ = ['BINARY_METRICS', 'MULTICLASS_METRICS', 'PAPER_RESULTS', 'PAPER_NOTE', 'EEG_BANDS', 'BANDPOWER_C', 'RIEMANN_C',
+           'FLOORS', 'STAT_COLUMNS', 'INSTRUCTED', 'task_metric_names', 'corrected_metrics', 'original_metrics',
+           'greedy_metrics', 'confusion', 'predict_task', 'save_predictions', 'load_predictions', 'stage_predictions',
+           'task_metrics', 'band_power_features', 'split_features', 'floor_model', 'fit_floor', 'bandpower_baseline',
+           'braindecode_baseline', 'balanced_threshold', 'fast_bacc', 'fast_auroc', 'window_metrics',
+           'subject_bootstrap', 'run_statistics', 'statistics_table', 'plot_statistics', 'data_source', 'results_table',
+           'plot_confusions', 'EvalSetup', 'load_eval_model', 'run_evaluation', 'main']
 
 # %% ../nbs/32_evaluation.ipynb #c006
 BINARY_METRICS = ("balanced_accuracy", "pr_auc", "roc_auc")
@@ -180,6 +183,18 @@ def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
 
+
+def stage_predictions(folder: str | Path, split: str) -> dict[str, np.ndarray] | None:
+    "`<folder>/predictions/<split>.npz` of a stage (e.g. labram) with labels, probs [n, K] and subjects; None if absent."
+    path = Path(folder) / "predictions" / f"{split}.npz"
+    if not path.exists():
+        return None
+    pred = load_predictions(path)
+    missing = sorted({"labels", "probs", "subjects"} - set(pred))
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; save_predictions({{'labels', 'probs', 'subjects', ...}}, task, path) writes them")
+    return pred
+
 # %% ../nbs/32_evaluation.ipynb #c015
 def task_metrics(pred: Mapping[str, np.ndarray], task: str | InstructionTask) -> dict[str, Any]:
     "One task's results: corrected (option scores), original (greedy, as the original scores it), greedy, unparseable rate, confusions."
@@ -200,6 +215,9 @@ def task_metrics(pred: Mapping[str, np.ndarray], task: str | InstructionTask) ->
 
 # %% ../nbs/32_evaluation.ipynb #c018
 EEG_BANDS = {"delta": (1.0, 4.0), "theta": (4.0, 8.0), "alpha": (8.0, 13.0), "beta": (13.0, 30.0), "gamma": (30.0, 45.0)}
+BANDPOWER_C = 0.1  # fixed inverse regularisation of the band-power floor (see the prose above)
+RIEMANN_C = 1.0    # fixed inverse regularisation of the tangent-space floor
+FLOORS = {"bandpower": "band power + LR", "riemann": "tangent space + LR"}  # kind -> column name
 
 
 def band_power_features(x: np.ndarray, sfreq: float = 200.0, bands: Mapping[str, tuple] = EEG_BANDS) -> np.ndarray:
@@ -216,57 +234,245 @@ def band_power_features(x: np.ndarray, sfreq: float = 200.0, bands: Mapping[str,
     return np.log(np.stack(cols, -1) + 1e-12).reshape(len(x), -1)
 
 
-def split_features(root: str | Path, split: str, task: str | InstructionTask, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    "Band-power features and task labels of one split of a built dataset (read in chunks)."
+def split_features(root: str | Path, split: str, task: str | InstructionTask, kind: str = "bandpower",
+                   chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(features, task labels, subjects) of one split, read in chunks; `kind`: 'bandpower' [n, C·5] or 'riemann' (OAS covariances [n, C, C])."
     task = get_task(task)
     windows = WindowDataset(root, split)
     if len(windows) == 0:
-        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.str_)
     shapes = {(len(s["ch_names"]), int(s["n_times"])) for s in windows.shards}
     if len(shapes) > 1:
         raise ValueError(f"{root} ({split}): windows of several shapes {sorted(shapes)}; the baseline needs one montage")
-    feats = [band_power_features(np.stack([windows[i]["x"].numpy() for i in range(s, min(s + chunk, len(windows)))]),
-                                 windows.sfreq) for s in range(0, len(windows), chunk)]
-    return np.concatenate(feats), task.label_map(windows.classes)[np.asarray(windows.labels, dtype=np.int64)]
+    if kind not in FLOORS:
+        raise ValueError(f"kind={kind!r}: one of {list(FLOORS)}")
+    if kind == "riemann":
+        from pyriemann.estimation import Covariances
+    feature = (lambda x: band_power_features(x, windows.sfreq)) if kind == "bandpower" else \
+        (lambda x: Covariances("oas").transform(np.asarray(x, dtype=np.float64)))
+    feats = [feature(np.stack([windows[i]["x"].numpy() for i in range(s, min(s + chunk, len(windows)))]))
+             for s in range(0, len(windows), chunk)]
+    labels = task.label_map(windows.classes)[np.asarray(windows.labels, dtype=np.int64)]
+    return np.concatenate(feats), labels, np.asarray(windows.subjects, dtype=np.str_)
 
 
-def bandpower_baseline(root: str | Path, task: str | InstructionTask, test_split: str = "test",
-                       Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0), seed: int = 0) -> dict[str, Any]:
-    "Band-power + logistic regression fitted on train (C picked on val), scored on `test_split` with corrected_metrics."
+def floor_model(kind: str = "bandpower"):
+    "The unfitted scikit-learn pipeline of a floor (fixed C, deterministic solver)."
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    if kind == "bandpower":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=BANDPOWER_C, max_iter=5000))
+    from pyriemann.tangentspace import TangentSpace
+    return make_pipeline(TangentSpace(metric="riemann"), LogisticRegression(C=RIEMANN_C, max_iter=5000))
+
+
+def fit_floor(root: str | Path, task: str | InstructionTask, kind: str = "bandpower",
+              splits: Sequence[str] = ("val", "test")) -> dict[str, Any]:
+    "Fit a floor on train; {'model', 'C', 'n_train', 'predictions': {split: {labels, probs, subjects}}} or {'skipped': why}."
     task = get_task(task)
-    Xtr, ytr = split_features(root, "train", task)
-    Xte, yte = split_features(root, test_split, task)
-    if len(np.unique(ytr)) < 2 or len(yte) == 0:
-        return {"skipped": f"needs two classes in train and a non-empty {test_split} split "
-                           f"(train classes {np.unique(ytr).tolist()}, {len(yte)} test windows)"}
-    Xva, yva = split_features(root, "val", task)
+    Xtr, ytr, _ = split_features(root, "train", task, kind)
+    if len(np.unique(ytr)) < 2:
+        return {"skipped": f"needs two classes in train (found {np.unique(ytr).tolist()})"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = floor_model(kind).fit(Xtr, ytr)
+    preds = {}
+    for split in splits:
+        X, y, subjects = split_features(root, split, task, kind)
+        probs = np.zeros((len(y), task.n_classes))       # a column for every task class, also those missing from train
+        if len(y):
+            probs[:, model.classes_] = model.predict_proba(X)
+        preds[split] = {"labels": y, "probs": probs, "subjects": subjects}
+    return {"model": FLOORS[kind], "C": BANDPOWER_C if kind == "bandpower" else RIEMANN_C, "n_train": int(len(ytr)),
+            "predictions": preds}
 
-    def fit(C):
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, random_state=seed))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return model.fit(Xtr, ytr)
 
-    def probs(model, X):  # columns for every task class, also those missing from train
-        out = np.zeros((len(X), task.n_classes))
-        out[:, model.classes_] = model.predict_proba(X)
-        return out
+def bandpower_baseline(root: str | Path, task: str | InstructionTask, test_split: str = "test",
+                       kind: str = "bandpower") -> dict[str, Any]:
+    "A floor's `metrics.json` entry: fitted on train, scored on `test_split` with corrected_metrics (+ confusion)."
+    task = get_task(task)
+    fit = fit_floor(root, task, kind, (test_split,))
+    if "skipped" in fit:
+        return fit
+    test = fit["predictions"][test_split]
+    if len(test["labels"]) == 0:
+        return {"skipped": f"the {test_split} split is empty"}
+    return {"model": fit["model"], "C": fit["C"], "n_train": fit["n_train"],
+            **corrected_metrics(test["labels"], test["probs"]),
+            "confusion": confusion(test["labels"], test["probs"].argmax(1), task.n_classes)}
 
-    chosen, val_scores = 1.0, {}
-    if len(yva) and len(np.unique(yva)) > 1:
-        val_scores = {C: corrected_metrics(yva, probs(fit(C), Xva))["balanced_accuracy"] for C in Cs}
-        chosen = max(Cs, key=lambda C: (val_scores[C] or 0.0, -abs(np.log10(C))))
-    model = fit(chosen)
-    test_probs = probs(model, Xte)
-    return {"model": "log band power (delta..gamma per channel) + logistic regression", "C": chosen,
-            "val_balanced_accuracy": {str(k): v for k, v in val_scores.items()}, "n_train": int(len(ytr)),
-            **corrected_metrics(yte, test_probs),
-            "confusion": confusion(yte, test_probs.argmax(1), task.n_classes)}
+
+def braindecode_baseline(root: str | Path, task: str | InstructionTask, model: str = "ShallowFBCSPNet") -> dict[str, Any]:
+    "Hook for deep baselines (braindecode ShallowFBCSPNet / EEGNet): {'skipped': why} while braindecode cannot be imported."
+    try:
+        import braindecode  # noqa: F401
+    except Exception as e:  # ImportError, or a torchaudio built for another torch
+        return {"skipped": f"braindecode {model} not run: braindecode cannot be imported ({type(e).__name__}: {e})"[:300]}
+    return {"skipped": f"braindecode {model} not run: not implemented yet (braindecode imports; fit it on the same splits)"}
 
 # %% ../nbs/32_evaluation.ipynb #c021
+def _positive(probs: np.ndarray) -> np.ndarray:
+    return np.asarray(probs, dtype=np.float64)[:, 1]
+
+
+def balanced_threshold(labels, scores) -> float | None:
+    "The threshold t on scores (predict positive when score >= t) with the best balanced accuracy on these (validation) scores."
+    from sklearn.metrics import roc_curve
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    t = float(thresholds[int(np.argmax(tpr - fpr))])   # first maximum: the highest such threshold
+    return t if np.isfinite(t) else float(np.nextafter(np.max(scores), np.inf))
+
+
+def _bacc(labels, pred) -> float | None:
+    from sklearn.metrics import balanced_accuracy_score
+    return _metric(balanced_accuracy_score, labels, pred)
+
+
+def _auroc(labels, probs) -> float | None:
+    from sklearn.metrics import roc_auc_score
+    if probs.shape[1] == 2:
+        return _metric(roc_auc_score, labels, _positive(probs))
+    return _metric(roc_auc_score, labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
+
+
+def fast_bacc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    "Balanced accuracy of the argmax (mean recall over the classes present): scikit-learn's value, without its checks (bootstrap loops)."
+    pred, present = probs.argmax(1), np.unique(labels)
+    return float(np.mean([np.mean(pred[labels == k] == k) for k in present])) if len(present) else None
+
+
+def fast_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    "AUROC from ranks (Mann-Whitney U, scipy.stats.rankdata); one-vs-rest macro for K > 2; None when a class is missing."
+    from scipy.stats import rankdata
+    cols = [1] if probs.shape[1] == 2 else range(probs.shape[1])
+    out = []
+    for k in cols:
+        pos = labels == k
+        n1, n0 = int(pos.sum()), int((~pos).sum())
+        if n1 == 0 or n0 == 0:
+            return None
+        out.append((rankdata(probs[:, k])[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(np.mean(out))
+
+
+def window_metrics(labels, probs, threshold: float | None = None) -> dict[str, float | None]:
+    "Balanced accuracy at the argmax and at `threshold` on P(positive) (binary; None: not given), AUROC from the scores."
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    thr = None if threshold is None or probs.shape[1] != 2 else _bacc(labels, (_positive(probs) >= threshold).astype(np.int64))
+    return {"balanced_accuracy": _bacc(labels, probs.argmax(1)), "balanced_accuracy_val_threshold": thr,
+            "roc_auc": _auroc(labels, probs)}
+
+
+def subject_bootstrap(statistic, runs: Sequence[Mapping], n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float | None, float | None]:
+    "Percentile interval of mean_k statistic(labels_k, probs_k) over test subjects resampled with replacement (one set of subjects for every run k)."
+    rng = np.random.default_rng(seed)
+    ids = sorted(set().union(*(map(str, r["subjects"]) for r in runs)))
+    where = [{u: np.flatnonzero(np.asarray(r["subjects"]).astype(str) == u) for u in ids} for r in runs]
+    values = []
+    for _ in range(n_boot):
+        pick = [ids[k] for k in rng.integers(0, len(ids), len(ids))]
+        per_run = []
+        for r, w in zip(runs, where):
+            idx = np.concatenate([w[u] for u in pick])
+            per_run.append(statistic(np.asarray(r["labels"])[idx], np.asarray(r["probs"])[idx]) if len(idx) else None)
+        if all(v is not None for v in per_run):
+            values.append(float(np.mean(per_run)))
+    if len(values) < n_boot / 2:    # the metric is undefined on most resamples (one class only): no interval
+        return None, None
+    lo, hi = np.percentile(values, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return float(lo), float(hi)
+
+
+def run_statistics(test_runs: Sequence[Mapping], val_runs: Sequence[Mapping | None] | None = None,
+                   n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    "Per-seed metrics, mean ± sd (ddof=1) over seeds and subject-bootstrap 95 % intervals; runs: {labels, probs, subjects} per seed."
+    val_runs = list(val_runs) if val_runs is not None else [None] * len(test_runs)
+    K = np.asarray(test_runs[0]["probs"]).shape[1]
+    thresholds = [balanced_threshold(v["labels"], _positive(v["probs"])) if v is not None and K == 2 and len(v["labels"])
+                  else None for v in val_runs]
+    have_val = K == 2 and all(t is not None for t in thresholds)
+    per_seed = [{**window_metrics(r["labels"], r["probs"], t), "threshold": t} for r, t in zip(test_runs, thresholds)]
+    out = {"n_seeds": len(test_runs), "chance": {"balanced_accuracy": 1 / K, "roc_auc": 0.5}, "per_seed": per_seed,
+           "n_windows": int(len(test_runs[0]["labels"])), "n_subjects": int(len(set(map(str, test_runs[0]["subjects"])))),
+           "threshold_source": "val" if have_val else ("no val scores" if K == 2 else "multi-class"),
+           "mean": {}, "sd": {}, "ci95": {}, "n_boot": n_boot}
+    for m in ("balanced_accuracy", "balanced_accuracy_val_threshold", "roc_auc"):
+        values = [p[m] for p in per_seed]
+        if any(v is None for v in values):
+            out["mean"][m] = out["sd"][m] = out["ci95"][m] = None
+            continue
+        out["mean"][m] = float(np.mean(values))
+        out["sd"][m] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        runs = test_runs
+        if m == "balanced_accuracy_val_threshold":   # decisions at the val threshold, as one-hot "probs"
+            runs = [{**r, "probs": np.stack([_positive(r["probs"]) < t, _positive(r["probs"]) >= t], 1).astype(float)}
+                    for r, t in zip(test_runs, thresholds)]
+        out["ci95"][m] = subject_bootstrap(fast_auroc if m == "roc_auc" else fast_bacc, runs, n_boot, seed)
+    return out
+
+# %% ../nbs/32_evaluation.ipynb #c023
+STAT_COLUMNS = ("balanced_accuracy", "balanced_accuracy_val_threshold", "roc_auc")
+
+
+def _pm(stats: Mapping, m: str) -> str:
+    "mean (one seed), or mean ± sd (n=k)."
+    mean, sd, n = stats["mean"].get(m), stats["sd"].get(m), stats["n_seeds"]
+    if mean is None:
+        return "–"
+    return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {sd:.3f} (n={n})"
+
+
+def _ci(stats: Mapping, m: str) -> str:
+    ci = stats["ci95"].get(m)
+    return "–" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def statistics_table(stats: Mapping[str, Mapping[str, Mapping]]) -> str:
+    "Markdown: a row per task and model with seeds, test subjects, chance and each metric's mean ± sd (n) and subject-bootstrap 95 % CI."
+    head = ["task", "model", "seeds", "test subjects (windows)", "chance", "bal. acc. (argmax)", "95 % CI",
+            "bal. acc. (val threshold)", "95 % CI", "AUROC", "95 % CI"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, models in stats.items():
+        for j, (model, s) in enumerate(models.items()):
+            name = get_task(task).title if j == 0 else ""
+            if "skipped" in s:
+                lines.append(f"| {name} | {model} | – | – | – | not run: {s['skipped']} |" + " – |" * 5)
+                continue
+            thr = {"no val scores": "n/a (no val scores)", "multi-class": "n/a (multi-class)"}.get(s["threshold_source"])
+            lines.append(f"| {name} | {model} | {s['n_seeds']} | {s['n_subjects']} ({s['n_windows']}) | "
+                         f"{s['chance']['balanced_accuracy']:.3f} | {_pm(s, 'balanced_accuracy')} | {_ci(s, 'balanced_accuracy')} | "
+                         f"{thr or _pm(s, 'balanced_accuracy_val_threshold')} | {'–' if thr else _ci(s, 'balanced_accuracy_val_threshold')} | "
+                         f"{_pm(s, 'roc_auc')} | {_ci(s, 'roc_auc')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_statistics(stats: Mapping[str, Mapping[str, Mapping]], metric: str = "balanced_accuracy"):
+    "Per task, every model's `metric` (seed mean, dots: single seeds) with its subject-bootstrap 95 % interval and chance."
+    import matplotlib.pyplot as plt
+    tasks = list(stats)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 0.5 + 0.45 * max(len(m) for m in stats.values())),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [(m, s) for m, s in stats[task].items() if "skipped" not in s and s["mean"].get(metric) is not None]
+        for y, (model, s) in enumerate(rows):
+            lo, hi = s["ci95"][metric] if s["ci95"].get(metric) and s["ci95"][metric][0] is not None else (np.nan, np.nan)
+            ax.plot([lo, hi], [y, y], color="C0", lw=2)
+            ax.plot(s["mean"][metric], y, "o", color="C0")
+            ax.plot([p[metric] for p in s["per_seed"]], [y] * s["n_seeds"], "|", color="black", ms=8)
+        if rows:
+            ax.axvline(rows[0][1]["chance"][metric], color="grey", ls=":", label="chance")
+        ax.set_yticks(range(len(rows)), [m for m, _ in rows], fontsize=8)
+        ax.set_xlim(0, 1); ax.set_xlabel(metric.replace("_", " "), fontsize=8)
+        ax.set_title(f"{get_task(task).title}: mean, seeds (|), 95 % subject CI", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/32_evaluation.ipynb #c028
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
@@ -286,7 +492,8 @@ def results_table(metrics: Mapping) -> str:
     lines = ["| task | n | metric | ours (option scores) | ours (original way) | paper (NeuroLM) | band power + LR | unparseable "
              "| data |", "|---|---|---|---|---|---|---|---|---|"]
     for r in metrics["tasks"].values():
-        base = r.get("baseline", {})
+        base = r.get("baseline") or {}
+        base = base.get(FLOORS["bandpower"], {}) if all(isinstance(v, dict) for v in base.values()) and base else base
         for j, m in enumerate(r["metrics"]):
             first = j == 0
             unparseable = "–" if r["unparseable_rate"] is None else f"{r['unparseable_rate']:.1%}"
@@ -317,7 +524,7 @@ def plot_confusions(results: Mapping, key: str = "confusion", title: str = "opti
     fig.tight_layout()
     return fig
 
-# %% ../nbs/32_evaluation.ipynb #c024
+# %% ../nbs/32_evaluation.ipynb #c031
 INSTRUCTED = Path("instruct") / "neurolm.pt"  # relative to run_root; written by 31_instruction_tuning
 
 
@@ -375,6 +582,7 @@ def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
         t0 = time.perf_counter()
         results[name] = predict_task(lm, ds, tokenizer, setup.batch_size, setup.max_new_tokens,
                                      setup.original_mask_quirk, spread_indices(len(ds), setup.max_samples), dtype)
+        results[name]["subjects"] = np.asarray(ds.windows.subjects, dtype=np.str_)[results[name]["index"]]
         info["tasks"][name] = {"n": int(len(results[name]["labels"])), "windows": len(ds), "root": str(root),
                                "seconds": time.perf_counter() - t0}
         if is_main_process() and setup.out_dir:

@@ -28,11 +28,12 @@ from .core import atomic_write_bytes, load_yaml, project_root, run_dir, shared_d
 from .core import save_yaml, to_jsonable
 
 # %% auto #0
-__all__ = ['STAGES', 'RESERVED_PARAMETERS', 'PROFILE_SECTIONS', 'STAGE_INPUTS', 'PAPERMILL_TAGS', 'ProfileError', 'StageError',
-           'profiles_dir', 'profile_names', 'load_profile', 'expand_placeholders', 'notebook_parameters',
-           'check_parameter_type', 'resolve_parameters', 'write_notebook', 'kernel_guard_lines', 'run_notebook',
-           'missing_inputs', 'run_folder_lock', 'read_record', 'notebook_digest', 'stage_is_done', 'clear_stage',
-           'stage_environment', 'plan_stages', 'run_pipeline', 'strip_outputs', 'list_stages', 'main']
+__all__ = ['STAGES', 'RESERVED_PARAMETERS', 'SEEDED_STAGES', 'SPLIT_PARAMETERS', 'PROFILE_SECTIONS', 'STAGE_INPUTS',
+           'PAPERMILL_TAGS', 'ProfileError', 'StageError', 'profiles_dir', 'profile_names', 'load_profile',
+           'expand_placeholders', 'notebook_parameters', 'check_parameter_type', 'resolve_parameters', 'write_notebook',
+           'kernel_guard_lines', 'run_notebook', 'missing_inputs', 'run_folder_lock', 'read_record', 'notebook_digest',
+           'stage_is_done', 'clear_stage', 'stage_environment', 'seed_list', 'route_subjects', 'plan_stages',
+           'run_pipeline', 'strip_outputs', 'list_stages', 'main']
 
 # %% ../nbs/50_pipeline.ipynb #c006
 STAGES: dict[str, str] = {
@@ -50,6 +51,10 @@ STAGES: dict[str, str] = {
 }
 
 RESERVED_PARAMETERS = ("out_dir", "run_root")  # set by the runner, never by a profile
+# Trained stages: with `seeds`, each runs once per seed in runs/<profile>/seed<k>/<stage>/ (run_root = runs/<profile>/seed<k>).
+# Every stage notebook declares `seed` (data stages use it for splits and sampling), so the list is explicit.
+SEEDED_STAGES = ("tokenizer", "labram", "pretrain", "instruct")
+SPLIT_PARAMETERS = ("val_subjects", "test_subjects")  # profile params the runner routes to the datasets stage
 
 
 class ProfileError(ValueError):
@@ -365,7 +370,8 @@ def _select_stages(prof: dict, stages: str | Iterable[str] | None, registry: dic
 def _write_record(record: dict, registry: dict[str, str], path: Path) -> dict:
     "Write `pipeline.json` with its stages in pipeline order (so not with save_json, which sorts keys)."
     stages = record["stages"]
-    order = [s for s in registry if s in stages] + [s for s in stages if s not in registry]
+    rank = {s: i for i, s in enumerate(registry)}          # "pretrain/seed1" sorts with "pretrain"; stable
+    order = sorted(stages, key=lambda s: rank.get(s if s in rank else s.split("/")[0], len(rank)))
     record = {**record, "stages": {s: stages[s] for s in order}}
     atomic_write_bytes(path, (json.dumps(to_jsonable(record), indent=2) + "\n").encode("utf-8"))
     return record
@@ -404,13 +410,18 @@ STAGE_INPUTS: dict[str, list[tuple[str, str, str | None]]] = {
 }
 
 
-def missing_inputs(stage: str, params: dict, root: Path, earlier: Iterable[str]) -> list[str]:
-    "What `stage` needs that neither `root` holds nor an `earlier` stage of this run will write."
-    problems = []
+def missing_inputs(stage: str, params: dict, root: Path, earlier: Iterable[str], shared_root: Path | None = None,
+                   seeded: Iterable[str] = (), seed_roots: Iterable[Path] = ()) -> list[str]:
+    "What `stage` needs that neither `root` holds nor an `earlier` stage of this run will write (see `plan_stages` for seeds)."
+    problems, seeded, seed_roots = [], set(seeded), [Path(r) for r in seed_roots]
     for rel, producer, override in STAGE_INPUTS.get(stage, []):
         if override is not None and params.get(override) not in (None, "auto"):
             continue                                      # the profile names its own source
-        if producer in earlier or (Path(root) / rel).exists():
+        if producer in seeded and stage not in seeded and seed_roots:
+            places = [r / rel for r in seed_roots]        # a stage run once reads every seed's output
+        else:                                             # a seed's run reads the shared stages' output from shared_root
+            places = [(Path(root) if shared_root is None or producer in seeded else Path(shared_root)) / rel]
+        if producer in earlier or all(p.exists() for p in places):
             continue
         alternative = f", or set stages.{stage}.{override} in the profile" if override else ""
         problems.append(f"stage {stage!r} needs {rel} in {root}, which stage {producer!r} writes: run "
@@ -499,20 +510,75 @@ def stage_environment(root: Path, stage: str):
             pass
 
 # %% ../nbs/50_pipeline.ipynb #c058
-def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, registry: dict[str, str]) -> list[tuple]:
-    "(stage, notebook, out_dir, parameters) of each chosen stage; every check that can fail early fails here."
+def seed_list(value: Any) -> list[int] | None:
+    "Seeds from a profile (`[0, 1, 2]`) or the command line (`'0,1,2'`); None: no seed loop."
+    if value is None or value == "" or value == []:
+        return None
+    items = [s for s in value.split(",") if s.strip()] if isinstance(value, str) else list(value)
+    try:
+        seeds = [int(s) for s in items]
+    except (TypeError, ValueError):
+        raise ProfileError(f"seeds = {value!r}: a list of integers, e.g. [0, 1, 2] or '0,1,2'") from None
+    if len(set(seeds)) != len(seeds):
+        raise ProfileError(f"seeds = {value!r} repeats a seed")
+    return seeds
+
+
+def route_subjects(params: dict, declared: dict, prof: dict) -> dict:
+    "The datasets stage's parameters with the profile's val_subjects / test_subjects put into `build_options`."
+    given = {k: prof["params"][k] for k in SPLIT_PARAMETERS if prof["params"].get(k)}
+    if not given:
+        return params
+    if not {"datasets", "build_options"} <= set(declared):
+        raise ProfileError(f"{sorted(given)} go to the datasets stage's build_options, but its notebook declares "
+                           f"{sorted(set(declared) & {'datasets', 'build_options'}) or 'neither datasets nor build_options'}")
+    names = params.get("datasets")
+    if names is None:
+        names = ast.literal_eval(declared["datasets"]["default"])
+    names = [names] if isinstance(names, str) else list(names)
+    options = {k: dict(v) for k, v in (params.get("build_options") or {}).items()}
+    for key, value in given.items():
+        per_dataset = value if isinstance(value, dict) else None
+        if per_dataset is None and len(names) != 1:
+            raise ProfileError(f"{key} = {value!r} would apply to every dataset of {names}: name the dataset, "
+                               f"e.g. {key}: {{{names[0]}: [...]}}, or build one dataset")
+        for name, subjects in (per_dataset or {names[0]: value}).items():
+            if name not in names:
+                raise ProfileError(f"{key} names dataset {name!r}, which the datasets stage does not build ({names})")
+            subjects = [s for s in subjects.split(",") if s.strip()] if isinstance(subjects, str) else list(subjects)
+            options.setdefault(name, {}).setdefault(key, [str(s).strip() for s in subjects])  # build_options win
+    return {**params, "build_options": options}
+
+
+def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, registry: dict[str, str],
+                seeded: Iterable[str] = SEEDED_STAGES) -> list[tuple]:
+    "(key, notebook, out_dir, parameters) of each run of the chosen stages; every check that can fail early fails here."
     plan, problems = [], []
+    seeds = seed_list(prof["params"].get("seeds"))
+    seeded = set(seeded) if seeds else set()
     for stage in chosen:
         notebook = nbs_dir / registry[stage]
         if not notebook.exists():
             raise ProfileError(f"stage {stage!r}: notebook {notebook} does not exist")
+        if stage in seeded:                               # once per seed, each in its own run root
+            for k in seeds:
+                sub = root / f"seed{k}"
+                params = {**resolve_parameters(notebook, prof, stage, sub / stage, sub), "seed": k}
+                if "seed" not in notebook_parameters(notebook):
+                    raise ProfileError(f"stage {stage!r} runs once per seed but {notebook.name} declares no 'seed'")
+                problems += missing_inputs(stage, params, sub, [s.split("/")[0] for s, *_ in plan], root, seeded)
+                plan.append((f"{stage}/seed{k}", notebook, sub / stage, params))
+            continue
         params = resolve_parameters(notebook, prof, stage, root / stage, root)
+        if stage == "datasets":
+            params = route_subjects(params, notebook_parameters(notebook), prof)
         for name, opts in (params.get("build_options") or {}).items() if stage == "datasets" else ():
             try:                                              # nested spec overrides: checked now, not mid-run
                 __import__("neurolm_nb.datasets", fromlist=["get_spec"]).get_spec(name, **opts)
-            except (KeyError, TypeError) as e:
+            except (KeyError, TypeError, ValueError) as e:
                 raise ProfileError(f"stage 'datasets': build_options[{name!r}]: {e}") from None
-        problems += missing_inputs(stage, params, root, [s for s, *_ in plan])
+        problems += missing_inputs(stage, params, root, [s.split("/")[0] for s, *_ in plan], root, seeded,
+                                   [root / f"seed{k}" for k in seeds or []])
         plan.append((stage, notebook, root / stage, params))
     if problems:
         raise ProfileError("inputs missing, nothing was run:\n  " + "\n  ".join(problems))
@@ -529,7 +595,7 @@ def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict
     save()
     t0 = time.perf_counter()
     try:
-        with stage_environment(Path(record["run_root"]), stage):
+        with stage_environment(Path(record["run_root"]), stage.replace("/", "-")):
             run_notebook(notebook, executed, params, kernel=kernel, cwd=nbs_dir, log_output=log_output, stage=stage)
     except (StageError, KeyboardInterrupt) as e:
         status = "failed" if isinstance(e, StageError) else "interrupted"
@@ -547,13 +613,19 @@ def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict
 def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[str] | None = None,
                  runs_dir: str | Path | None = None, nbs_dir: str | Path | None = None,
                  kernel: str = "python3", log_output: bool = False, registry: dict[str, str] | None = None,
-                 verbose: bool = True, force: bool = False) -> dict:
+                 verbose: bool = True, force: bool = False, seeds: Any = None, val_subjects: Any = None,
+                 test_subjects: Any = None, seeded: Iterable[str] = SEEDED_STAGES) -> dict:
     "Run the profile's stage notebooks with papermill into `<runs_dir>/<profile>/`; returns the pipeline record."
     registry = STAGES if registry is None else registry
     prof = load_profile(profile, registry)
+    overrides = {k: v for k, v in (("seeds", seed_list(seeds)), ("val_subjects", val_subjects),
+                                   ("test_subjects", test_subjects)) if v not in (None, "", [])}
+    prof = {**prof, "params": {**prof["params"], **overrides}}   # the command line wins over the profile
+    if "seeds" in prof["params"]:
+        prof["params"]["seeds"] = seed_list(prof["params"]["seeds"])
     nbs_dir = Path(nbs_dir) if nbs_dir else project_root() / "nbs"
     root = ((Path(runs_dir) / prof["name"]) if runs_dir else run_dir(prof["name"], create=False)).resolve()
-    plan = plan_stages(prof, _select_stages(prof, stages, registry), nbs_dir, root, registry)
+    plan = plan_stages(prof, _select_stages(prof, stages, registry), nbs_dir, root, registry, seeded)
     declared = set().union(*(notebook_parameters(nbs_dir / registry[s]) for s in prof["stages"]
                              if (nbs_dir / registry[s]).exists()))
     root.mkdir(parents=True, exist_ok=True)
@@ -563,8 +635,16 @@ def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[st
         record = {"profile": prof["name"], "profile_source": prof["source"], "status": "running",
                   "started": _now(), "finished": None, "wall_s": None, "kernel": kernel, "runner_pid": os.getpid(),
                   "nbs_dir": str(nbs_dir.resolve()), "run_root": str(root), "requested": [s for s, *_ in plan],
-                  "skipped": [], "unused_global_params": sorted(set(prof["params"]) - declared),
+                  "skipped": [], "unused_global_params": sorted(set(prof["params"]) - declared - {"seeds", *SPLIT_PARAMETERS}),
                   "versions": _versions(), "git": _git_state(nbs_dir), "stages": read_record(root).get("stages", {})}
+        for key in ("seeds", *SPLIT_PARAMETERS):          # recorded only when given (older records stay as they were)
+            if prof["params"].get(key) is not None:
+                record[key] = prof["params"][key]
+        for k in prof["params"].get("seeds") or []:       # a seed's run root sees the shared datasets
+            link = root / f"seed{k}" / "datasets"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists() and not link.is_symlink():
+                link.symlink_to(Path("..") / "datasets", target_is_directory=True)
         save = lambda: _write_record(record, registry, root / "pipeline.json")
         t0, ran = time.perf_counter(), False
         for i, (stage, notebook, out, params) in enumerate(plan, 1):
@@ -582,7 +662,7 @@ def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[st
         record.update(status="ok", finished=_now(), wall_s=round(time.perf_counter() - t0, 2))
         return save()
 
-# %% ../nbs/50_pipeline.ipynb #c069
+# %% ../nbs/50_pipeline.ipynb #c072
 PAPERMILL_TAGS = ("injected-parameters", "papermill-error-cell-tag")
 
 
@@ -605,7 +685,7 @@ def strip_outputs(path: str | Path) -> list[Path]:
             changed.append(f)
     return changed
 
-# %% ../nbs/50_pipeline.ipynb #c072
+# %% ../nbs/50_pipeline.ipynb #c075
 def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None = None,
                 registry: dict[str, str] | None = None, runs_dir: str | Path | None = None) -> list[dict]:
     "One row per stage: name, notebook, status ('ready', 'missing notebook', 'pending'), its last run's status, params."
@@ -624,7 +704,7 @@ def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None
                      "status": "pending", "last_run": "never", "params": params})
     return rows
 
-# %% ../nbs/50_pipeline.ipynb #c075
+# %% ../nbs/50_pipeline.ipynb #c078
 def _print_summary(record: dict) -> None:
     print(f"\npipeline {record['profile']!r}: {record['status']} in {record['wall_s']:.1f} s "
           f"(record: {Path(record['run_root']) / 'pipeline.json'})")
@@ -649,7 +729,7 @@ def _in_notebook() -> bool:
     except ImportError:
         return False
 
-# %% ../nbs/50_pipeline.ipynb #c078
+# %% ../nbs/50_pipeline.ipynb #c081
 def main(argv: list[str] | None = None) -> int:
     "Command line: `python -m neurolm_nb.pipeline --profile smoke [--stages a,b] [--list]`."
     parser = argparse.ArgumentParser(prog="neurolm-nb", description="Run neurolm_nb stage notebooks with papermill.")
@@ -658,6 +738,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the profile's stages (and their last run) and exit")
     parser.add_argument("--force", action="store_true",
                         help="rerun the selected stages from scratch, even those done with the same parameters")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: the trained stages run once per "
+                        "seed into runs/<profile>/seed<k>/<stage>/ (overrides the profile's params.seeds)")
+    parser.add_argument("--val-subjects", default=None, help="comma-separated subjects of the validation split "
+                        "(the datasets stage's build_options val_subjects; overrides params.val_subjects)")
+    parser.add_argument("--test-subjects", default=None, help="comma-separated subjects of the test split "
+                        "(build_options test_subjects; overrides params.test_subjects)")
     parser.add_argument("--runs-dir", default=None, help="folder of run roots (default: runs/ or $NEUROLM_RUNS)")
     parser.add_argument("--nbs-dir", default=None, help="folder of the stage notebooks (default: nbs/)")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
@@ -682,8 +768,10 @@ def main(argv: list[str] | None = None) -> int:
             import logging
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         signal.signal(signal.SIGTERM, _interrupt)   # a scheduler's SIGTERM is recorded like Ctrl-C
+        subjects = lambda v: [s.strip() for s in v.split(",") if s.strip()] if v else None
         record = run_pipeline(args.profile, args.stages, args.runs_dir, args.nbs_dir, args.kernel, args.log_output,
-                              force=args.force)
+                              force=args.force, seeds=args.seeds, val_subjects=subjects(args.val_subjects),
+                              test_subjects=subjects(args.test_subjects))
         _print_summary(record)
         return 0
     except (ProfileError, FileNotFoundError) as e:

@@ -11,8 +11,9 @@ import torch
 
 from neurolm_nb.core import save_json
 from neurolm_nb.datasets import WindowDataset, build_dataset, samples_dir_for
-from neurolm_nb.evaluation import (BINARY_METRICS, MULTICLASS_METRICS, PAPER_RESULTS, EvalSetup, band_power_features,
-                                   bandpower_baseline, confusion, corrected_metrics, greedy_metrics, load_predictions,
+from neurolm_nb.evaluation import (BANDPOWER_C, BINARY_METRICS, FLOORS, MULTICLASS_METRICS, PAPER_RESULTS, EvalSetup,
+                                   balanced_threshold, band_power_features, bandpower_baseline, braindecode_baseline,
+                                   fit_floor, run_statistics, statistics_table, subject_bootstrap, fast_bacc, confusion, corrected_metrics, greedy_metrics, load_predictions,
                                    original_metrics, results_table, run_evaluation, task_metric_names, task_metrics)
 from neurolm_nb.instruction_tuning import tiny_neurolm
 from neurolm_nb.instructions import TASK_NAMES
@@ -88,9 +89,19 @@ def test_bandpower_baseline_on_real_eegmat(eegmat_dir, tmp_path):
     subjects = {s: set(WindowDataset(tmp_path / "workload", s).subjects) for s in ("train", "val", "test")}
     assert not (subjects["train"] & subjects["test"]) and subjects["test"]
     result = bandpower_baseline(tmp_path / "workload", "workload")
-    assert result["C"] in (0.01, 0.1, 1.0, 10.0) and result["n_train"] == 29 * 2 * len(subjects["train"])
+    assert result["C"] == BANDPOWER_C == 0.1 and result["n_train"] == 29 * 2 * len(subjects["train"])
     assert 0 <= result["balanced_accuracy"] <= 1 and 0 <= result["roc_auc"] <= 1
     assert np.sum(result["confusion"]) == 29 * 2 * len(subjects["test"])
+    assert bandpower_baseline(tmp_path / "workload", "workload") == result  # one fixed recipe: deterministic
+    # the Riemannian floor on the same windows and splits, with the subjects the bootstrap resamples
+    riemann = fit_floor(tmp_path / "workload", "workload", "riemann")
+    assert riemann["model"] == FLOORS["riemann"] and riemann["n_train"] == result["n_train"]
+    for split in ("val", "test"):
+        pred = riemann["predictions"][split]
+        assert set(pred["subjects"]) == subjects[split] and pred["probs"].shape == (len(pred["labels"]), 2)
+        assert np.allclose(pred["probs"].sum(1), 1)
+    stats = run_statistics([riemann["predictions"]["test"]], [riemann["predictions"]["val"]], n_boot=200)
+    assert stats["n_subjects"] == len(subjects["test"]) and stats["threshold_source"] == "val"
 
 
 def test_distributed_predictions_equal_single_process(tmp_path):
@@ -129,8 +140,10 @@ def test_a_hub_folder_is_evaluated_like_its_checkpoint(tmp_path):
     base = dict(datasets_root=str(root), batch_size=2, max_samples=6)
     by_file = run_evaluation(EvalSetup(out_dir=str(tmp_path / "file"), checkpoint=str(tmp_path / "model.pt"), **base))
     by_folder = run_evaluation(EvalSetup(out_dir=str(tmp_path / "folder"), checkpoint=str(folder), **base))
-    for key in ("labels", "greedy_pred", "answers", "probs"):
+    for key in ("labels", "greedy_pred", "answers", "probs", "subjects"):
         assert np.array_equal(by_file["workload"][key], by_folder["workload"][key]), key
+    windows = WindowDataset(root / "workload", "test")   # every answer carries its window's subject
+    assert by_file["workload"]["subjects"].tolist() == [windows.subjects[i] for i in by_file["workload"]["index"]]
     info = json.loads((tmp_path / "folder" / "eval_info.json").read_text())
     assert info["checkpoint"] == str(folder) and info["text_tokenizer"] == "tiny"
     lm, spec, _ = load_eval_model(EvalSetup(checkpoint=str(folder), text_tokenizer="stub"))
@@ -147,3 +160,61 @@ def test_results_say_which_rows_are_real_eeg(tmp_path):
     assert data_source(tmp_path / "sample") == "synthetic sample"
     assert data_source(tmp_path / "real") == "real EEG"
     assert data_source(tmp_path / "not-built") == "unknown"
+
+
+def _scores(seed, bias=0.0, n_subjects=8, per_subject=10, strength=1.5):
+    r = np.random.default_rng(seed)
+    subjects = np.repeat([f"S{i}" for i in range(n_subjects)], per_subject)
+    labels = np.tile([0, 1], n_subjects * per_subject // 2)
+    p = 1 / (1 + np.exp(-(strength * (labels - 0.5) + r.normal(0, 1, len(labels)) + bias)))
+    return {"labels": labels, "probs": np.stack([1 - p, p], 1), "subjects": subjects}
+
+
+def test_threshold_is_chosen_on_validation_scores_only():
+    labels, scores = np.array([0, 0, 0, 1, 1, 1]), np.array([0.6, 0.7, 0.75, 0.8, 0.9, 0.95])
+    assert balanced_threshold(labels, scores) == 0.8      # everything is above 0.5: the argmax would say 'yes' to all
+    assert balanced_threshold(np.ones(3), scores[:3]) is None
+    val, test = _scores(1, bias=2.0), _scores(2, bias=2.0)
+    with_val = run_statistics([test], [val], n_boot=100)
+    # the threshold depends on the validation scores, never on the test scores
+    assert run_statistics([_scores(3, bias=2.0)], [val], n_boot=100)["per_seed"][0]["threshold"] == with_val["per_seed"][0]["threshold"]
+    assert with_val["per_seed"][0]["threshold"] > 0.5
+    assert with_val["mean"]["balanced_accuracy_val_threshold"] > with_val["mean"]["balanced_accuracy"]
+    without = run_statistics([test], n_boot=100)
+    assert without["threshold_source"] == "no val scores" and without["mean"]["balanced_accuracy_val_threshold"] is None
+    assert "n/a (no val scores)" in statistics_table({"workload": {"m": without}})
+
+
+def test_seed_statistics_and_subject_bootstrap():
+    runs = [_scores(s) for s in (1, 2, 3)]
+    stats = run_statistics(runs, [_scores(s + 10) for s in (1, 2, 3)], n_boot=300, seed=0)
+    values = [r["balanced_accuracy"] for r in stats["per_seed"]]
+    assert stats["n_seeds"] == 3 and stats["sd"]["balanced_accuracy"] == pytest.approx(np.std(values, ddof=1))
+    assert stats["mean"]["balanced_accuracy"] == pytest.approx(np.mean(values))
+    for m in ("balanced_accuracy", "balanced_accuracy_val_threshold", "roc_auc"):
+        lo, hi = stats["ci95"][m]
+        assert lo <= stats["mean"][m] <= hi
+    assert run_statistics(runs, n_boot=300, seed=0)["ci95"] == run_statistics(runs, n_boot=300, seed=0)["ci95"]  # fixed seed
+    table = statistics_table({"workload": {"NeuroLM": stats, "x": {"skipped": "why"}}})
+    assert "± " in table and "(n=3)" in table and "| 8 (80) | 0.500 |" in table and "not run: why" in table
+    one = run_statistics(runs[:1], n_boot=50)
+    assert one["sd"]["balanced_accuracy"] is None and "(n=" not in statistics_table({"workload": {"m": one}})
+    # resampling subjects, not windows: a subject effect widens the interval
+    r = np.random.default_rng(0)
+    clustered = {**runs[0], "probs": None}
+    works = np.repeat(r.normal(0.5, 3, 8), 10)  # the model works for some subjects and fails (inverted) for others
+    p = 1 / (1 + np.exp(-(works * (runs[0]["labels"] - 0.5) + r.normal(0, 0.5, 80))))
+    clustered["probs"] = np.stack([1 - p, p], 1)
+    by_subject = subject_bootstrap(fast_bacc, [clustered], 400)
+    by_window = subject_bootstrap(fast_bacc, [{**clustered, "subjects": np.arange(80).astype(str)}], 400)
+    assert by_subject[1] - by_subject[0] > by_window[1] - by_window[0]
+
+
+def test_multiclass_chance_and_braindecode_hook():
+    r = np.random.default_rng(0)
+    run = {"labels": r.integers(0, 5, 100), "probs": r.dirichlet(np.ones(5), 100), "subjects": np.repeat(list("abcde"), 20)}
+    stats = run_statistics([run], [run], n_boot=50)
+    assert stats["chance"]["balanced_accuracy"] == 0.2 and stats["threshold_source"] == "multi-class"
+    assert stats["mean"]["roc_auc"] is not None and "n/a (multi-class)" in statistics_table({"hmc": {"m": stats}})
+    hook = braindecode_baseline("/nowhere", "workload")
+    assert "skipped" in hook and "braindecode" in hook["skipped"]

@@ -367,3 +367,93 @@ def test_a_second_runner_on_the_same_folder_is_refused(tmp_path):
         runner.terminate()                                                  # SIGTERM: recorded as interrupted
         runner.wait(timeout=60)
     assert load_json(tmp_path / "runs" / "toy" / "pipeline.json")["stages"][first]["status"] == "interrupted"
+
+
+TRAIN_TOY = (  # a 'trained' stage: its metrics say which seed and run root it got
+    "import json\nfrom pathlib import Path\n"
+    "(Path(out_dir) / 'metrics.json').write_text(json.dumps({'seed': seed, 'run_root': run_root}))"
+)
+
+
+def _seeded_nbs(tmp_path):
+    "Toy eeg_io, datasets (declares datasets/build_options), tokenizer (seeded) and evaluation (declares seeds)."
+    d = tmp_path / "nbs"
+    write_notebook(d / STAGES["eeg_io"], [PARAMS, WRITE_OUTPUTS])
+    write_notebook(d / STAGES["datasets"], [PARAMS + "\ndatasets = ['workload']\nbuild_options = {}",
+                                            WRITE_OUTPUTS + "\n(Path(out_dir) / 'options.json').write_text(json.dumps(build_options))"])
+    write_notebook(d / STAGES["tokenizer"], [PARAMS, TRAIN_TOY])
+    write_notebook(d / STAGES["evaluation"], [
+        PARAMS + "\nseeds = None\ncheckpoint = None",
+        "import json\nfrom pathlib import Path\n"
+        "got = [json.loads((Path(run_root) / f'seed{k}' / 'tokenizer' / 'metrics.json').read_text())['seed'] for k in seeds]\n"
+        "(Path(out_dir) / 'metrics.json').write_text(json.dumps({'seeds': seeds, 'got': got}))"])
+    return d
+
+
+def test_seeds_run_trained_stages_once_per_seed(tmp_path):
+    from neurolm_nb.pipeline import STAGE_INPUTS, missing_inputs, seed_list
+    d, runs = _seeded_nbs(tmp_path), tmp_path / "runs"
+    prof = {"name": "seeded", "params": {"seed": 5, "seeds": [0, 1, 2]},
+            "stages": {"eeg_io": {}, "datasets": {}, "tokenizer": {}}}
+    rec = run_pipeline(prof, runs_dir=runs, nbs_dir=d, verbose=False)
+    root = runs / "seeded"
+    assert list(rec["stages"]) == ["eeg_io", "datasets", "tokenizer/seed0", "tokenizer/seed1", "tokenizer/seed2"]
+    assert rec["seeds"] == [0, 1, 2] and load_json(root / "pipeline.json")["seeds"] == [0, 1, 2]
+    assert load_json(root / "datasets" / "metrics.json")["seed"] == 5           # data stages: once, the global seed
+    for k in (0, 1, 2):
+        assert load_json(root / f"seed{k}" / "tokenizer" / "metrics.json") == {"seed": k, "run_root": str(root / f"seed{k}")}
+        assert (root / f"seed{k}" / "datasets" / "metrics.json").exists()      # the shared datasets, seen from the seed
+        assert rec["stages"][f"tokenizer/seed{k}"]["parameters"]["seed"] == k
+    assert not (root / "tokenizer").exists()
+    # the evaluation stage runs once, with the seed list, after every seed's model exists
+    prof["stages"]["evaluation"] = {}
+    STAGE_INPUTS_BEFORE = dict(STAGE_INPUTS)
+    try:
+        STAGE_INPUTS["evaluation"] = [("tokenizer/metrics.json", "tokenizer", "checkpoint")]
+        rec = run_pipeline(prof, stages="evaluation", runs_dir=runs, nbs_dir=d, verbose=False)
+        assert load_json(root / "evaluation" / "metrics.json") == {"seeds": [0, 1, 2], "got": [0, 1, 2]}
+        # a missing seed's output is reported before anything runs
+        problems = missing_inputs("evaluation", {}, root, [], root, ["tokenizer"], [root / "seed0", root / "seed7"])
+        assert problems and "tokenizer/metrics.json" in problems[0]
+    finally:
+        STAGE_INPUTS.clear(); STAGE_INPUTS.update(STAGE_INPUTS_BEFORE)
+    assert seed_list("0, 1,2") == [0, 1, 2] and seed_list(None) is None
+    with pytest.raises(ProfileError, match="repeats"):
+        seed_list([1, 1])
+
+
+def test_without_seeds_the_layout_and_record_are_unchanged(toy_nbs, tmp_path):
+    rec = run_pipeline(toy_profile(), runs_dir=tmp_path / "runs", nbs_dir=toy_nbs, verbose=False)
+    assert not {"seeds", "val_subjects", "test_subjects"} & set(rec)
+    assert not any(p.name.startswith("seed") for p in (tmp_path / "runs" / "toy").iterdir())
+
+
+def test_named_subjects_reach_the_datasets_build_options(tmp_path, monkeypatch):
+    import neurolm_nb.datasets as datasets
+    monkeypatch.setattr(datasets, "get_spec", lambda name, **opts: None)  # the spec fields land in 03_datasets
+    d, runs = _seeded_nbs(tmp_path), tmp_path / "runs"
+    prof = tmp_path / "named.yaml"
+    prof.write_text("description: named subjects\nparams: {seed: 0, test_subjects: [Subject02, Subject03]}\n"
+                    "stages:\n  datasets: {build_options: {workload: {window_s: 4}}}\n")
+    from neurolm_nb.pipeline import main
+    assert main(["--profile", str(prof), "--nbs-dir", str(d), "--runs-dir", str(runs),
+                 "--val-subjects", "Subject07,Subject08"]) == 0
+    rec = load_json(runs / "named" / "pipeline.json")
+    options = {"workload": {"window_s": 4, "val_subjects": ["Subject07", "Subject08"], "test_subjects": ["Subject02", "Subject03"]}}
+    assert rec["stages"]["datasets"]["parameters"]["build_options"] == options
+    assert load_json(runs / "named" / "datasets" / "options.json") == options   # what the notebook received
+    assert rec["val_subjects"] == ["Subject07", "Subject08"] and rec["test_subjects"] == ["Subject02", "Subject03"]
+    two = {"name": "two", "params": {"val_subjects": ["A"]}, "stages": {"datasets": {"datasets": ["workload", "tuab"]}}}
+    with pytest.raises(ProfileError, match="name the dataset"):
+        run_pipeline(two, runs_dir=runs, nbs_dir=d, verbose=False)
+
+
+def test_workload_profile_is_valid(profiles_dir):
+    from neurolm_nb.pipeline import plan_stages, seed_list
+    prof = load_profile("workload")
+    assert seed_list(prof["params"]["seeds"]) == [0, 1, 2]
+    val, test = set(prof["params"]["val_subjects"]), set(prof["params"]["test_subjects"])
+    assert val and test and not val & test
+    assert list(prof["stages"]) == ["datasets", "tokenizer", "labram", "pretrain", "instruct", "evaluation"]
+    for stage in prof["stages"]:   # every key is a parameter its notebook declares, of the declared type
+        resolve_parameters(NBS / STAGES[stage], prof, stage=stage, out_dir="/tmp/x", run_root="/tmp")
