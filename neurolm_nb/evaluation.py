@@ -5,20 +5,19 @@
 # %% ../nbs/32_evaluation.ipynb #c003
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, load_json, project_root,
-                            save_json)
+from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, in_notebook, launch_parser, load_json,
+                             project_root, read_launch_config, save_json, write_launch_config)
 from .datasets import WindowDataset
 from .instructions import (EEG_MAX_LEN, InstructionDataset, InstructionTask, collate_instructions,
                                      find_task_datasets, get_task, greedy_answers, load_text_tokenizer,
@@ -595,17 +594,12 @@ def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.evaluation --config eval.json`: predictions of every task, alone or under torchrun."
     die_with_torchrun_agent()  # a torchrun worker dies with its agent (and so with the runner)
-    parser = argparse.ArgumentParser(prog="python -m neurolm_nb.evaluation",
-                                     description="Answer every test question with an instruction-tuned NeuroLM "
-                                                 "(greedy + option scoring); alone or under torchrun.")
-    parser.add_argument("--config", required=True, help="JSON of an EvalSetup")
+    parser = launch_parser("neurolm_nb.evaluation", "Answer every test question with an instruction-tuned NeuroLM "
+                           "(greedy + option scoring); alone or under torchrun. The launch file holds 'setup' (EvalSetup).")
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    data = load_json(args.config)
-    unknown = sorted(set(data) - {f.name for f in fields(EvalSetup)})
-    if unknown:
-        parser.error(f"{args.config}: unknown EvalSetup keys {unknown}")
+    (setup,) = read_launch_config(args.config, setup=EvalSetup)
     try:
-        results = run_evaluation(EvalSetup(**data))
+        results = run_evaluation(setup)
         if is_main_process():
             print(json.dumps({"world_size": world_info().world_size,
                               "tasks": {k: int(len(v["labels"])) for k, v in results.items()}}), flush=True)
@@ -614,5 +608,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".evaluation"):
-    sys.exit(main())  # only under `python -m neurolm_nb.evaluation` (not when a notebook kernel runs this cell)
+if __name__ == "__main__" and not in_notebook():
+    sys.exit(main())

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .core import atomic_write_bytes, load_checkpoint, load_json, project_root, save_fig, save_json
+from .core import atomic_write_bytes, in_notebook, load_checkpoint, load_json, project_root, save_fig, save_json
 from .training import read_metrics
 from .evaluation import PAPER_RESULTS
 
@@ -773,5 +773,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if report.failed else 0
 
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules:
+if __name__ == "__main__" and not in_notebook():
     sys.exit(main())

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import nbformat
 
-from .core import atomic_write_bytes, load_yaml, project_root, run_dir, shared_dir
+from .core import atomic_write_bytes, in_notebook, load_yaml, project_root, run_dir, shared_dir
 from .core import save_yaml, to_jsonable
 
 # %% auto #0
@@ -721,14 +721,6 @@ def _print_summary(record: dict) -> None:
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None
-    except ImportError:
-        return False
-
 # %% ../nbs/50_pipeline.ipynb #c081
 def main(argv: list[str] | None = None) -> int:
     "Command line: `python -m neurolm_nb.pipeline --profile smoke [--stages a,b] [--list]`."
@@ -786,5 +778,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__" and not _in_notebook():
+if __name__ == "__main__" and not in_notebook():
     sys.exit(main())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurolm_nb.core import save_json
+from neurolm_nb.core import write_launch_config
 from neurolm_nb.datasets import WindowDataset, build_dataset, samples_dir_for
 from neurolm_nb.evaluation import (BANDPOWER_C, BINARY_METRICS, FLOORS, MULTICLASS_METRICS, PAPER_RESULTS, EvalSetup,
                                    balanced_threshold, band_power_features, bandpower_baseline, braindecode_baseline,
@@ -111,7 +111,7 @@ def test_distributed_predictions_equal_single_process(tmp_path):
     save_neurolm(tiny_neurolm(1), tmp_path / "model.pt", text_tokenizer="tiny")
     base = dict(datasets_root=str(root), checkpoint=str(tmp_path / "model.pt"), batch_size=1, max_samples=9)
     single = run_evaluation(EvalSetup(out_dir=str(tmp_path / "one"), **base))
-    launch = save_json({**base, "out_dir": str(tmp_path / "two")}, tmp_path / "eval.json")
+    launch = write_launch_config(tmp_path / "eval.json", setup=EvalSetup(out_dir=str(tmp_path / "two"), **base))
     proc = launch_torchrun(2, ["neurolm_nb.evaluation", "--config", str(launch)], timeout_s=240)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["world_size"] == 2
     for name in ("workload", "hmc"):
