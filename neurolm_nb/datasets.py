@@ -43,18 +43,20 @@ from .io import (MAX_ABS_UV, ImplausibleRecordingError, check_amplitude, find_fl
 
 # %% auto #0
 __all__ = ['TUH_CHANNELS', 'WORKLOAD_CHANNELS', 'HMC_CHANNELS', 'SEED_CHANNELS', 'SPLITS', 'TUEV_CODES', 'SEED_TRIAL_START_S',
-           'SEED_TRIAL_END_S', 'SEED_TRIAL_LABELS', 'HMC_STAGES', 'DATASET_SPECS', 'SHARD_FORMAT_VERSION', 'INDEX_FILE',
-           'MANIFEST_FILE', 'REPORT_FILE', 'RUN_FIELDS', 'JOURNAL_VERSION', 'PARALLEL_MIN_MB', 'PHYSIONET_EEGMAT_URL',
-           'EEGMAT_SHA256', 'SAMPLE_FOLDERS', 'split_counts', 'seeded_order', 'assign_splits', 'DatasetError',
-           'read_tuev_rec', 'read_tse', 'read_hmc_scoring', 'read_seed_lists', 'RecordingEntry', 'Windows',
-           'merge_units', 'DatasetSpec', 'WorkloadSpec', 'TUABSpec', 'TUEVSpec', 'TUSLSpec', 'HMCSpec', 'SEEDSpec',
-           'PretrainSpec', 'get_spec', 'OutputError', 'output_error', 'ensure_space', 'write_shard', 'PendingWindows',
-           'ShardWriter', 'signal_span', 'duplicate_groups', 'remove_stale_builds', 'BuildReport', 'split_manifest',
-           'process_recording', 'writer_state', 'restore_writer', 'JournalReader', 'BuildJournal', 'claim_staging',
-           'WorkerPool', 'usable_cores', 'default_workers', 'worker_pool', 'recording_seconds', 'BuildPlan',
-           'plan_build', 'build_dataset', 'build_digest', 'load_index', 'list_shards', 'load_manifest', 'WindowDataset',
+           'SEED_TRIAL_END_S', 'SEED_TRIAL_LABELS', 'HMC_STAGES', 'LATER_FIELDS', 'DATASET_SPECS', 'NAME_FIELDS',
+           'SHARD_FORMAT_VERSION', 'INDEX_FILE', 'MANIFEST_FILE', 'REPORT_FILE', 'RUN_FIELDS', 'JOURNAL_VERSION',
+           'PARALLEL_MIN_MB', 'PHYSIONET_EEGMAT_URL', 'EEGMAT_SHA256', 'SAMPLE_FOLDERS', 'split_counts', 'seeded_order',
+           'assign_splits', 'DatasetError', 'read_tuev_rec', 'read_tse', 'read_hmc_scoring', 'read_seed_lists',
+           'RecordingEntry', 'Windows', 'merge_units', 'DatasetSpec', 'name_tuple', 'held_out_units', 'WorkloadSpec',
+           'TUABSpec', 'TUEVSpec', 'TUSLSpec', 'HMCSpec', 'SEEDSpec', 'PretrainSpec', 'get_spec', 'OutputError',
+           'output_error', 'ensure_space', 'write_shard', 'PendingWindows', 'ShardWriter', 'signal_span',
+           'duplicate_groups', 'remove_stale_builds', 'BuildReport', 'split_manifest', 'process_recording',
+           'writer_state', 'restore_writer', 'JournalReader', 'BuildJournal', 'claim_staging', 'WorkerPool',
+           'usable_cores', 'default_workers', 'worker_pool', 'recording_seconds', 'BuildPlan', 'plan_build',
+           'build_dataset', 'build_digest', 'load_index', 'list_shards', 'load_manifest', 'WindowDataset',
            'ChecksumError', 'sha256_file', 'eegmat_files', 'fetch_file', 'fetch_eegmat', 'make_data_samples',
-           'samples_dir_for', 'bench_build', 'bench_table', 'main']
+           'samples_dir_for', 'bench_build', 'bench_table', 'main', 'read_heldout', 'subject_key', 'downstream_overlap',
+           'downstream_guard']
 
 # %% ../nbs/03_datasets.ipynb #c006
 TUH_CHANNELS: tuple[str, ...] = ("FP1", "FP2", "F3", "F4", "C3", "C4", "P3", "P4", "O1", "O2", "F7", "F8",
@@ -251,6 +253,9 @@ def merge_units(units: dict[str, str], linked: Sequence[Sequence[str]] = ()) -> 
     return {rel: "+".join(sorted(members[root(u)])) for rel, u in units.items()}
 
 
+LATER_FIELDS: dict = {"val_subjects": (), "test_subjects": (), "exclude_from": (), "allow_downstream_test": False}
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     "How one dataset is prepared (reference §5). Subclasses override the fields and `discover` / `windows`."
@@ -270,12 +275,22 @@ class DatasetSpec:
     max_abs_uV: float | None = MAX_ABS_UV  # beyond it after preprocessing: the recording is rejected
     flat_channels: str = "warn"            # 'warn': keep and report flat channels; 'reject': reject the recording
     flat_std_uV: float = 0.01
+    val_subjects: tuple[str, ...] = ()     # these subjects (their split units) are the val split
+    test_subjects: tuple[str, ...] = ()    # these subjects (their split units) are the test split
 
     def __post_init__(self):
         if self.flat_channels not in ("warn", "reject"):
             raise ValueError(f"flat_channels={self.flat_channels!r} must be 'warn' or 'reject'")
         if self.max_abs_uV is not None and not self.max_abs_uV > 0:
             raise ValueError(f"max_abs_uV={self.max_abs_uV!r} must be a positive number of µV, or None for no limit")
+        for k in ("val_subjects", "test_subjects"):  # a tuple, a list or a profile's "Subject02,Subject03"
+            object.__setattr__(self, k, tuple(sorted(name_tuple(getattr(self, k), f"{self.name}.{k}"))))
+        both = sorted(set(self.val_subjects) & set(self.test_subjects))
+        if both:
+            raise ValueError(f"{self.name}: subject(s) {both} are in both val_subjects and test_subjects")
+        if (self.val_subjects or self.test_subjects) and self.split_by != "subject":
+            raise ValueError(f"{self.name}: val_subjects/test_subjects need split_by='subject'; this spec splits by "
+                             f"{self.split_by!r}, so a named subject's recordings could land in several splits")
 
     @property
     def n_times(self) -> int:
@@ -291,7 +306,9 @@ class DatasetSpec:
         return self.notch
 
     def config(self) -> dict:
-        return {"spec": type(self).__name__, **to_jsonable(dataclasses.asdict(self))}
+        "The fields as JSON; the fields added by issue #12 only when set, so older builds keep their index bytes."
+        d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        return {"spec": type(self).__name__, **to_jsonable(d)}
 
     def discover(self, raw_dir: Path) -> tuple[list[RecordingEntry], list[dict]]:
         "Every file with one of `extensions`, subject = file name up to the first '_'."
@@ -325,15 +342,69 @@ class DatasetSpec:
         for group in linked:
             held_out = sorted({official[r] for r in group if r in official}, key=SPLITS.index)
             forced.update({unit[r]: held_out[-1] for r in group if held_out and r in unit and r not in official})
+        for u, split in held_out_units(self, entries, unit, official).items():  # named subjects; test wins a tie
+            forced[u] = max(forced.get(u, split), split, key=SPLITS.index)
         free = [e for e in entries if e.relpath not in official and unit[e.relpath] not in forced]
-        units = assign_splits([unit[e.relpath] for e in free], self.fractions, seed, self.shuffle)
+        units = assign_splits([unit[e.relpath] for e in free], self.free_fractions(), seed, self.shuffle)
         return {e.relpath: official.get(e.relpath) or forced.get(unit[e.relpath]) or units[unit[e.relpath]]
                 for e in entries}
 
+    def free_fractions(self) -> tuple[float, float, float]:
+        "The fractions the units of no named subject are split by: a split with named subjects gets none of them."
+        f = (self.fractions[0], 0.0 if self.val_subjects else self.fractions[1], 0.0 if self.test_subjects else self.fractions[2])
+        return f if sum(f) > 0 else (1.0, 0.0, 0.0)
+
     def split_rule(self) -> str:
-        return f"{self.split_by}-level, fractions {list(self.fractions)}, " + ("seeded hash order" if self.shuffle else "sorted order")
+        rule = f"{self.split_by}-level, fractions {list(self.fractions)}, " + ("seeded hash order" if self.shuffle else "sorted order")
+        if not (self.val_subjects or self.test_subjects):
+            return rule
+        named = ", ".join(f"{s} = {list(n)}" for s, n in (("val", self.val_subjects), ("test", self.test_subjects)) if n)
+        return f"{rule}; named subjects: {named}; the other units by fractions {list(self.free_fractions())}"
 
 # %% ../nbs/03_datasets.ipynb #c017
+import difflib
+
+
+def name_tuple(value, what: str) -> tuple[str, ...]:
+    "Names from a tuple, a list or a comma-separated string; blanks and repeats dropped, order kept."
+    if value is None:
+        return ()
+    if isinstance(value, (str, Path)):
+        value = str(value).split(",") if isinstance(value, str) else [value]
+    elif not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{what}={value!r} must be names: a tuple, a list or a comma-separated string")
+    return tuple(dict.fromkeys(str(v).strip() for v in value if str(v).strip()))
+
+
+def held_out_units(spec: DatasetSpec, entries: Sequence[RecordingEntry], unit: dict[str, str],
+                   official: dict[str, str]) -> dict[str, str]:
+    "Split unit -> 'val' / 'test' for the units holding a subject of `spec.val_subjects` / `spec.test_subjects`."
+    named = {**{s: "val" for s in spec.val_subjects}, **{s: "test" for s in spec.test_subjects}}
+    if not named:
+        return {}
+    known = sorted({e.subject for e in entries})
+    missing = [s for s in named if s not in known]
+    if missing:
+        close = sorted({c for s in missing for c in difflib.get_close_matches(s, known, n=1)})
+        fields = " and ".join(f"{k} {[s for s in missing if named[s] == k[:-9]]}" for k in ("val_subjects", "test_subjects")
+                              if any(named[s] == k[:-9] for s in missing))
+        raise ValueError(f"{spec.name}: {fields} not among the {len(known)} subjects found"
+                         + (f"; did you mean {close}?" if close else ";")
+                         + f" known subjects: {known[:8]}{' ...' if len(known) > 8 else ''}")
+    if spec.test_subjects and official:
+        raise ValueError(f"{spec.name}: test_subjects={list(spec.test_subjects)}, but the release fixes the test split "
+                         f"({len(official)} recordings, e.g. {sorted(official)[0]}); name val_subjects only")
+    clash = sorted({e.subject for e in entries if e.relpath in official and e.subject in named})
+    if clash:
+        raise ValueError(f"{spec.name}: val_subjects {clash} have recordings in the release's test split")
+    out: dict[str, str] = {}
+    for e in entries:
+        if e.subject in named:
+            u = unit[e.relpath]
+            out[u] = max(out.get(u, named[e.subject]), named[e.subject], key=SPLITS.index)
+    return out
+
+# %% ../nbs/03_datasets.ipynb #c020
 @dataclass(frozen=True)
 class WorkloadSpec(DatasetSpec):
     "PhysioNet EEGMAT as NeuroLM's Workload task: last 60 s, 4 s windows, 2 s stride, subjects 26/5/5."
@@ -366,7 +437,7 @@ class WorkloadSpec(DatasetSpec):
         starts = (offset + np.arange(len(x)) * int(round(self.stride_s * self.sfreq))) / self.sfreq
         return Windows(x, np.full(len(x), entry.label, dtype=np.int64), starts)
 
-# %% ../nbs/03_datasets.ipynb #c019
+# %% ../nbs/03_datasets.ipynb #c022
 def _tuh_subject(p: Path) -> str:
     m = re.match(r"([a-z0-9]+)_s\d+_t\d+", p.stem)
     return m.group(1) if m else p.stem.split("_")[0]
@@ -475,11 +546,15 @@ class TUSLSpec(DatasetSpec):
     original_split: bool = False  # True: split recordings, not subjects, as the original does
 
     def assign(self, entries, seed, linked=()):
+        if self.original_split and (self.val_subjects or self.test_subjects):
+            raise ValueError("tusl: original_split=True splits recordings, not subjects; it cannot hold out "
+                             "val_subjects/test_subjects (drop one of the two)")
         spec = dataclasses.replace(self, split_by="recording") if self.original_split else self
         return DatasetSpec.assign(spec, entries, seed, linked)
 
     def split_rule(self):
-        return DatasetSpec.split_rule(dataclasses.replace(self, split_by="recording") if self.original_split else self)
+        return DatasetSpec.split_rule(dataclasses.replace(self, split_by="recording") if self.original_split and not (
+            self.val_subjects or self.test_subjects) else self)
 
     def discover(self, raw_dir):
         entries, bad = [], []
@@ -506,7 +581,7 @@ class TUSLSpec(DatasetSpec):
         starts = np.array(starts, dtype=np.int64)
         return Windows(_cut(rec.data, starts, n), np.array(labels, dtype=np.int64), starts / self.sfreq)
 
-# %% ../nbs/03_datasets.ipynb #c021
+# %% ../nbs/03_datasets.ipynb #c024
 @dataclass(frozen=True)
 class HMCSpec(DatasetSpec):
     "HMC sleep staging: F4 C4 O2 C3, 30 s scored epochs, 5 stages; sorted recordings 100/25/26."
@@ -615,7 +690,7 @@ class SEEDSpec(DatasetSpec):
     def split_rule(self):
         return f"within each recording by clip: first {self.trials_per_split[0]} train, next {self.trials_per_split[1]} val, last {self.trials_per_split[2]} test"
 
-# %% ../nbs/03_datasets.ipynb #c023
+# %% ../nbs/03_datasets.ipynb #c026
 @dataclass(frozen=True)
 class PretrainSpec(DatasetSpec):
     "Any folder of recordings: every vocabulary channel, windows of min(max_tokens // C, max_seconds) s."
@@ -629,6 +704,12 @@ class PretrainSpec(DatasetSpec):
     max_seconds: int = 64
     min_seconds: int = 4
     extensions: tuple[str, ...] = (".edf", ".bdf", ".fif", ".fif.gz", ".set", ".cnt", ".vhdr", ".gdf")
+    exclude_from: tuple[str, ...] = ()   # built downstream datasets: their val/test subjects and recordings stay out
+    allow_downstream_test: bool = False  # True: keep them, as the original does; listed as deliberate leaks
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "exclude_from", name_tuple(self.exclude_from, "pretrain.exclude_from"))
 
     def discover(self, raw_dir):
         return [RecordingEntry(p, _rel(p, raw_dir), p.name.split(".")[0].split("_")[0])
@@ -651,10 +732,13 @@ class PretrainSpec(DatasetSpec):
         starts = np.arange(0, total - n + 1, n, dtype=np.int64)
         return Windows(_cut(rec.data, starts, n), np.full(len(starts), -1, dtype=np.int64), starts / self.sfreq)
 
-# %% ../nbs/03_datasets.ipynb #c024
+# %% ../nbs/03_datasets.ipynb #c027
 DATASET_SPECS: dict[str, type[DatasetSpec]] = {
     "workload": WorkloadSpec, "tuab": TUABSpec, "tuev": TUEVSpec, "tusl": TUSLSpec,
     "hmc": HMCSpec, "seed": SEEDSpec, "pretrain": PretrainSpec}
+
+
+NAME_FIELDS: tuple[str, ...] = ("val_subjects", "test_subjects", "exclude_from")  # also take "a,b" strings
 
 
 def get_spec(name_or_spec: str | DatasetSpec, **overrides) -> DatasetSpec:
@@ -674,12 +758,12 @@ def get_spec(name_or_spec: str | DatasetSpec, **overrides) -> DatasetSpec:
         cur, number = getattr(spec, k), lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
         ok = (cur is None or v is None or (number(cur) and number(v)) or (isinstance(cur, bool) and isinstance(v, bool))
               or (isinstance(cur, str) and isinstance(v, str)) or (isinstance(cur, (list, tuple)) and isinstance(v, (list, tuple)))
-              or (isinstance(cur, dict) and isinstance(v, dict)))
+              or (isinstance(cur, dict) and isinstance(v, dict)) or (k in NAME_FIELDS and isinstance(v, (str, Path))))
         if not ok:
             raise TypeError(f"{type(spec).__name__}.{k} = {v!r} ({type(v).__name__}) should be like its default {cur!r}")
     return dataclasses.replace(spec, **overrides) if overrides else spec
 
-# %% ../nbs/03_datasets.ipynb #c027
+# %% ../nbs/03_datasets.ipynb #c030
 class OutputError(OSError):
     "The output folder cannot take the build (full disk, read-only, no permission, a file in the way): one line."
 
@@ -711,7 +795,7 @@ def ensure_space(folder: str | Path, nbytes: int, what: str) -> None:
                           f"(+{_SPACE_MARGIN // 2**20} MB margin) and {free / 2**20:.1f} MB are free; free space or "
                           f"choose another out_dir", errno.ENOSPC)
 
-# %% ../nbs/03_datasets.ipynb #c030
+# %% ../nbs/03_datasets.ipynb #c033
 SHARD_FORMAT_VERSION = 1
 INDEX_FILE, MANIFEST_FILE, REPORT_FILE = "index.json", "split_manifest.json", "build_report.json"
 
@@ -745,7 +829,7 @@ def _write_file(path: Path, data, what: str) -> Path:
     except OSError as e:
         raise output_error(e, path) from None
 
-# %% ../nbs/03_datasets.ipynb #c033
+# %% ../nbs/03_datasets.ipynb #c036
 def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, start_s, ch_names: Sequence[str],
                 sfreq: float, dataset: str, split: str, classes: Sequence[str] = ()) -> Path:
     "Write one HDF5 shard atomically: built in memory, space checked, written to a temporary name, renamed."
@@ -758,7 +842,7 @@ def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, s
     image = _shard_image([x], len(x), x.shape[1:], labels, subjects, recordings, start_s, ch_names, sfreq, dataset, split, classes)
     return _write_file(path, image, f"shard {path.name}")
 
-# %% ../nbs/03_datasets.ipynb #c036
+# %% ../nbs/03_datasets.ipynb #c039
 class PendingWindows:
     "Windows waiting for their shard per (split, ch_names, n_times): arrays, or `rows` of `.npy` files under `folder`."
 
@@ -798,7 +882,7 @@ class PendingWindows:
         "The files (relative to `folder`) that waiting windows are read from."
         return {p["x"] for ps in self.by_key.values() for p in ps if isinstance(p["x"], str)}
 
-# %% ../nbs/03_datasets.ipynb #c039
+# %% ../nbs/03_datasets.ipynb #c042
 class ShardWriter:
     "Collects windows per (split, channel layout, length) and writes a shard whenever ~`shard_mb` MB are collected."
 
@@ -833,7 +917,7 @@ class ShardWriter:
             self._flush(key)
         return self.shards
 
-# %% ../nbs/03_datasets.ipynb #c043
+# %% ../nbs/03_datasets.ipynb #c046
 def signal_span(path: str | Path) -> tuple[int, int]:
     "(offset, length) of a file's signal bytes: after the header for EDF/BDF, the whole file otherwise."
     path = Path(path)
@@ -858,7 +942,7 @@ def _span_hash(path: str | Path, offset: int, length: int, sample: int | None = 
                 h.update(block); n -= len(block)
     return h.hexdigest()
 
-# %% ../nbs/03_datasets.ipynb #c045
+# %% ../nbs/03_datasets.ipynb #c048
 def duplicate_groups(paths: Sequence[str | Path], sample_bytes: int = 2**12) -> list[tuple[str, list[int]]]:
     "[(sha256, indices into `paths`)] of files with identical signal bytes: same length, then same ends, then same hash."
     def split_by(indices, key) -> dict:
@@ -881,7 +965,7 @@ def duplicate_groups(paths: Sequence[str | Path], sample_bytes: int = 2**12) -> 
             found += list(split_by(same_ends, lambda i: _span_hash(paths[i], *span[i])).items()) if length else []
     return sorted(found, key=lambda hg: hg[1])
 
-# %% ../nbs/03_datasets.ipynb #c049
+# %% ../nbs/03_datasets.ipynb #c052
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
@@ -919,7 +1003,7 @@ def remove_stale_builds(out_dir: str | Path, legacy_age_s: float = 86400.0) -> l
             shutil.rmtree(p, ignore_errors=True); done.append(f"{p.name} removed")
     return done
 
-# %% ../nbs/03_datasets.ipynb #c053
+# %% ../nbs/03_datasets.ipynb #c056
 def _check_out_dir(out_dir: Path) -> None:
     "Raise before anything is written when `out_dir` cannot become a build (a file in the way, someone else's folder)."
     above = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
@@ -951,7 +1035,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-# %% ../nbs/03_datasets.ipynb #c056
+# %% ../nbs/03_datasets.ipynb #c059
 @dataclass
 class BuildReport:
     "What `build_dataset` did: counts per split and class; files skipped, rejected, flat or copied; cost of the run."
@@ -968,6 +1052,8 @@ class BuildReport:
     rejected: list = field(default_factory=list)                # [{"file", "reason"}]: reads, but cannot be EEG
     flat_channels: list = field(default_factory=list)           # [{"file", "channels", "kept"}]
     duplicates: list = field(default_factory=list)              # [{"sha256", "recordings", "subjects", "split"}]
+    excluded: list = field(default_factory=list)                # [{"file", "subject", "reason", ...}]: downstream val/test
+    deliberate_leaks: list = field(default_factory=list)        # the same, kept on purpose (allow_downstream_test=True)
     stale_builds: list = field(default_factory=list)            # what killed builds left, cleaned up
     shards: list = field(default_factory=list)
     eeg_hours: float = 0.0                                      # hours of EEG in the recordings found
@@ -983,16 +1069,18 @@ class BuildReport:
         return to_jsonable(dataclasses.asdict(self))
 
     def __repr__(self) -> str:
+        guard = (f", {len(self.excluded)} excluded as downstream val/test" if self.excluded else "") + (
+            f", {len(self.deliberate_leaks)} downstream val/test KEPT (allow_downstream_test)" if self.deliberate_leaks else "")
         return (f"BuildReport({self.dataset}: {self.n_built}/{self.n_found} recordings, windows {self.windows}, "
-                f"{len(self.skipped)} skipped, {len(self.rejected)} rejected, {self.seconds:.1f} s)")
+                f"{len(self.skipped)} skipped, {len(self.rejected)} rejected{guard}, {self.seconds:.1f} s)")
 
 
 RUN_FIELDS: tuple[str, ...] = ("seconds", "eeg_hours_per_s", "workers", "backend", "peak_rss_mb", "reused",
                                "resumed_from", "stale_builds")
 
-# %% ../nbs/03_datasets.ipynb #c059
+# %% ../nbs/03_datasets.ipynb #c062
 def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[RecordingEntry, str, int]],
-                   duplicates: Sequence[dict] = ()) -> dict:
+                   duplicates: Sequence[dict] = (), downstream: dict | None = None) -> dict:
     "The deterministic split record: per split, the subjects and recordings (with window counts); copies found."
     splits = {s: {"subjects": set(), "recordings": {}, "n_windows": 0} for s in SPLITS}
     for entry, split, n in built:
@@ -1004,17 +1092,20 @@ def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[Recording
     for s, d in splits.items():
         for subj in d["subjects"]:
             owners.setdefault(subj, set()).add(s)
+    extra = {} if downstream is None else {"downstream": downstream}  # only when asked for: old manifests keep their bytes
+    if spec.val_subjects or spec.test_subjects:
+        extra["held_out_subjects"] = {"val": list(spec.val_subjects), "test": list(spec.test_subjects)}
     return {"format": "neurolm_nb.split_manifest", "version": 1, "dataset": spec.name, "seed": int(seed),
             "rule": spec.split_rule(), "classes": list(spec.classes),
             "subjects_in_several_splits": sorted(k for k, v in owners.items() if len(v) > 1),
-            "duplicates": list(duplicates),
+            "duplicates": list(duplicates), **extra,
             "splits": {s: {**d, "subjects": sorted(d["subjects"])} for s, d in splits.items()}}
 
 
 def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(to_jsonable(manifest), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
-# %% ../nbs/03_datasets.ipynb #c062
+# %% ../nbs/03_datasets.ipynb #c065
 def _check_recording(rec, entry: RecordingEntry, spec: DatasetSpec) -> list[str]:
     "The flat channels of a loaded recording; raises for everything that must keep it out."
     data = np.asarray(rec.data)
@@ -1043,7 +1134,7 @@ def _peak_rss_mb() -> float:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
         return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
-# %% ../nbs/03_datasets.ipynb #c065
+# %% ../nbs/03_datasets.ipynb #c068
 def process_recording(spec: DatasetSpec, entry: RecordingEntry) -> dict:
     "Load, check and window one recording: windows `x` and what the report must say; a bad file never raises."
     out = {"relpath": entry.relpath, "status": "built", "reason": None, "flat": [], "seconds": None}
@@ -1068,7 +1159,7 @@ def process_recording(spec: DatasetSpec, entry: RecordingEntry) -> dict:
     out["rss_mb"] = _peak_rss_mb()
     return out
 
-# %% ../nbs/03_datasets.ipynb #c068
+# %% ../nbs/03_datasets.ipynb #c071
 def writer_state(writer: ShardWriter) -> dict:
     "A shard writer as JSON: shards written and windows waiting (files, not arrays)."
     waiting = [[s, list(c), t, ps] for (s, c, t), ps in sorted(writer.pending.by_key.items())]
@@ -1083,7 +1174,7 @@ def restore_writer(writer: ShardWriter, state: dict) -> ShardWriter:
     writer.pending.by_key = {(s, tuple(c), int(t)): [dict(p) for p in ps] for s, c, t, ps in state["pending"]}
     return writer
 
-# %% ../nbs/03_datasets.ipynb #c071
+# %% ../nbs/03_datasets.ipynb #c074
 JOURNAL_VERSION = 1
 
 
@@ -1124,7 +1215,7 @@ class JournalReader:
         except (OSError, ValueError):
             return None
 
-# %% ../nbs/03_datasets.ipynb #c074
+# %% ../nbs/03_datasets.ipynb #c077
 class BuildJournal(JournalReader):
     "A build's record of its finished recordings: `journal/<i>.json` + `parts/<i>.npy`, each written atomically."
 
@@ -1146,7 +1237,7 @@ class BuildJournal(JournalReader):
         "Checkpoint the shard writer, which has taken in every recording up to `fed`."
         _write_file(self.dir / "writer.json", json.dumps({"fed": fed, "writer": writer_state(writer)}).encode(), "the journal")
 
-# %% ../nbs/03_datasets.ipynb #c077
+# %% ../nbs/03_datasets.ipynb #c080
 _ACTIVE_STAGING: set[str] = set()  # staging folders of the builds running in this process
 
 
@@ -1170,7 +1261,7 @@ def claim_staging(out_dir: str | Path, key: str) -> tuple[Path | None, str | Non
             new.rmdir()
     return None, None
 
-# %% ../nbs/03_datasets.ipynb #c080
+# %% ../nbs/03_datasets.ipynb #c083
 def _resume(journal: BuildJournal, writer: ShardWriter, relpaths: Sequence[str]) -> tuple[dict[int, dict], int]:
     "(usable records, last recording the restored `writer` had taken in) of a claimed staging folder."
     records, saved, fed = journal.load(relpaths), journal.load_writer(), -1
@@ -1190,7 +1281,7 @@ def _resume(journal: BuildJournal, writer: ShardWriter, relpaths: Sequence[str])
             journal.part(i).unlink(missing_ok=True)  # its windows are in a shard already
     return usable, fed
 
-# %% ../nbs/03_datasets.ipynb #c083
+# %% ../nbs/03_datasets.ipynb #c086
 @dataclass
 class WorkerPool:
     "How recordings are processed: `submit(fn, *args)` -> future; `wait_first(futures)` -> (done, not_done)."
@@ -1238,7 +1329,7 @@ def _worker_init(parent: int) -> None:
     if os.getppid() == parent:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
 
-# %% ../nbs/03_datasets.ipynb #c086
+# %% ../nbs/03_datasets.ipynb #c089
 @contextlib.contextmanager
 def worker_pool(workers: int | None = None, scheduler=None):
     "A `WorkerPool`: this process (workers=1), `workers` loky processes, or a Dask cluster (`scheduler`)."
@@ -1259,7 +1350,7 @@ def worker_pool(workers: int | None = None, scheduler=None):
         pool = get_reusable_executor(max_workers=workers, timeout=60, initializer=_worker_init, initargs=(os.getpid(),))
         yield WorkerPool(pool.submit, first, workers, "loky")
 
-# %% ../nbs/03_datasets.ipynb #c089
+# %% ../nbs/03_datasets.ipynb #c092
 def recording_seconds(path: str | Path) -> float | None:
     "Duration from an EDF/BDF header (data records x record duration); None for other formats or a broken header."
     if Path(path).suffix.lower() not in (".edf", ".bdf"):
@@ -1279,7 +1370,7 @@ def _progress(total_h: float, done_h: float, desc: str, enabled: bool | None):
                 disable=None if enabled is None else not enabled,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} EEG h [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
-# %% ../nbs/03_datasets.ipynb #c092
+# %% ../nbs/03_datasets.ipynb #c095
 @dataclass
 class BuildPlan:
     "A build decided before any signal is read: recordings in order, splits, copies, durations, journal key."
@@ -1294,6 +1385,7 @@ class BuildPlan:
     skipped: list
     header_seconds: list
     key: str = ""
+    downstream: dict | None = None  # PretrainSpec.exclude_from: what was read, excluded or kept on purpose
 
     def hours(self) -> list[float]:
         "Hours per recording for the progress bar (the mean of the known ones where a header says nothing)."
@@ -1314,10 +1406,10 @@ def _build_key(plan: BuildPlan) -> str:
              for e in plan.entries]
     blob = {"journal": JOURNAL_VERSION, "shards": SHARD_FORMAT_VERSION, "spec": plan.spec.config(), "seed": plan.seed,
             "shard_mb": plan.shard_mb, "raw_dir": str(plan.raw_dir), "files": files, "assignment": plan.assignment,
-            "duplicates": plan.duplicates}
+            "duplicates": plan.duplicates, **({"downstream": plan.downstream} if plan.downstream else {})}
     return hashlib.sha256(json.dumps(to_jsonable(blob), sort_keys=True).encode()).hexdigest()
 
-# %% ../nbs/03_datasets.ipynb #c095
+# %% ../nbs/03_datasets.ipynb #c098
 def plan_build(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
                max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
                **overrides) -> BuildPlan:
@@ -1334,16 +1426,23 @@ def plan_build(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: st
     if not entries:
         raise FileNotFoundError(f"no {spec.name} recordings found under {raw_dir} (extensions {spec.extensions}"
                                 + (f"; {len(skipped)} files did not fit the layout, e.g. {skipped[0]}" if skipped else "") + ")")
+    guard = downstream_guard(spec, entries) if getattr(spec, "exclude_from", ()) else None
+    if guard is not None and guard["excluded"]:
+        gone = {x["file"] for x in guard["excluded"]}
+        entries = [e for e in entries if e.relpath not in gone]
+        if not entries:
+            raise FileNotFoundError(f"every one of the {len(gone)} recordings under {raw_dir} is in a downstream val/test "
+                                    f"split (exclude_from={list(spec.exclude_from)}), e.g. {guard['excluded'][0]}")
     copies = [(h, [entries[i] for i in ix]) for h, ix in duplicate_groups([e.path for e in entries])]
     assignment = spec.assign(entries, seed, [[e.relpath for e in group] for _, group in copies])
     duplicates = [{"sha256": h, "recordings": [e.relpath for e in g], "split": assignment.get(g[0].relpath, "per window"),
                    "subjects": sorted({e.subject for e in g})} for h, g in copies]
     plan = BuildPlan(spec, raw_dir, out_dir, int(seed), float(shard_mb), entries, assignment, duplicates,
-                     list(skipped), [recording_seconds(e.path) for e in entries])
+                     list(skipped), [recording_seconds(e.path) for e in entries], downstream=guard)
     plan.key = _build_key(plan)
     return plan
 
-# %% ../nbs/03_datasets.ipynb #c098
+# %% ../nbs/03_datasets.ipynb #c101
 def _warning_class(name: str) -> type:
     import builtins
     c = getattr(builtins, name, None)
@@ -1381,7 +1480,7 @@ def _take_in(plan: BuildPlan, i: int, rec: dict, report: BuildReport, writer: Sh
     report.n_built += 1
     return flushed
 
-# %% ../nbs/03_datasets.ipynb #c101
+# %% ../nbs/03_datasets.ipynb #c104
 def _drop_part(journal: BuildJournal, writer: ShardWriter, i: int) -> bool:
     "Delete recording i's part once its windows are all in shards; True while it is still needed."
     if os.path.relpath(journal.part(i), journal.root) in writer.pending.sources():
@@ -1417,7 +1516,7 @@ def _run_recordings(plan: BuildPlan, journal: BuildJournal, writer: ShardWriter,
             fut.cancel()
     return built, counts, rss
 
-# %% ../nbs/03_datasets.ipynb #c104
+# %% ../nbs/03_datasets.ipynb #c107
 def _open_staging(out_dir: Path, key: str | None) -> tuple[Path, str | None, list[str]]:
     "(staging folder, the dead build it continues or None, what stale builds were cleaned up)."
     _check_out_dir(out_dir)
@@ -1445,7 +1544,7 @@ def _abandon(staging: Path, key: str, error: BaseException, out_dir: Path) -> No
         raise (clear if str(out_dir) in str(clear) else OutputError(f"{out_dir}: {clear}", clear.errno)) from None
     raise error
 
-# %% ../nbs/03_datasets.ipynb #c107
+# %% ../nbs/03_datasets.ipynb #c110
 def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: BuildReport, built: list,
                   counts: dict, rss: list, t0: float) -> None:
     "Write the last shards, the manifest, the index and the report into `staging`; the journal goes."
@@ -1456,7 +1555,7 @@ def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: B
     report.shards = writer.close()
     for sub in ("journal", "parts"):
         shutil.rmtree(staging / sub)
-    manifest = split_manifest(spec, plan.seed, built, report.duplicates)
+    manifest = split_manifest(spec, plan.seed, built, report.duplicates, plan.downstream)
     report.windows = {s: manifest["splits"][s]["n_windows"] for s in SPLITS}
     report.class_counts = {s: {c: int(n) for c, n in zip(spec.classes, counts[s])} for s in SPLITS} if spec.classes else {}
     atomic_write_bytes(staging / MANIFEST_FILE, _manifest_bytes(manifest))
@@ -1469,7 +1568,7 @@ def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: B
     report.peak_rss_mb = {"parent": parent, "workers": parent if report.backend == "in-process" else max(rss, default=None)}
     save_json(report.to_dict(), staging / REPORT_FILE)
 
-# %% ../nbs/03_datasets.ipynb #c110
+# %% ../nbs/03_datasets.ipynb #c113
 def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
                   max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
                   verbose: bool = False, workers: int | None = None, scheduler=None, resume: bool = True,
@@ -1480,7 +1579,15 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
     spec, out_dir = plan.spec, plan.out_dir
     staging, was, stale = _open_staging(out_dir, plan.key if resume else None)
     report = BuildReport(spec.name, str(plan.raw_dir), str(out_dir), plan.seed, n_found=len(plan.entries),
-                         skipped=list(plan.skipped), duplicates=plan.duplicates, stale_builds=stale, resumed_from=was)
+                         skipped=list(plan.skipped), duplicates=plan.duplicates, stale_builds=stale, resumed_from=was,
+                         **({k: plan.downstream[k] for k in ("excluded", "deliberate_leaks")} if plan.downstream else {}))
+    if report.deliberate_leaks:
+        warnings.warn(f"{spec.name}: {len(report.deliberate_leaks)} recordings of downstream val/test splits stay in the "
+                      f"corpus (allow_downstream_test=True), e.g. {report.deliberate_leaks[0]['file']}: "
+                      f"{report.deliberate_leaks[0]['reason']}; listed in {REPORT_FILE}", stacklevel=2)
+    if verbose:
+        for x in report.excluded:
+            print(f"excluded {x['file']}: {x['reason']}")
     try:
         journal = BuildJournal(staging, plan.key).start()
         writer = ShardWriter(staging, spec.name, spec.sfreq, spec.classes, shard_mb)
@@ -1499,7 +1606,7 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
         _ACTIVE_STAGING.discard(str(staging))
     return report
 
-# %% ../nbs/03_datasets.ipynb #c113
+# %% ../nbs/03_datasets.ipynb #c116
 def build_digest(root: str | Path) -> dict[str, str]:
     "SHA-256 of every file of a build (the report without `RUN_FIELDS` and `out_dir`): equal digests, equal builds."
     root, out = Path(root), {}
@@ -1510,7 +1617,7 @@ def build_digest(root: str | Path) -> dict[str, str]:
     out[REPORT_FILE] = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
     return out
 
-# %% ../nbs/03_datasets.ipynb #c119
+# %% ../nbs/03_datasets.ipynb #c122
 def load_index(root: str | Path) -> dict:
     "The `index.json` of a built dataset (the error says when `root` is not one)."
     p = Path(root) / INDEX_FILE
@@ -1590,7 +1697,7 @@ class WindowDataset(Dataset):
     def __repr__(self) -> str:
         return f"WindowDataset({self.dataset}/{self.split}: {len(self)} windows in {len(self.shards)} shards)"
 
-# %% ../nbs/03_datasets.ipynb #c121
+# %% ../nbs/03_datasets.ipynb #c124
 PHYSIONET_EEGMAT_URL = "https://physionet.org/files/eegmat/1.0.0/"
 EEGMAT_SHA256: dict[str, str] = {
     "Subject00_1.edf": "8b23c443f2f5f733f8ccc31a54377898009c28c7563d1107692a8735212d2f15",
@@ -1743,7 +1850,7 @@ def fetch_eegmat(dest: str | Path, base_url: str | Path = PHYSIONET_EEGMAT_URL,
     "Fetch EEGMAT files (all 36 subjects, or `subjects`) into `dest`, each checked against the release's SHA-256."
     return [fetch_file(base_url, n, dest, EEGMAT_SHA256[n], progress) for n in eegmat_files(subjects, include_info)]
 
-# %% ../nbs/03_datasets.ipynb #c124
+# %% ../nbs/03_datasets.ipynb #c127
 SAMPLE_FOLDERS: dict[str, str] = {"workload": "eegmat", "tuab": "tuab", "tuev": "tuev", "tusl": "tusl",
                                   "hmc": "hmc", "seed": "seed", "pretrain": "."}
 _SAMPLES_README = """\
@@ -1903,7 +2010,7 @@ def samples_dir_for(name: str, samples_root: str | Path | None = None) -> Path:
         raise KeyError(f"no sample folder for dataset {name!r}; known: {sorted(SAMPLE_FOLDERS)}")
     return (root / "eeg" / SAMPLE_FOLDERS[key]).resolve()
 
-# %% ../nbs/03_datasets.ipynb #c126
+# %% ../nbs/03_datasets.ipynb #c129
 def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2), repeat: int = 2,
                 max_files: int | None = None, work_dir: str | Path | None = None, **options) -> dict:
     "EEG-hours per second of `build_dataset` with each worker count on the same files (warm-up first, rounds interleaved)."
@@ -1929,7 +2036,7 @@ def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2),
         shutil.rmtree(work, ignore_errors=True)
     return result
 
-# %% ../nbs/03_datasets.ipynb #c129
+# %% ../nbs/03_datasets.ipynb #c132
 def bench_table(result: dict) -> str:
     "The benchmark as a few lines of text."
     lines = [f"{result['dataset']}: {result['files']} files, {result['eeg_hours']:.3f} EEG h, {result['cores']} usable cores, "
@@ -1944,7 +2051,7 @@ def bench_table(result: dict) -> str:
     lines.append(f"same output for every worker count: {result['same_output']}")
     return "\n".join(lines)
 
-# %% ../nbs/03_datasets.ipynb #c132
+# %% ../nbs/03_datasets.ipynb #c135
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     out = {}
     for pair in pairs or []:
@@ -1983,7 +2090,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", default=None)
     return parser
 
-# %% ../nbs/03_datasets.ipynb #c135
+# %% ../nbs/03_datasets.ipynb #c138
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line: `make-samples [root]`, `build <dataset> <raw_dir> <out_dir>`, `bench <dataset> <raw_dir>`, `fetch-eegmat <dest>`."
     args = _cli_parser().parse_args(argv)
@@ -2014,3 +2121,66 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())
+
+# %% ../nbs/03_datasets.ipynb #c153
+def read_heldout(folder: str | Path) -> dict:
+    "The val/test subjects and recordings of a built dataset, and the raw folder they were read from."
+    folder = Path(folder)
+    missing = [f for f in (INDEX_FILE, MANIFEST_FILE, REPORT_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"exclude_from: {folder} is not a built dataset (no {', '.join(missing)}); "
+                                "name the out_dir of a finished build_dataset run")
+    m, report = load_manifest(folder), load_json(folder / REPORT_FILE)
+    return {"dataset": m["dataset"], "folder": str(folder), "raw_dir": report["raw_dir"],
+            "splits": {s: {"subjects": list(m["splits"][s]["subjects"]), "recordings": sorted(m["splits"][s]["recordings"])}
+                       for s in ("val", "test")}}
+
+
+def subject_key(subject: str) -> str:
+    "How subject ids are compared across datasets: stripped and case-folded."
+    return str(subject).strip().casefold()
+
+# %% ../nbs/03_datasets.ipynb #c154
+def downstream_overlap(entries: Sequence[RecordingEntry], held: Sequence[dict]) -> list[dict]:
+    "The `entries` of a downstream val/test subject, or with the signal bytes of a val/test recording, with reasons."
+    found: dict[str, list] = {}
+    def add(rel, where, reason, sha=None):
+        d = found.setdefault(rel, {"reasons": [], "splits": set(), "sha256": None})
+        d["reasons"].append(reason); d["splits"].add(where); d["sha256"] = d["sha256"] or sha
+    subjects = {}
+    for h in held:
+        for split, d in h["splits"].items():
+            for s in d["subjects"]:
+                subjects.setdefault(subject_key(s), []).append((h["dataset"], split, s))
+    for e in entries:
+        for ds, split, s in subjects.get(subject_key(e.subject), []):
+            add(e.relpath, f"{ds}:{split}", f"subject {s} is in the {ds} {split} split")
+    theirs = []
+    for h in held:
+        for split, d in h["splits"].items():
+            for rel in d["recordings"]:
+                p = Path(h["raw_dir"]) / rel
+                if not p.is_file():
+                    raise FileNotFoundError(f"exclude_from {h['folder']}: its {split} recording {rel} is not at {p} (the "
+                                            "raw_dir of that build); the content check needs the downstream raw files")
+                theirs.append((h["dataset"], split, rel, p))
+    n = len(entries)
+    for sha, ix in duplicate_groups([e.path for e in entries] + [t[3] for t in theirs]):
+        for i in (i for i in ix if i < n):
+            for ds, split, rel, _ in (theirs[j - n] for j in ix if j >= n):
+                add(entries[i].relpath, f"{ds}:{split}", f"same content as {ds}:{rel} ({split} split)", sha)
+    subject_of = {e.relpath: e.subject for e in entries}
+    return [{"file": rel, "subject": subject_of[rel], "reason": "; ".join(dict.fromkeys(d["reasons"])),
+             "splits": sorted(d["splits"]), "sha256": d["sha256"]} for rel, d in sorted(found.items())]
+
+
+def downstream_guard(spec: PretrainSpec, entries: Sequence[RecordingEntry]) -> dict:
+    "What `spec.exclude_from` does to a corpus: the folders read, the recordings excluded or (allowed) kept."
+    held = [read_heldout(f) for f in spec.exclude_from]
+    overlap = downstream_overlap(entries, held)
+    return {"exclude_from": [{"dataset": h["dataset"], "folder": h["folder"],
+                              **{f"{s}_{k}": len(h["splits"][s][k]) for s in ("val", "test") for k in ("subjects", "recordings")}}
+                             for h in held],
+            "allow_downstream_test": spec.allow_downstream_test,
+            "excluded": [] if spec.allow_downstream_test else overlap,
+            "deliberate_leaks": overlap if spec.allow_downstream_test else []}
