@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
+from .core import ConfigMixin
+
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'ATTN_IMPLS', 'GPT2_PRESETS', 'GPTConfig', 'normalize_attn_mask', 'naive_attention', 'sdpa_attention',
            'causal_mask_mod', 'dense_mask_mod', 'make_block_mask', 'flex_block_mask', 'flex_attention_fn', 'attention',
@@ -28,7 +30,7 @@ ATTN_IMPLS = ("sdpa", "naive", "flex")
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ConfigMixin):
     "Hyper-parameters of a GPT-2. Defaults are GPT-2 small (124 M)."
     n_layer: int = 12
     n_head: int = 12

@@ -78,7 +78,7 @@ def hub_families() -> dict[str, Family]:
                                            f"{'CLS' if m.use_cls else 'mean'} pooling)",
                lambda m: (m.config.to_dict(), {"n_classes": m.n_classes, "use_cls": m.use_cls}),
                lambda c, x: LaBraMClassifier(LaBraMConfig.from_dict(c), **x)),
-        Family(GPT, lambda m: "GPT-2 backbone", lambda m: (asdict(m.config), {}), lambda c, x: GPT(GPTConfig(**c))),
+        Family(GPT, lambda m: "GPT-2 backbone", lambda m: (asdict(m.config), {}), lambda c, x: GPT(GPTConfig.from_dict(c))),
     ]
     return {f.cls.__name__: f for f in families}
 

@@ -9,7 +9,7 @@ import copy
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-from .core import load_checkpoint, save_checkpoint
+from .core import ConfigMixin, load_checkpoint, save_checkpoint
 from .gpt import GPT, GPTConfig, enlarge_embeddings, lm_loss, make_block_mask, token_accuracy
 from .vq import TokenTransformer, VQConfig, VQTokenizer
 
@@ -190,7 +190,7 @@ def text_position_ids(input_time: torch.Tensor | None, n_text: int, mode: str = 
 
 # %% ../nbs/21_neurolm.ipynb #c035
 @dataclass
-class NeuroLMConfig:
+class NeuroLMConfig(ConfigMixin):
     "The LLM stage: a GPT-2, the frozen stage-1 encoder it reads, and NeuroLM's extras."
     gpt: GPTConfig = field(default_factory=GPTConfig)              # its vocab sizes are overwritten from `vocab`
     tokenizer: VQConfig = field(default_factory=VQConfig.neurolm)  # only the encoder part is built
@@ -202,7 +202,7 @@ class NeuroLMConfig:
 
     def __post_init__(self):
         if isinstance(self.gpt, Mapping):
-            self.gpt = GPTConfig(**self.gpt)
+            self.gpt = GPTConfig.from_dict(self.gpt)
         if isinstance(self.tokenizer, Mapping):
             self.tokenizer = VQConfig.from_dict(self.tokenizer)
         if isinstance(self.vocab, Mapping):
@@ -231,21 +231,6 @@ def tiny(cls: NeuroLMConfig, **overrides) -> "NeuroLMConfig":
     base = dict(gpt=GPTConfig.tiny(n_embd=48, n_head=2, block_size=256), tokenizer=tokenizer,
                 vocab=VocabLayout(text_vocab_size=512, n_codes=tokenizer.n_codes))
     return cls(**{**base, **overrides})
-
-
-@patch
-def to_dict(self: NeuroLMConfig) -> dict:
-    return {"gpt": asdict(self.gpt), "tokenizer": self.tokenizer.to_dict(), "vocab": asdict(self.vocab),
-            **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("gpt", "tokenizer", "vocab")}}
-
-
-@patch(cls_method=True)
-def from_dict(cls: NeuroLMConfig, d: Mapping) -> "NeuroLMConfig":
-    "Inverse of `to_dict`; unknown keys raise an error naming them."
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise KeyError(f"NeuroLMConfig has no fields {unknown}")
-    return cls(**d)
 
 # %% ../nbs/21_neurolm.ipynb #c041
 def prefix_group_norm(z: torch.Tensor, norm: nn.GroupNorm, last_token: torch.Tensor) -> torch.Tensor:

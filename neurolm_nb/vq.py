@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastcore.basics import patch
 
-from .core import load_checkpoint, save_checkpoint
+from .core import ConfigMixin, load_checkpoint, save_checkpoint
 
 # %% auto #0
 __all__ = ['TOKENIZER_FORMAT', 'VQConfig', 'TemporalConv', 'Attention', 'MLP', 'TransformerBlock', 'TokenTransformer', 'l2norm',
@@ -28,7 +28,7 @@ __all__ = ['TOKENIZER_FORMAT', 'VQConfig', 'TemporalConv', 'Attention', 'MLP', '
 
 # %% ../nbs/10_vq.ipynb #c006
 @dataclass
-class VQConfig:
+class VQConfig(ConfigMixin):
     "Every size and switch of the VQ tokenizer; `neurolm()`, `labram()` and `tiny()` are the presets."
     patch_size: int = 200            # samples per token (1 s at 200 Hz)
     conv_channels: int = 16          # feature maps of the temporal convolutions
@@ -96,20 +96,6 @@ def tiny(cls: VQConfig, **overrides) -> "VQConfig":
     base = dict(conv_channels=4, dim=64, n_heads=4, encoder_depth=2, decoder_depth=1, code_dim=16,
                 n_codes=256, domain_hidden=32, text_vocab_size=512)
     return cls(**{**base, **overrides})
-
-
-@patch(cls_method=True)
-def from_dict(cls: VQConfig, d: Mapping) -> "VQConfig":
-    "Inverse of `to_dict`; unknown keys raise an error naming them."
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise KeyError(f"VQConfig has no fields {unknown}")
-    return cls(**d)
-
-
-@patch
-def to_dict(self: VQConfig) -> dict:
-    return asdict(self)
 
 # %% ../nbs/10_vq.ipynb #c015
 class TemporalConv(nn.Module):
