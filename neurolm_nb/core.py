@@ -27,11 +27,11 @@ import torch
 
 # %% auto #0
 __all__ = ['PARENT_PID_ENV', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'bf16_supported', 'describe_device',
-           'get_dtype', 'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'fresh_dir', 'atomic_write',
-           'atomic_write_bytes', 'save_checkpoint', 'publish_folder', 'UnsafeCheckpointError', 'load_checkpoint',
-           'latest_checkpoint', 'die_with_parent', 'in_notebook', 'save_fig', 'to_jsonable', 'save_json', 'load_json',
-           'load_yaml', 'save_yaml', 'merge_config', 'ConfigMixin', 'write_launch_config', 'read_launch_config',
-           'launch_parser']
+           'get_dtype', 'autocast_context', 'project_root', 'shared_dir', 'run_dir', 'stage_dirs', 'fresh_dir',
+           'atomic_write', 'atomic_write_bytes', 'save_checkpoint', 'publish_folder', 'UnsafeCheckpointError',
+           'load_checkpoint', 'latest_checkpoint', 'die_with_parent', 'in_notebook', 'save_fig', 'to_jsonable',
+           'save_json', 'load_json', 'load_yaml', 'save_yaml', 'merge_config', 'ConfigMixin', 'write_launch_config',
+           'read_launch_config', 'launch_parser']
 
 # %% ../nbs/00_core.ipynb #c006
 def seed_everything(seed: int) -> None:
@@ -161,6 +161,14 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
     return d
 
 # %% ../nbs/00_core.ipynb #c020
+def stage_dirs(out_dir: str | Path | None, name: str) -> tuple[Path, Path]:
+    "(work_dir, fig_dir): `out_dir` (or a new temporary folder `neurolm_<name>_*`) and its `figures/`, both created."
+    work_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"neurolm_{name}_"))
+    fig_dir = work_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    return work_dir, fig_dir
+
+# %% ../nbs/00_core.ipynb #c023
 def fresh_dir(path: str | Path) -> Path:
     "Empty `path` (delete it and everything in it) and create it again: a clean scratch folder for a demo."
     path = Path(path).expanduser().resolve()
@@ -173,7 +181,7 @@ def fresh_dir(path: str | Path) -> Path:
     path.mkdir(parents=True)
     return path
 
-# %% ../nbs/00_core.ipynb #c023
+# %% ../nbs/00_core.ipynb #c026
 def _umask() -> int:
     "The process umask (reading it means setting it, so set it straight back)."
     mask = os.umask(0)
@@ -209,7 +217,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     "`torch.save(state)` to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
 
-# %% ../nbs/00_core.ipynb #c026
+# %% ../nbs/00_core.ipynb #c029
 def publish_folder(staging: str | Path, target: str | Path) -> Path:
     "Swap the finished folder `staging` in for `target` (same parent): two renames; the old one is removed afterwards."
     staging, target = Path(staging), Path(target)
@@ -222,7 +230,7 @@ def publish_folder(staging: str | Path, target: str | Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
-# %% ../nbs/00_core.ipynb #c029
+# %% ../nbs/00_core.ipynb #c032
 class UnsafeCheckpointError(RuntimeError):
     "A checkpoint that holds more than tensors and plain values: loading it could run code."
 
@@ -256,7 +264,7 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
 
-# %% ../nbs/00_core.ipynb #c034
+# %% ../nbs/00_core.ipynb #c037
 PARENT_PID_ENV = "NEUROLM_PARENT_PID"  # a launcher sets it to its own pid for the children it starts
 _PR_SET_PDEATHSIG = 1                   # from <linux/prctl.h>
 
@@ -279,7 +287,7 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
         os._exit(1)
     return armed
 
-# %% ../nbs/00_core.ipynb #c038
+# %% ../nbs/00_core.ipynb #c041
 def in_notebook() -> bool:
     "True when notebook cells run here (a Jupyter kernel, papermill, nbdev_test); False in scripts and torchrun workers."
     try:
@@ -310,7 +318,7 @@ def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: in
     plt.close(fig)                                                # shown once, not again at cell end
     return out
 
-# %% ../nbs/00_core.ipynb #c041
+# %% ../nbs/00_core.ipynb #c044
 def to_jsonable(obj: Any) -> Any:
     "Convert paths, tensors, NumPy values and tuples to plain JSON types."
     if isinstance(obj, dict):
@@ -346,7 +354,7 @@ def load_json(path: str | Path) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-# %% ../nbs/00_core.ipynb #c044
+# %% ../nbs/00_core.ipynb #c047
 def load_yaml(path: str | Path) -> dict:
     "Read a YAML file into a dict (an empty file gives {})."
     import yaml
@@ -367,7 +375,7 @@ def save_yaml(obj: dict, path: str | Path) -> Path:
     import yaml
     return atomic_write_bytes(path, yaml.safe_dump(to_jsonable(obj), sort_keys=False).encode("utf-8"))
 
-# %% ../nbs/00_core.ipynb #c047
+# %% ../nbs/00_core.ipynb #c050
 def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _path: str = "") -> dict:
     "Recursively overlay `overrides` on `defaults`; with `strict`, unknown keys raise an error naming them."
     out = dict(defaults)
@@ -383,7 +391,7 @@ def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _p
             out[k] = v
     return out
 
-# %% ../nbs/00_core.ipynb #c050
+# %% ../nbs/00_core.ipynb #c053
 class ConfigMixin:
     "`to_dict` / `from_dict` for a config dataclass; `from_dict` refuses unknown keys, naming them."
     def to_dict(self) -> dict:
@@ -396,7 +404,7 @@ class ConfigMixin:
             raise KeyError(f"{cls.__name__} has no fields {unknown}")
         return cls(**d)
 
-# %% ../nbs/00_core.ipynb #c053
+# %% ../nbs/00_core.ipynb #c056
 def write_launch_config(path: str | Path, **parts) -> Path:
     "Write config dataclasses as one launch file: `{name: fields}` for `python -m neurolm_nb.<stage> --config`."
     return save_json({name: dataclasses.asdict(part) for name, part in parts.items()}, path)
