@@ -549,7 +549,7 @@ def route_subjects(params: dict, declared: dict, prof: dict) -> dict:
             options.setdefault(name, {}).setdefault(key, [str(s).strip() for s in subjects])  # build_options win
     return {**params, "build_options": options}
 
-
+# %% ../nbs/50_pipeline.ipynb #c058a
 def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, registry: dict[str, str],
                 seeded: Iterable[str] = SEEDED_STAGES) -> list[tuple]:
     "(key, notebook, out_dir, parameters) of each run of the chosen stages; every check that can fail early fails here."
@@ -584,7 +584,7 @@ def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, regist
         raise ProfileError("inputs missing, nothing was run:\n  " + "\n  ".join(problems))
     return plan
 
-
+# %% ../nbs/50_pipeline.ipynb #c058b
 def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict, save, kernel: str,
                nbs_dir: Path, log_output: bool, verbose: bool) -> None:
     executed = out / notebook.name
