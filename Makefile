@@ -110,7 +110,7 @@ check: $(STAMP)
 	  diff $(VENV)/.check-before $(VENV)/.check-after | sed -n 's/^> [0-9]* [0-9]* /  /p' >&2; exit 1; fi
 
 samples: $(STAMP)
-	$(PY) -m neurolm_nb.datasets make-samples data_samples
+	$(PY) -m neurolm_nb.shards make-samples data_samples
 
 # The book: Sphinx + myst-nb + sphinx-book-theme render the executed notebooks of a finished run (nothing is
 # re-executed); notebooks that are not stages of the run are executed once with papermill and cached

@@ -25,6 +25,7 @@ from .core import autocast_context, get_dtype, seed_everything
 from .gpt import ATTN_IMPLS, GPTConfig
 from .neurolm import NeuroLM, NeuroLMConfig, VocabLayout, next_second_targets
 from .targets import neurolm_targets
+from .training import OPTIMIZER_IMPLS, adamw_impl, optimizer_impl_of
 from .vq import VQConfig, VQTokenizer
 
 # %% auto #0
@@ -32,7 +33,7 @@ __all__ = ['PEAK_BF16_TFLOPS', 'BENCH_MODELS', 'BenchConfig', 'bench_model', 'be
            'measure', 'TokenizerBenchConfig', 'tokenizer_bench_model', 'tokenizer_bench_batch', 'tokenizer_step_loss',
            'tokenizer_flops', 'measure_tokenizer', 'reference_config', 'loss_check', 'run_loss_check',
            'format_loss_check', 'default_configs', 'tokenizer_configs', 'bench_kind', 'run_benchmarks', 'format_table',
-           'bench_parser', 'main']
+           'measure_optimizers', 'format_optimizers', 'bench_parser', 'main']
 
 # %% ../nbs/52_bench.ipynb #c006
 @dataclass
@@ -56,8 +57,10 @@ class BenchConfig:
     steps: int = 3               # timed steps
     warmup: int = 1              # untimed steps first (allocation, compilation)
     seed: int = 0
+    optimizer_impl: str = "auto" # AdamW: "auto" (the fused kernel where the device has one), "fused", "foreach", "plain"
 
     def __post_init__(self):
+        adamw_impl(self.optimizer_impl)  # an unknown implementation is an error here, not in a child process
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
         if self.seq % self.channels:
@@ -74,7 +77,8 @@ class BenchConfig:
 
     @property
     def name(self) -> str:
-        return f"{self.attn_impl}/{self.dtype}" + ("+compile" if self.compile else "")
+        return (f"{self.attn_impl}/{self.dtype}" + ("+compile" if self.compile else "")
+                + (f"+{self.optimizer_impl}AdamW" if self.optimizer_impl != "auto" else ""))
 
 # %% ../nbs/52_bench.ipynb #c009
 def bench_model(cfg: BenchConfig) -> NeuroLM:
@@ -189,7 +193,7 @@ def measure(cfg: BenchConfig, peak_tflops: float | None = None) -> dict:
     model = bench_model(cfg).to(device).train()
     batch = bench_batch(cfg, model.config.vocab, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **adamw_impl(cfg.optimizer_impl, device))
     runner = torch.compile(model) if cfg.compile else model
     memory_before = _peak_rss_mb() if device.type == "cpu" else None
     times, losses = _time_steps(lambda: runner(**batch, supervised_only=True).loss, optimizer, device, dtype,
@@ -200,6 +204,7 @@ def measure(cfg: BenchConfig, peak_tflops: float | None = None) -> dict:
     peak = peak_tflops if peak_tflops else peak_tflops_for(device_name, cfg.dtype)
     achieved = flops["total"] / step_s / 1e12
     return {"name": cfg.name, "model": "lm", "config": asdict(cfg), "device_name": device_name,
+            "optimizer": optimizer_impl_of(optimizer),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "step_s": step_s, "step_s_all": times,
             "tokens_per_s": cfg.batch * cfg.seq / step_s, "loss": losses[-1].item(), "first_loss": losses[0].item(),
             "trainable_params": sum(p.numel() for p in params),
@@ -319,7 +324,7 @@ def measure_tokenizer(cfg: TokenizerBenchConfig, peak_tflops: float | None = Non
     batch = tokenizer_bench_batch(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=1e-4, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda" or None)
+                                  **adamw_impl("auto", device))
     runner = torch.compile(model) if cfg.compile else model
     memory_before = _peak_rss_mb() if device.type == "cpu" else None
     last = {}
@@ -487,7 +492,50 @@ def format_table(results: Sequence[dict]) -> str:
     line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
-# %% ../nbs/52_bench.ipynb #c058
+# %% ../nbs/52_bench.ipynb #c059
+def measure_optimizers(cfg: BenchConfig, impls: Sequence[str] = ("plain", "auto")) -> dict:
+    "Step time per AdamW implementation, steps interleaved; `ratio[i]`: median step of impls[0] / of i (`ratio_best`: fastest)."
+    device = torch.device(cfg.device)
+    _check_device(device)
+    dtype = get_dtype(cfg.dtype, device)
+    model = bench_model(cfg).to(device).train()
+    batch = bench_batch(cfg, model.config.vocab, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opts = {i: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **adamw_impl(i, device)) for i in impls}
+    step_s, opt_s = {i: [] for i in impls}, {i: [] for i in impls}
+    for r in range(cfg.warmup + cfg.steps):
+        for i, opt in opts.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            with autocast_context(device, dtype):
+                loss = model(**batch, supervised_only=True).loss
+            loss.backward()
+            _sync(device)
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if r >= cfg.warmup:
+                step_s[i].append(time.perf_counter() - t0); opt_s[i].append(time.perf_counter() - t1)
+    med = {i: statistics.median(v) for i, v in step_s.items()}
+    return {"config": asdict(cfg), "device_name": _device_name(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "trainable_params": sum(p.numel() for p in params),
+            "kernel": {i: optimizer_impl_of(o) for i, o in opts.items()}, "step_s": med, "step_s_all": step_s,
+            "optimizer_s": {i: statistics.median(v) for i, v in opt_s.items()},
+            "ratio": {i: med[impls[0]] / med[i] for i in impls[1:]},
+            "ratio_best": {i: min(step_s[impls[0]]) / min(step_s[i]) for i in impls[1:]}}
+
+
+def format_optimizers(result: dict) -> str:
+    "One line per implementation: step and optimizer time; then the ratios against the first."
+    base = next(iter(result["step_s"]))
+    lines = [f"AdamW {i} ({result['kernel'][i]}): step {result['step_s'][i]:.3f} s, of which optimizer "
+             f"{result['optimizer_s'][i]:.3f} s" for i in result["step_s"]]
+    lines += [f"step time, {base} AdamW / {i} ({result['kernel'][i]}) AdamW: {v:.3f}x (median), "
+              f"{result['ratio_best'][i]:.3f}x (fastest step of each)" for i, v in result["ratio"].items()]
+    return "\n".join(lines)
+
+# %% ../nbs/52_bench.ipynb #c060
 _LM_FLAGS = ("layers", "width", "heads")
 _SHARED_FLAGS = ("encoder_layers", "encoder_width", "encoder_heads", "seq", "channels", "batch", "steps", "warmup",
                  "seed")
@@ -502,7 +550,7 @@ def _env_float(name: str) -> float | None:
 def _flag_names(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
 
-# %% ../nbs/52_bench.ipynb #c061
+# %% ../nbs/52_bench.ipynb #c063
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.bench",
                                      description="Training tokens/s, peak memory and MFU of NeuroLM's stage-2 step "
@@ -521,6 +569,9 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--impls", nargs="+", choices=ATTN_IMPLS, default=None,
                         help="attention implementations (lm only; default: naive sdpa on a CPU, sdpa flex on a GPU)")
     parser.add_argument("--dtype", default=None, help="float32 or bf16 (default: float32 on a CPU, bf16 on a GPU)")
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZER_IMPLS, default=None,
+                        help="AdamW implementations to compare on the first attention configuration (lm only), e.g. "
+                             "'plain auto': the original's default loop against ours; prints the step-time ratio")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-tflops", type=float, default=_env_float("NEUROLM_PEAK_TFLOPS"),
                         help="the device's peak TFLOP/s for the MFU (default: $NEUROLM_PEAK_TFLOPS, else the table)")
@@ -533,7 +584,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one config as JSON (isolated child)
     return parser
 
-# %% ../nbs/52_bench.ipynb #c064
+# %% ../nbs/52_bench.ipynb #c066
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.bench [flags]`: measure, print a table and the results as JSON."
     parser = bench_parser()
@@ -547,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cls, measure_fn = BENCH_MODELS[args.model]
         print(json.dumps(measure_fn(cls(**json.loads(args.single)), args.peak_tflops)), flush=True)
         return 0
-    lm_only = _flag_names(args, _LM_FLAGS) + (["--impls"] if args.impls else [])
+    lm_only = _flag_names(args, _LM_FLAGS) + (["--impls"] if args.impls else []) + (["--optimizers"] if args.optimizers else [])
     tokenizer_only = _flag_names(args, _TOKENIZER_FLAGS) + (["--no-text"] if args.no_text else [])
     if args.model == "tokenizer" and lm_only:
         parser.error(f"{', '.join(lm_only)} apply to --model lm (or all), not to --model tokenizer")
@@ -559,17 +610,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm_configs = default_configs(args.device, compile=args.compile, **pick(_LM_FLAGS + _SHARED_FLAGS))
         if args.impls:
             lm_configs = [dataclasses.replace(lm_configs[0], attn_impl=impl) for impl in args.impls]
+        if args.optimizers:  # the AdamW comparison replaces the attention comparison
+            optimizer_cfg, lm_configs = lm_configs[-1], []
         configs += lm_configs
     if args.model in ("tokenizer", "all"):
         configs += tokenizer_configs(args.device, compile=args.compile, text=not args.no_text,
                                      **pick(_SHARED_FLAGS + _TOKENIZER_FLAGS))
     if args.dtype:
         configs = [dataclasses.replace(c, dtype=args.dtype) for c in configs]
-    results = run_benchmarks(configs, isolate=args.isolate, peak_tflops=args.peak_tflops)
-    print(format_table(results), flush=True)
+    if args.optimizers:
+        optimizers = measure_optimizers(dataclasses.replace(optimizer_cfg, dtype=args.dtype or optimizer_cfg.dtype),
+                                        args.optimizers)
+        print(format_optimizers(optimizers), flush=True)
+    results = run_benchmarks(configs, isolate=args.isolate, peak_tflops=args.peak_tflops) if configs else []
+    if results:
+        print(format_table(results), flush=True)
     report = {"results": results, "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
     ok = all("error" not in r for r in results)
+    if args.optimizers:
+        report["optimizers"] = optimizers
     if args.loss_check is not None:
         report["loss_check"] = run_loss_check(configs, results, args.loss_check, isolate=args.isolate)
         print(format_loss_check(report["loss_check"]), flush=True)

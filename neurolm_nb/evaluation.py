@@ -18,7 +18,7 @@ import torch
 
 from .core import (atomic_write_bytes, autocast_context, get_device, get_dtype, in_notebook, launch_parser, load_json,
                              project_root, read_launch_config, save_json, write_launch_config)
-from .datasets import WindowDataset
+from .shards import WindowDataset
 from .instructions import (EEG_MAX_LEN, InstructionDataset, InstructionTask, collate_instructions,
                                      find_task_datasets, get_task, greedy_answers, load_text_tokenizer,
                                      score_options)

@@ -377,7 +377,7 @@ def flat_metrics(metrics: Mapping, digits: int = 4, prefix: str = "") -> dict[st
 
 def describe_datasets(roots, splits=("train",), max_subjects: int = 8) -> str:
     "A card's data line: per built dataset and split used, windows and subjects (from its split_manifest.json)."
-    from neurolm_nb.datasets import MANIFEST_FILE
+    from neurolm_nb.shards import MANIFEST_FILE
     parts = []
     for root in map(Path, roots):
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import WindowDataset
+from .shards import WindowDataset
 from .neurolm import IGNORE_INDEX, NEUROLM_VOCAB, VocabLayout
 from .patching import PatchingError, neurolm_sample
 

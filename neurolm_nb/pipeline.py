@@ -38,12 +38,12 @@ __all__ = ['STAGES', 'RESERVED_PARAMETERS', 'SEEDED_STAGES', 'SPLIT_PARAMETERS',
 # %% ../nbs/50_pipeline.ipynb #c006
 STAGES: dict[str, str] = {
     "eeg_io": "02_eeg_io.ipynb",      # read, preprocess and window EEG; figures of raw vs. clean signals
-    "datasets": "03_datasets.ipynb",  # HDF5 shards and the split manifest
+    "datasets": "03b_shards.ipynb",  # HDF5 shards and the split manifest
     "patching": "04_patching.ipynb",  # token layouts, masks and collate
     "targets": "05_targets.ipynb",    # Fourier / temporal targets
     "training": "06_training.ipynb",  # the one training loop, on a toy model
     "tokenizer": "12_train_tokenizer.ipynb",  # stage 1: text-aligned VQ tokenizer
-    "labram": "15_labram.ipynb",      # LaBraM: VQ-NSP, masked EEG modelling, Workload fine-tuning
+    "labram": "16_labram_training.ipynb",  # LaBraM: VQ-NSP, masked EEG modelling, Workload fine-tuning
     "pretrain": "22_pretrain.ipynb",  # stage 2: EEG next-code + text LM pretraining
     "instruct": "31_instruction_tuning.ipynb",  # stage 3: multi-task instruction tuning
     "evaluation": "32_evaluation.ipynb",  # test-set answers, metrics both ways, baseline, results.md

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from .alignment import TINY_GPT2_DIR, TextWindows, load_corpus_ids, load_text_source, text_samples_dir
 from .core import in_notebook, launch_parser, read_launch_config, save_json, seed_everything, write_launch_config
-from .datasets import WindowDataset
+from .shards import WindowDataset
 from .gpt import ATTN_IMPLS, GPT, GPTConfig
 from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, save_pretrained
 from .neurolm import IGNORE_INDEX, NeuroLM, NeuroLMOutput, next_second_targets, save_neurolm

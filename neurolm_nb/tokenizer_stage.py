@@ -23,7 +23,7 @@ from .alignment import (AlignmentLoss, CodebookCollapse, CodeUsageMonitor, TextA
                                   attach_text_embedding, load_corpus_ids, load_text_source)
 from .core import (ConfigMixin, atomic_write_bytes, in_notebook, latest_checkpoint, launch_parser, read_launch_config,
                              save_json, seed_everything, write_launch_config)
-from .datasets import INDEX_FILE, WindowDataset, build_dataset, load_index, samples_dir_for
+from .shards import INDEX_FILE, WindowDataset, build_dataset, load_index, samples_dir_for
 from .hub import ModelCard, describe_datasets, flat_metrics, save_pretrained
 from .patching import NeuroLMCollate, PATCH_SIZE, max_seconds_for
 from .targets import neurolm_targets

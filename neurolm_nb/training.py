@@ -41,9 +41,10 @@ from .core import (PARENT_PID_ENV, atomic_write_bytes, autocast_context, die_wit
 
 # %% auto #0
 __all__ = ['DIST_TIMEOUT_ENV', 'HANG_TIMEOUT_ENV', 'HEARTBEAT_ENV', 'DEFAULT_DIST_TIMEOUT_S', 'DEFAULT_HANG_TIMEOUT_S',
-           'NEUROLM_STAGE_DEFAULTS', 'CHECKPOINT_FORMAT', 'dist_timeout', 'hang_timeout', 'die_with_torchrun_agent',
-           'DistInfo', 'world_info', 'is_main_process', 'setup_distributed', 'cleanup_distributed', 'gather_objects',
-           'Heartbeat', 'lr_at', 'weight_decay_groups', 'check_param_groups', 'set_lr', 'wd_at', 'set_weight_decay',
+           'NEUROLM_STAGE_DEFAULTS', 'OPTIMIZER_IMPLS', 'CHECKPOINT_FORMAT', 'dist_timeout', 'hang_timeout',
+           'die_with_torchrun_agent', 'DistInfo', 'world_info', 'is_main_process', 'setup_distributed',
+           'cleanup_distributed', 'gather_objects', 'Heartbeat', 'lr_at', 'weight_decay_groups', 'check_param_groups',
+           'set_lr', 'wd_at', 'set_weight_decay', 'adamw_impl', 'optimizer_impl_of', 'set_optimizer_impl',
            'build_optimizer', 'epoch_order', 'ShardedBatchSampler', 'TrainConfig', 'Schedule', 'resolve_schedule',
            'move_to_device', 'unwrap_model', 'checkpoint_path', 'save_train_checkpoint', 'read_metrics',
            'stateful_callbacks', 'batch_ids', 'describe_samples', 'nonfinite_message', 'DemoDataset', 'DemoMLP',
@@ -230,6 +231,40 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float, deca
         optimizer.param_groups[i]["weight_decay"] = weight_decay
 
 # %% ../nbs/06_training.ipynb #c037
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "plain")
+
+
+def adamw_impl(impl: str = "auto", device: torch.device | str = "cpu") -> dict:
+    "`torch.optim.AdamW` keywords for `impl` ('auto' | 'fused' | 'foreach' | 'plain') on `device`."
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"TrainConfig.optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
+    kind = torch.device(device).type
+    if impl == "auto":
+        impl = ("fused" if kind in _get_fused_kernels_supported_devices()
+                else "foreach" if kind in _get_foreach_kernels_supported_devices() else "plain")
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
+
+
+def optimizer_impl_of(optimizer: torch.optim.Optimizer) -> str:
+    "'fused', 'foreach' or 'plain': what `optimizer` runs (read from its `defaults`)."
+    d = optimizer.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "plain"
+
+
+def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str, device: torch.device | str) -> None:
+    "Make a (re)loaded optimizer run `impl` (a checkpoint's param groups carry the implementation they were saved with)."
+    kw = adamw_impl(impl, device)
+    optimizer.defaults.update(kw)
+    for g in optimizer.param_groups:
+        g.update(kw)
+        for p in g["params"]:
+            st = optimizer.state.get(p, {})
+            if kw["fused"] and torch.is_tensor(st.get("step")):  # the fused kernel keeps `step` on the device
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+# %% ../nbs/06_training.ipynb #c039
 def build_optimizer(model: nn.Module, cfg: "TrainConfig", param_groups: list[dict] | Callable | None = None,
                     device: torch.device | str | None = None) -> torch.optim.AdamW:
     "AdamW over `param_groups` (a list, a function of the model, or None for `weight_decay_groups`), checked."
@@ -240,18 +275,18 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig", param_groups: list[dic
     groups = [dict(g, params=list(g["params"])) for g in groups]  # generators would be consumed by the check
     check_param_groups(model, groups)
     groups = [g for g in groups if g["params"]]
-    fused = device is not None and torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=fused or None)
+    device = device if device is not None else next(p.device for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             **adamw_impl(getattr(cfg, "optimizer_impl", "auto"), device))
 
-# %% ../nbs/06_training.ipynb #c040
+# %% ../nbs/06_training.ipynb #c042
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
     "The order in which epoch `epoch` visits `n` samples; depends only on (seed, epoch), never on rank or world size."
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
 
-# %% ../nbs/06_training.ipynb #c043
+# %% ../nbs/06_training.ipynb #c045
 class ShardedBatchSampler:
     "This rank's micro-batches (lists of indices) for one epoch, starting at update `start_step` of the epoch."
 
@@ -288,7 +323,7 @@ class ShardedBatchSampler:
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
-# %% ../nbs/06_training.ipynb #c049
+# %% ../nbs/06_training.ipynb #c051
 @dataclass
 class TrainConfig:
     "Every knob of `train`; the defaults are a tiny CPU run. Steps count optimizer updates."
@@ -323,6 +358,7 @@ class TrainConfig:
     progress: bool = True
     find_unused_parameters: bool = False
     dist_timeout_s: float | None = None  # DDP collectives' timeout; None: $NEUROLM_DIST_TIMEOUT_S or 600 s
+    optimizer_impl: str = "auto"        # AdamW: 'auto' (fused where the device has it), 'fused', 'foreach', 'plain'
 
     def __post_init__(self):
         for name in ("batch_size", "accum_steps"):
@@ -337,9 +373,10 @@ class TrainConfig:
         for name, allowed in (("warmup_rounding", ("floor", "round")), ("on_nonfinite", ("stop", "skip"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        adamw_impl(self.optimizer_impl)  # raises naming the field
         self.betas, self.no_decay = tuple(self.betas), tuple(self.no_decay)
 
-# %% ../nbs/06_training.ipynb #c052
+# %% ../nbs/06_training.ipynb #c054
 class Schedule(NamedTuple):
     global_batch: int
     steps_per_epoch: int
@@ -364,7 +401,7 @@ def resolve_schedule(cfg: TrainConfig, n_samples: int, world_size: int = 1) -> S
         warmup = 0
     return Schedule(global_batch, steps_per_epoch, max_steps, warmup)
 
-# %% ../nbs/06_training.ipynb #c055
+# %% ../nbs/06_training.ipynb #c057
 def move_to_device(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
     "Move every tensor in a (nested) dict / list / tuple / namedtuple to `device`; other values pass through."
     if isinstance(batch, torch.Tensor):
@@ -388,7 +425,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             return model
 
-# %% ../nbs/06_training.ipynb #c060
+# %% ../nbs/06_training.ipynb #c062
 CHECKPOINT_FORMAT = 1
 
 
@@ -413,7 +450,7 @@ def save_train_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_las
             old.unlink(missing_ok=True)
     return path
 
-# %% ../nbs/06_training.ipynb #c065
+# %% ../nbs/06_training.ipynb #c067
 def read_metrics(path: str | Path) -> list[dict]:
     "Rows of a metrics JSONL file (a torn last line, from a killed writer, is skipped)."
     path = Path(path)
@@ -438,7 +475,7 @@ def _restart_log(path: Path, keep_until_step: int | None) -> list[dict]:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return rows
 
-# %% ../nbs/06_training.ipynb #c068
+# %% ../nbs/06_training.ipynb #c070
 _CHECKPOINT_KEYS = {"format", "model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "global_batch",
                     "n_samples", "world_size", "rng", "config", "elapsed_s", "counters"}
 
@@ -457,7 +494,7 @@ def stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
         found[key] = cb
     return found
 
-# %% ../nbs/06_training.ipynb #c071
+# %% ../nbs/06_training.ipynb #c073
 _ID_KEYS = ("recording", "subject", "file", "start_s", "index", "task")
 
 
@@ -485,7 +522,7 @@ def describe_samples(dataset: Dataset, indices: Iterable[int]) -> list[str]:
     starts = getattr(base, "start_s", None)
     return [f"{recordings[i]}@{float(starts[i]):g}s" if starts is not None else str(recordings[i]) for i in idx]
 
-# %% ../nbs/06_training.ipynb #c074
+# %% ../nbs/06_training.ipynb #c076
 def _short(items: list, n: int = 12) -> str:
     return str(items[:n])[:-1] + (f", ... ({len(items) - n} more)]" if len(items) > n else "]")
 
@@ -504,7 +541,7 @@ def nonfinite_message(value: float | None, step: int, epoch: int, batch_in_epoch
     msg += (f". Last good checkpoint: {checkpoint}" if checkpoint is not None else ". No checkpoint was written yet")
     return msg + ". Fix the cause and resume, or set TrainConfig.on_nonfinite='skip' to skip such updates."
 
-# %% ../nbs/06_training.ipynb #c078
+# %% ../nbs/06_training.ipynb #c080
 class DemoDataset(Dataset):
     "Synthetic classification: x ~ N(0, I) in `dim` dimensions, label = arg-max of a fixed random linear teacher."
 
@@ -530,7 +567,7 @@ class DemoMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-# %% ../nbs/06_training.ipynb #c081
+# %% ../nbs/06_training.ipynb #c083
 def demo_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     "Cross-entropy (in float32 even under autocast) and accuracy."
     logits = model(batch["x"]).float()
@@ -544,7 +581,7 @@ def demo_task(n: int = 512, dim: int = 16, hidden: int = 64, n_classes: int = 4,
     torch.manual_seed(seed)
     return DemoMLP(dim, hidden, n_classes, dropout), DemoDataset(n, dim, n_classes, seed), demo_loss
 
-# %% ../nbs/06_training.ipynb #c087
+# %% ../nbs/06_training.ipynb #c089
 @dataclass
 class TrainState:
     "What callbacks (and a 3-argument loss_fn) see: position, schedule, the plain model and optimizer."
@@ -578,7 +615,7 @@ class TrainResult:
     resumed_from: Path | None
     elapsed_s: float
 
-# %% ../nbs/06_training.ipynb #c090
+# %% ../nbs/06_training.ipynb #c092
 _RESERVED = {"step", "epoch", "lr", "loss", "grad_norm", "samples_per_s", "tokens_per_s", "time", "weight_decay",
              "loss_scale", "scaler_skipped", "nonfinite_skipped"}
 
@@ -606,7 +643,7 @@ def _accepts_state(fn: Callable) -> bool:
 def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
-# %% ../nbs/06_training.ipynb #c093
+# %% ../nbs/06_training.ipynb #c095
 def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     if clip:
         return torch.nn.utils.clip_grad_norm_(params, clip)
@@ -636,7 +673,7 @@ def _run_eval(eval_fn: Callable, model: nn.Module, device, dtype) -> dict:
         set_rng_state(saved)
     return {f"eval_{k}": float(v) for k, v in result.items()}
 
-# %% ../nbs/06_training.ipynb #c096
+# %% ../nbs/06_training.ipynb #c098
 def _nonfinite(losses: list[torch.Tensor], world: int) -> tuple[bool, int | None]:
     "(some rank's loss was not finite, the first such micro-batch of this rank or None): one sync, all ranks agree."
     bad = torch.stack([~torch.isfinite(v).all() for v in losses])
@@ -661,13 +698,14 @@ def _scaled_step(optimizer, scaler: torch.amp.GradScaler, params: list, clip: fl
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
-# %% ../nbs/06_training.ipynb #c099
+# %% ../nbs/06_training.ipynb #c101
 def _restore(saved: dict, path: Path, model: nn.Module, optimizer, scaler, sched: Schedule, cfg: TrainConfig,
              info: DistInfo, n_samples: int):
     if saved.get("format") != CHECKPOINT_FORMAT:
         raise RuntimeError(f"checkpoint {path} has format {saved.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
+    set_optimizer_impl(optimizer, cfg.optimizer_impl, next(model.parameters()).device)
     if saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     step, epoch, batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
@@ -688,7 +726,7 @@ def _restore(saved: dict, path: Path, model: nn.Module, optimizer, scaler, sched
         rng = None
     return step, epoch, batch_in_epoch, float(saved.get("elapsed_s", 0.0)), rng
 
-# %% ../nbs/06_training.ipynb #c102
+# %% ../nbs/06_training.ipynb #c104
 @dataclass
 class _Run:
     "Everything `train` carries from one update to the next; `_setup` fills the first part, `_start` the rest."
@@ -731,7 +769,7 @@ class _Run:
     step_last: int = 0
     tokens_seen: int = 0
 
-# %% ../nbs/06_training.ipynb #c105
+# %% ../nbs/06_training.ipynb #c107
 def _setup(model: nn.Module, dataset: Dataset, cfg: TrainConfig, param_groups, callbacks) -> _Run:
     "A run at update 0: process group, device, precision, schedule, output paths, optimizer and scaler."
     model = unwrap_model(model)
@@ -752,7 +790,7 @@ def _setup(model: nn.Module, dataset: Dataset, cfg: TrainConfig, param_groups, c
     return _Run(cfg, info, device, dtype, sched, model, optimizer, decaying, scaler, callbacks, stateful, out,
                 out / "checkpoints" if out is not None else None, out / "metrics.jsonl" if out is not None else None)
 
-# %% ../nbs/06_training.ipynb #c109
+# %% ../nbs/06_training.ipynb #c111
 def _resume(run: _Run, n_samples: int) -> None:
     "Restore the newest checkpoint in `out_dir` (with `cfg.resume`); rank 0 prepares `out_dir` and the metrics log."
     found = latest_checkpoint(run.ckpt_dir) if run.ckpt_dir is not None and run.cfg.resume else None
@@ -773,7 +811,7 @@ def _resume(run: _Run, n_samples: int) -> None:
             tmp.unlink(missing_ok=True)  # left by a process killed while writing
         run.history = _restart_log(run.log_path, run.step if found is not None else None)
 
-# %% ../nbs/06_training.ipynb #c112
+# %% ../nbs/06_training.ipynb #c114
 def _start(run: _Run, dataset: Dataset, loss_fn: Callable, collate_fn: Callable | None) -> None:
     "Everything the loop needs besides the run's position: model wrappers, loader, generators, bar, log, clocks."
     cfg, rank, world, device = run.cfg, run.info.rank, run.info.world_size, run.device
@@ -803,7 +841,7 @@ def _start(run: _Run, dataset: Dataset, loss_fn: Callable, collate_fn: Callable 
     run.heartbeat = Heartbeat(rank)
     run.heartbeat(run.step, force=True)
 
-# %% ../nbs/06_training.ipynb #c115
+# %% ../nbs/06_training.ipynb #c117
 def _epoch_batches(run: _Run):
     "This rank's batches of the current epoch, from the current position on."
     run.sampler.set_epoch(run.epoch, run.batch_in_epoch)
@@ -823,7 +861,7 @@ def _set_schedule(run: _Run) -> tuple[float, float]:
     s.step, s.epoch, s.batch_in_epoch, s.lr, s.row = step, run.epoch, run.batch_in_epoch, lr, None
     return lr, wd
 
-# %% ../nbs/06_training.ipynb #c118
+# %% ../nbs/06_training.ipynb #c120
 def _accumulate(run: _Run, batches, loss_fn: Callable, tokens_fn: Callable | None) -> tuple[dict, list, list]:
     "Backpropagate the A micro-batches; the logged terms' means, each micro-batch's loss and identifying entries."
     cfg, device = run.cfg, run.device
@@ -849,7 +887,7 @@ def _accumulate(run: _Run, batches, loss_fn: Callable, tokens_fn: Callable | Non
             sums[k] = sums.get(k, 0) + v.reshape(()) / cfg.accum_steps
     return sums, losses, ids
 
-# %% ../nbs/06_training.ipynb #c121
+# %% ../nbs/06_training.ipynb #c123
 def _update(run: _Run, dataset: Dataset, losses: list, ids: list, lr: float) -> torch.Tensor:
     "Stop on (or skip) a non-finite loss, else step the optimizer; the grad norm (NaN for a skipped update)."
     cfg = run.cfg
@@ -877,7 +915,7 @@ def _advance(run: _Run) -> int:
     run.state.step, run.state.epoch, run.state.batch_in_epoch = run.step, run.epoch, run.batch_in_epoch
     return data_epoch
 
-# %% ../nbs/06_training.ipynb #c124
+# %% ../nbs/06_training.ipynb #c126
 def _log(run: _Run, sums: dict, lr: float, wd: float, grad_norm: torch.Tensor, data_epoch: int,
          eval_fn: Callable | None, tokens_fn: Callable | None) -> dict:
     "Build, keep and write the metrics row of this update (with `eval_fn`'s results when given)."
@@ -907,7 +945,7 @@ def _log(run: _Run, sums: dict, lr: float, wd: float, grad_norm: torch.Tensor, d
     run.pbar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
     return row
 
-# %% ../nbs/06_training.ipynb #c127
+# %% ../nbs/06_training.ipynb #c129
 def _checkpoint(run: _Run, n_samples: int) -> None:
     "Write the checkpoint of this update (rank 0; the other ranks only note its path)."
     rngs = gather_objects(rng_state())  # after callbacks: whatever they drew is part of the past
@@ -930,7 +968,7 @@ def _close(run: _Run) -> None:
     if run.log_file is not None:
         run.log_file.close()
 
-# %% ../nbs/06_training.ipynb #c130
+# %% ../nbs/06_training.ipynb #c132
 def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfig | None = None, *,
           collate_fn: Callable | None = None, param_groups: list[dict] | Callable | None = None,
           callbacks: Iterable[Callable[[TrainState], Any]] = (), eval_fn: Callable[[nn.Module], dict] | None = None,
@@ -967,7 +1005,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfi
     return TrainResult(run.model, run.step, run.epoch, run.batch_in_epoch, run.history, run.last_ckpt, run.sched,
                        run.resumed_from, run.elapsed_before + time.perf_counter() - run.t0)
 
-# %% ../nbs/06_training.ipynb #c142
+# %% ../nbs/06_training.ipynb #c144
 def proc_stat(pid: int) -> tuple[str, int] | None:
     "(state letter, parent pid) of process `pid`, from /proc; None when it is gone or only its zombie is left."
     try:
@@ -1008,7 +1046,7 @@ def process_env(pid: int, name: str) -> str | None:
         return None
     return next((i.split(b"=", 1)[1].decode() for i in items if i.startswith(name.encode() + b"=")), None)
 
-# %% ../nbs/06_training.ipynb #c146
+# %% ../nbs/06_training.ipynb #c148
 class HungRankError(RuntimeError):
     "A torchrun worker made no progress for `hang_timeout_s` seconds; the torchrun tree was killed."
     def __init__(self, message: str, rank: int, pid: int, silent_s: float):
@@ -1033,7 +1071,7 @@ def hung_rank(rows: list[dict], hang_timeout_s: float) -> tuple[str, dict] | Non
             + f", hang_timeout_s = {hang_timeout_s:g} s; the torchrun tree was killed. All ranks: "
             + "; ".join(_describe_rank(x) for x in rows)), r
 
-# %% ../nbs/06_training.ipynb #c150
+# %% ../nbs/06_training.ipynb #c152
 class RankWatch:
     "The workers under a torchrun agent, and whether one is hung: silent (heartbeat) or stopped (state T) for `hang_timeout_s`."
     def __init__(self, agent_pid: int, beat_dir: str | Path, hang_timeout_s: float):
@@ -1065,7 +1103,7 @@ class RankWatch:
         "None while no rank is hung; else (a message naming the hung rank and describing all, its row)."
         return hung_rank(self.ranks(), self.hang_timeout_s)
 
-# %% ../nbs/06_training.ipynb #c153
+# %% ../nbs/06_training.ipynb #c155
 def free_port() -> int:
     "A TCP port that is free on this machine right now."
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -1106,7 +1144,7 @@ class _Watchdog(threading.Thread):
                 kill_tree(self.proc.pid)
                 return
 
-# %% ../nbs/06_training.ipynb #c156
+# %% ../nbs/06_training.ipynb #c158
 def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, master_port: int | None = None,
                     torchrun_args: Iterable[str] = (), echo: bool = False, timeout_s: float | None = None,
                     cwd: str | Path | None = None, tail_lines: int = 60, hang_timeout_s: float | None = None,
@@ -1147,12 +1185,13 @@ def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, m
                            f"(exit code {rc}){why}; last lines of its output:\n{tail}")
     return subprocess.CompletedProcess(cmd, rc, stdout="".join(lines), stderr=None)
 
-# %% ../nbs/06_training.ipynb #c159
+# %% ../nbs/06_training.ipynb #c161
 _ARG_TYPES = {"lr": float, "min_lr": float, "warmup_steps": int, "warmup_epochs": float, "max_steps": int,
               "epochs": float, "weight_decay": float, "eps": float, "grad_clip": float, "accum_steps": int,
               "batch_size": int, "seed": int, "out_dir": str, "ckpt_every": int, "keep_last": int,
               "log_every": int, "eval_every": int, "device": str, "dtype": str, "num_workers": int,
-              "warmup_rounding": str, "weight_decay_end": float, "on_nonfinite": str, "dist_timeout_s": float}
+              "warmup_rounding": str, "weight_decay_end": float, "on_nonfinite": str, "dist_timeout_s": float,
+              "optimizer_impl": str}
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1176,7 +1215,7 @@ def config_from_args(args: argparse.Namespace, **defaults) -> TrainConfig:
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     return TrainConfig(**{**defaults, **given})
 
-# %% ../nbs/06_training.ipynb #c162
+# %% ../nbs/06_training.ipynb #c164
 def demo_parser() -> argparse.ArgumentParser:
     "The command line of `python -m neurolm_nb.training`."
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.training",

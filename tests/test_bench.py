@@ -252,3 +252,26 @@ def test_gpu_check_fails_clearly_without_cuda(tmp_path):
     assert "FAILED" in proc.stderr and ("nvidia-smi" in proc.stderr or "torch.cuda.is_available()" in proc.stderr)
     assert "--dry-run" in proc.stderr or "torch.cuda.is_available()" in proc.stderr
     assert "===" not in proc.stdout  # no stage started
+
+
+def test_optimizer_impl_reaches_the_step_and_the_ratio_is_reported(capsys):
+    from neurolm_nb.bench import format_optimizers, measure_optimizers
+    with pytest.raises(ValueError, match="optimizer_impl"):
+        BenchConfig(**TINY, optimizer_impl="apex")
+    plain = measure(BenchConfig(**TINY, optimizer_impl="plain"))
+    fused = measure(BenchConfig(**TINY))  # the default: 'auto', fused on a CPU with torch >= 2.4
+    assert (plain["optimizer"], fused["optimizer"]) == ("plain", "fused")
+    assert plain["name"].endswith("+plainAdamW") and fused["name"] == "sdpa/float32"
+    assert plain["first_loss"] == pytest.approx(fused["first_loss"], rel=1e-6)  # same model and batch
+    cmp = measure_optimizers(BenchConfig(**TINY), ("plain", "auto"))
+    assert cmp["kernel"] == {"plain": "plain", "auto": "fused"} and cmp["ratio"]["auto"] > 0
+    assert all(len(v) == TINY["steps"] for v in cmp["step_s_all"].values())
+    assert all(cmp["optimizer_s"][i] < cmp["step_s"][i] for i in cmp["step_s"])
+    assert "step time, plain AdamW / auto (fused) AdamW" in format_optimizers(cmp)
+    flags = ["--device", "cpu", "--no-isolate", "--layers", "1", "--width", "32", "--heads", "2", "--encoder-layers", "1",
+             "--encoder-width", "32", "--encoder-heads", "2", "--seq", "32", "--steps", "1", "--warmup", "0"]
+    assert main(flags + ["--optimizers", "plain", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "step time, plain AdamW / auto (fused) AdamW" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["optimizers"]["kernel"] == {"plain": "plain", "auto": "fused"} and report["results"] == []

@@ -13,7 +13,8 @@ import pytest
 from mne_bids import BIDSPath, write_raw_bids
 
 from neurolm_nb.bids import BIDSEventsSpec, BIDSPretrainSpec, find_bids_recordings
-from neurolm_nb.datasets import DatasetError, build_dataset, get_spec, list_shards, load_manifest, plan_build
+from neurolm_nb.datasets import DatasetError, get_spec
+from neurolm_nb.shards import build_dataset, list_shards, load_manifest, plan_build
 
 SUBJECTS = ("02", "03", "04")
 TASKS = ((1, "rest"), (2, "arithmetic"))

@@ -1,5 +1,5 @@
-"""Builds on every core, on a Dask cluster, and builds that survive being killed (neurolm_nb.datasets,
-nbs/03_datasets.ipynb, issue 15).
+"""Builds on every core, on a Dask cluster, and builds that survive being killed (neurolm_nb.shards,
+nbs/03b_shards.ipynb, issue 15).
 
 Real processes only: loky worker processes, a real `distributed.LocalCluster` with two worker processes, a real
 SIGKILL / SIGINT of a real build process. "The same output" means the same bytes (`build_digest`: every shard,
@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from neurolm_nb.core import project_root
-from neurolm_nb.datasets import (DATASET_SPECS, INDEX_FILE, REPORT_FILE, RUN_FIELDS, BuildJournal, ShardWriter,
-                                 WorkloadSpec, _host, build_dataset, build_digest, plan_build, process_recording,
-                                 samples_dir_for, worker_pool)
+from neurolm_nb.datasets import WorkloadSpec
+from neurolm_nb.shards import (SAMPLE_FOLDERS, INDEX_FILE, REPORT_FILE, RUN_FIELDS, BuildJournal, ShardWriter, _host,
+                               build_dataset, build_digest, plan_build, process_recording, samples_dir_for, worker_pool)
 
 ROOT = project_root(Path(__file__).parent)
 
@@ -30,7 +30,7 @@ ROOT = project_root(Path(__file__).parent)
 def sample_dir(name: str) -> Path:
     d = samples_dir_for(name, ROOT / "data_samples")
     if not d.is_dir():
-        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.datasets make-samples data_samples`")
+        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.shards make-samples data_samples`")
     return d
 
 
@@ -43,7 +43,7 @@ def staging_folders(parent: Path, name: str) -> list[Path]:
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "neurolm_nb.datasets", *args], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "neurolm_nb.shards", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -74,7 +74,7 @@ def gone(pids: list[int], timeout: float = 60) -> bool:
 
 # ---------------------------------------------------------------- every core
 
-@pytest.mark.parametrize("name", sorted(DATASET_SPECS))
+@pytest.mark.parametrize("name", sorted(SAMPLE_FOLDERS))  # every dataset with a sample layout
 def test_two_workers_build_the_same_bytes_as_one(name, tmp_path):
     raw = sample_dir(name)
     one = build_dataset(name, raw, tmp_path / "one", workers=1, shard_mb=0.3)   # small shards: written mid-build
@@ -105,7 +105,7 @@ def test_real_eegmat_on_two_workers_equals_one_worker(eegmat_dir, tmp_path):
 
 
 def test_default_workers_are_every_core_for_real_work_and_one_for_a_few_mb(eegmat_dir, tmp_path):
-    from neurolm_nb.datasets import default_workers, usable_cores
+    from neurolm_nb.shards import default_workers, usable_cores
     entries = WorkloadSpec().discover(eegmat_dir)[0]
     assert default_workers(entries) == usable_cores() == len(os.sched_getaffinity(0))  # 99 MB of EDF
     assert default_workers(WorkloadSpec().discover(sample_dir("workload"))[0]) == 1     # 3 MB: here is faster
@@ -118,7 +118,7 @@ def test_worker_processes_never_import_numba_and_the_modules_import_lean():
         pids = {pool.submit(os.getpid).result() for _ in range(4)}
         in_worker = pool.submit(eval, "__import__('sys').modules.get('numba', 'absent')").result()
     assert os.getpid() not in pids and in_worker is None  # blocked before MNE could import it
-    probe = ("import sys, neurolm_nb.datasets, neurolm_nb.io; "
+    probe = ("import sys, neurolm_nb.shards, neurolm_nb.datasets, neurolm_nb.io; "
              "print(sorted(m for m in ('umap', 'numba', 'llvmlite', 'pynndescent', 'mne') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -246,15 +246,69 @@ def test_progress_bar_shows_eeg_hours_rate_and_time_left(tmp_path, capsys):
 
 def test_command_line_workers_flag_and_bench(tmp_path):
     raw = sample_dir("workload")
-    done = subprocess.run([sys.executable, "-m", "neurolm_nb.datasets", "build", "workload", str(raw), str(tmp_path / "out"),
+    done = subprocess.run([sys.executable, "-m", "neurolm_nb.shards", "build", "workload", str(raw), str(tmp_path / "out"),
                            "--workers", "2", "--no-progress"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
     assert (saved["workers"], saved["backend"]) == (2, "loky") and (tmp_path / "out" / INDEX_FILE).exists()
-    bench = subprocess.run([sys.executable, "-m", "neurolm_nb.datasets", "bench", "workload", str(raw), "--workers", "1", "2",
+    bench = subprocess.run([sys.executable, "-m", "neurolm_nb.shards", "bench", "workload", str(raw), "--workers", "1", "2",
                             "--repeat", "1", "--json", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["same_output"] is True and result["files"] == 6 and set(result["scaling"]) == {"1", "2"}
     assert result["scaling"]["1"] == 1.0 and all(v > 0 for v in result["eeg_hours_per_s"].values())
     assert "same output for every worker count: True" in bench.stdout
+
+
+# --- against the official recipe (neurolm_nb.build_bench, nbs/53_build_bench.ipynb) ------------------------------
+
+def test_official_recipe_reproduces_the_fixture_windows(eegmat_dir):
+    from neurolm_nb.build_bench import fixture_check_fresh
+    from neurolm_nb.core import shared_dir
+    from neurolm_nb.testing import TOLERANCES
+    fixture = (shared_dir() or Path("/nonexistent")) / "fixtures" / "official" / "workload_windows.safetensors"
+    if not fixture.exists() or not (eegmat_dir / "Subject02_1.edf").exists():
+        pytest.skip("needs ../shared (the fixture and the real Subject02 EDF files)")
+    diff = fixture_check_fresh(eegmat_dir, fixture)  # a fresh process: see the notebook
+    assert set(diff) == {"Subject02_1", "Subject02_2"} and max(diff.values()) <= TOLERANCES["uV"].atol
+
+
+def test_official_recipe_writes_one_pickle_per_window(tmp_path):
+    import pickle
+    from neurolm_nb.build_bench import OFFICIAL_NAMES, official_recipe
+    edf = sorted(sample_dir("workload").glob("Subject*_2.edf"))[0]
+    got = official_recipe([edf], tmp_path, keep=True, verbose="ERROR")
+    files = sorted(tmp_path.glob("*.pkl"))
+    assert len(files) == 29 and got[edf.stem].shape == (29, 19, 800)
+    first = pickle.loads((tmp_path / f"{edf.stem}-0.pkl").read_bytes())
+    assert first["ch_names"] == OFFICIAL_NAMES and first["y"] == 1 and first["X"].dtype == np.float64
+    np.testing.assert_array_equal(first["X"], got[edf.stem][0])
+
+
+def test_build_bench_command_prints_the_whole_table(tmp_path):
+    "The single benchmark command, on 2 sample files, one round: every row and ratio of the report is there."
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "neurolm_nb.build_bench", "--eegmat", str(sample_dir("workload")),
+                           "--max-files", "2", "--repeat", "1", "--loader-workers", "0", "--batch-size", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=project_root())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for needed in ("official prepare_workload.py", "ours, build_dataset workers=1", "ours, build_dataset workers=2",
+                   "scaling vs 1 worker", "speed vs the official recipe", "largest process", "num_workers=0",
+                   "samples/s of NeuroLM-B stage 2"):
+        assert needed in proc.stdout, needed
+    result = json.loads(out.read_text())
+    assert [(r["kind"], r["workers"]) for r in result["runs"]] == [("official", 1), ("ours", 1), ("ours", 2)]
+    assert all(r["files"] == 2 and r["eeg_hours_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in result["runs"])
+    assert result["runs"][2]["children_peak_rss_mb"] > 0  # the two loky workers' peaks are measured
+
+
+def test_a_two_worker_build_leaves_joblib_usable_in_the_same_process(tmp_path):
+    "The build's worker pool is its own: a later joblib n_jobs=2 call (as MNE makes) still works, and no worker is left."
+    from joblib import Parallel, delayed
+    def workers():  # loky worker processes (not the resource trackers, which outlive every pool by design)
+        return [c for c in psutil.Process().children(recursive=True) if c.is_running()
+                and c.status() != psutil.STATUS_ZOMBIE and "popen_loky" in " ".join(c.cmdline())]
+    before = {c.pid for c in workers()}
+    report = build_dataset("workload", samples_dir_for("workload"), tmp_path / "w", workers=2)
+    assert report.backend == "loky" and {c.pid for c in workers()} <= before  # the build's workers are gone
+    assert Parallel(n_jobs=2)(delayed(pow)(i, 2) for i in range(4)) == [0, 1, 4, 9]

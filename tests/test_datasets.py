@@ -1,4 +1,5 @@
-"""Tests for neurolm_nb.datasets (nbs/03_datasets.ipynb): real EEGMAT protocol, bad input, checksums,
+"""Tests for neurolm_nb.datasets and neurolm_nb.shards (nbs/03_datasets.ipynb, nbs/03b_shards.ipynb): real EEGMAT
+protocol, bad input, checksums,
 byte-identical samples, every builder on the samples; impossible recordings rejected, flat channels reported,
 copies of one recording kept in one split."""
 import json
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 from neurolm_nb.core import project_root, shared_dir
-from neurolm_nb.datasets import (EEGMAT_SHA256, MANIFEST_FILE, SPLITS, WORKLOAD_CHANNELS, ChecksumError,
-                                 WindowDataset, build_dataset, eegmat_files, fetch_eegmat, get_spec, list_shards,
-                                 load_index, load_manifest, make_data_samples, samples_dir_for, split_counts)
+from neurolm_nb.datasets import SPLITS, WORKLOAD_CHANNELS, get_spec, split_counts
+from neurolm_nb.shards import (EEGMAT_SHA256, MANIFEST_FILE, ChecksumError, WindowDataset, build_dataset, eegmat_files,
+                               fetch_eegmat, list_shards, load_index, load_manifest, make_data_samples, samples_dir_for)
 from neurolm_nb.io import synth_eeg, write_edf
 
 ROOT = project_root(Path(__file__).parent)
@@ -33,7 +34,7 @@ def eegmat_dir() -> Path:
 
 def samples_root() -> Path:
     if not (SAMPLES / "eeg").is_dir():
-        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.datasets make-samples data_samples`")
+        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.shards make-samples data_samples`")
     return SAMPLES
 
 
@@ -182,7 +183,7 @@ def test_failed_build_leaves_previous_build_intact(tmp_path):
 
 def test_make_samples_is_byte_identical_to_repository(tmp_path):
     repo = samples_root()
-    proc = subprocess.run([sys.executable, "-m", "neurolm_nb.datasets", "make-samples", str(tmp_path / "s")],
+    proc = subprocess.run([sys.executable, "-m", "neurolm_nb.shards", "make-samples", str(tmp_path / "s")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     made = sorted(p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").rglob("*") if p.is_file())
@@ -314,7 +315,7 @@ def test_flat_channels_are_reported_and_the_policy_applies(tmp_path):
     with pytest.raises(ValueError, match="flat_channels='drop' must be 'warn' or 'reject'"):
         build_dataset("workload", raw, tmp_path / "bad", flat_channels="drop")
     # the command line takes the policy as a spec field, like every other one
-    proc = subprocess.run([sys.executable, "-m", "neurolm_nb.datasets", "build", "workload", str(raw), str(tmp_path / "cli"),
+    proc = subprocess.run([sys.executable, "-m", "neurolm_nb.shards", "build", "workload", str(raw), str(tmp_path / "cli"),
                            "--set", "flat_channels=reject"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert [x["file"] for x in json.loads((tmp_path / "cli" / "build_report.json").read_text())["rejected"]] == ["Subject70_1.edf"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neurolm_nb.core import write_launch_config
-from neurolm_nb.datasets import WindowDataset, build_dataset, samples_dir_for
+from neurolm_nb.shards import WindowDataset, build_dataset, samples_dir_for
 from neurolm_nb.evaluation import (BANDPOWER_C, BINARY_METRICS, FLOORS, MULTICLASS_METRICS, PAPER_RESULTS, EvalSetup,
                                    balanced_threshold, band_power_features, bandpower_baseline, braindecode_baseline,
                                    fit_floor, run_statistics, statistics_table, subject_bootstrap, fast_bacc, confusion, corrected_metrics, greedy_metrics, load_predictions,
@@ -152,7 +152,7 @@ def test_a_hub_folder_is_evaluated_like_its_checkpoint(tmp_path):
 
 def test_results_say_which_rows_are_real_eeg(tmp_path):
     "A dataset built from the project's synthetic samples is labelled so; one built from other recordings is real EEG."
-    from neurolm_nb.datasets import samples_dir_for
+    from neurolm_nb.shards import samples_dir_for
     from neurolm_nb.evaluation import data_source
     for name, raw in (("sample", samples_dir_for("workload")), ("real", tmp_path / "eegmat")):
         (tmp_path / name).mkdir()

@@ -1,4 +1,4 @@
-"""Operator faults of a dataset build (neurolm_nb.datasets, nbs/03_datasets.ipynb): a full disk, a read-only or
+"""Operator faults of a dataset build (neurolm_nb.shards, nbs/03b_shards.ipynb): a full disk, a read-only or
 file-typed output path and a killed build each end with one clear line and leave no staging folder behind.
 
 Real faults only: a real tmpfs that is full or mounted read-only (needs root or CAP_SYS_ADMIN; the test is
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from neurolm_nb.core import project_root
-from neurolm_nb.datasets import (INDEX_FILE, DatasetError, OutputError, build_dataset, remove_stale_builds,
-                                 samples_dir_for, write_shard)
+from neurolm_nb.datasets import DatasetError
+from neurolm_nb.shards import INDEX_FILE, OutputError, build_dataset, remove_stale_builds, samples_dir_for, write_shard
 
 ROOT = project_root(Path(__file__).parent)
 
@@ -25,7 +25,7 @@ ROOT = project_root(Path(__file__).parent)
 def workload_samples() -> Path:
     d = samples_dir_for("workload", ROOT / "data_samples")
     if not d.is_dir():
-        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.datasets make-samples data_samples`")
+        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.shards make-samples data_samples`")
     return d
 
 
@@ -48,7 +48,7 @@ def tmpfs(path: Path, size: str = "2m", read_only: bool = False):
 
 
 def cli_build(raw: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "neurolm_nb.datasets", "build", "workload", str(raw), str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "neurolm_nb.shards", "build", "workload", str(raw), str(out), *extra],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -83,7 +83,7 @@ def test_disk_filling_up_mid_write_is_an_error_not_a_crash(tmp_path):
     "With the free-space check switched off, the kernel's own ENOSPC arrives mid-write: h5py must not be the one to see it."
     with tmpfs(tmp_path / "disk", "1m") as disk:
         script = f"""
-import numpy as np, neurolm_nb.datasets as d
+import numpy as np, neurolm_nb.shards as d
 d._SPACE_MARGIN = -10**15  # the pre-check always passes: the write itself meets the full disk
 try:
     d.write_shard({str(disk / 'train-00000.h5')!r}, np.ones((40, 19, 800), np.float32), [0] * 40, ['s'] * 40,
@@ -136,7 +136,7 @@ def test_a_later_build_removes_what_a_killed_build_left(tmp_path):
     raw, out = workload_samples(), tmp_path / "out"
     first = build_dataset("workload", raw, out)
     index = (out / INDEX_FILE).read_bytes()
-    proc = subprocess.Popen([sys.executable, "-m", "neurolm_nb.datasets", "build", "workload", str(raw), str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "neurolm_nb.shards", "build", "workload", str(raw), str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -158,7 +158,7 @@ def test_a_later_build_removes_what_a_killed_build_left(tmp_path):
 
 
 def test_staging_of_a_running_build_is_left_alone_and_an_orphaned_build_is_restored(tmp_path):
-    from neurolm_nb.datasets import _host
+    from neurolm_nb.shards import _host
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         running = tmp_path / f".out.building-{_host()}-{sleeper.pid}-abcdefgh"

@@ -1,7 +1,7 @@
 """90_paper_figures: figures and tables regenerate from run directories, byte for byte, and a stage that has not
 run is reported in index.md instead of crashing.
 
-The run directories here are real: datasets built by `03_datasets` code from data_samples/, a tiny tokenizer
+The run directories here are real: datasets built by `03b_shards` code from data_samples/, a tiny tokenizer
 trained for a few updates by stage 1's code, and evaluation / LaBraM result files written in the shapes their
 stages write (data, not mocks).
 """
@@ -41,7 +41,7 @@ def evaluation_file(root: Path) -> dict:
 
 
 def labram_file(root: Path) -> None:
-    "labram/metrics.json as 15_labram writes it (its results_row)."
+    "labram/metrics.json as 16_labram_training writes it (its results_row)."
     save_json({"results_row": {"model": "LaBraM-tiny", "task": "workload", "split": "test", "balanced_accuracy": 0.5432,
                                "auroc": 0.5876, "auc_pr": 0.55, "accuracy": 0.54, "n": 174}},
               root / "labram" / "metrics.json")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neurolm_nb.core import load_checkpoint
-from neurolm_nb.datasets import build_dataset, samples_dir_for
+from neurolm_nb.shards import build_dataset, samples_dir_for
 from neurolm_nb.instruction_tuning import (PRETRAINED, InstructLoss, InstructModel, InstructSetup, checkpoint_text_tokenizer,
                                  resolve_start_model, run_instruct, spread_indices, tiny_neurolm)
 from neurolm_nb.core import read_launch_config, write_launch_config

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from neurolm_nb.datasets import (HMC_CHANNELS, SEED_CHANNELS, TUH_CHANNELS, WORKLOAD_CHANNELS, build_dataset,
-                                 get_spec, samples_dir_for)
+from neurolm_nb.datasets import HMC_CHANNELS, SEED_CHANNELS, TUH_CHANNELS, WORKLOAD_CHANNELS, get_spec
+from neurolm_nb.shards import build_dataset, samples_dir_for
 from neurolm_nb.instructions import (EEG_MAX_LEN, INSTRUCTION_TASKS, TASK_NAMES, TEXT_MAX_LEN, InstructionDataset,
                                      MixedInstructions, TextTokenizer, build_instruction_text,
                                      collate_instructions, decode_answers, find_task_datasets, get_task,

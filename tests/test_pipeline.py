@@ -452,8 +452,12 @@ def test_workload_profile_is_valid(profiles_dir):
     from neurolm_nb.pipeline import plan_stages, seed_list
     prof = load_profile("workload")
     assert seed_list(prof["params"]["seeds"]) == [0, 1, 2]
-    val, test = set(prof["params"]["val_subjects"]), set(prof["params"]["test_subjects"])
-    assert val and test and not val & test
+    val, test = prof["params"]["val_subjects"]["workload"], prof["params"]["test_subjects"]["workload"]
+    assert val and test and not set(val) & set(test)
+    # the self-supervised stages read whole recordings of the training subjects only (the leakage guard)
+    datasets = prof["stages"]["datasets"]
+    assert datasets["datasets"] == ["workload", "pretrain"]
+    assert datasets["build_options"]["pretrain"]["exclude_from"] == ["workload"]
     assert list(prof["stages"]) == ["datasets", "tokenizer", "labram", "pretrain", "instruct", "evaluation"]
     for stage in prof["stages"]:   # every key is a parameter its notebook declares, of the declared type
         resolve_parameters(NBS / STAGES[stage], prof, stage=stage, out_dir="/tmp/x", run_root="/tmp")

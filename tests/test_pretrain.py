@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from neurolm_nb.core import latest_checkpoint, load_checkpoint, read_launch_config, write_launch_config
-from neurolm_nb.datasets import build_dataset, samples_dir_for
+from neurolm_nb.shards import build_dataset, samples_dir_for
 from neurolm_nb.neurolm import IGNORE_INDEX, load_neurolm
 from neurolm_nb.patching import NeuroLMCollate
 from neurolm_nb.pretrain import (STAGE1_TOKENIZER, CodeHead, EEGCrops, PretrainLoss, PretrainSetup, TextStream,
@@ -224,7 +224,7 @@ def test_two_processes_match_one_and_the_entry_point_runs(tmp_path, datasets_roo
     assert "pipeline stage `pretrain`" in (tmp_path / "hub" / CARD_NAME).read_text()
     assert facts.usage == {"text_tokenizer": "tiny"} and facts.metrics["updates"] == 4
     assert facts.metrics["validation.eeg_loss"] == pytest.approx(rows_a[-1]["eval_eeg_loss"], rel=1e-3)
-    from neurolm_nb.datasets import load_manifest
+    from neurolm_nb.shards import load_manifest
     train = load_manifest(datasets_root / "pretrain")["splits"]["train"]
     assert f"pretrain [train: {train['n_windows']} windows of {len(train['subjects'])} subjects" in facts.data
     assert all(subject in facts.data for subject in train["subjects"]) and "Text: " in facts.data

@@ -9,9 +9,9 @@ import h5py
 import pytest
 
 from neurolm_nb.core import project_root, shared_dir
-from neurolm_nb.datasets import (MANIFEST_FILE, REPORT_FILE, SPLITS, WindowDataset, build_dataset, get_spec,
-                                 list_shards, load_manifest, plan_build, read_heldout, samples_dir_for,
-                                 WorkloadSpec)
+from neurolm_nb.datasets import SPLITS, WorkloadSpec, get_spec
+from neurolm_nb.shards import (MANIFEST_FILE, REPORT_FILE, WindowDataset, build_dataset, list_shards, load_manifest,
+                               plan_build, read_heldout, samples_dir_for)
 
 ROOT = project_root(Path(__file__).parent)
 SAMPLES = ROOT / "data_samples"
@@ -26,7 +26,7 @@ def eegmat_dir() -> Path:
 
 def samples(name: str) -> Path:
     if not (SAMPLES / "eeg").is_dir():
-        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.datasets make-samples data_samples`")
+        pytest.skip("data_samples/eeg is missing: run `python -m neurolm_nb.shards make-samples data_samples`")
     return samples_dir_for(name, SAMPLES)
 
 

@@ -152,7 +152,7 @@ def test_two_processes_under_torchrun(sample_roots, tmp_path):
 
 def test_export_is_a_hub_folder_that_stage2_accepts(smoke, tmp_path):
     "export_pretrained: the trained tokenizer as safetensors + card; pretrain's resolver reads it, features as from tokenizer.pt."
-    from neurolm_nb.datasets import load_manifest
+    from neurolm_nb.shards import load_manifest
     from neurolm_nb.hub import CARD_NAME, assert_same_weights, from_pretrained, read_card
     from neurolm_nb.patching import NeuroLMCollate
     from neurolm_nb.pretrain import resolve_tokenizer

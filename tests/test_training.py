@@ -414,3 +414,67 @@ def test_the_training_notebook_reruns_into_the_same_out_dir(tmp_path, nbs_dir):
                             progress_bar=False, execution_timeout=600)
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["resume_exact"] is True and metrics["steps"] == 60, (attempt, metrics)
+
+
+# --- AdamW implementation (TrainConfig.optimizer_impl) ---------------------------------------------------------------
+
+def _losses_with(impl: str, steps: int = 6) -> tuple[list[float], str]:
+    "Losses of `steps` AdamW updates of the demo MLP (weight decay on, two groups) with `impl`; and the impl it ran."
+    from neurolm_nb.training import optimizer_impl_of
+    model, data, loss_fn = demo_task(n=64, dropout=0.0, seed=0)
+    opt = build_optimizer(model, small_cfg(optimizer_impl=impl, lr=1e-2))
+    batch = torch.utils.data.default_collate([data[i] for i in range(32)])
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model, batch)
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, optimizer_impl_of(opt)
+
+
+def test_default_adamw_is_fused_on_cpu_and_matches_plain_within_loss_tolerance():
+    from neurolm_nb.testing import check_parity
+    assert TrainConfig().optimizer_impl == "auto"
+    plain, plain_impl = _losses_with("plain")
+    default, default_impl = _losses_with(TrainConfig().optimizer_impl)
+    assert plain_impl == "plain" and default_impl == "fused"  # torch >= 2.4 has a fused AdamW on the CPU
+    assert plain[-1] < plain[0]  # it trains
+    check_parity(default, plain, "loss", "losses, default AdamW vs the plain loop")
+    for impl in ("fused", "foreach"):
+        losses, ran = _losses_with(impl)
+        assert ran == impl
+        check_parity(losses, plain, "loss", f"losses, {impl} vs plain")
+
+
+def test_optimizer_impl_is_checked_and_reaches_the_optimizer_defaults():
+    with pytest.raises(ValueError, match="TrainConfig.optimizer_impl"):
+        TrainConfig(optimizer_impl="apex")
+    model = DemoMLP()
+    for impl, fused, foreach in [("plain", False, False), ("foreach", False, True), ("fused", True, False),
+                                 ("auto", True, False)]:
+        d = build_optimizer(model, TrainConfig(optimizer_impl=impl)).defaults
+        assert (bool(d["fused"]), bool(d["foreach"])) == (fused, foreach), impl
+
+
+def test_train_uses_the_configured_impl_and_a_resume_switches_a_plain_checkpoint_to_it(tmp_path):
+    from neurolm_nb.training import optimizer_impl_of
+    seen = []
+
+    def spy(state):  # records what the optimizer train() built runs, after each update
+        seen.append(optimizer_impl_of(state.optimizer))
+
+    plain = weights_after(small_cfg(optimizer_impl="plain"))
+    fused = weights_after(small_cfg(), callbacks=[spy])
+    assert seen and set(seen) == {"fused"}
+    assert_same(plain, fused, atol=1e-5)
+    # a checkpoint written by a plain run, resumed with the default, continues with the fused kernel
+    out = tmp_path / "run"
+    weights_after(small_cfg(optimizer_impl="plain", ckpt_every=4, keep_last=None, out_dir=str(out)))
+    latest_checkpoint(out / "checkpoints").unlink()  # drop the final one: the resume starts at update 4
+    seen.clear()
+    resumed = weights_after(small_cfg(out_dir=str(out)), callbacks=[spy])
+    assert len(seen) == 4 and set(seen) == {"fused"}
+    assert_same(plain, resumed, atol=1e-5)
