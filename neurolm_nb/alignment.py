@@ -138,7 +138,7 @@ def _sentence(rng: random.Random) -> str:
     ]
     return rng.choice(templates)
 
-
+# %% ../nbs/11_alignment.ipynb #c024a
 def sample_corpus(n_documents: int = 250, seed: int = 0) -> list[str]:
     "Deterministic English documents about EEG written from templates (1-3 paragraphs of 3-7 sentences each)."
     rng = random.Random(seed)

@@ -231,7 +231,7 @@ def summary(result: dict) -> dict:
         out["loader_vs_gpu"] = {l["num_workers"]: l["samples_per_s"] / need for l in result["loader"]}
     return out
 
-
+# %% ../nbs/53_build_bench.ipynb #c022a
 def format_report(result: dict) -> str:
     "The comparison as a plain-text table."
     s, gpu = summary(result), result.get("gpu")

@@ -690,7 +690,7 @@ def load_official_labram_student(source: str | Path | Mapping, strict: bool = Tr
     cfg = labram_student_config(sd, **config_overrides)
     return _load_into(_built(LaBraMStudent, cfg, meta=strict), sd, "LaBraM student", strict)
 
-
+# %% ../nbs/40_official_weights.ipynb #c094a
 def load_official_labram_classifier(source: str | Path | Mapping, n_classes: int | None = None, drop_path: float = 0.1,
                                     init_scale: float = 0.001, strict: bool = True, trusted: bool = False,
                                     use_cls: bool | None = None, **config_overrides) -> LaBraMClassifier:

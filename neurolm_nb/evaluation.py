@@ -99,7 +99,7 @@ def corrected_metrics(labels, probs) -> dict[str, float | None]:
         out.update(_binary_scores(labels, probs[:, 1]))
     return out
 
-
+# %% ../nbs/32_evaluation.ipynb #c009a
 def original_metrics(labels, parsed, n_classes: int) -> dict[str, float | None]:
     "Metrics of greedy parses as the original computes them: -1 -> last class (multi-class); binary: hard 1/0/-1 scores."
     labels, parsed = np.asarray(labels, dtype=np.int64), np.asarray(parsed, dtype=np.int64)
@@ -166,7 +166,7 @@ def predict_task(lm: NeuroLM, dataset: InstructionDataset, tokenizer, batch_size
     back = np.argsort(out["index"], kind="stable")
     return {k: v[back] for k, v in out.items()}
 
-
+# %% ../nbs/32_evaluation.ipynb #c013a
 def save_predictions(pred: Mapping[str, np.ndarray], task: str | InstructionTask, path: str | Path) -> Path:
     "Write one task's predictions as .npz (labels, probs, greedy_pred, loglik, index, answers, classes), atomically."
     import io
@@ -232,7 +232,7 @@ def band_power_features(x: np.ndarray, sfreq: float = 200.0, bands: Mapping[str,
         cols.append(power[..., keep].mean(-1))
     return np.log(np.stack(cols, -1) + 1e-12).reshape(len(x), -1)
 
-
+# %% ../nbs/32_evaluation.ipynb #c018a
 def split_features(root: str | Path, split: str, task: str | InstructionTask, kind: str = "bandpower",
                    chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "(features, task labels, subjects) of one split, read in chunks; `kind`: 'bandpower' [n, C·5] or 'riemann' (OAS covariances [n, C, C])."
@@ -265,7 +265,7 @@ def floor_model(kind: str = "bandpower"):
     from pyriemann.tangentspace import TangentSpace
     return make_pipeline(TangentSpace(metric="riemann"), LogisticRegression(C=RIEMANN_C, max_iter=5000))
 
-
+# %% ../nbs/32_evaluation.ipynb #c018b
 def fit_floor(root: str | Path, task: str | InstructionTask, kind: str = "bandpower",
               splits: Sequence[str] = ("val", "test")) -> dict[str, Any]:
     "Fit a floor on train; {'model', 'C', 'n_train', 'predictions': {split: {labels, probs, subjects}}} or {'skipped': why}."
@@ -301,7 +301,7 @@ def bandpower_baseline(root: str | Path, task: str | InstructionTask, test_split
             **corrected_metrics(test["labels"], test["probs"]),
             "confusion": confusion(test["labels"], test["probs"].argmax(1), task.n_classes)}
 
-
+# %% ../nbs/32_evaluation.ipynb #c018c
 def braindecode_baseline(root: str | Path, task: str | InstructionTask, model: str = "ShallowFBCSPNet") -> dict[str, Any]:
     "Hook for deep baselines (braindecode ShallowFBCSPNet / EEGNet): {'skipped': why} while braindecode cannot be imported."
     try:
@@ -343,7 +343,7 @@ def fast_bacc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     pred, present = probs.argmax(1), np.unique(labels)
     return float(np.mean([np.mean(pred[labels == k] == k) for k in present])) if len(present) else None
 
-
+# %% ../nbs/32_evaluation.ipynb #c021a
 def fast_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     "AUROC from ranks (Mann-Whitney U, scipy.stats.rankdata); one-vs-rest macro for K > 2; None when a class is missing."
     from scipy.stats import rankdata
@@ -365,7 +365,7 @@ def window_metrics(labels, probs, threshold: float | None = None) -> dict[str, f
     return {"balanced_accuracy": _bacc(labels, probs.argmax(1)), "balanced_accuracy_val_threshold": thr,
             "roc_auc": _auroc(labels, probs)}
 
-
+# %% ../nbs/32_evaluation.ipynb #c021b
 def subject_bootstrap(statistic, runs: Sequence[Mapping], n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> tuple[float | None, float | None]:
     "Percentile interval of mean_k statistic(labels_k, probs_k) over test subjects resampled with replacement (one set of subjects for every run k)."
@@ -386,7 +386,7 @@ def subject_bootstrap(statistic, runs: Sequence[Mapping], n_boot: int = 2000, se
     lo, hi = np.percentile(values, [50 * (1 - level), 100 - 50 * (1 - level)])
     return float(lo), float(hi)
 
-
+# %% ../nbs/32_evaluation.ipynb #c021c
 def run_statistics(test_runs: Sequence[Mapping], val_runs: Sequence[Mapping | None] | None = None,
                    n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     "Per-seed metrics, mean ± sd (ddof=1) over seeds and subject-bootstrap 95 % intervals; runs: {labels, probs, subjects} per seed."
@@ -449,7 +449,7 @@ def statistics_table(stats: Mapping[str, Mapping[str, Mapping]]) -> str:
                          f"{_pm(s, 'roc_auc')} | {_ci(s, 'roc_auc')} |")
     return "\n".join(lines) + "\n"
 
-
+# %% ../nbs/32_evaluation.ipynb #c023a
 def plot_statistics(stats: Mapping[str, Mapping[str, Mapping]], metric: str = "balanced_accuracy"):
     "Per task, every model's `metric` (seed mean, dots: single seeds) with its subject-bootstrap 95 % interval and chance."
     import matplotlib.pyplot as plt
@@ -501,7 +501,7 @@ def results_table(metrics: Mapping) -> str:
                          f"{unparseable if first else ''} | {r.get('data', '–') if first else ''} |")
     return "\n".join(lines) + "\n"
 
-
+# %% ../nbs/32_evaluation.ipynb #c028a
 def plot_confusions(results: Mapping, key: str = "confusion", title: str = "option scoring"):
     "One confusion matrix per task (colour: fraction of the true class; '?' column: unparseable)."
     import matplotlib.pyplot as plt
@@ -556,7 +556,7 @@ def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
     lm, tokenizer_spec = load_start_model(path)  # a folder is read with hub.from_pretrained, never unpickled
     return lm, setup.text_tokenizer or tokenizer_spec, str(path)
 
-
+# %% ../nbs/32_evaluation.ipynb #c031a
 def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
     "Predictions of every task (on every rank); rank 0 writes predictions/<task>.npz and eval_info.json."
     from neurolm_nb.instruction_tuning import spread_indices
@@ -590,7 +590,7 @@ def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
         save_json({**info, "setup": asdict(setup)}, Path(setup.out_dir) / "eval_info.json")
     return results
 
-
+# %% ../nbs/32_evaluation.ipynb #c031b
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.evaluation --config eval.json`: predictions of every task, alone or under torchrun."
     die_with_torchrun_agent()  # a torchrun worker dies with its agent (and so with the runner)

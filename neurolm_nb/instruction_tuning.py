@@ -198,7 +198,7 @@ class InstructSetup:
         if isinstance(self.tasks, (list, tuple)) and list(self.tasks) == ["auto"]:
             self.tasks = "auto"
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c021a
 @dataclass
 class PreparedInstruct:
     "Everything `train` needs for stage 3, and a record of where it came from."
@@ -211,7 +211,7 @@ class PreparedInstruct:
     tokenizer: Any
     info: dict
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c021b
 def prepare_instruct(setup: InstructSetup, cfg: TrainConfig) -> PreparedInstruct:
     "Build data, model and loss for `setup` (the same on every rank)."
     from neurolm_nb.alignment import load_text_source
@@ -258,7 +258,7 @@ def prepare_instruct(setup: InstructSetup, cfg: TrainConfig) -> PreparedInstruct
     return PreparedInstruct(InstructModel(lm), train_data, val_sets, InstructLoss(text), eval_fn, tokens_fn,
                             tokenizer, info)
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c021c
 def report_validation(state) -> None:
     "A `train` callback: one line on rank 0 for every update that was validated."
     row = state.row or {}
@@ -286,7 +286,7 @@ def run_instruct(setup: InstructSetup, cfg: TrainConfig, callbacks: Sequence[Cal
                    "schedule": result.schedule._asdict(), "elapsed_s": result.elapsed_s}, out / "run_info.json")
     return result
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c021d
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.instruction_tuning --config launch.json`: stage 3, alone or under torchrun."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent

@@ -47,7 +47,7 @@ def crop_seconds(n_channels: int, n_seconds: int, max_tokens: int, max_seconds: 
         raise ValueError(f"a window needs at least one channel, got {n_channels}")
     return min(n_seconds, max_tokens // n_channels, max_seconds)
 
-
+# %% ../nbs/22_pretrain.ipynb #c008a
 class EEGCrops(Dataset):
     "Windows of built datasets (`build_dataset` folders), cut into crops of at most `max_tokens` tokens."
 
@@ -92,7 +92,7 @@ class EEGCrops(Dataset):
         return (f"EEGCrops({self.split}: {len(self)} crops of <= {self.max_tokens} tokens from "
                 f"{[r.name for r in self.roots]}; {sum(s['windows'] for s in self.skipped)} windows skipped)")
 
-
+# %% ../nbs/22_pretrain.ipynb #c008b
 def find_eeg_datasets(datasets_root: str | Path, names: str | Sequence[str] | None = "auto") -> list[Path]:
     "Built dataset folders: `names` under `datasets_root` (or paths); 'auto': `pretrain` if built, else every one."
     root = Path(datasets_root)
@@ -165,7 +165,7 @@ def init_codebook(tokenizer: VQTokenizer, batch: Mapping[str, torch.Tensor], see
 
 KMEANS_CROPS = 64  # crops whose real tokens initialise a random tokenizer's codebook
 
-
+# %% ../nbs/22_pretrain.ipynb #c016a
 def resolve_tokenizer(tokenizer: str | Path | VQTokenizer | None = None, run_root: str | Path | None = None,
                       seed: int = 0) -> tuple[VQTokenizer, str]:
     "The stage-1 tokenizer and where it came from: the given checkpoint or save_pretrained folder, `<run_root>/tokenizer/tokenizer.pt` (which must exist), or standalone 'random'."
@@ -191,7 +191,7 @@ def stage1_tokenizer(tokenizer, run_root, crops: Dataset, collate: Callable, see
         init_codebook(found, collate([crops[i] for i in range(min(len(crops), KMEANS_CROPS))]), seed)
     return found, source
 
-
+# %% ../nbs/22_pretrain.ipynb #c016b
 class CodeHead(nn.Module):
     "The frozen quantizer side of a stage-1 tokenizer: encoder features [.., dim] -> code indices [..]."
 
@@ -270,7 +270,7 @@ class PretrainModel(nn.Module):
             out.update(loss=eeg.loss + text.loss, text_loss=text.loss.detach(), text_accuracy=text.accuracy)
         return out
 
-
+# %% ../nbs/22_pretrain.ipynb #c023a
 class PretrainLoss:
     "`loss_fn(model, batch, state)` of stage 2: adds this rank's text windows of the update, returns (loss, terms)."
 
@@ -362,7 +362,7 @@ class PretrainSetup:
         if isinstance(self.eeg_datasets, (list, tuple)) and list(self.eeg_datasets) == ["auto"]:
             self.eeg_datasets = "auto"
 
-
+# %% ../nbs/22_pretrain.ipynb #c031a
 @dataclass
 class PreparedPretraining:
     "Everything `train` needs for stage 2, and a record of where it came from."
@@ -375,7 +375,7 @@ class PreparedPretraining:
     tokens_fn: Callable
     info: dict
 
-
+# %% ../nbs/22_pretrain.ipynb #c031b
 def prepare_pretraining(setup: PretrainSetup, cfg: TrainConfig) -> PreparedPretraining:
     "Build data, tokenizer, GPT and model for `setup` (the same on every rank)."
     datasets_root = setup.datasets_root or (str(Path(setup.run_root) / "datasets") if setup.run_root else None)
@@ -430,7 +430,7 @@ def prepare_pretraining(setup: PretrainSetup, cfg: TrainConfig) -> PreparedPretr
             **text_info}
     return PreparedPretraining(model, train_data, val_data, PretrainLoss(text), collate, eval_fn, tokens_fn, info)
 
-
+# %% ../nbs/22_pretrain.ipynb #c031c
 def report_evaluations(state) -> None:
     "A `train` callback: one line on rank 0 for every update that was validated."
     row = state.row or {}

@@ -962,6 +962,8 @@ def __repr__(self: WindowDataset) -> str:
 
 # %% ../nbs/03b_shards.ipynb #c110
 PHYSIONET_EEGMAT_URL = "https://physionet.org/files/eegmat/1.0.0/"
+
+# %% ../nbs/03b_shards.ipynb #c110a
 EEGMAT_SHA256: dict[str, str] = {
     "Subject00_1.edf": "8b23c443f2f5f733f8ccc31a54377898009c28c7563d1107692a8735212d2f15",
     "Subject00_2.edf": "635bbf035777008ff6c23d9c7bfc497d584fc71c56217022946d1fd056527e43",

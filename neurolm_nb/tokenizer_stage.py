@@ -63,7 +63,7 @@ def build_sample_datasets(dest: str | Path, names: Sequence[str] = ("workload", 
         out.append(Path(dest) / name)
     return out
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c006a
 class CropToTokens(Dataset):
     "Cut each window [C, T] to the longest whole number of seconds with C·seconds <= max_tokens."
     def __init__(self, dataset: Dataset, max_tokens: int, patch_size: int = PATCH_SIZE):
@@ -142,8 +142,7 @@ class TokenizerRun(ConfigMixin):
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{**self.train, "out_dir": str(Path(self.out_dir) / "train"), "seed": self.seed})
 
-
-
+# %% ../nbs/12_train_tokenizer.ipynb #c009a
 def load_run_text(run: TokenizerRun) -> tuple[TextSource, np.ndarray]:
     "The run's text source (width = the tokenizer's) and its corpus as one id stream."
     source = load_text_source(run.text_model, run.vq_config().dim, run.allow_download, run.samples_root, run.seed)
@@ -179,7 +178,7 @@ def read_code_usage(path: str | Path) -> list[dict]:
             by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c009b
 @dataclass
 class TokenizerResult:
     model: TextAlignedVQ | None   # the trained model (None on ranks > 0)
@@ -190,7 +189,7 @@ class TokenizerResult:
     n_samples: int
     seconds: float
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c009c
 def train_tokenizer(run: TokenizerRun | dict) -> TokenizerResult:
     "Stage 1: train the text-aligned VQ tokenizer of `run` (one process, or each process under torchrun)."
     run = TokenizerRun.from_dict(run) if isinstance(run, dict) else run
