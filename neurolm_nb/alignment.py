@@ -86,7 +86,7 @@ _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Su
 _ADJECTIVES = ["clear", "faint", "brief", "strong", "sharp", "broad", "steady", "noisy", "clean", "odd"]
 _FEELINGS = ["pleased", "surprised", "worried", "curious", "relieved", "puzzled", "tired", "hopeful"]
 
-
+# %% ../nbs/11_alignment.ipynb #c020a
 def _article(word: str) -> str:
     "'a' or 'an' before `word` (numbers included: an 18-year-old, an 80-year-old)."
     w = str(word)
@@ -269,7 +269,7 @@ def make_text_samples(root: str | Path = "data_samples/text", seed: int = 0, n_d
         raise
     return sorted(p for p in root.rglob("*") if p.is_file())
 
-
+# %% ../nbs/11_alignment.ipynb #c039a
 def text_samples_dir(samples_root: str | Path | None = None) -> Path:
     "The shipped text samples: `<samples_root or the project's data_samples>/text`."
     root = Path(samples_root) if samples_root is not None else project_root() / "data_samples"
@@ -323,7 +323,7 @@ def read_text_embedding(folder: str | Path) -> torch.Tensor:
         raise KeyError(f"the checkpoint in {folder} has no token-embedding tensor {names}")
     return sd[key].float()
 
-
+# %% ../nbs/11_alignment.ipynb #c046a
 def read_text_tokenizer(folder: str | Path):
     "The `tokenizers.Tokenizer` of a Hugging Face folder: tokenizer.json, or GPT-2's vocab.json + merges.txt."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

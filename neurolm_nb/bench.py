@@ -439,7 +439,7 @@ def _run_isolated(cfg, peak_tflops: float | None, timeout_s: float | None) -> di
         raise RuntimeError(f"benchmark {cfg.name} failed (exit code {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-
+# %% ../nbs/52_bench.ipynb #c052a
 def run_benchmarks(configs: Sequence[BenchConfig | TokenizerBenchConfig], isolate: bool = True,
                    peak_tflops: float | None = None, timeout_s: float | None = None, echo: bool = False) -> list[dict]:
     "Measure each configuration (in its own process when `isolate`); a failure is recorded, not raised."
@@ -467,7 +467,7 @@ def _layers_cell(c: dict) -> str:
         return f"{c['layers']}×{c['width']} (+{c['encoder_layers']})"
     return f"{c['encoder_layers']}×{c['encoder_width']} (dec 2×{c['decoder_layers']})"  # the tokenizer
 
-
+# %% ../nbs/52_bench.ipynb #c055a
 def format_table(results: Sequence[dict]) -> str:
     "A plain-text table of `run_benchmarks` results (one row each; failures show their error; tokenizer tokens = patches)."
     rows = []
@@ -525,7 +525,7 @@ def measure_optimizers(cfg: BenchConfig, impls: Sequence[str] = ("plain", "auto"
             "ratio": {i: med[impls[0]] / med[i] for i in impls[1:]},
             "ratio_best": {i: min(step_s[impls[0]]) / min(step_s[i]) for i in impls[1:]}}
 
-
+# %% ../nbs/52_bench.ipynb #c059a
 def format_optimizers(result: dict) -> str:
     "One line per implementation: step and optimizer time; then the ratios against the first."
     base = next(iter(result["step_s"]))

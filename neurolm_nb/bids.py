@@ -36,7 +36,7 @@ def bids_root(path: str | Path) -> Path:
                            f"and the sub-* folders)")
     return p
 
-
+# %% ../nbs/44_bids.ipynb #c006a
 def _match_values(root: Path, entity: str, wanted: Sequence) -> list[str]:
     "The dataset's spelling of each wanted value of `entity` (prefix optional; runs by number); unknown ones raise."
     from mne_bids import get_entity_vals
@@ -52,7 +52,7 @@ def _match_values(root: Path, entity: str, wanted: Sequence) -> list[str]:
         raise DatasetError(f"{root}: {entity}(s) {missing} (parameter `{entity}s`) not in this BIDS dataset; it has {have}")
     return out
 
-
+# %% ../nbs/44_bids.ipynb #c006b
 def find_bids_recordings(root: str | Path, subjects=None, sessions=None, tasks=None, runs=None, datatype: str = "eeg",
                          extensions: Sequence[str] = BIDS_EEG_EXTENSIONS) -> list:
     "The `BIDSPath`s of the `datatype` recordings under a BIDS root that match the filters (None: all), sorted."
@@ -78,7 +78,7 @@ class BIDSRecording(Recording):
     "A preprocessed BIDS recording and its annotations: (onset s from the first sample, duration s, description)."
     events: list = field(default_factory=list)
 
-
+# %% ../nbs/44_bids.ipynb #c008a
 def read_bids_recording(path: str | Path, root: str | Path, channels: Sequence[str] | None = None,
                         l_freq: float | None = 0.1, h_freq: float | None = 75.0, notch: float | None = 50.0,
                         sfreq: float = 200.0, min_seconds: float | None = None, on_flat: str = "warn",

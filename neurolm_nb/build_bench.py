@@ -32,7 +32,7 @@ OFFICIAL_ORDER = ["EEG Fp1", "EEG Fp2", "EEG F3", "EEG F4", "EEG F7", "EEG F8", 
                   "EEG C4", "EEG T5", "EEG T6", "EEG P3", "EEG P4", "EEG O1", "EEG O2", "EEG Fz", "EEG Cz", "EEG Pz"]
 OFFICIAL_NAMES = [c.split()[1].upper() for c in OFFICIAL_ORDER]
 
-
+# %% ../nbs/53_build_bench.ipynb #c011a
 def official_recipe(files: Sequence[str | Path], out_dir: str | Path | None = None, keep: bool = False,
                     verbose=None) -> dict[str, np.ndarray]:
     "prepare_workload.py as the fixtures record it: each EDF in turn, in this process; one pickle per window."
@@ -139,7 +139,7 @@ def measure_here(kind: str, raw_dir: str | Path, max_files: int | None, workers:
         shutil.rmtree(work, ignore_errors=True)
     return result
 
-
+# %% ../nbs/53_build_bench.ipynb #c017a
 def measure_fresh(kind: str, raw_dir: str | Path, max_files: int | None, workers: int = 1, repeat: int = 1,
                   timeout_s: float | None = None) -> dict:
     "`measure_here` in a fresh Python process (imports and memory counted the same way for both kinds)."
@@ -178,7 +178,7 @@ def loader_throughput(root: str | Path, num_workers: int = 0, batch_size: int = 
             "padded_tokens": int(first["X"].shape[1]), "first_batch_s": t1 - t0, "crops": len(data),
             "split": data.split}
 
-
+# %% ../nbs/53_build_bench.ipynb #c019a
 def gpu_demand(peak_tflops: float = 989.0, mfu: float = 0.4, **shapes) -> dict:
     "Samples/s one GPU would take from its loader in NeuroLM-B's stage-2 step (`model_flops`) at `mfu` of `peak_tflops`."
     from neurolm_nb.bench import BenchConfig, model_flops

@@ -67,7 +67,7 @@ def _clean(raw: str) -> str:
             break
     return s.replace(" ", "")
 
-
+# %% ../nbs/01_channels.ipynb #c009a
 def _closest(name: str, n: int = 3) -> list[str]:
     keys = difflib.get_close_matches(_clean(name), list(_BY_UPPER), n=n, cutoff=0.5)
     return [_BY_UPPER[k] for k in keys]

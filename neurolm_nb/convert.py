@@ -84,7 +84,7 @@ def _torch_load(path: Path, trusted: bool) -> tuple[Any, str | None]:
         return torch.load(path, map_location="cpu", weights_only=False), None
     return None, found.group(1)
 
-
+# %% ../nbs/40_official_weights.ipynb #c009a
 def read_checkpoint(source: str | Path | Mapping, trusted: bool = False) -> dict:
     "Load a checkpoint file safely (`weights_only`, + argparse.Namespace); a dict passes through."
     if isinstance(source, Mapping):
@@ -169,6 +169,7 @@ _NEUROLM_TOWER = [
     (r"norm\.(weight|bias)", r"fc_norm.\1", None),
 ]
 
+# %% ../nbs/40_official_weights.ipynb #c020a
 _LABRAM_TOWER = [
     (r"cls_token", "cls_token", None),
     (r"channel_embed\.weight", "pos_embed", _lead_one),
@@ -278,7 +279,7 @@ def load_official_state_dict(model: VQTokenizer, state_dict: Mapping[str, torch.
     model.load_state_dict(ours, strict=not problems, assign=on_meta)
     return model
 
-
+# %% ../nbs/40_official_weights.ipynb #c032a
 def to_official_state_dict(model: VQTokenizer, flavour: str) -> dict[str, torch.Tensor]:
     "Our state dict under official key names and shapes."
     ours = model.state_dict()
@@ -296,7 +297,7 @@ def _depth(sd: Mapping, prefix: str) -> int:
     found = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
     return max(found) + 1 if found else 0
 
-
+# %% ../nbs/40_official_weights.ipynb #c035a
 def neurolm_config_from_state_dict(sd: Mapping, encoder_args: Mapping | None = None,
                                    decoder_args: Mapping | None = None, **overrides) -> VQConfig:
     "The `VQConfig` of an official NeuroLM `VQ_Align` state dict (+ its encoder/decoder args, if saved)."
@@ -485,7 +486,7 @@ def load_official_neurolm_lm(source, model: NeuroLM | None = None, strict: bool 
     model.encoder.requires_grad_(False)
     return model
 
-
+# %% ../nbs/40_official_weights.ipynb #c071a
 def to_official_neurolm_lm(model: NeuroLM) -> dict[str, torch.Tensor]:
     "Our model's state dict under the official NeuroLM names (what official code loads)."
     ours = model.state_dict()
@@ -591,7 +592,7 @@ def official_state_dict(source: str | Path | Mapping, trusted: bool = False) -> 
         sd = dict(ckpt)
     return strip_prefix(strip_prefix(sd), "module.")
 
-
+# %% ../nbs/40_official_weights.ipynb #c092a
 def labram_student_config(sd: Mapping[str, torch.Tensor], **overrides) -> LaBraMConfig:
     "The `LaBraMConfig` of an official state dict (MEM with `student.` keys, student-only, or fine-tuning)."
     p = "student." if any(k.startswith("student.") for k in sd) else ""
@@ -637,7 +638,7 @@ def _raise_or_warn(problems: list[str], what: str, strict: bool) -> None:
         raise CheckpointMismatchError(message)
     warnings.warn(message)
 
-
+# %% ../nbs/40_official_weights.ipynb #c093a
 def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, strict: bool,
                may_be_unused: Sequence[str] = (), may_be_missing: Sequence[str] = ()) -> nn.Module:
     "Check `sd` against `model.state_dict()` (names and shapes) and load the fitting tensors as float32."
@@ -716,7 +717,7 @@ def load_official_labram_classifier(source: str | Path | Mapping, n_classes: int
     model = _built(LaBraMClassifier, cfg, found_classes, init_scale, found_cls, meta=strict)
     return _load_into(model, sd, "LaBraM classifier", strict)
 
-
+# %% ../nbs/40_official_weights.ipynb #c094aa
 def to_official_labram(model: nn.Module, as_checkpoint: bool = False) -> dict:
     "Our model's state dict in the official layout (the names are the same), or {'model': state dict}."
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -85,7 +85,7 @@ def bf16_supported(device: torch.device | str) -> bool:
             return torch.cuda.is_bf16_supported(including_emulation=False)
     return False
 
-
+# %% ../nbs/00_core.ipynb #c009a
 def describe_device(device: torch.device | str) -> str:
     "`cuda:0 (NVIDIA H200)`, `cpu`, ...: a device as an error message should name it."
     device = torch.device(device)
@@ -120,7 +120,7 @@ def get_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "c
                              f"has no {missing}; use dtype=" + ", ".join(options))
     return dtype
 
-
+# %% ../nbs/00_core.ipynb #c012a
 def autocast_context(device: torch.device | str, dtype: torch.dtype):
     "Autocast to `dtype` on `device`; a no-op context for float32."
     device = torch.device(device)
@@ -207,7 +207,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], Any]) ->
         raise
     return path
 
-
+# %% ../nbs/00_core.ipynb #c026a
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     "Write `data` to `path` atomically."
     return atomic_write(path, lambda f: f.write(data))
@@ -252,7 +252,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # truncated or foreign file
         raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
 
-
+# %% ../nbs/00_core.ipynb #c032a
 def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | None:
     "The checkpoint in `folder` with the highest step number, or None."
     folder = Path(folder)
@@ -296,7 +296,7 @@ def in_notebook() -> bool:
         return False
     return get_ipython() is not None
 
-
+# %% ../nbs/00_core.ipynb #c041a
 def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110,
              show: bool | None = None) -> list[Path]:
     "Save `fig` atomically as each of `formats` (no timestamps), show the PNG in a notebook, close `fig`."
@@ -343,7 +343,7 @@ def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
     text = json.dumps(to_jsonable(obj), indent=indent, sort_keys=True) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-
+# %% ../nbs/00_core.ipynb #c044a
 def load_json(path: str | Path) -> Any:
     "Read a JSON file (the error names the file)."
     path = Path(path)

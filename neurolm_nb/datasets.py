@@ -88,7 +88,7 @@ def _text_lines(path: Path) -> list[str]:
     except FileNotFoundError:
         raise DatasetError(f"annotation file {path} does not exist") from None
 
-
+# %% ../nbs/03_datasets.ipynb #c012a
 def read_tuev_rec(path: str | Path) -> list[tuple[int, float, float, int]]:
     "TUEV `.rec` -> [(channel, start_s, stop_s, code)]."
     out = []
@@ -236,7 +236,7 @@ def name_tuple(value, what: str) -> tuple[str, ...]:
 # %% ../nbs/03_datasets.ipynb #c030
 LATER_FIELDS: dict = {"val_subjects": (), "test_subjects": (), "exclude_from": (), "allow_downstream_test": False}
 
-
+# %% ../nbs/03_datasets.ipynb #c030a
 @dataclass(frozen=True)
 class DatasetSpec:
     "How one dataset is prepared (reference §5). Subclasses override the fields and `discover` / `windows`."
@@ -330,9 +330,7 @@ def _sliding(self: DatasetSpec, data: np.ndarray, entry: RecordingEntry) -> np.n
 # %% ../nbs/03_datasets.ipynb #c039
 import difflib
 
-
-
-
+# %% ../nbs/03_datasets.ipynb #c039a
 def held_out_units(spec: DatasetSpec, entries: Sequence[RecordingEntry], unit: dict[str, str],
                    official: dict[str, str]) -> dict[str, str]:
     "Split unit -> 'val' / 'test' for the units holding a subject of `spec.val_subjects` / `spec.test_subjects`."
@@ -387,7 +385,7 @@ def free_fractions(self: DatasetSpec) -> tuple[float, float, float]:
     f = (self.fractions[0], 0.0 if self.val_subjects else self.fractions[1], 0.0 if self.test_subjects else self.fractions[2])
     return f if sum(f) > 0 else (1.0, 0.0, 0.0)
 
-
+# %% ../nbs/03_datasets.ipynb #c042a
 @patch
 def split_rule(self: DatasetSpec) -> str:
     rule = f"{self.split_by}-level, fractions {list(self.fractions)}, " + ("seeded hash order" if self.shuffle else "sorted order")
@@ -438,7 +436,7 @@ def _tuh_subject(p: Path) -> str:
 def _layout_parts(p: Path, raw_dir: Path) -> list[str]:
     return [q.lower() for q in p.relative_to(raw_dir).parts[:-1]]
 
-
+# %% ../nbs/03_datasets.ipynb #c048a
 @dataclass(frozen=True)
 class TUABSpec(DatasetSpec):
     "TUH Abnormal: 23 channels, 10 s windows; eval = test, train subjects 80/20 train/val."
@@ -624,7 +622,7 @@ def _find_upwards(start: Path, name: str, stop: Path) -> Path | None:
             break
     return None
 
-
+# %% ../nbs/03_datasets.ipynb #c065a
 @dataclass(frozen=True)
 class SEEDSpec(DatasetSpec):
     "SEED emotion: 62 channels, 4 s windows inside each film clip; within each session clips 9/3/3."
@@ -677,7 +675,7 @@ def trials(self: SEEDSpec, entry) -> tuple[list[float], list[float], list[int]]:
                            f"{sum(self.trials_per_split)} of each")
     return starts, ends, labels
 
-
+# %% ../nbs/03_datasets.ipynb #c068a
 @patch
 def windows(self: SEEDSpec, entry, rec):
     n, total = self.n_times, rec.data.shape[1]

@@ -90,7 +90,7 @@ def _binary_scores(labels: np.ndarray, score: np.ndarray) -> dict[str, float | N
     from sklearn.metrics import average_precision_score, roc_auc_score
     return {"roc_auc": _metric(roc_auc_score, labels, score), "pr_auc": _metric(average_precision_score, labels, score)}
 
-
+# %% ../nbs/32_evaluation.ipynb #c009a
 def corrected_metrics(labels, probs) -> dict[str, float | None]:
     "Metrics from option probabilities [n, K]: argmax predictions; binary AUROC / AUC-PR from P(class 1)."
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
@@ -254,7 +254,7 @@ def split_features(root: str | Path, split: str, task: str | InstructionTask, ki
     labels = task.label_map(windows.classes)[np.asarray(windows.labels, dtype=np.int64)]
     return np.concatenate(feats), labels, np.asarray(windows.subjects, dtype=np.str_)
 
-
+# %% ../nbs/32_evaluation.ipynb #c018aa
 def floor_model(kind: str = "bandpower"):
     "The unfitted scikit-learn pipeline of a floor (fixed C, deterministic solver)."
     from sklearn.linear_model import LogisticRegression
@@ -286,7 +286,7 @@ def fit_floor(root: str | Path, task: str | InstructionTask, kind: str = "bandpo
     return {"model": FLOORS[kind], "C": BANDPOWER_C if kind == "bandpower" else RIEMANN_C, "n_train": int(len(ytr)),
             "predictions": preds}
 
-
+# %% ../nbs/32_evaluation.ipynb #c018ba
 def bandpower_baseline(root: str | Path, task: str | InstructionTask, test_split: str = "test",
                        kind: str = "bandpower") -> dict[str, Any]:
     "A floor's `metrics.json` entry: fitted on train, scored on `test_split` with corrected_metrics (+ confusion)."
@@ -430,7 +430,7 @@ def _ci(stats: Mapping, m: str) -> str:
     ci = stats["ci95"].get(m)
     return "–" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
-
+# %% ../nbs/32_evaluation.ipynb #c023a
 def statistics_table(stats: Mapping[str, Mapping[str, Mapping]]) -> str:
     "Markdown: a row per task and model with seeds, test subjects, chance and each metric's mean ± sd (n) and subject-bootstrap 95 % CI."
     head = ["task", "model", "seeds", "test subjects (windows)", "chance", "bal. acc. (argmax)", "95 % CI",
@@ -545,7 +545,7 @@ class EvalSetup:
     device: str = "auto"
     dtype: str = "auto"
 
-
+# %% ../nbs/32_evaluation.ipynb #c031a
 def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
     "(model, text tokenizer spec, checkpoint path) of `setup`: a checkpoint file or a save_pretrained folder."
     from neurolm_nb.instruction_tuning import load_start_model

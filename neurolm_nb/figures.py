@@ -243,7 +243,7 @@ def stair_mask_example(n_channels: int = 3, n_seconds: int = 3, n_pad: int = 2, 
     assert mask.shape == (L + n_text, L + n_text)
     return mask, labels
 
-
+# %% ../nbs/90_paper_figures.ipynb #c027a
 def plot_stair_mask(mask: torch.Tensor, labels: Sequence[str], n_channels: int = 3):
     "The stair mask beside a causal mask of the same size (dark = may attend)."
     import matplotlib.pyplot as plt
@@ -342,7 +342,7 @@ def codebook_usage_histogram(ctx: FigureContext) -> Made:
     return Made(ctx.save(fig, "codebook_usage_histogram"),
                 notes=[f"{s['used_codes']} of {s['n_codes']} codes used on {s['tokens']} tokens, perplexity {s['perplexity']:.1f}"])
 
-
+# %% ../nbs/90_paper_figures.ipynb #c036a
 @figure("reconstructions")
 def reconstructions(ctx: FigureContext) -> Made:
     from neurolm_nb.tokenizer_stage import plot_reconstructions
@@ -759,7 +759,7 @@ def figures_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="stop at a figure that fails (not merely missing input)")
     return parser
 
-
+# %% ../nbs/90_paper_figures.ipynb #c092a
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line: draw the figures, print index.md; exit status 1 if any figure failed."
     parser = figures_parser()

@@ -28,7 +28,7 @@ __all__ = ['ACTIVATIONS', 'ATTN_IMPLS', 'GPT2_PRESETS', 'GPTConfig', 'normalize_
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # our name -> F.gelu(approximate=...)
 ATTN_IMPLS = ("sdpa", "naive", "flex")
 
-
+# %% ../nbs/20_gpt.ipynb #c006a
 @dataclass
 class GPTConfig(ConfigMixin):
     "Hyper-parameters of a GPT-2. Defaults are GPT-2 small (124 M)."
@@ -200,7 +200,7 @@ def flex_attention_fn(q, k, v, attn_mask=None, block_mask=None, dropout_p: float
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return fn(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
-
+# %% ../nbs/20_gpt.ipynb #c026a
 def attention(q, k, v, attn_mask=None, impl: str = "sdpa", dropout_p: float = 0.0, block_mask=None):
     "Multi-head attention on `[B, H, T, d]` tensors with the chosen implementation (see above)."
     if impl == "sdpa":
@@ -429,7 +429,7 @@ def _read_state_dict(folder: Path) -> dict:
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
-
+# %% ../nbs/20_gpt.ipynb #c059a
 def config_from_hf(hf: dict, source="config.json", **overrides) -> GPTConfig:
     "Our GPTConfig from a Hugging Face GPT-2 `config.json` dict (refuses variants we do not implement)."
     if hf.get("model_type", "gpt2") != "gpt2":

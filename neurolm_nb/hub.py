@@ -126,7 +126,7 @@ class ModelCard:
     notes: str | None = None      # free text, appended
     license: str | None = None    # the weights' licence, if known
 
-
+# %% ../nbs/42_hub.ipynb #c014a
 def deviation_options(model: nn.Module) -> dict[str, str]:
     "The model's own switches where this project and the original code differ, with their values."
     name, cfg = type(model).__name__, getattr(model, "config", None)
@@ -192,7 +192,7 @@ def _is_family_class(cls: type, family_cls: type) -> bool:
     "The family's class, or its twin defined in a notebook (module `__main__`, the same name)."
     return cls is family_cls or (cls.__module__ == "__main__" and cls.__qualname__ == family_cls.__qualname__)
 
-
+# %% ../nbs/42_hub.ipynb #c017a
 def _describe(model: nn.Module) -> tuple[Family, dict]:
     families = hub_families()
     family = families.get(type(model).__name__)
@@ -281,7 +281,7 @@ def read_config(folder: str | Path) -> dict:
         raise PretrainedFolderError(f"{path} names class {record['class']!r}, which is none of {sorted(families)}")
     return record
 
-
+# %% ../nbs/42_hub.ipynb #c023a
 def _read_weights(path: Path, device) -> tuple[dict, dict]:
     from safetensors import safe_open
     if not path.is_file():
@@ -374,7 +374,7 @@ def flat_metrics(metrics: Mapping, digits: int = 4, prefix: str = "") -> dict[st
             out[f"{prefix}{key}"] = float(f"{value:.{digits}g}")
     return out
 
-
+# %% ../nbs/42_hub.ipynb #c031a
 def describe_datasets(roots, splits=("train",), max_subjects: int = 8) -> str:
     "A card's data line: per built dataset and split used, windows and subjects (from its split_manifest.json)."
     from neurolm_nb.shards import MANIFEST_FILE

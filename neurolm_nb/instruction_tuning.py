@@ -51,7 +51,7 @@ def tiny_neurolm(seed: int = 0) -> NeuroLM:
     from neurolm_nb.pretrain import build_gpt, random_tokenizer
     return NeuroLM.from_parts(random_tokenizer(seed), build_gpt("tiny", seed=seed)[0], seed=seed)
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c008a
 def resolve_start_model(checkpoint: str | Path | None = None, run_root: str | Path | None = None,
                         seed: int = 0) -> tuple[NeuroLM, str, str]:
     "(model, text tokenizer spec, where it came from): `checkpoint`, `<run_root>/pretrain/neurolm.pt` (must exist), or standalone a tiny random one."
@@ -100,7 +100,7 @@ class InstructModel(nn.Module):
             terms.update(loss=out.loss + text.loss, text_loss=text.loss.detach(), text_accuracy=text.accuracy)
         return terms
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c014a
 class InstructLoss:
     "`loss_fn(model, batch, state)` of stage 3: adds this rank's web-text windows of the update, returns (loss, terms)."
 
@@ -126,7 +126,7 @@ def spread_indices(n: int, k: int | None) -> np.ndarray:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, max(int(k), 1)).round().astype(np.int64))
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c017a
 @torch.no_grad()
 def evaluate_instructions(lm: NeuroLM, val_sets: Sequence[InstructionDataset], tokenizer, batch_size: int = 16,
                           max_samples: int | None = None) -> dict[str, float]:

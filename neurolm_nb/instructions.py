@@ -108,7 +108,7 @@ INSTRUCTION_TASKS: dict[str, InstructionTask] = {t.name: t for t in [
 ]}
 TASK_NAMES = tuple(INSTRUCTION_TASKS)  # the original's order: TUAB, TUEV, SEED, HMC, Workload, TUSL
 
-
+# %% ../nbs/30_instructions.ipynb #c012a
 def get_task(name: str | InstructionTask) -> InstructionTask:
     "A task by our name ('tuab') or the original's ('TUAB', 'Workload')."
     if isinstance(name, InstructionTask):
@@ -160,7 +160,7 @@ class HFTextTokenizer(TextTokenizer):
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-
+# %% ../nbs/30_instructions.ipynb #c020a
 def load_text_tokenizer(spec: str | Path | TextTokenizer = "tiny") -> TextTokenizer:
     "A tokenizer from 'stub', 'tiny' (data_samples/text/gpt2-tiny), a local folder, or a hub name already cached."
     if isinstance(spec, TextTokenizer):

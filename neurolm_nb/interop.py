@@ -98,7 +98,7 @@ def to_braindecode_state_dict(model: nn.Module, n_seconds: int, rows: torch.Tens
     out["temporal_embedding"][:, :kept] = time[:, :kept]
     return out
 
-
+# %% ../nbs/43_braindecode.ipynb #c014a
 def from_braindecode_state_dict(sd: Mapping[str, torch.Tensor], rows: torch.Tensor, head: str = "head",
                                 n_time_embeddings: int | None = None) -> dict[str, torch.Tensor]:
     "braindecode Labram weights under our names (`head`: 'head' for a classifier, 'lm_head' for a student)."

@@ -142,7 +142,7 @@ def _site_weights(name: str) -> tuple[float, float, float]:
         blink = 0.05
     return alpha, theta, blink
 
-
+# %% ../nbs/02_eeg_io.ipynb #c018a
 def _wandering_phase(rng: np.random.Generator, f0: float, n: int, sfreq: float, spread: float) -> np.ndarray:
     "Phase of an oscillator whose frequency wanders slowly around f0 (std ~spread Hz): a broad spectral peak."
     k = max(int(0.5 * sfreq), 1)
@@ -289,7 +289,7 @@ def _source(raw, source=None) -> str:
     files = getattr(raw, "filenames", None) or [None]
     return str(files[0]) if files[0] is not None else "<in-memory recording>"
 
-
+# %% ../nbs/02_eeg_io.ipynb #c035a
 def eeg_channel_map(raw, source: str | None = None) -> dict[str, str]:
     "Raw name -> vocabulary name for the EEG channels of `raw` whose names normalise (file order); duplicates raise."
     src = _source(raw, source)
@@ -566,7 +566,7 @@ def plot_traces(data: np.ndarray, ch_names: Sequence[str], sfreq: float, ax=None
         ax.set_title(title)
     return ax
 
-
+# %% ../nbs/02_eeg_io.ipynb #c068a
 def plot_psd(data: np.ndarray, sfreq: float, ax=None, label: str | None = None, fmax: float | None = None, **plot_kwargs):
     "Channel-averaged Welch power spectrum (µV²/Hz, log scale); returns the axes."
     import matplotlib.pyplot as plt

@@ -137,7 +137,7 @@ class LaBraMBlock(nn.Module):
 # %% ../nbs/15_labram.ipynb #c016
 CLS_POSITIONS = ("first_channel", "cls_row")
 
-
+# %% ../nbs/15_labram.ipynb #c016a
 class LaBraMTrunk(nn.Module):
     "Patch embedding, CLS token, channel (`pos_embed`) and time tables, and the blocks: the part every LaBraM model shares."
     def __init__(self, config: LaBraMConfig, cls_position: str = "cls_row"):
@@ -219,7 +219,7 @@ def _init_labram(model: nn.Module, std: float, bound: float, init_convs: bool) -
         block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
-
+# %% ../nbs/15_labram.ipynb #c020a
 class LaBraMStudent(LaBraMTrunk):
     "The MEM student (official `NeuralTransformerForMaskedEEGModeling`): trunk + mask token + final LayerNorm (+ unused lm_head)."
     def __init__(self, config: LaBraMConfig | None = None, cls_position: str = "first_channel"):
@@ -272,7 +272,7 @@ class MEMOutput(NamedTuple):
     tokens_sym: torch.Tensor | None
     patch_embed: torch.Tensor      # [B, C·A, D] TemporalConv output (before the mask token)
 
-
+# %% ../nbs/15_labram.ipynb #c027a
 class LaBraMForMEM(nn.Module):
     "Masked EEG modelling: a `LaBraMStudent` and one `lm_head` predicting the codes of the masked patches, twice."
     def __init__(self, config: LaBraMConfig | None = None):
@@ -320,7 +320,7 @@ STUDENT_ONLY_KEYS = ("mask_token", "norm.weight", "norm.bias", "lm_head.weight",
 HEAD_KEYS = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")                        # fresh in fine-tuning
 CLS_HEAD_KEYS = ("head.weight", "head.bias")  # fresh in CLS-pooling fine-tuning (the student's norm is kept)
 
-
+# %% ../nbs/15_labram.ipynb #c032a
 class LaBraMClassifier(LaBraMTrunk):
     "Fine-tuning model (official `NeuralTransformer`): trunk → mean of patch tokens → fc_norm → head, or (`use_cls`) → norm → CLS → head."
     def __init__(self, config: LaBraMConfig | None = None, n_classes: int = 1, init_scale: float = 0.001,
@@ -409,7 +409,7 @@ def layer_index(name: str, depth: int, original: bool = False) -> int:
         return int(name.split(".")[1]) + 1
     return depth + 1
 
-
+# %% ../nbs/15_labram.ipynb #c042a
 def layer_decay_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.65,
                        original: bool = False) -> list[dict]:
     "AdamW groups per (layer, decay/no decay) with `lr_scale` = layer_decay^(depth+1−layer); every trainable parameter once."

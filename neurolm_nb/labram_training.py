@@ -139,7 +139,7 @@ def codebook_usage(tokenizer: VQTokenizer, dataset: Dataset, device: torch.devic
         usage.update(tokenizer_codes(tokenizer, batch["x"].to(device), batch["input_chans"].to(device)).cpu())
     return usage
 
-
+# %% ../nbs/16_labram_training.ipynb #c013a
 def check_codebook(usage: CodebookStats, min_used_codes: int, on_collapse: str = "stop", where: str = "") -> dict:
     "The usage summary; `CodebookCollapse` (on_collapse 'stop', else a warning) if fewer than `min_used_codes` codes are used."
     s = usage.summary()
@@ -258,7 +258,7 @@ def finetune_loss(model: nn.Module, batch: Mapping, label_smoothing: float = 0.1
         return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float()), {}
     return F.cross_entropy(logits, labels.long(), label_smoothing=label_smoothing), {}
 
-
+# %% ../nbs/16_labram_training.ipynb #c024a
 class BestEpoch:
     "A `train` callback: after every epoch, predict the validation set (all processes) and keep the best epoch's weights (or the EMA's)."
     def __init__(self, val_set: Dataset, select_metric: str, batch_size: int = 128, collate_fn: Callable = collate_labram,
@@ -302,7 +302,7 @@ class FinetuneResult:
     train_result: TrainResult
     ema: ModelEMA | None = None  # the moving average at the end of training (FinetuneConfig.model_ema)
 
-
+# %% ../nbs/16_labram_training.ipynb #c026a
 def finetune(model: LaBraMClassifier, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig | None = None,
              collate_fn: Callable = collate_labram) -> FinetuneResult:
     "Fine-tune with layer-wise lr decay; keep the epoch with the best validation AUROC (binary) or balanced accuracy."

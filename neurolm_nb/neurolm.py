@@ -102,7 +102,7 @@ def check_time_major(input_time: torch.Tensor, input_mask: torch.Tensor, n_chann
         what = "padding is not at the end" if not_prefix[row] else "input_time is not 0,..,0,1,..,1,... (C per second)"
         raise ValueError(f"sample {row} of the batch is not time-major with {int(C[row])} channels: {what}")
 
-
+# %% ../nbs/21_neurolm.ipynb #c014a
 def stair_mask(input_time: torch.Tensor, input_mask: torch.Tensor, n_channels=None, n_text: int = 0) -> torch.Tensor:
     """NeuroLM's attention mask (True = attend) over L EEG tokens followed by `n_text` text tokens.
 
@@ -299,7 +299,7 @@ class NeuroLMOutput:
     targets: torch.Tensor | None = None  # [B, S] class ids the loss used
     hidden: dict | None = None           # return_hidden: eeg_features, eeg_embedded, gpt_input, gpt_final_hidden
 
-
+# %% ../nbs/21_neurolm.ipynb #c051a
 class NeuroLM(nn.Module):
     "Frozen VQ encoder -> projection -> + channel embedding -> GPT-2 (wpe by second), enlarged vocabulary."
     def __init__(self, config: NeuroLMConfig | None = None, encoder: TokenTransformer | None = None,

@@ -170,7 +170,7 @@ def collate_neurolm(samples: Sequence, max_tokens: int | None = None, max_second
         batch["labels"] = torch.as_tensor(np.asarray([np.asarray(lab) for lab in labels]))
     return batch
 
-
+# %% ../nbs/04_patching.ipynb #c024a
 class NeuroLMCollate:
     "Picklable `collate_fn` for a DataLoader: `collate_neurolm(samples, max_tokens, max_seconds)`."
     def __init__(self, max_tokens: int | None, max_seconds: int = MAX_SECONDS):
@@ -210,7 +210,7 @@ def labram_patches(window, channels, max_seconds: int = LABRAM_MAX_SECONDS) -> d
                             f"(LaBraM's time embedding has {LABRAM_MAX_SECONDS} rows)")
     return {"x": x, "input_chans": torch.as_tensor(labram_channel_rows(channels, x.shape[0]))}
 
-
+# %% ../nbs/04_patching.ipynb #c030a
 def collate_labram(samples: Sequence, max_seconds: int = LABRAM_MAX_SECONDS) -> dict[str, torch.Tensor]:
     "Batch of (window, ch_names[, label]) tuples or dicts -> {x [B,C,A,200], input_chans [C+1] (+ labels)}."
     if len(samples) == 0:
@@ -278,7 +278,7 @@ def neurolm_to_labram(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     x = time_major_to_channel_major(batch["X"][:, :n], n_channels)
     return {"x": x, "input_chans": torch.as_tensor(labram_channel_rows(rows[:n_channels].numpy()), device=x.device)}
 
-
+# %% ../nbs/04_patching.ipynb #c036a
 def labram_to_neurolm(x: torch.Tensor, input_chans: torch.Tensor, max_tokens: int | None = None) -> dict[str, torch.Tensor]:
     "LaBraM {x [B,C,A,P], input_chans [C+1]} -> padded NeuroLM batch (time-major, L = max_tokens or C·A)."
     b, c, a, p = x.shape

@@ -60,7 +60,7 @@ SPLIT_PARAMETERS = ("val_subjects", "test_subjects")  # profile params the runne
 class ProfileError(ValueError):
     "A profile, or the parameters it gives a notebook, do not fit."
 
-
+# %% ../nbs/50_pipeline.ipynb #c006a
 class StageError(RuntimeError):
     "A stage notebook failed while running; the message names the stage, notebook and cell."
     def __init__(self, message: str, stage: str | None = None, notebook: str | None = None,
@@ -389,7 +389,7 @@ def _git_state(folder: Path) -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-
+# %% ../nbs/50_pipeline.ipynb #c043a
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("neurolm_nb", "torch", "papermill"):
@@ -448,7 +448,7 @@ def run_folder_lock(root: Path):
     finally:
         os.close(fd)                                      # releases the lock
 
-
+# %% ../nbs/50_pipeline.ipynb #c049a
 def read_record(root: Path) -> dict:
     "`pipeline.json` of `root` ({} if none); stages a dead runner left at 'running' are reported 'interrupted'."
     path = Path(root) / "pipeline.json"
@@ -523,7 +523,7 @@ def seed_list(value: Any) -> list[int] | None:
         raise ProfileError(f"seeds = {value!r} repeats a seed")
     return seeds
 
-
+# %% ../nbs/50_pipeline.ipynb #c058a
 def route_subjects(params: dict, declared: dict, prof: dict) -> dict:
     "The datasets stage's parameters with the profile's val_subjects / test_subjects put into `build_options`."
     given = {k: prof["params"][k] for k in SPLIT_PARAMETERS if prof["params"].get(k)}

@@ -109,7 +109,7 @@ def _shard_image(blocks: Iterable[np.ndarray], n: int, shape: tuple[int, int], l
                         "sfreq": float(sfreq), "dataset": dataset, "split": split, "format_version": SHARD_FORMAT_VERSION})
     return image.getbuffer()
 
-
+# %% ../nbs/03b_shards.ipynb #c009a
 def _write_file(path: Path, data, what: str) -> Path:
     "Write bytes (or an array, as `.npy`) atomically after checking the space; output problems as one-line `OutputError`."
     is_array = isinstance(data, np.ndarray)
@@ -226,7 +226,7 @@ def _pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
 
-
+# %% ../nbs/03b_shards.ipynb #c022a
 def remove_stale_builds(out_dir: str | Path, legacy_age_s: float = 86400.0) -> list[str]:
     "Clean up what killed builds of `out_dir` left beside it (their process is gone); returns what was done."
     out_dir = Path(out_dir)
@@ -420,7 +420,7 @@ def restore_writer(writer: ShardWriter, state: dict) -> ShardWriter:
 # %% ../nbs/03b_shards.ipynb #c047
 JOURNAL_VERSION = 1
 
-
+# %% ../nbs/03b_shards.ipynb #c047a
 class JournalReader:
     "What the journal of a build (`staging/journal`, `staging/parts`) holds."
 
@@ -642,7 +642,7 @@ class BuildPlan:
         mean = sum(known) / len(known) if known else 0.0
         return [(s or mean) / 3600 for s in self.header_seconds]
 
-
+# %% ../nbs/03b_shards.ipynb #c071a
 def _build_key(plan: BuildPlan) -> str:
     "SHA-256 of all that decides a build's output: spec, seed, shard size, files (size, mtime), splits, copies."
     def stat(p):
@@ -697,7 +697,7 @@ def _warning_class(name: str) -> type:
     c = getattr(builtins, name, None)
     return c if isinstance(c, type) and issubclass(c, Warning) else UserWarning
 
-
+# %% ../nbs/03b_shards.ipynb #c077a
 def _take_in(plan: BuildPlan, i: int, rec: dict, report: BuildReport, writer: ShardWriter | None,
              journal: BuildJournal, built: list, counts: dict, verbose: bool) -> bool:
     "Add one journalled recording to the report (and its windows to `writer`, if given); True if a shard was written."
@@ -737,7 +737,7 @@ def _drop_part(journal: BuildJournal, writer: ShardWriter, i: int) -> bool:
     journal.part(i).unlink(missing_ok=True)
     return False
 
-
+# %% ../nbs/03b_shards.ipynb #c080a
 def _run_recordings(plan: BuildPlan, journal: BuildJournal, writer: ShardWriter, report: BuildReport, pool: WorkerPool,
                     records: dict, fed: int, bar, verbose: bool) -> tuple[list, dict, list]:
     "Process the recordings not in `records` on `pool`, journal each as it ends, take all in in order."
@@ -1077,7 +1077,7 @@ def _local_source(base_url: str | Path) -> Path | None:
         return None
     return Path(s)
 
-
+# %% ../nbs/03b_shards.ipynb #c116a
 def fetch_file(base_url: str | Path, name: str, dest: str | Path, sha256: str, progress: bool = False) -> Path:
     "Fetch `base_url/name` into `dest/name`, verifying its SHA-256; a file already there with the right hash is kept."
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
@@ -1192,7 +1192,7 @@ def _samples_tuab(root: Path, seed: int) -> None:
         write_edf(root / "edf" / part / kind / "01_tcp_ar" / f"{subj}_s001_t000.edf",
                   _with_extras(eeg, [_ecg(10, 250.0, seed + i)]), labels, 250.0)
 
-
+# %% ../nbs/03b_shards.ipynb #c128a
 def _samples_tuev(root: Path, seed: int) -> None:
     plan = [("train", "aaaaaaba", "aaaaaaba_00000001", [0, 5, 3]), ("train", "aaaaaabb", "aaaaaabb_00000001", [1, 4, 2]),
             ("train", "aaaaaabc", "aaaaaabc_00000001", [2, 5, 0]), ("eval", "032", "spsw_032_a_", [0, 3, 5]),
@@ -1218,7 +1218,7 @@ def _samples_tusl(root: Path, seed: int) -> None:
         text = "version = tse_v1.0.0\n\n" + "".join(f"{10 * k:.4f} {10 * k + 10:.4f} {names[c]} 1.0000\n" for k, c in enumerate(classes))
         atomic_write_bytes(folder / f"{subj}_s001_t000.tse_agg", text.encode())
 
-
+# %% ../nbs/03b_shards.ipynb #c130a
 def _samples_hmc(root: Path, seed: int) -> None:
     stages = HMCSpec().classes
     for i in range(3):
@@ -1237,7 +1237,7 @@ def _samples_hmc(root: Path, seed: int) -> None:
         rows.append("2018-01-01, 22:02:30, 150.0, 0.0, Lights on, ")
         atomic_write_bytes(root / f"SN{i + 1:03d}_sleepscoring.txt", ("\n".join(rows) + "\n").encode())
 
-
+# %% ../nbs/03b_shards.ipynb #c130b
 def _samples_seed(root: Path, seed: int) -> None:
     starts = [1 + 4 * k for k in range(15)]
     lead = synth_eeg(SEED_CHANNELS, 1, 200.0, label=1, seed=seed * 100 + 99, subject=99, n_classes=3)
@@ -1332,7 +1332,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
             out[k] = tuple(out[k])
     return out
 
-
+# %% ../nbs/03b_shards.ipynb #c142a
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.shards", description="NeuroLM dataset builders")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -93,7 +93,7 @@ def load_fixture(name: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"fixture {path} does not exist")
     return load_file(path)
 
-
+# %% ../nbs/45_testing.ipynb #c011a
 def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     "The complete official state dict (float32) of fixture `name`, with the tensors it omits rebuilt (README §2.3)."
     t = tensors if tensors is not None else load_fixture(name)
@@ -157,7 +157,7 @@ def neurolm_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -
             "loss_vq_total": o.losses["commitment"] + o.losses["rec_freq"] + o.losses["rec_raw"],
             "loss_domain_eeg": o.losses["domain_eeg"], "loss_domain_text": text_loss}
 
-
+# %% ../nbs/45_testing.ipynb #c021a
 def labram_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Our outputs for the `labram_vqnsp` inputs, under the fixture's names and layouts."
     x = t["input.x"]
@@ -176,7 +176,7 @@ def labram_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) ->
 # %% ../nbs/45_testing.ipynb #c022
 LM_FIXTURE_BATCHES = ("pretrain", "text", "instruct")
 
-
+# %% ../nbs/45_testing.ipynb #c022a
 def neurolm_lm_fixture_outputs(model, t: Mapping[str, torch.Tensor],
                                batches: tuple[str, ...] = LM_FIXTURE_BATCHES) -> dict[str, torch.Tensor]:
     "Our outputs for the `neurolm_lm_tiny` batches under the fixture's names (`<batch>.loss`, ...)."
@@ -232,7 +232,7 @@ def _row_stats(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[
             f"{prefix}.top1_minus_top2": top2[:, 0] - top2[:, 1], f"{prefix}.logsumexp": logits.logsumexp(-1),
             f"{prefix}.logprob_at_label": logp.gather(1, labels[:, None])[:, 0], f"{prefix}.labels": labels}
 
-
+# %% ../nbs/45_testing.ipynb #c025a
 def labram_base_fixture_outputs(mem: LaBraMForMEM, classifier: LaBraMClassifier,
                                 t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Our outputs for the `labram_base` fixture inputs, under the fixture's names."
@@ -274,7 +274,7 @@ def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.
 # %% ../nbs/45_testing.ipynb #c028
 STUB_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 
-
+# %% ../nbs/45_testing.ipynb #c028a
 class StubTokenizer(TextTokenizer):
     "The fixtures' stand-in for GPT-2's BPE: GPT-2's pre-tokenizer split, then id = 1000 + crc32(piece) % 49000."
 

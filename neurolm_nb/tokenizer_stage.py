@@ -165,7 +165,7 @@ def _usage_rows_until(path: Path, step: int) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c009aa
 def read_code_usage(path: str | Path) -> list[dict]:
     "Rows of `code_usage.jsonl` (the last row of each step wins)."
     path = Path(path)
@@ -284,7 +284,7 @@ def probe_batch(dataset: Dataset, n: int, max_tokens: int, seed: int = 0) -> dic
     batch["targets"] = neurolm_targets(batch["X"], batch["input_mask"])
     return batch
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c020a
 def batch_to(batch: dict, device) -> dict:
     "The batch (and its targets) on `device`."
     return {k: batch_to(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
@@ -338,7 +338,7 @@ def domain_points(features: torch.Tensor, mask: torch.Tensor, text_embeddings: t
     return (eeg[rng.choice(len(eeg), min(n, len(eeg)), replace=False)],
             text[rng.choice(len(text), min(n, len(text)), replace=False)])
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c029a
 def embed_2d(x: np.ndarray, method: str = "umap", seed: int = 0) -> tuple[np.ndarray, str]:
     "2-d coordinates of the rows of `x` by UMAP (or PCA); returns (coords, what was used)."
     if method == "umap":
@@ -356,7 +356,7 @@ def embed_2d(x: np.ndarray, method: str = "umap", seed: int = 0) -> tuple[np.nda
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     return centred @ vt[:2].T, note
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c029b
 def plot_domain_maps(panels: dict, method: str = "umap", seed: int = 0):
     "One 2-d map per panel {title: (eeg rows, text rows)}, EEG and text in different colours."
     import matplotlib.pyplot as plt
@@ -382,7 +382,7 @@ def window_features(vq: VQTokenizer, dataset: Dataset, max_tokens: int, batch_si
         rows.append(((f * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu().numpy())
     return np.concatenate(rows) if rows else np.zeros((0, vq.config.dim), dtype=np.float32)
 
-
+# %% ../nbs/12_train_tokenizer.ipynb #c032a
 def linear_probe(vq: VQTokenizer, root: str | Path, max_tokens: int, seed: int = 0) -> dict[str, float]:
     "Balanced accuracy (and AUROC for two classes) of a logistic regression on `window_features`: train split -> test split."
     from sklearn.linear_model import LogisticRegression

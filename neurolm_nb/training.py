@@ -119,7 +119,7 @@ def setup_distributed(backend: str | None = None, timeout_s: float | None = None
                             timeout=timedelta(seconds=dist_timeout(timeout_s)), **kwargs)
     return world_info()
 
-
+# %% ../nbs/06_training.ipynb #c013a
 def cleanup_distributed() -> None:
     "Leave the process group, if this process joined one (after a barrier, so no rank leaves mid-exchange)."
     if dist.is_available() and dist.is_initialized():
@@ -193,7 +193,7 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, no_decay: Iterabl
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
 
-
+# %% ../nbs/06_training.ipynb #c028a
 def check_param_groups(model: nn.Module, groups: list[dict]) -> None:
     "Raise if a trainable parameter is in no group or in two, or a group holds a foreign tensor."
     names = {id(p): n for n, p in model.named_parameters()}
@@ -602,7 +602,7 @@ class TrainState:
         "Fraction of training done, in [0, 1]."
         return self.step / max(1, self.max_steps)
 
-
+# %% ../nbs/06_training.ipynb #c089a
 @dataclass
 class TrainResult:
     model: nn.Module               # the plain (unwrapped) model, trained in place
@@ -1028,7 +1028,7 @@ def process_tree(pid: int) -> list[int]:
         todo += sorted(children.get(tree[-1], []))
     return tree
 
-
+# %% ../nbs/06_training.ipynb #c144a
 def kill_tree(pid: int, sig: int = getattr(signal, "SIGKILL", signal.SIGTERM)) -> list[int]:
     "Send `sig` to `pid` first (so it starts nothing new), then to each descendant; returns the tree."
     tree = process_tree(pid)
@@ -1121,7 +1121,7 @@ sys.argv[0] = "torchrun"
 main()
 """
 
-
+# %% ../nbs/06_training.ipynb #c155a
 class _Watchdog(threading.Thread):
     "Polls a running torchrun: stops it after `timeout_s` (SIGTERM), kills its whole tree when a rank hangs."
     def __init__(self, proc: subprocess.Popen, beat_dir: str, hang_timeout_s: float, timeout_s: float | None):
@@ -1238,7 +1238,7 @@ def run_demo(argv: list[str] | None = None) -> TrainResult:
     callbacks = [lambda state: time.sleep(args.step_delay)] if args.step_delay > 0 else []
     return train(model, dataset, loss_fn, cfg, callbacks=callbacks)
 
-
+# %% ../nbs/06_training.ipynb #c164a
 def main(argv: list[str] | None = None) -> int:
     "`python -m neurolm_nb.training --demo [flags]`: train the toy model, alone or under torchrun."
     die_with_torchrun_agent()

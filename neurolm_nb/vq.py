@@ -373,7 +373,7 @@ class VQOutput:
     losses: dict                     # term name -> scalar
     loss: torch.Tensor               # sum of the terms
 
-
+# %% ../nbs/10_vq.ipynb #c058a
 class VQTokenizer(nn.Module):
     "NeuroLM's `VQ_Align` or LaBraM's `VQNSP`, by configuration."
     def __init__(self, config: VQConfig | None = None):
