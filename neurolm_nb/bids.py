@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import warnings
 from dataclasses import dataclass, field
+
+from fastcore.basics import patch
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +38,7 @@ def bids_root(path: str | Path) -> Path:
                            f"and the sub-* folders)")
     return p
 
-# %% ../nbs/44_bids.ipynb #c006a
+# %% ../nbs/44_bids.ipynb #c007
 def _match_values(root: Path, entity: str, wanted: Sequence) -> list[str]:
     "The dataset's spelling of each wanted value of `entity` (prefix optional; runs by number); unknown ones raise."
     from mne_bids import get_entity_vals
@@ -52,7 +54,7 @@ def _match_values(root: Path, entity: str, wanted: Sequence) -> list[str]:
         raise DatasetError(f"{root}: {entity}(s) {missing} (parameter `{entity}s`) not in this BIDS dataset; it has {have}")
     return out
 
-# %% ../nbs/44_bids.ipynb #c006b
+# %% ../nbs/44_bids.ipynb #c008
 def find_bids_recordings(root: str | Path, subjects=None, sessions=None, tasks=None, runs=None, datatype: str = "eeg",
                          extensions: Sequence[str] = BIDS_EEG_EXTENSIONS) -> list:
     "The `BIDSPath`s of the `datatype` recordings under a BIDS root that match the filters (None: all), sorted."
@@ -67,7 +69,7 @@ def find_bids_recordings(root: str | Path, subjects=None, sessions=None, tasks=N
         raise DatasetError(f"{root}: no {datatype} recordings ({', '.join(extensions)}) match {chosen}")
     return paths
 
-# %% ../nbs/44_bids.ipynb #c008
+# %% ../nbs/44_bids.ipynb #c010
 def _root_of(entry: RecordingEntry) -> Path:
     "The BIDS root of an entry: its path without its relpath."
     return Path(entry.path).parents[len(Path(entry.relpath).parts) - 1]
@@ -78,7 +80,7 @@ class BIDSRecording(Recording):
     "A preprocessed BIDS recording and its annotations: (onset s from the first sample, duration s, description)."
     events: list = field(default_factory=list)
 
-# %% ../nbs/44_bids.ipynb #c008a
+# %% ../nbs/44_bids.ipynb #c011
 def read_bids_recording(path: str | Path, root: str | Path, channels: Sequence[str] | None = None,
                         l_freq: float | None = 0.1, h_freq: float | None = 75.0, notch: float | None = 50.0,
                         sfreq: float = 200.0, min_seconds: float | None = None, on_flat: str = "warn",
@@ -110,7 +112,7 @@ def read_bids_recording(path: str | Path, root: str | Path, channels: Sequence[s
     check_amplitude(rec, max_abs_uV)
     return BIDSRecording(rec.data, rec.ch_names, rec.sfreq, rec.source, events)
 
-# %% ../nbs/44_bids.ipynb #c010
+# %% ../nbs/44_bids.ipynb #c013
 @dataclass(frozen=True)
 class BIDSSelection:
     "Which recordings of a BIDS root: filters by entity (None: all) and the datatype; subject = 'sub-<label>'."
@@ -143,7 +145,7 @@ class BIDSPretrainSpec(BIDSSelection, PretrainSpec):
         root = Path(raw_dir)
         return [self.bids_entry(bp, root) for bp in self.bids_paths(root)], []
 
-# %% ../nbs/44_bids.ipynb #c012
+# %% ../nbs/44_bids.ipynb #c015
 def _tsv_rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
@@ -167,7 +169,7 @@ def _participant_values(root: Path, column: str) -> dict[str, str]:
         raise DatasetError(f"{p}: no column {column!r} (label_from); it has {list(rows[0])}")
     return {r["participant_id"]: r[column] for r in rows}
 
-# %% ../nbs/44_bids.ipynb #c013
+# %% ../nbs/44_bids.ipynb #c016
 @dataclass(frozen=True)
 class BIDSEventsSpec(BIDSSelection, DatasetSpec):
     "Labelled windows from a BIDS root: label (event trial_type, task or participants.tsv column) -> class by `label_map`."
@@ -196,65 +198,70 @@ class BIDSEventsSpec(BIDSSelection, DatasetSpec):
             return [bp.task] if bp.task else []
         return [participants.get(f"sub-{bp.subject}", "n/a")]
 
-    def discover(self, raw_dir):
-        root = bids_root(raw_dir)
-        if not self.label_map:
-            raise DatasetError(f"{self.name}: label_map is empty; give label -> class, e.g. {{'rest': 0, 'task': 1}}")
-        participants = (_participant_values(root, self.label_from.split(":", 1)[1])
-                        if self.label_from.startswith("participants:") else None)
-        entries, bad, seen = [], [], set()
-        for bp in self.bids_paths(root):
-            labels = self.labels_of(bp, participants)
-            seen.update(labels or [])
-            mapped = sorted({l for l in labels or [] if l in self.label_map})
-            e = self.bids_entry(bp, root, self.label_map[mapped[0]] if self.label_from != "events" and mapped else None)
-            if mapped:
-                entries.append(e)
-            else:
-                found = "no events.tsv" if labels is None else sorted(set(labels)) if labels else "none"
-                bad.append({"file": e.relpath, "subject": e.subject,
-                            "reason": f"no label in label_map {sorted(self.label_map)} ({self.label_from}: {found})"})
-        unused = sorted(set(self.label_map) - seen)
-        if unused:
-            raise DatasetError(f"{root}: label_map key(s) {unused} occur in no selected recording "
-                               f"(label_from={self.label_from!r}; labels found: {sorted(seen)})")
-        return entries, bad
-
-    def windows(self, entry, rec):
-        "Windows inside the mapped events (label_from='events'), else over the recording (or its last `last_s` s)."
-        n, sf = self.n_times, self.sfreq
-        total = rec.data.shape[1]
-        if self.label_from != "events":
-            first = 0 if self.last_s is None else total - int(round(self.last_s * sf))
-            if first < 0:
-                raise DatasetError(f"{entry.relpath}: {total / sf:.1f} s long, last_s={self.last_s:g} needs more")
-            starts = np.arange(first, total - n + 1, int(round(self.stride_s * sf)), dtype=np.int64)
-            labels = np.full(len(starts), entry.label, dtype=np.int64)
+# %% ../nbs/44_bids.ipynb #c018
+@patch
+def discover(self: BIDSEventsSpec, raw_dir):
+    root = bids_root(raw_dir)
+    if not self.label_map:
+        raise DatasetError(f"{self.name}: label_map is empty; give label -> class, e.g. {{'rest': 0, 'task': 1}}")
+    participants = (_participant_values(root, self.label_from.split(":", 1)[1])
+                    if self.label_from.startswith("participants:") else None)
+    entries, bad, seen = [], [], set()
+    for bp in self.bids_paths(root):
+        labels = self.labels_of(bp, participants)
+        seen.update(labels or [])
+        mapped = sorted({l for l in labels or [] if l in self.label_map})
+        e = self.bids_entry(bp, root, self.label_map[mapped[0]] if self.label_from != "events" and mapped else None)
+        if mapped:
+            entries.append(e)
         else:
-            starts, labels = self._event_starts(rec.events, total)
-        if len(starts) == 0:
-            raise DatasetError(f"{entry.relpath}: no {self.window_s:g} s window fits ({total / sf:.1f} s, "
-                               f"label_from={self.label_from!r})")
-        x = np.ascontiguousarray(rec.data[:, starts[:, None] + np.arange(n)].transpose(1, 0, 2), dtype=np.float32)
-        return Windows(x, labels, starts / sf)
+            found = "no events.tsv" if labels is None else sorted(set(labels)) if labels else "none"
+            bad.append({"file": e.relpath, "subject": e.subject,
+                        "reason": f"no label in label_map {sorted(self.label_map)} ({self.label_from}: {found})"})
+    unused = sorted(set(self.label_map) - seen)
+    if unused:
+        raise DatasetError(f"{root}: label_map key(s) {unused} occur in no selected recording "
+                           f"(label_from={self.label_from!r}; labels found: {sorted(seen)})")
+    return entries, bad
 
-    def _event_starts(self, events, total: int) -> tuple[np.ndarray, np.ndarray]:
-        "Window starts (samples) and classes for the mapped events; windows leaving the recording are dropped."
-        sf, n, starts, labels = self.sfreq, self.n_times, [], []
-        for onset, duration, desc in events:
-            if desc not in self.label_map:
-                continue
-            t0, end = onset + self.offset_s, onset + max(duration, self.offset_s + self.window_s)
-            k = np.arange(int(np.floor((end - t0 - self.window_s) / self.stride_s + 1e-9)) + 1)
-            s = np.round((t0 + k * self.stride_s) * sf).astype(np.int64)
-            s = s[(s >= 0) & (s + n <= total)]
-            starts += list(s); labels += [self.label_map[desc]] * len(s)
-        return np.asarray(starts, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+# %% ../nbs/44_bids.ipynb #c020
+@patch
+def windows(self: BIDSEventsSpec, entry, rec):
+    "Windows inside the mapped events (label_from='events'), else over the recording (or its last `last_s` s)."
+    n, sf = self.n_times, self.sfreq
+    total = rec.data.shape[1]
+    if self.label_from != "events":
+        first = 0 if self.last_s is None else total - int(round(self.last_s * sf))
+        if first < 0:
+            raise DatasetError(f"{entry.relpath}: {total / sf:.1f} s long, last_s={self.last_s:g} needs more")
+        starts = np.arange(first, total - n + 1, int(round(self.stride_s * sf)), dtype=np.int64)
+        labels = np.full(len(starts), entry.label, dtype=np.int64)
+    else:
+        starts, labels = self._event_starts(rec.events, total)
+    if len(starts) == 0:
+        raise DatasetError(f"{entry.relpath}: no {self.window_s:g} s window fits ({total / sf:.1f} s, "
+                           f"label_from={self.label_from!r})")
+    x = np.ascontiguousarray(rec.data[:, starts[:, None] + np.arange(n)].transpose(1, 0, 2), dtype=np.float32)
+    return Windows(x, labels, starts / sf)
 
-# %% ../nbs/44_bids.ipynb #c015
+@patch
+def _event_starts(self: BIDSEventsSpec, events, total: int) -> tuple[np.ndarray, np.ndarray]:
+    "Window starts (samples) and classes for the mapped events; windows leaving the recording are dropped."
+    sf, n, starts, labels = self.sfreq, self.n_times, [], []
+    for onset, duration, desc in events:
+        if desc not in self.label_map:
+            continue
+        t0, end = onset + self.offset_s, onset + max(duration, self.offset_s + self.window_s)
+        k = np.arange(int(np.floor((end - t0 - self.window_s) / self.stride_s + 1e-9)) + 1)
+        s = np.round((t0 + k * self.stride_s) * sf).astype(np.int64)
+        s = s[(s >= 0) & (s + n <= total)]
+        starts += list(s); labels += [self.label_map[desc]] * len(s)
+    return np.asarray(starts, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+# %% ../nbs/44_bids.ipynb #c022
 DATASET_SPECS.update({"bids-pretrain": BIDSPretrainSpec, "bids-events": BIDSEventsSpec})
 
-# %% ../nbs/44_bids.ipynb #c017
+# %% ../nbs/44_bids.ipynb #c024
 def eegmat_to_bids(src_dir: str | Path, root: str | Path, subjects: Sequence[str | int], events: bool = True,
                    last_s: float = 60.0) -> list:
     "Write EEGMAT's SubjectNN_1/_2.edf as a BIDS dataset (tasks 'rest', 'arithmetic'); the BIDSPaths written."

@@ -109,7 +109,7 @@ def _shard_image(blocks: Iterable[np.ndarray], n: int, shape: tuple[int, int], l
                         "sfreq": float(sfreq), "dataset": dataset, "split": split, "format_version": SHARD_FORMAT_VERSION})
     return image.getbuffer()
 
-# %% ../nbs/03b_shards.ipynb #c009a
+# %% ../nbs/03b_shards.ipynb #c010
 def _write_file(path: Path, data, what: str) -> Path:
     "Write bytes (or an array, as `.npy`) atomically after checking the space; output problems as one-line `OutputError`."
     is_array = isinstance(data, np.ndarray)
@@ -120,7 +120,7 @@ def _write_file(path: Path, data, what: str) -> Path:
     except OSError as e:
         raise output_error(e, path) from None
 
-# %% ../nbs/03b_shards.ipynb #c012
+# %% ../nbs/03b_shards.ipynb #c013
 def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, start_s, ch_names: Sequence[str],
                 sfreq: float, dataset: str, split: str, classes: Sequence[str] = ()) -> Path:
     "Write one HDF5 shard atomically: built in memory, space checked, written to a temporary name, renamed."
@@ -133,7 +133,7 @@ def write_shard(path: str | Path, x: np.ndarray, labels, subjects, recordings, s
     image = _shard_image([x], len(x), x.shape[1:], labels, subjects, recordings, start_s, ch_names, sfreq, dataset, split, classes)
     return _write_file(path, image, f"shard {path.name}")
 
-# %% ../nbs/03b_shards.ipynb #c015
+# %% ../nbs/03b_shards.ipynb #c016
 class PendingWindows:
     "Windows waiting for their shard per (split, ch_names, n_times): arrays, or `rows` of `.npy` files under `folder`."
 
@@ -173,7 +173,7 @@ class PendingWindows:
         "The files (relative to `folder`) that waiting windows are read from."
         return {p["x"] for ps in self.by_key.values() for p in ps if isinstance(p["x"], str)}
 
-# %% ../nbs/03b_shards.ipynb #c018
+# %% ../nbs/03b_shards.ipynb #c019
 class ShardWriter:
     "Collects windows per (split, channel layout, length) and writes a shard whenever ~`shard_mb` MB are collected."
 
@@ -208,7 +208,7 @@ class ShardWriter:
             self._flush(key)
         return self.shards
 
-# %% ../nbs/03b_shards.ipynb #c022
+# %% ../nbs/03b_shards.ipynb #c023
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
@@ -226,7 +226,7 @@ def _pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
 
-# %% ../nbs/03b_shards.ipynb #c022a
+# %% ../nbs/03b_shards.ipynb #c024
 def remove_stale_builds(out_dir: str | Path, legacy_age_s: float = 86400.0) -> list[str]:
     "Clean up what killed builds of `out_dir` left beside it (their process is gone); returns what was done."
     out_dir = Path(out_dir)
@@ -246,7 +246,7 @@ def remove_stale_builds(out_dir: str | Path, legacy_age_s: float = 86400.0) -> l
             shutil.rmtree(p, ignore_errors=True); done.append(f"{p.name} removed")
     return done
 
-# %% ../nbs/03b_shards.ipynb #c026
+# %% ../nbs/03b_shards.ipynb #c028
 def _check_out_dir(out_dir: Path) -> None:
     "Raise before anything is written when `out_dir` cannot become a build (a file in the way, someone else's folder)."
     above = next((p for p in [out_dir, *out_dir.parents] if p.exists()), None)
@@ -278,7 +278,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-# %% ../nbs/03b_shards.ipynb #c029
+# %% ../nbs/03b_shards.ipynb #c031
 @dataclass
 class BuildReport:
     "What `build_dataset` did: counts per split and class; files skipped, rejected, flat or copied; cost of the run."
@@ -317,11 +317,11 @@ class BuildReport:
         return (f"BuildReport({self.dataset}: {self.n_built}/{self.n_found} recordings, windows {self.windows}, "
                 f"{len(self.skipped)} skipped, {len(self.rejected)} rejected{guard}, {self.seconds:.1f} s)")
 
-# %% ../nbs/03b_shards.ipynb #c032
+# %% ../nbs/03b_shards.ipynb #c034
 RUN_FIELDS: tuple[str, ...] = ("seconds", "eeg_hours_per_s", "workers", "backend", "peak_rss_mb", "reused",
                                "resumed_from", "stale_builds")
 
-# %% ../nbs/03b_shards.ipynb #c035
+# %% ../nbs/03b_shards.ipynb #c037
 def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[RecordingEntry, str, int]],
                    duplicates: Sequence[dict] = (), downstream: dict | None = None) -> dict:
     "The deterministic split record: per split, the subjects and recordings (with window counts); copies found."
@@ -348,7 +348,7 @@ def split_manifest(spec: DatasetSpec, seed: int, built: Sequence[tuple[Recording
 def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(to_jsonable(manifest), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
-# %% ../nbs/03b_shards.ipynb #c038
+# %% ../nbs/03b_shards.ipynb #c040
 def _check_recording(rec, entry: RecordingEntry, spec: DatasetSpec) -> list[str]:
     "The flat channels of a loaded recording; raises for everything that must keep it out."
     data = np.asarray(rec.data)
@@ -377,7 +377,7 @@ def _peak_rss_mb() -> float:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
         return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
-# %% ../nbs/03b_shards.ipynb #c041
+# %% ../nbs/03b_shards.ipynb #c043
 def process_recording(spec: DatasetSpec, entry: RecordingEntry) -> dict:
     "Load, check and window one recording: windows `x` and what the report must say; a bad file never raises."
     out = {"relpath": entry.relpath, "status": "built", "reason": None, "flat": [], "seconds": None}
@@ -402,7 +402,7 @@ def process_recording(spec: DatasetSpec, entry: RecordingEntry) -> dict:
     out["rss_mb"] = _peak_rss_mb()
     return out
 
-# %% ../nbs/03b_shards.ipynb #c044
+# %% ../nbs/03b_shards.ipynb #c046
 def writer_state(writer: ShardWriter) -> dict:
     "A shard writer as JSON: shards written and windows waiting (files, not arrays)."
     waiting = [[s, list(c), t, ps] for (s, c, t), ps in sorted(writer.pending.by_key.items())]
@@ -417,10 +417,10 @@ def restore_writer(writer: ShardWriter, state: dict) -> ShardWriter:
     writer.pending.by_key = {(s, tuple(c), int(t)): [dict(p) for p in ps] for s, c, t, ps in state["pending"]}
     return writer
 
-# %% ../nbs/03b_shards.ipynb #c047
+# %% ../nbs/03b_shards.ipynb #c049
 JOURNAL_VERSION = 1
 
-# %% ../nbs/03b_shards.ipynb #c047a
+# %% ../nbs/03b_shards.ipynb #c050
 class JournalReader:
     "What the journal of a build (`staging/journal`, `staging/parts`) holds."
 
@@ -458,7 +458,7 @@ class JournalReader:
         except (OSError, ValueError):
             return None
 
-# %% ../nbs/03b_shards.ipynb #c050
+# %% ../nbs/03b_shards.ipynb #c053
 class BuildJournal(JournalReader):
     "A build's record of its finished recordings: `journal/<i>.json` + `parts/<i>.npy`, each written atomically."
 
@@ -480,7 +480,7 @@ class BuildJournal(JournalReader):
         "Checkpoint the shard writer, which has taken in every recording up to `fed`."
         _write_file(self.dir / "writer.json", json.dumps({"fed": fed, "writer": writer_state(writer)}).encode(), "the journal")
 
-# %% ../nbs/03b_shards.ipynb #c053
+# %% ../nbs/03b_shards.ipynb #c056
 _ACTIVE_STAGING: set[str] = set()  # staging folders of the builds running in this process
 
 
@@ -504,7 +504,7 @@ def claim_staging(out_dir: str | Path, key: str) -> tuple[Path | None, str | Non
             new.rmdir()
     return None, None
 
-# %% ../nbs/03b_shards.ipynb #c056
+# %% ../nbs/03b_shards.ipynb #c059
 def _resume(journal: BuildJournal, writer: ShardWriter, relpaths: Sequence[str]) -> tuple[dict[int, dict], int]:
     "(usable records, last recording the restored `writer` had taken in) of a claimed staging folder."
     records, saved, fed = journal.load(relpaths), journal.load_writer(), -1
@@ -524,7 +524,7 @@ def _resume(journal: BuildJournal, writer: ShardWriter, relpaths: Sequence[str])
             journal.part(i).unlink(missing_ok=True)  # its windows are in a shard already
     return usable, fed
 
-# %% ../nbs/03b_shards.ipynb #c059
+# %% ../nbs/03b_shards.ipynb #c062
 @dataclass
 class WorkerPool:
     "How recordings are processed: `submit(fn, *args)` -> future; `wait_first(futures)` -> (done, not_done)."
@@ -550,7 +550,7 @@ def default_workers(entries: Sequence[RecordingEntry]) -> int:
     size = sum(e.path.stat().st_size for e in entries if e.path.is_file()) / 2**20
     return usable_cores() if size >= PARALLEL_MIN_MB else 1
 
-# %% ../nbs/03b_shards.ipynb #c062
+# %% ../nbs/03b_shards.ipynb #c065
 def _run_here(fn: Callable, *args) -> Future:
     fut = Future()
     try:
@@ -572,7 +572,7 @@ def _worker_init(parent: int) -> None:
     if os.getppid() == parent:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
 
-# %% ../nbs/03b_shards.ipynb #c065
+# %% ../nbs/03b_shards.ipynb #c068
 @contextlib.contextmanager
 def worker_pool(workers: int | None = None, scheduler=None):
     "A `WorkerPool`: this process (workers=1), `workers` loky processes, or a Dask cluster (`scheduler`)."
@@ -599,7 +599,7 @@ def worker_pool(workers: int | None = None, scheduler=None):
         finally:
             pool.shutdown(wait=True, kill_workers=True)
 
-# %% ../nbs/03b_shards.ipynb #c068
+# %% ../nbs/03b_shards.ipynb #c071
 def recording_seconds(path: str | Path) -> float | None:
     "Duration from an EDF/BDF header (data records x record duration); None for other formats or a broken header."
     if Path(path).suffix.lower() not in (".edf", ".bdf"):
@@ -619,7 +619,7 @@ def _progress(total_h: float, done_h: float, desc: str, enabled: bool | None):
                 disable=None if enabled is None else not enabled,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} EEG h [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
-# %% ../nbs/03b_shards.ipynb #c071
+# %% ../nbs/03b_shards.ipynb #c074
 @dataclass
 class BuildPlan:
     "A build decided before any signal is read: recordings in order, splits, copies, durations, journal key."
@@ -642,7 +642,7 @@ class BuildPlan:
         mean = sum(known) / len(known) if known else 0.0
         return [(s or mean) / 3600 for s in self.header_seconds]
 
-# %% ../nbs/03b_shards.ipynb #c071a
+# %% ../nbs/03b_shards.ipynb #c075
 def _build_key(plan: BuildPlan) -> str:
     "SHA-256 of all that decides a build's output: spec, seed, shard size, files (size, mtime), splits, copies."
     def stat(p):
@@ -658,7 +658,7 @@ def _build_key(plan: BuildPlan) -> str:
             "duplicates": plan.duplicates, **({"downstream": plan.downstream} if plan.downstream else {})}
     return hashlib.sha256(json.dumps(to_jsonable(blob), sort_keys=True).encode()).hexdigest()
 
-# %% ../nbs/03b_shards.ipynb #c074
+# %% ../nbs/03b_shards.ipynb #c078
 def plan_build(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
                max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
                **overrides) -> BuildPlan:
@@ -691,13 +691,13 @@ def plan_build(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: st
     plan.key = _build_key(plan)
     return plan
 
-# %% ../nbs/03b_shards.ipynb #c077
+# %% ../nbs/03b_shards.ipynb #c081
 def _warning_class(name: str) -> type:
     import builtins
     c = getattr(builtins, name, None)
     return c if isinstance(c, type) and issubclass(c, Warning) else UserWarning
 
-# %% ../nbs/03b_shards.ipynb #c077a
+# %% ../nbs/03b_shards.ipynb #c082
 def _take_in(plan: BuildPlan, i: int, rec: dict, report: BuildReport, writer: ShardWriter | None,
              journal: BuildJournal, built: list, counts: dict, verbose: bool) -> bool:
     "Add one journalled recording to the report (and its windows to `writer`, if given); True if a shard was written."
@@ -729,7 +729,7 @@ def _take_in(plan: BuildPlan, i: int, rec: dict, report: BuildReport, writer: Sh
     report.n_built += 1
     return flushed
 
-# %% ../nbs/03b_shards.ipynb #c080
+# %% ../nbs/03b_shards.ipynb #c085
 def _drop_part(journal: BuildJournal, writer: ShardWriter, i: int) -> bool:
     "Delete recording i's part once its windows are all in shards; True while it is still needed."
     if os.path.relpath(journal.part(i), journal.root) in writer.pending.sources():
@@ -737,7 +737,7 @@ def _drop_part(journal: BuildJournal, writer: ShardWriter, i: int) -> bool:
     journal.part(i).unlink(missing_ok=True)
     return False
 
-# %% ../nbs/03b_shards.ipynb #c080a
+# %% ../nbs/03b_shards.ipynb #c086
 def _run_recordings(plan: BuildPlan, journal: BuildJournal, writer: ShardWriter, report: BuildReport, pool: WorkerPool,
                     records: dict, fed: int, bar, verbose: bool) -> tuple[list, dict, list]:
     "Process the recordings not in `records` on `pool`, journal each as it ends, take all in in order."
@@ -765,7 +765,7 @@ def _run_recordings(plan: BuildPlan, journal: BuildJournal, writer: ShardWriter,
             fut.cancel()
     return built, counts, rss
 
-# %% ../nbs/03b_shards.ipynb #c083
+# %% ../nbs/03b_shards.ipynb #c089
 def _open_staging(out_dir: Path, key: str | None) -> tuple[Path, str | None, list[str]]:
     "(staging folder, the dead build it continues or None, what stale builds were cleaned up)."
     _check_out_dir(out_dir)
@@ -793,7 +793,7 @@ def _abandon(staging: Path, key: str, error: BaseException, out_dir: Path) -> No
         raise (clear if str(out_dir) in str(clear) else OutputError(f"{out_dir}: {clear}", clear.errno)) from None
     raise error
 
-# %% ../nbs/03b_shards.ipynb #c086
+# %% ../nbs/03b_shards.ipynb #c092
 def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: BuildReport, built: list,
                   counts: dict, rss: list, t0: float) -> None:
     "Write the last shards, the manifest, the index and the report into `staging`; the journal goes."
@@ -817,7 +817,7 @@ def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: B
     report.peak_rss_mb = {"parent": parent, "workers": parent if report.backend == "in-process" else max(rss, default=None)}
     save_json(report.to_dict(), staging / REPORT_FILE)
 
-# %% ../nbs/03b_shards.ipynb #c089
+# %% ../nbs/03b_shards.ipynb #c095
 def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
                   max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
                   verbose: bool = False, workers: int | None = None, scheduler=None, resume: bool = True,
@@ -855,7 +855,7 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
         _ACTIVE_STAGING.discard(str(staging))
     return report
 
-# %% ../nbs/03b_shards.ipynb #c092
+# %% ../nbs/03b_shards.ipynb #c098
 def build_digest(root: str | Path) -> dict[str, str]:
     "SHA-256 of every file of a build (the report without `RUN_FIELDS` and `out_dir`): equal digests, equal builds."
     root, out = Path(root), {}
@@ -866,7 +866,7 @@ def build_digest(root: str | Path) -> dict[str, str]:
     out[REPORT_FILE] = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
     return out
 
-# %% ../nbs/03b_shards.ipynb #c098
+# %% ../nbs/03b_shards.ipynb #c104
 def load_index(root: str | Path) -> dict:
     "The `index.json` of a built dataset (the error says when `root` is not one)."
     p = Path(root) / INDEX_FILE
@@ -884,7 +884,7 @@ def load_manifest(root: str | Path) -> dict:
     "The `split_manifest.json` of a built dataset."
     return load_json(Path(root) / MANIFEST_FILE)
 
-# %% ../nbs/03b_shards.ipynb #c101
+# %% ../nbs/03b_shards.ipynb #c107
 class WindowDataset(Dataset):
     "A torch Dataset over the shards of one split of a dataset built by `build_dataset`."
 
@@ -908,7 +908,7 @@ class WindowDataset(Dataset):
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()
 
-# %% ../nbs/03b_shards.ipynb #c104
+# %% ../nbs/03b_shards.ipynb #c110
 @patch
 def __len__(self: WindowDataset) -> int:
     return int(self._offsets[-1])
@@ -940,7 +940,7 @@ def __getitem__(self: WindowDataset, i: int) -> dict:
             "channel_index": self._channel_index[k], "ch_names": list(self.shards[k]["ch_names"]),
             "subject": self.subjects[i], "recording": self.recordings[i], "start_s": float(self.start_s[i])}
 
-# %% ../nbs/03b_shards.ipynb #c107
+# %% ../nbs/03b_shards.ipynb #c113
 @patch
 def __getstate__(self: WindowDataset):  # file handles stay in the process that opened them
     state = self.__dict__.copy(); state["_files"] = {}
@@ -960,11 +960,11 @@ def __del__(self: WindowDataset):
 def __repr__(self: WindowDataset) -> str:
     return f"WindowDataset({self.dataset}/{self.split}: {len(self)} windows in {len(self.shards)} shards)"
 
-# %% ../nbs/03b_shards.ipynb #c110
+# %% ../nbs/03b_shards.ipynb #c116
 PHYSIONET_EEGMAT_URL = "https://physionet.org/files/eegmat/1.0.0/"
 
-# %% ../nbs/03b_shards.ipynb #c110a
-EEGMAT_SHA256: dict[str, str] = {
+# %% ../nbs/03b_shards.ipynb #c117
+EEGMAT_SHA256: dict[str, str] = {  # PhysioNet eegmat 1.0.0: sha256 of every file (first half)
     "Subject00_1.edf": "8b23c443f2f5f733f8ccc31a54377898009c28c7563d1107692a8735212d2f15",
     "Subject00_2.edf": "635bbf035777008ff6c23d9c7bfc497d584fc71c56217022946d1fd056527e43",
     "Subject01_1.edf": "9ece09029ed7d6911d96a776eb86905dd00a53c065c8eb9e0fd3c7aefd0f7ac4",
@@ -1001,6 +1001,10 @@ EEGMAT_SHA256: dict[str, str] = {
     "Subject16_2.edf": "451eea5902ab279785fa98d474837c97ba2bc389b4b46f914a408555744b1774",
     "Subject17_1.edf": "cc6be6007c4e029ee7d32b754fa07d1f514db9e8dce82a167b99af45caab7610",
     "Subject17_2.edf": "9c9a0cbf89ed1152244b7c3d191c584cd59d3d99ff067e1610010d805cee62af",
+}
+
+# %% ../nbs/03b_shards.ipynb #c118
+EEGMAT_SHA256.update({  # the second half
     "Subject18_1.edf": "ba4323db350812274637dafd018c5563ad8f46d8fc302ef0e3be0c5b6a4016a8",
     "Subject18_2.edf": "5d8425c622e33be4990c4e1c91bb8411f448a9594393ee46738d96b23dfb7646",
     "Subject19_1.edf": "7cd2b2609e184c777b613b8522ae44f84396d9eedcf857821ba535c701f88a83",
@@ -1038,9 +1042,9 @@ EEGMAT_SHA256: dict[str, str] = {
     "Subject35_1.edf": "1ffc283a017da6597c68cb19245c2138bdab0aa4d0355e323c27ed710d099a29",
     "Subject35_2.edf": "c18fdaaf9ef0faeb49389326a0a383d428e49efe662b1ca4713c61aee8153dcb",
     "subject-info.csv": "09c5951145d9f6a170ed7e01957406010ff549127ccf96ad7a2ead9fb0e018de",
-}
+})
 
-# %% ../nbs/03b_shards.ipynb #c113
+# %% ../nbs/03b_shards.ipynb #c121
 class ChecksumError(ValueError):
     "A fetched file whose SHA-256 differs from the published one."
 
@@ -1067,7 +1071,7 @@ def eegmat_files(subjects: Iterable[int | str] | None = None, include_info: bool
     names = [f"Subject{i:02d}_{k}.edf" for i in sorted(set(ids)) for k in (1, 2)]
     return names + (["subject-info.csv"] if include_info else [])
 
-# %% ../nbs/03b_shards.ipynb #c116
+# %% ../nbs/03b_shards.ipynb #c124
 def _local_source(base_url: str | Path) -> Path | None:
     "A folder for a local path or file:// URL; None for a remote URL."
     s = str(base_url)
@@ -1077,7 +1081,7 @@ def _local_source(base_url: str | Path) -> Path | None:
         return None
     return Path(s)
 
-# %% ../nbs/03b_shards.ipynb #c116a
+# %% ../nbs/03b_shards.ipynb #c125
 def fetch_file(base_url: str | Path, name: str, dest: str | Path, sha256: str, progress: bool = False) -> Path:
     "Fetch `base_url/name` into `dest/name`, verifying its SHA-256; a file already there with the right hash is kept."
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
@@ -1108,14 +1112,14 @@ def fetch_file(base_url: str | Path, name: str, dest: str | Path, sha256: str, p
     except ValueError as e:  # pooch reports a hash mismatch as ValueError
         raise ChecksumError(f"{name}: downloaded from {url}, {e}") from e
 
-# %% ../nbs/03b_shards.ipynb #c119
+# %% ../nbs/03b_shards.ipynb #c128
 def fetch_eegmat(dest: str | Path, base_url: str | Path = PHYSIONET_EEGMAT_URL,
                  subjects: Iterable[int | str] | None = None, include_info: bool = True,
                  progress: bool = False) -> list[Path]:
     "Fetch EEGMAT files (all 36 subjects, or `subjects`) into `dest`, each checked against the release's SHA-256."
     return [fetch_file(base_url, n, dest, EEGMAT_SHA256[n], progress) for n in eegmat_files(subjects, include_info)]
 
-# %% ../nbs/03b_shards.ipynb #c122
+# %% ../nbs/03b_shards.ipynb #c131
 SAMPLE_FOLDERS: dict[str, str] = {"workload": "eegmat", "tuab": "tuab", "tuev": "tuev", "tusl": "tusl",
                                   "hmc": "hmc", "seed": "seed", "pretrain": "."}
 _SAMPLES_README = """\
@@ -1146,7 +1150,7 @@ registration needed), HMC sleep staging (https://physionet.org/content/hmc-sleep
 (https://bcmi.sjtu.edu.cn/home/seed/, licence agreement needed).
 """
 
-# %% ../nbs/03b_shards.ipynb #c125
+# %% ../nbs/03b_shards.ipynb #c134
 def _tuh_label(name: str) -> str:
     return f"EEG {name}-REF"
 
@@ -1172,7 +1176,7 @@ def _segments(ch: Sequence[str], labels: Sequence[int], seconds: float, sfreq: f
     return np.concatenate([synth_eeg(ch, seconds, sfreq, label=int(lab), seed=seed * 1000 + k, subject=subject,
                                      n_classes=n_classes) for k, lab in enumerate(labels)], axis=1)
 
-# %% ../nbs/03b_shards.ipynb #c128
+# %% ../nbs/03b_shards.ipynb #c137
 def _samples_eegmat(root: Path, seed: int) -> None:
     names = [f"EEG {n.capitalize() if n.startswith('FP') else n[0] + n[1:].lower()}" for n in WORKLOAD_CHANNELS]
     for s in range(3):
@@ -1192,7 +1196,7 @@ def _samples_tuab(root: Path, seed: int) -> None:
         write_edf(root / "edf" / part / kind / "01_tcp_ar" / f"{subj}_s001_t000.edf",
                   _with_extras(eeg, [_ecg(10, 250.0, seed + i)]), labels, 250.0)
 
-# %% ../nbs/03b_shards.ipynb #c128a
+# %% ../nbs/03b_shards.ipynb #c138
 def _samples_tuev(root: Path, seed: int) -> None:
     plan = [("train", "aaaaaaba", "aaaaaaba_00000001", [0, 5, 3]), ("train", "aaaaaabb", "aaaaaabb_00000001", [1, 4, 2]),
             ("train", "aaaaaabc", "aaaaaabc_00000001", [2, 5, 0]), ("eval", "032", "spsw_032_a_", [0, 3, 5]),
@@ -1206,7 +1210,7 @@ def _samples_tuev(root: Path, seed: int) -> None:
                  for ch in ((k, k + 7) if c < 3 else (k,))]
         atomic_write_bytes(root / "edf" / part / folder / f"{stem}.rec", ("\n".join(lines) + "\n").encode())
 
-# %% ../nbs/03b_shards.ipynb #c130
+# %% ../nbs/03b_shards.ipynb #c140
 def _samples_tusl(root: Path, seed: int) -> None:
     plan = [("aaaaaaca", [0, 1]), ("aaaaaacb", [2, 0]), ("aaaaaacc", [1, 2]), ("aaaaaacd", [0, 2]), ("aaaaaace", [1, 0])]
     labels = [_tuh_label(c) for c in TUH_CHANNELS] + ["EEG EKG1-REF"]
@@ -1218,7 +1222,7 @@ def _samples_tusl(root: Path, seed: int) -> None:
         text = "version = tse_v1.0.0\n\n" + "".join(f"{10 * k:.4f} {10 * k + 10:.4f} {names[c]} 1.0000\n" for k, c in enumerate(classes))
         atomic_write_bytes(folder / f"{subj}_s001_t000.tse_agg", text.encode())
 
-# %% ../nbs/03b_shards.ipynb #c130a
+# %% ../nbs/03b_shards.ipynb #c141
 def _samples_hmc(root: Path, seed: int) -> None:
     stages = HMCSpec().classes
     for i in range(3):
@@ -1237,7 +1241,7 @@ def _samples_hmc(root: Path, seed: int) -> None:
         rows.append("2018-01-01, 22:02:30, 150.0, 0.0, Lights on, ")
         atomic_write_bytes(root / f"SN{i + 1:03d}_sleepscoring.txt", ("\n".join(rows) + "\n").encode())
 
-# %% ../nbs/03b_shards.ipynb #c130b
+# %% ../nbs/03b_shards.ipynb #c142
 def _samples_seed(root: Path, seed: int) -> None:
     starts = [1 + 4 * k for k in range(15)]
     lead = synth_eeg(SEED_CHANNELS, 1, 200.0, label=1, seed=seed * 100 + 99, subject=99, n_classes=3)
@@ -1247,7 +1251,7 @@ def _samples_seed(root: Path, seed: int) -> None:
                                            f"end_second = [{', '.join(str(s + 4) for s in starts)}];\n").encode())
     atomic_write_bytes(root / "label.txt", f"label = [{', '.join(map(str, SEED_TRIAL_LABELS))}];\n".encode())
 
-# %% ../nbs/03b_shards.ipynb #c133
+# %% ../nbs/03b_shards.ipynb #c145
 def make_data_samples(root: str | Path = "data_samples", seed: int = 0) -> list[Path]:
     "Write the synthetic sample recordings into `<root>/eeg/` (replacing it) and `<root>/README.md`; returns the files."
     root = Path(root).resolve()
@@ -1276,7 +1280,7 @@ def samples_dir_for(name: str, samples_root: str | Path | None = None) -> Path:
         raise KeyError(f"no sample folder for dataset {name!r}; known: {sorted(SAMPLE_FOLDERS)}")
     return (root / "eeg" / SAMPLE_FOLDERS[key]).resolve()
 
-# %% ../nbs/03b_shards.ipynb #c136
+# %% ../nbs/03b_shards.ipynb #c148
 def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2), repeat: int = 2,
                 max_files: int | None = None, work_dir: str | Path | None = None, **options) -> dict:
     "EEG-hours per second of `build_dataset` with each worker count on the same files (warm-up first, rounds interleaved)."
@@ -1302,7 +1306,7 @@ def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2),
         shutil.rmtree(work, ignore_errors=True)
     return result
 
-# %% ../nbs/03b_shards.ipynb #c139
+# %% ../nbs/03b_shards.ipynb #c151
 def bench_table(result: dict) -> str:
     "The benchmark as a few lines of text."
     lines = [f"{result['dataset']}: {result['files']} files, {result['eeg_hours']:.3f} EEG h, {result['cores']} usable cores, "
@@ -1317,7 +1321,7 @@ def bench_table(result: dict) -> str:
     lines.append(f"same output for every worker count: {result['same_output']}")
     return "\n".join(lines)
 
-# %% ../nbs/03b_shards.ipynb #c142
+# %% ../nbs/03b_shards.ipynb #c154
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     out = {}
     for pair in pairs or []:
@@ -1332,7 +1336,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
             out[k] = tuple(out[k])
     return out
 
-# %% ../nbs/03b_shards.ipynb #c142a
+# %% ../nbs/03b_shards.ipynb #c155
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.shards", description="NeuroLM dataset builders")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1356,7 +1360,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", default=None)
     return parser
 
-# %% ../nbs/03b_shards.ipynb #c145
+# %% ../nbs/03b_shards.ipynb #c158
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line: `make-samples [root]`, `build <dataset> <raw_dir> <out_dir>`, `bench <dataset> <raw_dir>`, `fetch-eegmat <dest>`."
     args = _cli_parser().parse_args(argv)
@@ -1388,7 +1392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())
 
-# %% ../nbs/03b_shards.ipynb #c160
+# %% ../nbs/03b_shards.ipynb #c173
 def read_heldout(folder: str | Path) -> dict:
     "The val/test subjects and recordings of a built dataset, and the raw folder they were read from."
     folder = Path(folder)
