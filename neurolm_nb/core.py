@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
@@ -85,7 +86,7 @@ def bf16_supported(device: torch.device | str) -> bool:
             return torch.cuda.is_bf16_supported(including_emulation=False)
     return False
 
-# %% ../nbs/00_core.ipynb #c009a
+# %% ../nbs/00_core.ipynb #c010
 def describe_device(device: torch.device | str) -> str:
     "`cuda:0 (NVIDIA H200)`, `cpu`, ...: a device as an error message should name it."
     device = torch.device(device)
@@ -94,7 +95,7 @@ def describe_device(device: torch.device | str) -> str:
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return str(device)
 
-# %% ../nbs/00_core.ipynb #c012
+# %% ../nbs/00_core.ipynb #c013
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -120,7 +121,7 @@ def get_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "c
                              f"has no {missing}; use dtype=" + ", ".join(options))
     return dtype
 
-# %% ../nbs/00_core.ipynb #c012a
+# %% ../nbs/00_core.ipynb #c014
 def autocast_context(device: torch.device | str, dtype: torch.dtype):
     "Autocast to `dtype` on `device`; a no-op context for float32."
     device = torch.device(device)
@@ -128,7 +129,7 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-# %% ../nbs/00_core.ipynb #c017
+# %% ../nbs/00_core.ipynb #c019
 def project_root(start: str | Path | None = None) -> Path:
     "The repository root: the nearest folder at or above `start` (default: cwd) holding settings.ini."
     p = Path(start or os.getcwd()).resolve()
@@ -160,7 +161,7 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
         d.mkdir(parents=True, exist_ok=True)
     return d
 
-# %% ../nbs/00_core.ipynb #c020
+# %% ../nbs/00_core.ipynb #c022
 def stage_dirs(out_dir: str | Path | None, name: str) -> tuple[Path, Path]:
     "(work_dir, fig_dir): `out_dir` (or a new temporary folder `neurolm_<name>_*`) and its `figures/`, both created."
     work_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"neurolm_{name}_"))
@@ -168,7 +169,7 @@ def stage_dirs(out_dir: str | Path | None, name: str) -> tuple[Path, Path]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     return work_dir, fig_dir
 
-# %% ../nbs/00_core.ipynb #c023
+# %% ../nbs/00_core.ipynb #c025
 def fresh_dir(path: str | Path) -> Path:
     "Empty `path` (delete it and everything in it) and create it again: a clean scratch folder for a demo."
     path = Path(path).expanduser().resolve()
@@ -181,7 +182,7 @@ def fresh_dir(path: str | Path) -> Path:
     path.mkdir(parents=True)
     return path
 
-# %% ../nbs/00_core.ipynb #c026
+# %% ../nbs/00_core.ipynb #c028
 def _umask() -> int:
     "The process umask (reading it means setting it, so set it straight back)."
     mask = os.umask(0)
@@ -207,7 +208,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], Any]) ->
         raise
     return path
 
-# %% ../nbs/00_core.ipynb #c026a
+# %% ../nbs/00_core.ipynb #c029
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     "Write `data` to `path` atomically."
     return atomic_write(path, lambda f: f.write(data))
@@ -217,20 +218,21 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     "`torch.save(state)` to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
 
-# %% ../nbs/00_core.ipynb #c029
+# %% ../nbs/00_core.ipynb #c032
 def publish_folder(staging: str | Path, target: str | Path) -> Path:
     "Swap the finished folder `staging` in for `target` (same parent): two renames; the old one is removed afterwards."
     staging, target = Path(staging), Path(target)
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}")
+        host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+        old = target.with_name(f".{target.name}.old-{host}-{os.getpid()}-{time.time_ns()}")
         os.replace(target, old)
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
-# %% ../nbs/00_core.ipynb #c032
+# %% ../nbs/00_core.ipynb #c035
 class UnsafeCheckpointError(RuntimeError):
     "A checkpoint that holds more than tensors and plain values: loading it could run code."
 
@@ -252,7 +254,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # truncated or foreign file
         raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/00_core.ipynb #c032a
+# %% ../nbs/00_core.ipynb #c036
 def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | None:
     "The checkpoint in `folder` with the highest step number, or None."
     folder = Path(folder)
@@ -264,7 +266,7 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
 
-# %% ../nbs/00_core.ipynb #c037
+# %% ../nbs/00_core.ipynb #c041
 PARENT_PID_ENV = "NEUROLM_PARENT_PID"  # a launcher sets it to its own pid for the children it starts
 _PR_SET_PDEATHSIG = 1                   # from <linux/prctl.h>
 
@@ -287,7 +289,7 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
         os._exit(1)
     return armed
 
-# %% ../nbs/00_core.ipynb #c041
+# %% ../nbs/00_core.ipynb #c045
 def in_notebook() -> bool:
     "True when notebook cells run here (a Jupyter kernel, papermill, nbdev_test); False in scripts and torchrun workers."
     try:
@@ -296,7 +298,7 @@ def in_notebook() -> bool:
         return False
     return get_ipython() is not None
 
-# %% ../nbs/00_core.ipynb #c041a
+# %% ../nbs/00_core.ipynb #c046
 def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110,
              show: bool | None = None) -> list[Path]:
     "Save `fig` atomically as each of `formats` (no timestamps), show the PNG in a notebook, close `fig`."
@@ -318,7 +320,7 @@ def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: in
     plt.close(fig)                                                # shown once, not again at cell end
     return out
 
-# %% ../nbs/00_core.ipynb #c044
+# %% ../nbs/00_core.ipynb #c049
 def to_jsonable(obj: Any) -> Any:
     "Convert paths, tensors, NumPy values and tuples to plain JSON types."
     if isinstance(obj, dict):
@@ -343,7 +345,7 @@ def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
     text = json.dumps(to_jsonable(obj), indent=indent, sort_keys=True) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-# %% ../nbs/00_core.ipynb #c044a
+# %% ../nbs/00_core.ipynb #c050
 def load_json(path: str | Path) -> Any:
     "Read a JSON file (the error names the file)."
     path = Path(path)
@@ -354,7 +356,7 @@ def load_json(path: str | Path) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-# %% ../nbs/00_core.ipynb #c047
+# %% ../nbs/00_core.ipynb #c053
 def load_yaml(path: str | Path) -> dict:
     "Read a YAML file into a dict (an empty file gives {})."
     import yaml
@@ -375,7 +377,7 @@ def save_yaml(obj: dict, path: str | Path) -> Path:
     import yaml
     return atomic_write_bytes(path, yaml.safe_dump(to_jsonable(obj), sort_keys=False).encode("utf-8"))
 
-# %% ../nbs/00_core.ipynb #c050
+# %% ../nbs/00_core.ipynb #c056
 def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _path: str = "") -> dict:
     "Recursively overlay `overrides` on `defaults`; with `strict`, unknown keys raise an error naming them."
     out = dict(defaults)
@@ -391,7 +393,7 @@ def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _p
             out[k] = v
     return out
 
-# %% ../nbs/00_core.ipynb #c053
+# %% ../nbs/00_core.ipynb #c059
 class ConfigMixin:
     "`to_dict` / `from_dict` for a config dataclass; `from_dict` refuses unknown keys, naming them."
     def to_dict(self) -> dict:
@@ -404,7 +406,7 @@ class ConfigMixin:
             raise KeyError(f"{cls.__name__} has no fields {unknown}")
         return cls(**d)
 
-# %% ../nbs/00_core.ipynb #c056
+# %% ../nbs/00_core.ipynb #c062
 def write_launch_config(path: str | Path, **parts) -> Path:
     "Write config dataclasses as one launch file: `{name: fields}` for `python -m neurolm_nb.<stage> --config`."
     return save_json({name: dataclasses.asdict(part) for name, part in parts.items()}, path)

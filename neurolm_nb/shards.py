@@ -37,7 +37,7 @@ from fastcore.basics import patch
 from tqdm import tqdm
 
 from .channels import channel_indices
-from .core import atomic_write, atomic_write_bytes, load_json, project_root, save_json, to_jsonable
+from .core import atomic_write, atomic_write_bytes, load_json, project_root, publish_folder, save_json, to_jsonable
 from .datasets import (DATASET_SPECS, HMC_CHANNELS, SEED_CHANNELS, SEED_TRIAL_LABELS, SPLITS, TUH_CHANNELS,
                                  WORKLOAD_CHANNELS, DatasetError, DatasetSpec, HMCSpec, PretrainSpec, RecordingEntry,
                                  TUSLSpec, downstream_overlap, duplicate_groups, get_spec)
@@ -269,14 +269,8 @@ def _staging_dir(out_dir: Path) -> Path:
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
-    "Swap the finished build in: two renames, the old build is deleted afterwards."
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{_host()}-{os.getpid()}-{time.time_ns()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    "Swap the finished build in: `core.publish_folder` (two renames; the old build is deleted afterwards)."
+    publish_folder(staging, out_dir)
 
 # %% ../nbs/03b_shards.ipynb #c031
 @dataclass
