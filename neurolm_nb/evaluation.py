@@ -99,7 +99,7 @@ def corrected_metrics(labels, probs) -> dict[str, float | None]:
         out.update(_binary_scores(labels, probs[:, 1]))
     return out
 
-# %% ../nbs/32_evaluation.ipynb #c009a
+# %% ../nbs/32_evaluation.ipynb #c009ax1
 def original_metrics(labels, parsed, n_classes: int) -> dict[str, float | None]:
     "Metrics of greedy parses as the original computes them: -1 -> last class (multi-class); binary: hard 1/0/-1 scores."
     labels, parsed = np.asarray(labels, dtype=np.int64), np.asarray(parsed, dtype=np.int64)
@@ -449,7 +449,7 @@ def statistics_table(stats: Mapping[str, Mapping[str, Mapping]]) -> str:
                          f"{_pm(s, 'roc_auc')} | {_ci(s, 'roc_auc')} |")
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/32_evaluation.ipynb #c023a
+# %% ../nbs/32_evaluation.ipynb #c023ax1
 def plot_statistics(stats: Mapping[str, Mapping[str, Mapping]], metric: str = "balanced_accuracy"):
     "Per task, every model's `metric` (seed mean, dots: single seeds) with its subject-bootstrap 95 % interval and chance."
     import matplotlib.pyplot as plt
@@ -556,7 +556,7 @@ def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
     lm, tokenizer_spec = load_start_model(path)  # a folder is read with hub.from_pretrained, never unpickled
     return lm, setup.text_tokenizer or tokenizer_spec, str(path)
 
-# %% ../nbs/32_evaluation.ipynb #c031a
+# %% ../nbs/32_evaluation.ipynb #c031ax1
 def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
     "Predictions of every task (on every rank); rank 0 writes predictions/<task>.npz and eval_info.json."
     from neurolm_nb.instruction_tuning import spread_indices

@@ -32,8 +32,8 @@ __all__ = ['STAGES', 'RESERVED_PARAMETERS', 'SEEDED_STAGES', 'SPLIT_PARAMETERS',
            'PAPERMILL_TAGS', 'ProfileError', 'StageError', 'profiles_dir', 'profile_names', 'load_profile',
            'expand_placeholders', 'notebook_parameters', 'check_parameter_type', 'resolve_parameters', 'write_notebook',
            'kernel_guard_lines', 'run_notebook', 'missing_inputs', 'run_folder_lock', 'read_record', 'notebook_digest',
-           'stage_is_done', 'clear_stage', 'stage_environment', 'seed_list', 'route_subjects', 'plan_stages',
-           'run_pipeline', 'strip_outputs', 'list_stages', 'main']
+           'stage_is_done', 'resumable', 'clear_stage', 'stage_environment', 'seed_list', 'route_subjects',
+           'plan_stages', 'run_pipeline', 'strip_outputs', 'list_stages', 'main']
 
 # %% ../nbs/50_pipeline.ipynb #c006
 STAGES: dict[str, str] = {
@@ -60,7 +60,7 @@ SPLIT_PARAMETERS = ("val_subjects", "test_subjects")  # profile params the runne
 class ProfileError(ValueError):
     "A profile, or the parameters it gives a notebook, do not fit."
 
-# %% ../nbs/50_pipeline.ipynb #c006a
+# %% ../nbs/50_pipeline.ipynb #c007
 class StageError(RuntimeError):
     "A stage notebook failed while running; the message names the stage, notebook and cell."
     def __init__(self, message: str, stage: str | None = None, notebook: str | None = None,
@@ -70,7 +70,7 @@ class StageError(RuntimeError):
         self.stage, self.notebook, self.executed_notebook = stage, notebook, executed_notebook
         self.cell_index, self.ename, self.evalue = cell_index, ename, evalue
 
-# %% ../nbs/50_pipeline.ipynb #c009
+# %% ../nbs/50_pipeline.ipynb #c010
 PROFILE_SECTIONS = ("name", "description", "params", "stages", "pending")
 
 
@@ -97,7 +97,7 @@ def _profile_source(profile: str | Path) -> Path:
                            f"available: {profile_names() or 'none'} (or give a path to a .yaml file)")
     return candidate
 
-# %% ../nbs/50_pipeline.ipynb #c012
+# %% ../nbs/50_pipeline.ipynb #c013
 def load_profile(profile: str | Path | dict = "smoke", registry: dict[str, str] | None = None) -> dict:
     "Read and check a profile: a name in `profiles/`, a path to a YAML file, or a dict."
     registry = STAGES if registry is None else registry
@@ -138,7 +138,7 @@ def load_profile(profile: str | Path | dict = "smoke", registry: dict[str, str] 
                                "(out_dir = runs/<profile>/<stage>, run_root = runs/<profile>)")
     return prof
 
-# %% ../nbs/50_pipeline.ipynb #c016
+# %% ../nbs/50_pipeline.ipynb #c017
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
@@ -162,7 +162,7 @@ def expand_placeholders(value: Any, context: dict[str, Any]) -> Any:
         return str(context[key])
     return _PLACEHOLDER.sub(substitute, value)
 
-# %% ../nbs/50_pipeline.ipynb #c019
+# %% ../nbs/50_pipeline.ipynb #c020
 def notebook_parameters(notebook: str | Path) -> dict[str, dict]:
     "Names assigned in the notebook's `parameters` cell: name -> {default, inferred_type_name, help}."
     notebook = Path(notebook)
@@ -196,7 +196,7 @@ def notebook_parameters(notebook: str | Path) -> dict[str, dict]:
                                       "inferred_type_name": annotation or "None", "help": comment}
     return found
 
-# %% ../nbs/50_pipeline.ipynb #c022
+# %% ../nbs/50_pipeline.ipynb #c023
 _NUMBER_OR_NONE = (int, float, type(None))
 _ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
                      "tuple": tuple, "None": type(None)}
@@ -226,7 +226,7 @@ def _expected_types(spec: dict) -> tuple[type, ...] | None:
         return (list, tuple, type(None))
     return (type(default), type(None))
 
-# %% ../nbs/50_pipeline.ipynb #c025
+# %% ../nbs/50_pipeline.ipynb #c026
 def check_parameter_type(name: str, value: Any, spec: dict, where: str) -> None:
     "Raise a ProfileError naming `where` and `name` when `value` does not fit the notebook's declaration."
     expected = _expected_types(spec)
@@ -238,7 +238,7 @@ def check_parameter_type(name: str, value: Any, spec: dict, where: str) -> None:
         raise ProfileError(f"{where}: parameter {name!r} = {value!r} ({type(value).__name__}) should be {kinds} "
                            f"(the notebook declares {name} = {spec['default']})")
 
-# %% ../nbs/50_pipeline.ipynb #c028
+# %% ../nbs/50_pipeline.ipynb #c029
 def resolve_parameters(notebook: str | Path, profile: dict, stage: str | None = None,
                        out_dir: str | Path | None = None, run_root: str | Path | None = None) -> dict:
     "The parameters papermill gives `notebook`: declared globals + the stage's section + out_dir/run_root."
@@ -268,7 +268,7 @@ def resolve_parameters(notebook: str | Path, profile: dict, stage: str | None = 
             params[key] = str(Path(value).resolve()) if value is not None else None
     return params
 
-# %% ../nbs/50_pipeline.ipynb #c031
+# %% ../nbs/50_pipeline.ipynb #c032
 def write_notebook(path: str | Path, cells: Iterable[str], kernel: str = "python3") -> Path:
     "Write a notebook of code cells (a cell starting with `#parameters` gets the `parameters` tag)."
     nb = nbformat.v4.new_notebook()
@@ -281,7 +281,7 @@ def write_notebook(path: str | Path, cells: Iterable[str], kernel: str = "python
         nb.cells.append(cell)
     return atomic_write_bytes(path, (nbformat.writes(nb) + "\n").encode("utf-8"))
 
-# %% ../nbs/50_pipeline.ipynb #c034
+# %% ../nbs/50_pipeline.ipynb #c035
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -307,7 +307,7 @@ def kernel_guard_lines(parent_pid: int | None = None) -> list[str]:
     return ["__import__('ctypes').CDLL(None).prctl(1, 9, 0, 0, 0)",          # PR_SET_PDEATHSIG = 1, SIGKILL
             f"__import__('os').getppid() == {pid} or __import__('os')._exit(1)"]  # the runner died first
 
-# %% ../nbs/50_pipeline.ipynb #c037
+# %% ../nbs/50_pipeline.ipynb #c038
 def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | None = None,
                  kernel: str = "python3", cwd: str | Path | None = None, log_output: bool = False,
                  stage: str | None = None, timeout: float | None = None) -> float:
@@ -344,7 +344,7 @@ def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | No
                          f"  executed notebook (if any): {output}", stage, str(notebook), str(output)) from e
     return time.perf_counter() - start
 
-# %% ../nbs/50_pipeline.ipynb #c040
+# %% ../nbs/50_pipeline.ipynb #c041
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -366,7 +366,7 @@ def _select_stages(prof: dict, stages: str | Iterable[str] | None, registry: dic
                            + (f" (pending: {list(prof['pending'])})" if prof["pending"] else ""))
     return [s for s in registry if s in chosen]  # pipeline order, whatever order they were asked in
 
-# %% ../nbs/50_pipeline.ipynb #c043
+# %% ../nbs/50_pipeline.ipynb #c044
 def _write_record(record: dict, registry: dict[str, str], path: Path) -> dict:
     "Write `pipeline.json` with its stages in pipeline order (so not with save_json, which sorts keys)."
     stages = record["stages"]
@@ -389,7 +389,7 @@ def _git_state(folder: Path) -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-# %% ../nbs/50_pipeline.ipynb #c043a
+# %% ../nbs/50_pipeline.ipynb #c045
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("neurolm_nb", "torch", "papermill"):
@@ -399,7 +399,7 @@ def _versions() -> dict:
             out[mod] = None
     return out
 
-# %% ../nbs/50_pipeline.ipynb #c046
+# %% ../nbs/50_pipeline.ipynb #c048
 # stage -> [(file under run_root, the stage that writes it, the parameter that may name another source)]
 STAGE_INPUTS: dict[str, list[tuple[str, str, str | None]]] = {
     "tokenizer": [("datasets/metrics.json", "datasets", None)],
@@ -428,7 +428,7 @@ def missing_inputs(stage: str, params: dict, root: Path, earlier: Iterable[str],
                         f"--stages {producer},{stage}{alternative}")
     return problems
 
-# %% ../nbs/50_pipeline.ipynb #c049
+# %% ../nbs/50_pipeline.ipynb #c051
 @contextmanager
 def run_folder_lock(root: Path):
     "Hold an exclusive lock on `root` while the block runs; ProfileError if another live runner holds it."
@@ -448,7 +448,7 @@ def run_folder_lock(root: Path):
     finally:
         os.close(fd)                                      # releases the lock
 
-# %% ../nbs/50_pipeline.ipynb #c049a
+# %% ../nbs/50_pipeline.ipynb #c052
 def read_record(root: Path) -> dict:
     "`pipeline.json` of `root` ({} if none); stages a dead runner left at 'running' are reported 'interrupted'."
     path = Path(root) / "pipeline.json"
@@ -465,7 +465,7 @@ def read_record(root: Path) -> dict:
         pass                                              # a live runner: 'running' is the truth
     return record
 
-# %% ../nbs/50_pipeline.ipynb #c052
+# %% ../nbs/50_pipeline.ipynb #c055
 def notebook_digest(notebook: Path) -> str:
     return hashlib.sha256(Path(notebook).read_bytes()).hexdigest()
 
@@ -478,6 +478,13 @@ def stage_is_done(entry: dict | None, params: dict, out: Path, notebook: Path) -
             and (Path(out) / "metrics.json").exists())
 
 
+def resumable(entry: dict | None, params: dict, notebook: Path) -> bool:
+    "True when a stage's folder was written by this notebook with these parameters: a rerun may resume from it."
+    entry = entry or {}
+    same = json.dumps(to_jsonable(params), sort_keys=True) == json.dumps(entry.get("parameters"), sort_keys=True)
+    return same and entry.get("notebook_sha256") == notebook_digest(notebook)
+
+
 def clear_stage(out: Path) -> None:
     "Remove a stage's folder: renamed first (one atomic step), then deleted."
     out = Path(out)
@@ -486,7 +493,7 @@ def clear_stage(out: Path) -> None:
         os.replace(out, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-# %% ../nbs/50_pipeline.ipynb #c055
+# %% ../nbs/50_pipeline.ipynb #c058
 @contextmanager
 def stage_environment(root: Path, stage: str):
     "TMPDIR and Jupyter runtime files of `stage`'s kernel under `<root>/.tmp/<stage>`, emptied before and after."
@@ -509,7 +516,7 @@ def stage_environment(root: Path, stage: str):
         except OSError:
             pass
 
-# %% ../nbs/50_pipeline.ipynb #c058
+# %% ../nbs/50_pipeline.ipynb #c061
 def seed_list(value: Any) -> list[int] | None:
     "Seeds from a profile (`[0, 1, 2]`) or the command line (`'0,1,2'`); None: no seed loop."
     if value is None or value == "" or value == []:
@@ -523,7 +530,7 @@ def seed_list(value: Any) -> list[int] | None:
         raise ProfileError(f"seeds = {value!r} repeats a seed")
     return seeds
 
-# %% ../nbs/50_pipeline.ipynb #c058a
+# %% ../nbs/50_pipeline.ipynb #c062
 def route_subjects(params: dict, declared: dict, prof: dict) -> dict:
     "The datasets stage's parameters with the profile's val_subjects / test_subjects put into `build_options`."
     given = {k: prof["params"][k] for k in SPLIT_PARAMETERS if prof["params"].get(k)}
@@ -549,7 +556,7 @@ def route_subjects(params: dict, declared: dict, prof: dict) -> dict:
             options.setdefault(name, {}).setdefault(key, [str(s).strip() for s in subjects])  # build_options win
     return {**params, "build_options": options}
 
-# %% ../nbs/50_pipeline.ipynb #c058a
+# %% ../nbs/50_pipeline.ipynb #c063
 def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, registry: dict[str, str],
                 seeded: Iterable[str] = SEEDED_STAGES) -> list[tuple]:
     "(key, notebook, out_dir, parameters) of each run of the chosen stages; every check that can fail early fails here."
@@ -584,7 +591,7 @@ def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, regist
         raise ProfileError("inputs missing, nothing was run:\n  " + "\n  ".join(problems))
     return plan
 
-# %% ../nbs/50_pipeline.ipynb #c058b
+# %% ../nbs/50_pipeline.ipynb #c064
 def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict, save, kernel: str,
                nbs_dir: Path, log_output: bool, verbose: bool) -> None:
     executed = out / notebook.name
@@ -609,7 +616,7 @@ def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict
         print(f"      ok in {entry['wall_s']:.1f} s, {len(entry['figures'])} figure(s)", flush=True)
     save()
 
-# %% ../nbs/50_pipeline.ipynb #c061
+# %% ../nbs/50_pipeline.ipynb #c067
 def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[str] | None = None,
                  runs_dir: str | Path | None = None, nbs_dir: str | Path | None = None,
                  kernel: str = "python3", log_output: bool = False, registry: dict[str, str] | None = None,
@@ -653,7 +660,12 @@ def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[st
                 if verbose:
                     print(f"[{i}/{len(plan)}] {stage}: done earlier with these parameters, skipped", flush=True)
                 continue
-            if force:
+            # resume only the first stage to run, and only a folder of the same notebook and parameters: after a
+            # parameter change, or once an earlier stage has run again, its checkpoints would continue a stale run
+            if force or ran or not resumable(record["stages"].get(stage), params, notebook):
+                if verbose and not force and out.exists():
+                    print(f"[{i}/{len(plan)}] {stage}: " + ("an earlier stage ran again" if ran else
+                          "parameters or notebook changed") + ": its folder starts afresh", flush=True)
                 clear_stage(out)
             if verbose:
                 print(f"[{i}/{len(plan)}] {stage}: {notebook.name} -> {out / notebook.name}", flush=True)
@@ -662,7 +674,7 @@ def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[st
         record.update(status="ok", finished=_now(), wall_s=round(time.perf_counter() - t0, 2))
         return save()
 
-# %% ../nbs/50_pipeline.ipynb #c072
+# %% ../nbs/50_pipeline.ipynb #c078
 PAPERMILL_TAGS = ("injected-parameters", "papermill-error-cell-tag")
 
 
@@ -685,7 +697,7 @@ def strip_outputs(path: str | Path) -> list[Path]:
             changed.append(f)
     return changed
 
-# %% ../nbs/50_pipeline.ipynb #c075
+# %% ../nbs/50_pipeline.ipynb #c081
 def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None = None,
                 registry: dict[str, str] | None = None, runs_dir: str | Path | None = None) -> list[dict]:
     "One row per stage: name, notebook, status ('ready', 'missing notebook', 'pending'), its last run's status, params."
@@ -704,7 +716,7 @@ def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None
                      "status": "pending", "last_run": "never", "params": params})
     return rows
 
-# %% ../nbs/50_pipeline.ipynb #c078
+# %% ../nbs/50_pipeline.ipynb #c084
 def _print_summary(record: dict) -> None:
     print(f"\npipeline {record['profile']!r}: {record['status']} in {record['wall_s']:.1f} s "
           f"(record: {Path(record['run_root']) / 'pipeline.json'})")
@@ -721,7 +733,7 @@ def _print_summary(record: dict) -> None:
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-# %% ../nbs/50_pipeline.ipynb #c081
+# %% ../nbs/50_pipeline.ipynb #c087
 def main(argv: list[str] | None = None) -> int:
     "Command line: `python -m neurolm_nb.pipeline --profile smoke [--stages a,b] [--list]`."
     parser = argparse.ArgumentParser(prog="neurolm-nb", description="Run neurolm_nb stage notebooks with papermill.")

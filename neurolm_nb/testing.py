@@ -249,7 +249,7 @@ def labram_base_fixture_outputs(mem: LaBraMForMEM, classifier: LaBraMClassifier,
             "mem.student_tokens_masked": out.tokens, "mem.student_tokens_sym": out.tokens_sym,
             "finetune.pooled_features": pooled, "finetune.logits": logits}
 
-# %% ../nbs/45_testing.ipynb #c025a
+# %% ../nbs/45_testing.ipynb #c025ax1
 def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     "Per output: max |difference| and whether it meets the chapter-45 tolerances (exact integers, rtol for losses, atol 1e-7 for the logits)."
     report = {}

@@ -241,7 +241,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "0.6172" in table  # the paper's Workload balanced accuracy
     metrics = load_json(run / "evaluation" / "metrics.json")["tasks"]["workload"]
     assert 0.0 <= metrics["corrected"]["balanced_accuracy"] <= 1.0
-    assert 0.0 < metrics["baseline"]["balanced_accuracy"] <= 1.0  # the band-power floor on the same split
+    assert 0.0 < metrics["baseline"]["band power + LR"]["balanced_accuracy"] <= 1.0  # the floor on the same split
+    assert (run / "labram" / "predictions" / "test.npz").exists() and (run / "labram" / "labram.pt").exists()
+    assert "LaBraM" in table and "not run: the labram stage saved no predictions" not in table
     index = (run / "figures" / "index.md").read_text()
     assert "Nothing is missing" in index and (run / "figures" / "results.md").exists()
     before = (run / "evaluation" / "metrics.json").read_bytes()
@@ -461,3 +463,18 @@ def test_workload_profile_is_valid(profiles_dir):
     assert list(prof["stages"]) == ["datasets", "tokenizer", "labram", "pretrain", "instruct", "evaluation"]
     for stage in prof["stages"]:   # every key is a parameter its notebook declares, of the declared type
         resolve_parameters(NBS / STAGES[stage], prof, stage=stage, out_dir="/tmp/x", run_root="/tmp")
+
+
+def test_a_stage_rerun_with_other_parameters_starts_afresh_and_so_does_every_later_stage(toy_nbs, tmp_path):
+    "A checkpoint written with other parameters (or before an upstream stage ran again) is never resumed."
+    first, second = list(STAGES)[:2]
+    runs = tmp_path / "runs"
+    run_pipeline(toy_profile(**{first: {"steps": 2}, second: {"steps": 2}}), runs_dir=runs, nbs_dir=toy_nbs, verbose=False)
+    for stage in (first, second):   # what a stage's own resume logic would pick up
+        (runs / "toy" / stage / "checkpoint_from_the_old_run").write_text("old")
+    rec = run_pipeline(toy_profile(**{first: {"steps": 3}, second: {"steps": 3}}), runs_dir=runs, nbs_dir=toy_nbs,
+                       verbose=False)
+    assert rec["skipped"] == []
+    for stage in (first, second):
+        assert not (runs / "toy" / stage / "checkpoint_from_the_old_run").exists(), stage
+        assert load_json(runs / "toy" / stage / "metrics.json")["steps"] == 3
