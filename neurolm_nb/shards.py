@@ -566,7 +566,22 @@ def _worker_init(parent: int) -> None:
     if os.getppid() == parent:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
 
-# %% ../nbs/03b_shards.ipynb #c068
+# %% ../nbs/03b_shards.ipynb #c069
+_BUILDER_POOLS: dict = {}
+
+
+def _builder_executor(workers: int):
+    "The builder's private loky executor with `workers` processes (reused while it is alive)."
+    from joblib.externals.loky import ProcessPoolExecutor
+    pool = _BUILDER_POOLS.get(workers)
+    flags = getattr(pool, "_flags", None)
+    if pool is None or flags is None or flags.shutdown or flags.broken:
+        pool = ProcessPoolExecutor(max_workers=workers, timeout=60, initializer=_worker_init, initargs=(os.getpid(),),
+                                   env={k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+        _BUILDER_POOLS[workers] = pool
+    return pool
+
+# %% ../nbs/03b_shards.ipynb #c070
 @contextlib.contextmanager
 def worker_pool(workers: int | None = None, scheduler=None):
     "A `WorkerPool`: this process (workers=1), `workers` loky processes, or a Dask cluster (`scheduler`)."
@@ -583,17 +598,15 @@ def worker_pool(workers: int | None = None, scheduler=None):
     elif (workers := workers or usable_cores()) <= 1:
         yield WorkerPool(_run_here, first, 1, "in-process")
     else:
-        from joblib.externals.loky import ProcessPoolExecutor
-        # a private executor (not loky's process-wide reusable one, which a later joblib/MNE n_jobs call in this
-        # process would share), one thread per worker so that 2 workers on 2 cores do not oversubscribe them
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),),
-                                   env={k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+        pool = _builder_executor(workers)
         try:
             yield WorkerPool(pool.submit, first, workers, "loky")
-        finally:
-            pool.shutdown(wait=True, kill_workers=True)
+        except BaseException:  # an interrupted build: its workers go with it
+            _BUILDER_POOLS.pop(workers, None)
+            pool.shutdown(wait=False, kill_workers=True)
+            raise
 
-# %% ../nbs/03b_shards.ipynb #c071
+# %% ../nbs/03b_shards.ipynb #c073
 def recording_seconds(path: str | Path) -> float | None:
     "Duration from an EDF/BDF header (data records x record duration); None for other formats or a broken header."
     if Path(path).suffix.lower() not in (".edf", ".bdf"):
@@ -613,7 +626,7 @@ def _progress(total_h: float, done_h: float, desc: str, enabled: bool | None):
                 disable=None if enabled is None else not enabled,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} EEG h [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
-# %% ../nbs/03b_shards.ipynb #c074
+# %% ../nbs/03b_shards.ipynb #c076
 @dataclass
 class BuildPlan:
     "A build decided before any signal is read: recordings in order, splits, copies, durations, journal key."
@@ -636,7 +649,7 @@ class BuildPlan:
         mean = sum(known) / len(known) if known else 0.0
         return [(s or mean) / 3600 for s in self.header_seconds]
 
-# %% ../nbs/03b_shards.ipynb #c075
+# %% ../nbs/03b_shards.ipynb #c077
 def _build_key(plan: BuildPlan) -> str:
     "SHA-256 of all that decides a build's output: spec, seed, shard size, files (size, mtime), splits, copies."
     def stat(p):
@@ -652,7 +665,7 @@ def _build_key(plan: BuildPlan) -> str:
             "duplicates": plan.duplicates, **({"downstream": plan.downstream} if plan.downstream else {})}
     return hashlib.sha256(json.dumps(to_jsonable(blob), sort_keys=True).encode()).hexdigest()
 
-# %% ../nbs/03b_shards.ipynb #c078
+# %% ../nbs/03b_shards.ipynb #c080
 def plan_build(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
                max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
                **overrides) -> BuildPlan:
@@ -685,13 +698,13 @@ def plan_build(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: st
     plan.key = _build_key(plan)
     return plan
 
-# %% ../nbs/03b_shards.ipynb #c081
+# %% ../nbs/03b_shards.ipynb #c083
 def _warning_class(name: str) -> type:
     import builtins
     c = getattr(builtins, name, None)
     return c if isinstance(c, type) and issubclass(c, Warning) else UserWarning
 
-# %% ../nbs/03b_shards.ipynb #c082
+# %% ../nbs/03b_shards.ipynb #c084
 def _take_in(plan: BuildPlan, i: int, rec: dict, report: BuildReport, writer: ShardWriter | None,
              journal: BuildJournal, built: list, counts: dict, verbose: bool) -> bool:
     "Add one journalled recording to the report (and its windows to `writer`, if given); True if a shard was written."
@@ -723,7 +736,7 @@ def _take_in(plan: BuildPlan, i: int, rec: dict, report: BuildReport, writer: Sh
     report.n_built += 1
     return flushed
 
-# %% ../nbs/03b_shards.ipynb #c085
+# %% ../nbs/03b_shards.ipynb #c087
 def _drop_part(journal: BuildJournal, writer: ShardWriter, i: int) -> bool:
     "Delete recording i's part once its windows are all in shards; True while it is still needed."
     if os.path.relpath(journal.part(i), journal.root) in writer.pending.sources():
@@ -731,7 +744,7 @@ def _drop_part(journal: BuildJournal, writer: ShardWriter, i: int) -> bool:
     journal.part(i).unlink(missing_ok=True)
     return False
 
-# %% ../nbs/03b_shards.ipynb #c086
+# %% ../nbs/03b_shards.ipynb #c088
 def _run_recordings(plan: BuildPlan, journal: BuildJournal, writer: ShardWriter, report: BuildReport, pool: WorkerPool,
                     records: dict, fed: int, bar, verbose: bool) -> tuple[list, dict, list]:
     "Process the recordings not in `records` on `pool`, journal each as it ends, take all in in order."
@@ -759,7 +772,7 @@ def _run_recordings(plan: BuildPlan, journal: BuildJournal, writer: ShardWriter,
             fut.cancel()
     return built, counts, rss
 
-# %% ../nbs/03b_shards.ipynb #c089
+# %% ../nbs/03b_shards.ipynb #c091
 def _open_staging(out_dir: Path, key: str | None) -> tuple[Path, str | None, list[str]]:
     "(staging folder, the dead build it continues or None, what stale builds were cleaned up)."
     _check_out_dir(out_dir)
@@ -787,7 +800,7 @@ def _abandon(staging: Path, key: str, error: BaseException, out_dir: Path) -> No
         raise (clear if str(out_dir) in str(clear) else OutputError(f"{out_dir}: {clear}", clear.errno)) from None
     raise error
 
-# %% ../nbs/03b_shards.ipynb #c092
+# %% ../nbs/03b_shards.ipynb #c094
 def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: BuildReport, built: list,
                   counts: dict, rss: list, t0: float) -> None:
     "Write the last shards, the manifest, the index and the report into `staging`; the journal goes."
@@ -811,7 +824,7 @@ def _finish_build(plan: BuildPlan, staging: Path, writer: ShardWriter, report: B
     report.peak_rss_mb = {"parent": parent, "workers": parent if report.backend == "in-process" else max(rss, default=None)}
     save_json(report.to_dict(), staging / REPORT_FILE)
 
-# %% ../nbs/03b_shards.ipynb #c095
+# %% ../nbs/03b_shards.ipynb #c097
 def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir: str | Path, seed: int = 0,
                   max_files: int | None = None, subjects: Iterable[str] | None = None, shard_mb: float = 256.0,
                   verbose: bool = False, workers: int | None = None, scheduler=None, resume: bool = True,
@@ -849,7 +862,7 @@ def build_dataset(name_or_spec: str | DatasetSpec, raw_dir: str | Path, out_dir:
         _ACTIVE_STAGING.discard(str(staging))
     return report
 
-# %% ../nbs/03b_shards.ipynb #c098
+# %% ../nbs/03b_shards.ipynb #c100
 def build_digest(root: str | Path) -> dict[str, str]:
     "SHA-256 of every file of a build (the report without `RUN_FIELDS` and `out_dir`): equal digests, equal builds."
     root, out = Path(root), {}
@@ -860,7 +873,7 @@ def build_digest(root: str | Path) -> dict[str, str]:
     out[REPORT_FILE] = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
     return out
 
-# %% ../nbs/03b_shards.ipynb #c104
+# %% ../nbs/03b_shards.ipynb #c106
 def load_index(root: str | Path) -> dict:
     "The `index.json` of a built dataset (the error says when `root` is not one)."
     p = Path(root) / INDEX_FILE
@@ -878,7 +891,7 @@ def load_manifest(root: str | Path) -> dict:
     "The `split_manifest.json` of a built dataset."
     return load_json(Path(root) / MANIFEST_FILE)
 
-# %% ../nbs/03b_shards.ipynb #c107
+# %% ../nbs/03b_shards.ipynb #c109
 class WindowDataset(Dataset):
     "A torch Dataset over the shards of one split of a dataset built by `build_dataset`."
 
@@ -902,7 +915,7 @@ class WindowDataset(Dataset):
         self._files: dict[int, h5py.File] = {}
         self._pid = os.getpid()
 
-# %% ../nbs/03b_shards.ipynb #c110
+# %% ../nbs/03b_shards.ipynb #c112
 @patch
 def __len__(self: WindowDataset) -> int:
     return int(self._offsets[-1])
@@ -934,7 +947,7 @@ def __getitem__(self: WindowDataset, i: int) -> dict:
             "channel_index": self._channel_index[k], "ch_names": list(self.shards[k]["ch_names"]),
             "subject": self.subjects[i], "recording": self.recordings[i], "start_s": float(self.start_s[i])}
 
-# %% ../nbs/03b_shards.ipynb #c113
+# %% ../nbs/03b_shards.ipynb #c115
 @patch
 def __getstate__(self: WindowDataset):  # file handles stay in the process that opened them
     state = self.__dict__.copy(); state["_files"] = {}
@@ -954,10 +967,10 @@ def __del__(self: WindowDataset):
 def __repr__(self: WindowDataset) -> str:
     return f"WindowDataset({self.dataset}/{self.split}: {len(self)} windows in {len(self.shards)} shards)"
 
-# %% ../nbs/03b_shards.ipynb #c116
+# %% ../nbs/03b_shards.ipynb #c118
 PHYSIONET_EEGMAT_URL = "https://physionet.org/files/eegmat/1.0.0/"
 
-# %% ../nbs/03b_shards.ipynb #c117
+# %% ../nbs/03b_shards.ipynb #c119
 EEGMAT_SHA256: dict[str, str] = {  # PhysioNet eegmat 1.0.0: sha256 of every file (first half)
     "Subject00_1.edf": "8b23c443f2f5f733f8ccc31a54377898009c28c7563d1107692a8735212d2f15",
     "Subject00_2.edf": "635bbf035777008ff6c23d9c7bfc497d584fc71c56217022946d1fd056527e43",
@@ -997,7 +1010,7 @@ EEGMAT_SHA256: dict[str, str] = {  # PhysioNet eegmat 1.0.0: sha256 of every fil
     "Subject17_2.edf": "9c9a0cbf89ed1152244b7c3d191c584cd59d3d99ff067e1610010d805cee62af",
 }
 
-# %% ../nbs/03b_shards.ipynb #c118
+# %% ../nbs/03b_shards.ipynb #c120
 EEGMAT_SHA256.update({  # the second half
     "Subject18_1.edf": "ba4323db350812274637dafd018c5563ad8f46d8fc302ef0e3be0c5b6a4016a8",
     "Subject18_2.edf": "5d8425c622e33be4990c4e1c91bb8411f448a9594393ee46738d96b23dfb7646",
@@ -1038,7 +1051,7 @@ EEGMAT_SHA256.update({  # the second half
     "subject-info.csv": "09c5951145d9f6a170ed7e01957406010ff549127ccf96ad7a2ead9fb0e018de",
 })
 
-# %% ../nbs/03b_shards.ipynb #c121
+# %% ../nbs/03b_shards.ipynb #c123
 class ChecksumError(ValueError):
     "A fetched file whose SHA-256 differs from the published one."
 
@@ -1065,7 +1078,7 @@ def eegmat_files(subjects: Iterable[int | str] | None = None, include_info: bool
     names = [f"Subject{i:02d}_{k}.edf" for i in sorted(set(ids)) for k in (1, 2)]
     return names + (["subject-info.csv"] if include_info else [])
 
-# %% ../nbs/03b_shards.ipynb #c124
+# %% ../nbs/03b_shards.ipynb #c126
 def _local_source(base_url: str | Path) -> Path | None:
     "A folder for a local path or file:// URL; None for a remote URL."
     s = str(base_url)
@@ -1075,7 +1088,7 @@ def _local_source(base_url: str | Path) -> Path | None:
         return None
     return Path(s)
 
-# %% ../nbs/03b_shards.ipynb #c125
+# %% ../nbs/03b_shards.ipynb #c127
 def fetch_file(base_url: str | Path, name: str, dest: str | Path, sha256: str, progress: bool = False) -> Path:
     "Fetch `base_url/name` into `dest/name`, verifying its SHA-256; a file already there with the right hash is kept."
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
@@ -1106,14 +1119,14 @@ def fetch_file(base_url: str | Path, name: str, dest: str | Path, sha256: str, p
     except ValueError as e:  # pooch reports a hash mismatch as ValueError
         raise ChecksumError(f"{name}: downloaded from {url}, {e}") from e
 
-# %% ../nbs/03b_shards.ipynb #c128
+# %% ../nbs/03b_shards.ipynb #c130
 def fetch_eegmat(dest: str | Path, base_url: str | Path = PHYSIONET_EEGMAT_URL,
                  subjects: Iterable[int | str] | None = None, include_info: bool = True,
                  progress: bool = False) -> list[Path]:
     "Fetch EEGMAT files (all 36 subjects, or `subjects`) into `dest`, each checked against the release's SHA-256."
     return [fetch_file(base_url, n, dest, EEGMAT_SHA256[n], progress) for n in eegmat_files(subjects, include_info)]
 
-# %% ../nbs/03b_shards.ipynb #c131
+# %% ../nbs/03b_shards.ipynb #c133
 SAMPLE_FOLDERS: dict[str, str] = {"workload": "eegmat", "tuab": "tuab", "tuev": "tuev", "tusl": "tusl",
                                   "hmc": "hmc", "seed": "seed", "pretrain": "."}
 _SAMPLES_README = """\
@@ -1144,7 +1157,7 @@ registration needed), HMC sleep staging (https://physionet.org/content/hmc-sleep
 (https://bcmi.sjtu.edu.cn/home/seed/, licence agreement needed).
 """
 
-# %% ../nbs/03b_shards.ipynb #c134
+# %% ../nbs/03b_shards.ipynb #c136
 def _tuh_label(name: str) -> str:
     return f"EEG {name}-REF"
 
@@ -1170,7 +1183,7 @@ def _segments(ch: Sequence[str], labels: Sequence[int], seconds: float, sfreq: f
     return np.concatenate([synth_eeg(ch, seconds, sfreq, label=int(lab), seed=seed * 1000 + k, subject=subject,
                                      n_classes=n_classes) for k, lab in enumerate(labels)], axis=1)
 
-# %% ../nbs/03b_shards.ipynb #c137
+# %% ../nbs/03b_shards.ipynb #c139
 def _samples_eegmat(root: Path, seed: int) -> None:
     names = [f"EEG {n.capitalize() if n.startswith('FP') else n[0] + n[1:].lower()}" for n in WORKLOAD_CHANNELS]
     for s in range(3):
@@ -1190,7 +1203,7 @@ def _samples_tuab(root: Path, seed: int) -> None:
         write_edf(root / "edf" / part / kind / "01_tcp_ar" / f"{subj}_s001_t000.edf",
                   _with_extras(eeg, [_ecg(10, 250.0, seed + i)]), labels, 250.0)
 
-# %% ../nbs/03b_shards.ipynb #c138
+# %% ../nbs/03b_shards.ipynb #c140
 def _samples_tuev(root: Path, seed: int) -> None:
     plan = [("train", "aaaaaaba", "aaaaaaba_00000001", [0, 5, 3]), ("train", "aaaaaabb", "aaaaaabb_00000001", [1, 4, 2]),
             ("train", "aaaaaabc", "aaaaaabc_00000001", [2, 5, 0]), ("eval", "032", "spsw_032_a_", [0, 3, 5]),
@@ -1204,7 +1217,7 @@ def _samples_tuev(root: Path, seed: int) -> None:
                  for ch in ((k, k + 7) if c < 3 else (k,))]
         atomic_write_bytes(root / "edf" / part / folder / f"{stem}.rec", ("\n".join(lines) + "\n").encode())
 
-# %% ../nbs/03b_shards.ipynb #c140
+# %% ../nbs/03b_shards.ipynb #c142
 def _samples_tusl(root: Path, seed: int) -> None:
     plan = [("aaaaaaca", [0, 1]), ("aaaaaacb", [2, 0]), ("aaaaaacc", [1, 2]), ("aaaaaacd", [0, 2]), ("aaaaaace", [1, 0])]
     labels = [_tuh_label(c) for c in TUH_CHANNELS] + ["EEG EKG1-REF"]
@@ -1216,7 +1229,7 @@ def _samples_tusl(root: Path, seed: int) -> None:
         text = "version = tse_v1.0.0\n\n" + "".join(f"{10 * k:.4f} {10 * k + 10:.4f} {names[c]} 1.0000\n" for k, c in enumerate(classes))
         atomic_write_bytes(folder / f"{subj}_s001_t000.tse_agg", text.encode())
 
-# %% ../nbs/03b_shards.ipynb #c141
+# %% ../nbs/03b_shards.ipynb #c143
 def _samples_hmc(root: Path, seed: int) -> None:
     stages = HMCSpec().classes
     for i in range(3):
@@ -1235,7 +1248,7 @@ def _samples_hmc(root: Path, seed: int) -> None:
         rows.append("2018-01-01, 22:02:30, 150.0, 0.0, Lights on, ")
         atomic_write_bytes(root / f"SN{i + 1:03d}_sleepscoring.txt", ("\n".join(rows) + "\n").encode())
 
-# %% ../nbs/03b_shards.ipynb #c142
+# %% ../nbs/03b_shards.ipynb #c144
 def _samples_seed(root: Path, seed: int) -> None:
     starts = [1 + 4 * k for k in range(15)]
     lead = synth_eeg(SEED_CHANNELS, 1, 200.0, label=1, seed=seed * 100 + 99, subject=99, n_classes=3)
@@ -1245,7 +1258,7 @@ def _samples_seed(root: Path, seed: int) -> None:
                                            f"end_second = [{', '.join(str(s + 4) for s in starts)}];\n").encode())
     atomic_write_bytes(root / "label.txt", f"label = [{', '.join(map(str, SEED_TRIAL_LABELS))}];\n".encode())
 
-# %% ../nbs/03b_shards.ipynb #c145
+# %% ../nbs/03b_shards.ipynb #c147
 def make_data_samples(root: str | Path = "data_samples", seed: int = 0) -> list[Path]:
     "Write the synthetic sample recordings into `<root>/eeg/` (replacing it) and `<root>/README.md`; returns the files."
     root = Path(root).resolve()
@@ -1274,7 +1287,7 @@ def samples_dir_for(name: str, samples_root: str | Path | None = None) -> Path:
         raise KeyError(f"no sample folder for dataset {name!r}; known: {sorted(SAMPLE_FOLDERS)}")
     return (root / "eeg" / SAMPLE_FOLDERS[key]).resolve()
 
-# %% ../nbs/03b_shards.ipynb #c148
+# %% ../nbs/03b_shards.ipynb #c150
 def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2), repeat: int = 2,
                 max_files: int | None = None, work_dir: str | Path | None = None, **options) -> dict:
     "EEG-hours per second of `build_dataset` with each worker count on the same files (warm-up first, rounds interleaved)."
@@ -1300,7 +1313,7 @@ def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2),
         shutil.rmtree(work, ignore_errors=True)
     return result
 
-# %% ../nbs/03b_shards.ipynb #c151
+# %% ../nbs/03b_shards.ipynb #c153
 def bench_table(result: dict) -> str:
     "The benchmark as a few lines of text."
     lines = [f"{result['dataset']}: {result['files']} files, {result['eeg_hours']:.3f} EEG h, {result['cores']} usable cores, "
@@ -1315,7 +1328,7 @@ def bench_table(result: dict) -> str:
     lines.append(f"same output for every worker count: {result['same_output']}")
     return "\n".join(lines)
 
-# %% ../nbs/03b_shards.ipynb #c154
+# %% ../nbs/03b_shards.ipynb #c156
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     out = {}
     for pair in pairs or []:
@@ -1330,7 +1343,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
             out[k] = tuple(out[k])
     return out
 
-# %% ../nbs/03b_shards.ipynb #c155
+# %% ../nbs/03b_shards.ipynb #c157
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.shards", description="NeuroLM dataset builders")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1354,7 +1367,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", default=None)
     return parser
 
-# %% ../nbs/03b_shards.ipynb #c158
+# %% ../nbs/03b_shards.ipynb #c160
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line: `make-samples [root]`, `build <dataset> <raw_dir> <out_dir>`, `bench <dataset> <raw_dir>`, `fetch-eegmat <dest>`."
     args = _cli_parser().parse_args(argv)
@@ -1386,7 +1399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())
 
-# %% ../nbs/03b_shards.ipynb #c173
+# %% ../nbs/03b_shards.ipynb #c175
 def read_heldout(folder: str | Path) -> dict:
     "The val/test subjects and recordings of a built dataset, and the raw folder they were read from."
     folder = Path(folder)
