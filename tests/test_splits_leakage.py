@@ -8,20 +8,11 @@ from pathlib import Path
 import h5py
 import pytest
 
-from neurolm_nb.core import project_root, shared_dir
 from neurolm_nb.datasets import SPLITS, WorkloadSpec, get_spec
 from neurolm_nb.shards import (MANIFEST_FILE, REPORT_FILE, WindowDataset, build_dataset, list_shards, load_manifest,
                                plan_build, read_heldout, samples_dir_for)
 
-ROOT = project_root(Path(__file__).parent)
-SAMPLES = ROOT / "data_samples"
-
-
-def eegmat_dir() -> Path:
-    d = shared_dir() / "data" / "eegmat" if shared_dir() else None
-    if d is None or not d.is_dir():
-        pytest.skip("shared/data/eegmat (real EEGMAT recordings) is not available beside the checkout")
-    return d
+from test_datasets import SAMPLES, eegmat_dir  # the same real-EEG and sample-layout locations
 
 
 def samples(name: str) -> Path:
