@@ -20,10 +20,34 @@ from .io import (ImplausibleRecordingError, Recording, RecordingError, check_amp
                            eeg_channel_map, preprocess, select_channels, validate_recording)
 
 # %% auto #0
-__all__ = ['BIDS_EEG_EXTENSIONS', 'bids_root', 'find_bids_recordings', 'BIDSRecording', 'read_bids_recording', 'BIDSSelection',
-           'BIDSPretrainSpec', 'BIDSEventsSpec', 'eegmat_to_bids']
+__all__ = ['BIDS_EEG_EXTENSIONS', 'eegmat_to_bids', 'bids_root', 'find_bids_recordings', 'BIDSRecording', 'read_bids_recording',
+           'BIDSSelection', 'BIDSPretrainSpec', 'BIDSEventsSpec']
 
 # %% ../nbs/44_bids.ipynb #c006
+def eegmat_to_bids(src_dir: str | Path, root: str | Path, subjects: Sequence[str | int], events: bool = True,
+                   last_s: float = 60.0) -> list:
+    "Write EEGMAT's SubjectNN_1/_2.edf as a BIDS dataset (tasks 'rest', 'arithmetic'); the BIDSPaths written."
+    import mne
+    from mne_bids import BIDSPath, write_raw_bids
+    written = []
+    for s in subjects:
+        s = f"{int(s):02d}"
+        for k, task in ((1, "rest"), (2, "arithmetic")):
+            src = Path(src_dir) / f"Subject{s}_{k}.edf"
+            if not src.is_file():
+                raise FileNotFoundError(f"{src}: no EEGMAT recording for subject {s} (task {task})")
+            raw = mne.io.read_raw_edf(src, verbose="ERROR")
+            raw.set_channel_types({c: "ecg" for c in raw.ch_names if c.upper().startswith("ECG")})
+            if events:
+                raw.set_annotations(mne.Annotations([raw.times[-1] + 1 / raw.info["sfreq"] - last_s], [last_s], [task],
+                                                    orig_time=raw.annotations.orig_time))
+            bp = BIDSPath(subject=s, task=task, datatype="eeg", root=Path(root))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                written.append(write_raw_bids(raw, bp, overwrite=True, verbose="ERROR"))
+    return written
+
+# %% ../nbs/44_bids.ipynb #c009
 BIDS_EEG_EXTENSIONS: tuple[str, ...] = (".edf", ".bdf", ".vhdr", ".set")
 _ENTITY_PREFIX = {"subject": "sub-", "session": "ses-", "task": "task-", "run": "run-"}
 
@@ -38,7 +62,7 @@ def bids_root(path: str | Path) -> Path:
                            f"and the sub-* folders)")
     return p
 
-# %% ../nbs/44_bids.ipynb #c007
+# %% ../nbs/44_bids.ipynb #c013
 def _match_values(root: Path, entity: str, wanted: Sequence) -> list[str]:
     "The dataset's spelling of each wanted value of `entity` (prefix optional; runs by number); unknown ones raise."
     from mne_bids import get_entity_vals
@@ -54,7 +78,7 @@ def _match_values(root: Path, entity: str, wanted: Sequence) -> list[str]:
         raise DatasetError(f"{root}: {entity}(s) {missing} (parameter `{entity}s`) not in this BIDS dataset; it has {have}")
     return out
 
-# %% ../nbs/44_bids.ipynb #c008
+# %% ../nbs/44_bids.ipynb #c016
 def find_bids_recordings(root: str | Path, subjects=None, sessions=None, tasks=None, runs=None, datatype: str = "eeg",
                          extensions: Sequence[str] = BIDS_EEG_EXTENSIONS) -> list:
     "The `BIDSPath`s of the `datatype` recordings under a BIDS root that match the filters (None: all), sorted."
@@ -69,7 +93,7 @@ def find_bids_recordings(root: str | Path, subjects=None, sessions=None, tasks=N
         raise DatasetError(f"{root}: no {datatype} recordings ({', '.join(extensions)}) match {chosen}")
     return paths
 
-# %% ../nbs/44_bids.ipynb #c010
+# %% ../nbs/44_bids.ipynb #c020
 def _root_of(entry: RecordingEntry) -> Path:
     "The BIDS root of an entry: its path without its relpath."
     return Path(entry.path).parents[len(Path(entry.relpath).parts) - 1]
@@ -80,7 +104,7 @@ class BIDSRecording(Recording):
     "A preprocessed BIDS recording and its annotations: (onset s from the first sample, duration s, description)."
     events: list = field(default_factory=list)
 
-# %% ../nbs/44_bids.ipynb #c011
+# %% ../nbs/44_bids.ipynb #c022
 def read_bids_recording(path: str | Path, root: str | Path, channels: Sequence[str] | None = None,
                         l_freq: float | None = 0.1, h_freq: float | None = 75.0, notch: float | None = 50.0,
                         sfreq: float = 200.0, min_seconds: float | None = None, on_flat: str = "warn",
@@ -112,7 +136,7 @@ def read_bids_recording(path: str | Path, root: str | Path, channels: Sequence[s
     check_amplitude(rec, max_abs_uV)
     return BIDSRecording(rec.data, rec.ch_names, rec.sfreq, rec.source, events)
 
-# %% ../nbs/44_bids.ipynb #c013
+# %% ../nbs/44_bids.ipynb #c027
 @dataclass(frozen=True)
 class BIDSSelection:
     "Which recordings of a BIDS root: filters by entity (None: all) and the datatype; subject = 'sub-<label>'."
@@ -145,7 +169,7 @@ class BIDSPretrainSpec(BIDSSelection, PretrainSpec):
         root = Path(raw_dir)
         return [self.bids_entry(bp, root) for bp in self.bids_paths(root)], []
 
-# %% ../nbs/44_bids.ipynb #c015
+# %% ../nbs/44_bids.ipynb #c031
 def _tsv_rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f, delimiter="\t"))
@@ -169,7 +193,7 @@ def _participant_values(root: Path, column: str) -> dict[str, str]:
         raise DatasetError(f"{p}: no column {column!r} (label_from); it has {list(rows[0])}")
     return {r["participant_id"]: r[column] for r in rows}
 
-# %% ../nbs/44_bids.ipynb #c016
+# %% ../nbs/44_bids.ipynb #c035
 @dataclass(frozen=True)
 class BIDSEventsSpec(BIDSSelection, DatasetSpec):
     "Labelled windows from a BIDS root: label (event trial_type, task or participants.tsv column) -> class by `label_map`."
@@ -198,7 +222,7 @@ class BIDSEventsSpec(BIDSSelection, DatasetSpec):
             return [bp.task] if bp.task else []
         return [participants.get(f"sub-{bp.subject}", "n/a")]
 
-# %% ../nbs/44_bids.ipynb #c018
+# %% ../nbs/44_bids.ipynb #c038
 @patch
 def discover(self: BIDSEventsSpec, raw_dir):
     root = bids_root(raw_dir)
@@ -224,7 +248,22 @@ def discover(self: BIDSEventsSpec, raw_dir):
                            f"(label_from={self.label_from!r}; labels found: {sorted(seen)})")
     return entries, bad
 
-# %% ../nbs/44_bids.ipynb #c020
+# %% ../nbs/44_bids.ipynb #c042
+@patch
+def _event_starts(self: BIDSEventsSpec, events, total: int) -> tuple[np.ndarray, np.ndarray]:
+    "Window starts (samples) and classes for the mapped events; windows leaving the recording are dropped."
+    sf, n, starts, labels = self.sfreq, self.n_times, [], []
+    for onset, duration, desc in events:
+        if desc not in self.label_map:
+            continue
+        t0, end = onset + self.offset_s, onset + max(duration, self.offset_s + self.window_s)
+        k = np.arange(int(np.floor((end - t0 - self.window_s) / self.stride_s + 1e-9)) + 1)
+        s = np.round((t0 + k * self.stride_s) * sf).astype(np.int64)
+        s = s[(s >= 0) & (s + n <= total)]
+        starts += list(s); labels += [self.label_map[desc]] * len(s)
+    return np.asarray(starts, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+
+# %% ../nbs/44_bids.ipynb #c047
 @patch
 def windows(self: BIDSEventsSpec, entry, rec):
     "Windows inside the mapped events (label_from='events'), else over the recording (or its last `last_s` s)."
@@ -244,43 +283,5 @@ def windows(self: BIDSEventsSpec, entry, rec):
     x = np.ascontiguousarray(rec.data[:, starts[:, None] + np.arange(n)].transpose(1, 0, 2), dtype=np.float32)
     return Windows(x, labels, starts / sf)
 
-@patch
-def _event_starts(self: BIDSEventsSpec, events, total: int) -> tuple[np.ndarray, np.ndarray]:
-    "Window starts (samples) and classes for the mapped events; windows leaving the recording are dropped."
-    sf, n, starts, labels = self.sfreq, self.n_times, [], []
-    for onset, duration, desc in events:
-        if desc not in self.label_map:
-            continue
-        t0, end = onset + self.offset_s, onset + max(duration, self.offset_s + self.window_s)
-        k = np.arange(int(np.floor((end - t0 - self.window_s) / self.stride_s + 1e-9)) + 1)
-        s = np.round((t0 + k * self.stride_s) * sf).astype(np.int64)
-        s = s[(s >= 0) & (s + n <= total)]
-        starts += list(s); labels += [self.label_map[desc]] * len(s)
-    return np.asarray(starts, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-
-# %% ../nbs/44_bids.ipynb #c022
+# %% ../nbs/44_bids.ipynb #c051
 DATASET_SPECS.update({"bids-pretrain": BIDSPretrainSpec, "bids-events": BIDSEventsSpec})
-
-# %% ../nbs/44_bids.ipynb #c024
-def eegmat_to_bids(src_dir: str | Path, root: str | Path, subjects: Sequence[str | int], events: bool = True,
-                   last_s: float = 60.0) -> list:
-    "Write EEGMAT's SubjectNN_1/_2.edf as a BIDS dataset (tasks 'rest', 'arithmetic'); the BIDSPaths written."
-    import mne
-    from mne_bids import BIDSPath, write_raw_bids
-    written = []
-    for s in subjects:
-        s = f"{int(s):02d}"
-        for k, task in ((1, "rest"), (2, "arithmetic")):
-            src = Path(src_dir) / f"Subject{s}_{k}.edf"
-            if not src.is_file():
-                raise FileNotFoundError(f"{src}: no EEGMAT recording for subject {s} (task {task})")
-            raw = mne.io.read_raw_edf(src, verbose="ERROR")
-            raw.set_channel_types({c: "ecg" for c in raw.ch_names if c.upper().startswith("ECG")})
-            if events:
-                raw.set_annotations(mne.Annotations([raw.times[-1] + 1 / raw.info["sfreq"] - last_s], [last_s], [task],
-                                                    orig_time=raw.annotations.orig_time))
-            bp = BIDSPath(subject=s, task=task, datatype="eeg", root=Path(root))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                written.append(write_raw_bids(raw, bp, overwrite=True, verbose="ERROR"))
-    return written

@@ -84,7 +84,7 @@ def _torch_load(path: Path, trusted: bool) -> tuple[Any, str | None]:
         return torch.load(path, map_location="cpu", weights_only=False), None
     return None, found.group(1)
 
-# %% ../nbs/40_official_weights.ipynb #c009a
+# %% ../nbs/40_official_weights.ipynb #c010
 def read_checkpoint(source: str | Path | Mapping, trusted: bool = False) -> dict:
     "Load a checkpoint file safely (`weights_only`, + argparse.Namespace); a dict passes through."
     if isinstance(source, Mapping):
@@ -107,7 +107,7 @@ def read_checkpoint(source: str | Path | Mapping, trusted: bool = False) -> dict
         raise CheckpointFileError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict; {_EXPECTED}")
     return dict(ckpt)
 
-# %% ../nbs/40_official_weights.ipynb #c012
+# %% ../nbs/40_official_weights.ipynb #c013
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = ORIG_MOD_PREFIX) -> dict:
     "Remove `prefix` from every key that starts with it."
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
@@ -123,7 +123,7 @@ def _state_dict_of(ckpt: Mapping, containers: tuple[str, ...]) -> tuple[dict, di
     raise CheckpointMismatchError(f"no state dict found: expected one of the keys {list(containers)} holding a "
                                   f"state dict, or a flat dict of tensors; got keys {sorted(map(str, ckpt))[:10]}")
 
-# %% ../nbs/40_official_weights.ipynb #c015
+# %% ../nbs/40_official_weights.ipynb #c016
 _KINDS = {"VQ.encoder.": ("a NeuroLM tokenizer (VQ_Align)", "load_official_neurolm_tokenizer"),
           "encoder.": ("a LaBraM VQNSP tokenizer", "load_official_labram_vqnsp"),
           "GPT2.": ("a NeuroLM-B/L/XL language model", "load_official_neurolm"),
@@ -150,7 +150,7 @@ def _naming(source):
             raise
         raise type(e)(f"{source}: {e}") from None
 
-# %% ../nbs/40_official_weights.ipynb #c020
+# %% ../nbs/40_official_weights.ipynb #c021
 _lead_one = lambda shape: (1, *shape)        # [R, D] table -> [1, R, D] parameter
 _conv_1x1 = lambda shape: (*shape, 1, 1)     # Linear [out, in] -> Conv2d 1x1 [out, in, 1, 1]
 
@@ -169,7 +169,7 @@ _NEUROLM_TOWER = [
     (r"norm\.(weight|bias)", r"fc_norm.\1", None),
 ]
 
-# %% ../nbs/40_official_weights.ipynb #c020a
+# %% ../nbs/40_official_weights.ipynb #c022
 _LABRAM_TOWER = [
     (r"cls_token", "cls_token", None),
     (r"channel_embed\.weight", "pos_embed", _lead_one),
@@ -182,7 +182,7 @@ _LABRAM_TOWER = [
     (r"norm\.(weight|bias)", r"fc_norm.\1", None),
 ]
 
-# %% ../nbs/40_official_weights.ipynb #c023
+# %% ../nbs/40_official_weights.ipynb #c025
 def _quantizer_rules(prefix: str) -> list:
     return [(r"quantizer\.codebook", f"{prefix}quantize.embedding.weight", None),
             (r"quantizer\.kmeans_counts", f"{prefix}quantize.embedding.cluster_size", None),
@@ -212,7 +212,7 @@ _FLAVOURS = {
     },
 }
 
-# %% ../nbs/40_official_weights.ipynb #c026
+# %% ../nbs/40_official_weights.ipynb #c028
 def official_key(key: str, flavour: str) -> tuple[str, Callable | None]:
     "(official key, shape change or None) for one of our state-dict keys; KeyError if it has none."
     spec = _FLAVOURS[flavour]
@@ -240,7 +240,7 @@ def official_key_table(model: VQTokenizer, flavour: str) -> dict[str, tuple[str,
         table[theirs] = (key, shape, tuple(reshape(shape)) if reshape else shape)
     return table
 
-# %% ../nbs/40_official_weights.ipynb #c029
+# %% ../nbs/40_official_weights.ipynb #c031
 def _mismatches(table: Mapping, state_dict: Mapping, flavour: str) -> list[str]:
     problems = []
     for theirs, (_, _, shape) in table.items():
@@ -254,7 +254,7 @@ def _mismatches(table: Mapping, state_dict: Mapping, flavour: str) -> list[str]:
                             f"official {flavour} model with this configuration")
     return problems
 
-# %% ../nbs/40_official_weights.ipynb #c032
+# %% ../nbs/40_official_weights.ipynb #c034
 def load_official_state_dict(model: VQTokenizer, state_dict: Mapping[str, torch.Tensor], flavour: str,
                              strict: bool = True) -> VQTokenizer:
     "Load an official state dict (official key names) into `model`, every key and shape checked."
@@ -279,14 +279,14 @@ def load_official_state_dict(model: VQTokenizer, state_dict: Mapping[str, torch.
     model.load_state_dict(ours, strict=not problems, assign=on_meta)
     return model
 
-# %% ../nbs/40_official_weights.ipynb #c032a
+# %% ../nbs/40_official_weights.ipynb #c035
 def to_official_state_dict(model: VQTokenizer, flavour: str) -> dict[str, torch.Tensor]:
     "Our state dict under official key names and shapes."
     ours = model.state_dict()
     return {theirs: ours[key].reshape(official_shape) for theirs, (key, _, official_shape)
             in official_key_table(model, flavour).items()}
 
-# %% ../nbs/40_official_weights.ipynb #c035
+# %% ../nbs/40_official_weights.ipynb #c038
 def _shape(sd: Mapping, key: str, what: str) -> tuple:
     if key not in sd:
         raise CheckpointMismatchError(f"cannot read the {what} from the checkpoint: key {key!r} is missing")
@@ -297,7 +297,7 @@ def _depth(sd: Mapping, prefix: str) -> int:
     found = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
     return max(found) + 1 if found else 0
 
-# %% ../nbs/40_official_weights.ipynb #c035a
+# %% ../nbs/40_official_weights.ipynb #c039
 def neurolm_config_from_state_dict(sd: Mapping, encoder_args: Mapping | None = None,
                                    decoder_args: Mapping | None = None, **overrides) -> VQConfig:
     "The `VQConfig` of an official NeuroLM `VQ_Align` state dict (+ its encoder/decoder args, if saved)."
@@ -322,7 +322,7 @@ def neurolm_config_from_state_dict(sd: Mapping, encoder_args: Mapping | None = N
                                           f"{cfg[depth_key]} blocks ({depth_key})")
     return VQConfig.neurolm(**{**cfg, **overrides})
 
-# %% ../nbs/40_official_weights.ipynb #c038
+# %% ../nbs/40_official_weights.ipynb #c042
 def labram_config_from_state_dict(sd: Mapping, **overrides) -> VQConfig:
     "The `VQConfig` of an official LaBraM VQNSP state dict."
     dim = _shape(sd, "encoder.fc_norm.weight", "width")[0]
@@ -338,7 +338,7 @@ def labram_config_from_state_dict(sd: Mapping, **overrides) -> VQConfig:
                  "phase": _shape(sd, "decode_task_layer_angle.2.weight", "phase head")[0]})
     return VQConfig.labram(**{**cfg, **overrides})
 
-# %% ../nbs/40_official_weights.ipynb #c041
+# %% ../nbs/40_official_weights.ipynb #c045
 _LABRAM_DROPPED = ("loss", "teacher", "scaling")  # prefixes LaBraM's own tokenizer loader discards
 
 
@@ -353,7 +353,7 @@ def _finish(model: VQTokenizer, sd: Mapping, flavour: str, strict: bool) -> VQTo
         model = VQTokenizer(model.config)  # a partial load needs real initial values for the missing keys
     return load_official_state_dict(model, sd, flavour, strict)
 
-# %% ../nbs/40_official_weights.ipynb #c044
+# %% ../nbs/40_official_weights.ipynb #c048
 def load_official_neurolm_tokenizer(source: str | Path | Mapping, model: VQTokenizer | None = None,
                                     strict: bool = True, trusted: bool = False, **config_overrides) -> VQTokenizer:
     "A `VQTokenizer` holding an official NeuroLM `VQ_Align` checkpoint (train_vq.py format or bare state dict)."
@@ -382,7 +382,7 @@ def load_official_labram_vqnsp(source: str | Path | Mapping, model: VQTokenizer 
             raise ValueError(f"config overrides {sorted(config_overrides)} only apply when no model is given")
         return _finish(model, sd, "labram", strict)
 
-# %% ../nbs/40_official_weights.ipynb #c047
+# %% ../nbs/40_official_weights.ipynb #c051
 def to_official_neurolm_tokenizer(model: VQTokenizer, as_checkpoint: bool = False) -> dict:
     "Our model as an official `VQ_Align` state dict, or (`as_checkpoint`) a train_vq.py-style checkpoint."
     sd = to_official_state_dict(model, "neurolm")
@@ -400,7 +400,7 @@ def to_official_labram_vqnsp(model: VQTokenizer, as_checkpoint: bool = False) ->
     sd = to_official_state_dict(model, "labram")
     return {"model": sd} if as_checkpoint else sd
 
-# %% ../nbs/40_official_weights.ipynb #c065
+# %% ../nbs/40_official_weights.ipynb #c069
 def _official_lm_key(key: str) -> str:
     "The official NeuroLM name of one of our state-dict keys."
     if key.startswith("gpt."):
@@ -420,7 +420,7 @@ def official_lm_key_table(model: NeuroLM) -> dict[str, str]:
     "{official key: our key} for every entry of `model.state_dict()`."
     return {_official_lm_key(k): k for k in model.state_dict()}
 
-# %% ../nbs/40_official_weights.ipynb #c068
+# %% ../nbs/40_official_weights.ipynb #c072
 def neurolm_lm_config_from_state_dict(sd: Mapping, model_args: Mapping | None = None, n_head: int | None = None,
                                       encoder_heads: int | None = None, text_vocab_size: int | None = None,
                                       **overrides) -> NeuroLMConfig:
@@ -453,7 +453,7 @@ def neurolm_lm_config_from_state_dict(sd: Mapping, model_args: Mapping | None = 
     return NeuroLMConfig(gpt=gpt, tokenizer=tokenizer, vocab=vocab, n_channel_embeddings=shape("pos_embed.weight")[0],
                          **overrides)
 
-# %% ../nbs/40_official_weights.ipynb #c071
+# %% ../nbs/40_official_weights.ipynb #c075
 def load_official_neurolm_lm(source, model: NeuroLM | None = None, strict: bool = True, n_head: int | None = None,
                              trusted: bool = False, **config_overrides) -> NeuroLM:
     "A NeuroLM holding an official NeuroLM checkpoint (file or dict: checkpoint with 'model', or a bare state dict)."
@@ -486,13 +486,13 @@ def load_official_neurolm_lm(source, model: NeuroLM | None = None, strict: bool 
     model.encoder.requires_grad_(False)
     return model
 
-# %% ../nbs/40_official_weights.ipynb #c071a
+# %% ../nbs/40_official_weights.ipynb #c076
 def to_official_neurolm_lm(model: NeuroLM) -> dict[str, torch.Tensor]:
     "Our model's state dict under the official NeuroLM names (what official code loads)."
     ours = model.state_dict()
     return {theirs: ours[key] for theirs, key in official_lm_key_table(model).items()}
 
-# %% ../nbs/40_official_weights.ipynb #c072
+# %% ../nbs/40_official_weights.ipynb #c080
 _MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
 
@@ -511,7 +511,7 @@ def _check_model_args(model_args: Mapping, model, skip: tuple[str, ...] = ()) ->
     if wrong:
         raise CheckpointMismatchError(f"the checkpoint's model_args contradict its state dict: {', '.join(wrong)}")
 
-# %% ../nbs/40_official_weights.ipynb #c075
+# %% ../nbs/40_official_weights.ipynb #c083
 def load_official_neurolm(source: str | Path | Mapping, model=None, strict: bool = True, n_head: int | None = None,
                           trusted: bool = False, **config_overrides):
     """A `neurolm_nb.neurolm.NeuroLM` holding an official NeuroLM-B/L/XL checkpoint (stage 2 or 3).
@@ -541,7 +541,7 @@ def to_official_neurolm(model, as_checkpoint: bool = False, compiled: bool = Fal
         return sd
     return {"model": sd, "model_args": neurolm_model_args(model.config), "iter_num": iter_num, "epoch": epoch}
 
-# %% ../nbs/40_official_weights.ipynb #c078
+# %% ../nbs/40_official_weights.ipynb #c086
 def official_neurolm_key_table(model) -> dict[str, tuple[str, tuple]]:
     "{official key: (our key, shape)} for every entry of a NeuroLM's state dict (the names never reshape)."
     ours = model.state_dict()
@@ -556,7 +556,7 @@ def neurolm_encoder_from_vq(source: str | Path | Mapping, trusted: bool = False)
         _expect_keys(sd, "VQ.encoder.", "VQ.encoder.fc_norm.weight")
         return {"tokenizer." + k[len("VQ.encoder."):]: v for k, v in sd.items() if k.startswith("VQ.encoder.")}
 
-# %% ../nbs/40_official_weights.ipynb #c081
+# %% ../nbs/40_official_weights.ipynb #c089
 def load_neurolm_gpt_weights(tensors: dict, n_head: int, n_layer: int | None = None, prefix: str = "GPT2.",
                              **overrides) -> GPT:
     "Our GPT from a NeuroLM state dict's `GPT2.*` entries (sizes read from the tensors; `_orig_mod.` stripped)."
@@ -575,7 +575,7 @@ def load_neurolm_gpt_weights(tensors: dict, n_head: int, n_layer: int | None = N
     model.load_state_dict(sd, strict=True)
     return model
 
-# %% ../nbs/40_official_weights.ipynb #c092
+# %% ../nbs/40_official_weights.ipynb #c100
 def official_state_dict(source: str | Path | Mapping, trusted: bool = False) -> dict[str, torch.Tensor]:
     "The state dict inside an official LaBraM checkpoint (file, checkpoint dict or bare state dict), prefixes stripped."
     ckpt = read_checkpoint(source, trusted)
@@ -592,7 +592,7 @@ def official_state_dict(source: str | Path | Mapping, trusted: bool = False) -> 
         sd = dict(ckpt)
     return strip_prefix(strip_prefix(sd), "module.")
 
-# %% ../nbs/40_official_weights.ipynb #c092a
+# %% ../nbs/40_official_weights.ipynb #c104
 def labram_student_config(sd: Mapping[str, torch.Tensor], **overrides) -> LaBraMConfig:
     "The `LaBraMConfig` of an official state dict (MEM with `student.` keys, student-only, or fine-tuning)."
     p = "student." if any(k.startswith("student.") for k in sd) else ""
@@ -617,7 +617,7 @@ def labram_student_config(sd: Mapping[str, torch.Tensor], **overrides) -> LaBraM
                init_values=LaBraMConfig.init_values if f"{p}blocks.0.gamma_1" in sd or not depth else 0.0)
     return LaBraMConfig(**{**cfg, **overrides})
 
-# %% ../nbs/40_official_weights.ipynb #c093
+# %% ../nbs/40_official_weights.ipynb #c107
 def state_dict_problems(expected: Mapping[str, tuple], found: Mapping[str, Any], what: str,
                         may_be_unused: Sequence[str] = ()) -> list[str]:
     "Every missing key, shape mismatch and unexpected key (except those in `may_be_unused`), one line each."
@@ -638,7 +638,7 @@ def _raise_or_warn(problems: list[str], what: str, strict: bool) -> None:
         raise CheckpointMismatchError(message)
     warnings.warn(message)
 
-# %% ../nbs/40_official_weights.ipynb #c093a
+# %% ../nbs/40_official_weights.ipynb #c110
 def _load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, strict: bool,
                may_be_unused: Sequence[str] = (), may_be_missing: Sequence[str] = ()) -> nn.Module:
     "Check `sd` against `model.state_dict()` (names and shapes) and load the fitting tensors as float32."
@@ -665,7 +665,7 @@ def _frozen_like_original(model: LaBraMForMEM) -> LaBraMForMEM:
         p.requires_grad_(False)  # assign=True may have replaced the parameters
     return model
 
-# %% ../nbs/40_official_weights.ipynb #c094
+# %% ../nbs/40_official_weights.ipynb #c113
 def load_official_labram_mem(source: str | Path | Mapping, strict: bool = True, trusted: bool = False,
                              **config_overrides) -> LaBraMForMEM:
     "A `LaBraMForMEM` holding an official MEM pretraining checkpoint (every `student.*`, `lm_head.*`, `projection_head.*` key)."
@@ -691,7 +691,7 @@ def load_official_labram_student(source: str | Path | Mapping, strict: bool = Tr
     cfg = labram_student_config(sd, **config_overrides)
     return _load_into(_built(LaBraMStudent, cfg, meta=strict), sd, "LaBraM student", strict)
 
-# %% ../nbs/40_official_weights.ipynb #c094a
+# %% ../nbs/40_official_weights.ipynb #c116
 def load_official_labram_classifier(source: str | Path | Mapping, n_classes: int | None = None, drop_path: float = 0.1,
                                     init_scale: float = 0.001, strict: bool = True, trusted: bool = False,
                                     use_cls: bool | None = None, **config_overrides) -> LaBraMClassifier:
@@ -717,13 +717,13 @@ def load_official_labram_classifier(source: str | Path | Mapping, n_classes: int
     model = _built(LaBraMClassifier, cfg, found_classes, init_scale, found_cls, meta=strict)
     return _load_into(model, sd, "LaBraM classifier", strict)
 
-# %% ../nbs/40_official_weights.ipynb #c094aa
+# %% ../nbs/40_official_weights.ipynb #c119
 def to_official_labram(model: nn.Module, as_checkpoint: bool = False) -> dict:
     "Our model's state dict in the official layout (the names are the same), or {'model': state dict}."
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"model": sd} if as_checkpoint else sd
 
-# %% ../nbs/40_official_weights.ipynb #c101
+# %% ../nbs/40_official_weights.ipynb #c126
 def labram_tokenizer(source: str | Path) -> VQTokenizer:
     "A VQ-NSP tokenizer from a save_pretrained folder (hub format) or an official LaBraM `vqnsp.pth`."
     if Path(source).is_dir():  # errors name a missing file

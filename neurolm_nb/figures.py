@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .core import atomic_write_bytes, in_notebook, load_checkpoint, load_json, project_root, save_fig, save_json
 from .training import read_metrics
@@ -146,27 +147,31 @@ class FigureContext:
         "Note inputs of the figure being drawn (once each, in order)."
         self.inputs += [r for r in rels if r not in self.inputs]
 
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        "compute() once per context; every caller records the inputs it read."
-        if key not in self._cache:
-            outer, self.inputs = self.inputs, []
-            try:
-                value = compute()
-                self._cache[key] = (value, self.inputs)
-            finally:
-                used, self.inputs = self.inputs, outer
-        value, used = self._cache[key]
-        self.record(*used)
-        return value
+# %% ../nbs/90_paper_figures.ipynb #c019
+@patch
+def cached(self: FigureContext, key: str, compute: Callable[[], Any]) -> Any:
+    "compute() once per context; every caller records the inputs it read."
+    if key not in self._cache:
+        outer, self.inputs = self.inputs, []
+        try:
+            value = compute()
+            self._cache[key] = (value, self.inputs)
+        finally:
+            used, self.inputs = self.inputs, outer
+    value, used = self._cache[key]
+    self.record(*used)
+    return value
 
-    def save(self, fig, name: str) -> list[str]:
-        "Save `fig` as out_dir/name.<format> for each format (deterministic bytes), close it; returns the file names."
-        import matplotlib.pyplot as plt
-        paths = save_fig(fig, self.out_dir / name, formats=self.formats, dpi=self.dpi)
-        plt.close(fig)
-        return [p.name for p in paths]
 
-# %% ../nbs/90_paper_figures.ipynb #c018
+@patch
+def save(self: FigureContext, fig, name: str) -> list[str]:
+    "Save `fig` as out_dir/name.<format> for each format (deterministic bytes), close it; returns the file names."
+    import matplotlib.pyplot as plt
+    paths = save_fig(fig, self.out_dir / name, formats=self.formats, dpi=self.dpi)
+    plt.close(fig)
+    return [p.name for p in paths]
+
+# %% ../nbs/90_paper_figures.ipynb #c022
 def dataset_rows(run_root: str | Path) -> list[dict]:
     "One row per built dataset under run_root/datasets: windows and subjects per split, channels, seconds, classes."
     rows = []
@@ -188,7 +193,7 @@ def dataset_rows(run_root: str | Path) -> list[dict]:
         rows.append(row)
     return rows
 
-# %% ../nbs/90_paper_figures.ipynb #c021
+# %% ../nbs/90_paper_figures.ipynb #c025
 def markdown_table(rows: list[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
     "A GitHub markdown table of `rows` (floats to `digits` places, None as an en dash)."
     columns = list(columns or (rows[0].keys() if rows else []))
@@ -218,7 +223,7 @@ def write_text(path: str | Path, text: str) -> Path:
     "Write UTF-8 text atomically."
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-# %% ../nbs/90_paper_figures.ipynb #c024
+# %% ../nbs/90_paper_figures.ipynb #c028
 @figure("datasets")
 def datasets_table(ctx: FigureContext) -> Made:
     ctx.need("datasets", "datasets", record=False)
@@ -230,7 +235,7 @@ def datasets_table(ctx: FigureContext) -> Made:
     write_text(ctx.out_dir / "datasets.csv", csv_text(rows))
     return Made(["datasets.md", "datasets.csv"])
 
-# %% ../nbs/90_paper_figures.ipynb #c027
+# %% ../nbs/90_paper_figures.ipynb #c031
 def stair_mask_example(n_channels: int = 3, n_seconds: int = 3, n_pad: int = 2, n_text: int = 3):
     "(mask [S, S] bool, token labels) of a toy time-major sequence, from `model.stair_mask`."
     from neurolm_nb.neurolm import stair_mask
@@ -243,7 +248,7 @@ def stair_mask_example(n_channels: int = 3, n_seconds: int = 3, n_pad: int = 2, 
     assert mask.shape == (L + n_text, L + n_text)
     return mask, labels
 
-# %% ../nbs/90_paper_figures.ipynb #c027a
+# %% ../nbs/90_paper_figures.ipynb #c032
 def plot_stair_mask(mask: torch.Tensor, labels: Sequence[str], n_channels: int = 3):
     "The stair mask beside a causal mask of the same size (dark = may attend)."
     import matplotlib.pyplot as plt
@@ -268,7 +273,7 @@ def stair_mask_figure(ctx: FigureContext) -> Made:
     mask, labels = stair_mask_example()
     return Made(ctx.save(plot_stair_mask(mask, labels), "stair_mask"), notes=["drawn from model.stair_mask"])
 
-# %% ../nbs/90_paper_figures.ipynb #c030
+# %% ../nbs/90_paper_figures.ipynb #c035
 def load_stage_tokenizer(ctx: FigureContext):
     "(checkpoint dict, VQTokenizer in eval mode) of the run's stage 1, cached."
     def load():
@@ -286,7 +291,7 @@ class Probe:
     datasets: list
     split: str
 
-# %% ../nbs/90_paper_figures.ipynb #c033
+# %% ../nbs/90_paper_figures.ipynb #c038
 def probe(ctx: FigureContext) -> Probe:
     "The tokenizer's eval-mode forward on `ctx.probe_samples` seeded windows (cached)."
     def compute():
@@ -317,7 +322,7 @@ def probe(ctx: FigureContext) -> Probe:
         return Probe(batch, run_probe(vq, batch), [r.name for r in roots], split)
     return ctx.cached("probe", compute)
 
-# %% ../nbs/90_paper_figures.ipynb #c036
+# %% ../nbs/90_paper_figures.ipynb #c041
 @figure("codebook_usage_over_training")
 def codebook_usage_over_training(ctx: FigureContext) -> Made:
     from neurolm_nb.tokenizer_stage import plot_usage_over_training, read_code_usage
@@ -342,7 +347,7 @@ def codebook_usage_histogram(ctx: FigureContext) -> Made:
     return Made(ctx.save(fig, "codebook_usage_histogram"),
                 notes=[f"{s['used_codes']} of {s['n_codes']} codes used on {s['tokens']} tokens, perplexity {s['perplexity']:.1f}"])
 
-# %% ../nbs/90_paper_figures.ipynb #c036a
+# %% ../nbs/90_paper_figures.ipynb #c042
 @figure("reconstructions")
 def reconstructions(ctx: FigureContext) -> Made:
     from neurolm_nb.tokenizer_stage import plot_reconstructions
@@ -350,7 +355,7 @@ def reconstructions(ctx: FigureContext) -> Made:
     return Made(ctx.save(plot_reconstructions(p.output, p.batch, 4, ctx.seed), "reconstructions"),
                 notes=[f"{p.split} windows of {', '.join(p.datasets)}"])
 
-# %% ../nbs/90_paper_figures.ipynb #c039
+# %% ../nbs/90_paper_figures.ipynb #c045
 @figure("alignment_maps")
 def alignment_maps(ctx: FigureContext) -> Made:
     from neurolm_nb.alignment import TextWindows
@@ -376,7 +381,7 @@ def alignment_maps(ctx: FigureContext) -> Made:
     fig = plot_domain_maps(panels, ctx.map_method, ctx.seed)
     return Made(ctx.save(fig, "alignment_maps"), notes=[f"text source: {source.name}"])
 
-# %% ../nbs/90_paper_figures.ipynb #c042
+# %% ../nbs/90_paper_figures.ipynb #c048
 # panel title -> (candidate log files under a run root, [(key, label)], y label, log scale)
 TRAINING_LOGS = {
     "stage 1: tokenizer": (("tokenizer/train/metrics.jsonl",), (("loss", "total"), ("rec_freq", "MSE frequency"),
@@ -402,7 +407,7 @@ def smooth(values: Sequence[float], fraction: float = 0.02) -> np.ndarray:
     padded = np.pad(v, w // 2, mode="edge")
     return np.convolve(padded, np.ones(w) / w, mode="valid")
 
-# %% ../nbs/90_paper_figures.ipynb #c045
+# %% ../nbs/90_paper_figures.ipynb #c051
 def run_label(run: Path) -> str:
     "A run's name in legends: its folder name (runs/paper-b -> paper-b)."
     return Path(run).name or str(run)
@@ -416,7 +421,7 @@ def find_log(run: Path, candidates: Sequence[str]) -> Path | None:
             return p
     return None
 
-# %% ../nbs/90_paper_figures.ipynb #c048
+# %% ../nbs/90_paper_figures.ipynb #c054
 def plot_training_curves(curves: dict[str, list[tuple[str, str, list, list]]], ylabels: dict, logy: dict):
     "One panel per stage; curves[panel] = [(run label, key label, steps, values)]."
     import matplotlib.pyplot as plt
@@ -445,7 +450,7 @@ def plot_training_curves(curves: dict[str, list[tuple[str, str, list, list]]], y
     fig.tight_layout()
     return fig
 
-# %% ../nbs/90_paper_figures.ipynb #c051
+# %% ../nbs/90_paper_figures.ipynb #c057
 @figure("training_curves")
 def training_curves(ctx: FigureContext) -> Made:
     curves, notes, inputs = {}, [], []
@@ -469,7 +474,7 @@ def training_curves(ctx: FigureContext) -> Made:
                                {t: v[3] for t, v in TRAINING_LOGS.items()})
     return Made(ctx.save(fig, "training_curves"), notes=notes)
 
-# %% ../nbs/90_paper_figures.ipynb #c054
+# %% ../nbs/90_paper_figures.ipynb #c060
 PAPER_COLUMN, LABRAM_PAPER_COLUMN = "NeuroLM (paper)", "LaBraM-Base (paper)"
 RUN_COLUMN, RUN_ORIGINAL_COLUMN = "NeuroLM (this run)", "NeuroLM (this run, original evaluation)"
 LABRAM_RUN_COLUMN = "LaBraM (this run)"
@@ -492,7 +497,7 @@ def labram_result(run_root: str | Path) -> dict | None:
     row = load_json(path).get("results_row")
     return row if isinstance(row, dict) and row.get("task") else None
 
-# %% ../nbs/90_paper_figures.ipynb #c057
+# %% ../nbs/90_paper_figures.ipynb #c063
 def _baselines(task: dict) -> dict[str, dict[str, float]]:
     "{column name: metrics} of a task's 'baseline' entry (flat metrics, or several named baselines)."
     base = task.get("baseline")
@@ -508,7 +513,7 @@ def _ordered(metrics) -> list[str]:
     known = [m for m in METRIC_ORDER if m in metrics]
     return known + sorted(m for m in metrics if m not in METRIC_ORDER)
 
-# %% ../nbs/90_paper_figures.ipynb #c060
+# %% ../nbs/90_paper_figures.ipynb #c066
 def results_rows(evaluation: dict | None, labram: dict | None = None, paper: dict | None = None,
                  labram_paper: dict | None = None) -> tuple[list[dict], list[str]]:
     "(rows, columns) of the results table: one row per (task, metric), paper and run side by side."
@@ -540,7 +545,7 @@ def results_rows(evaluation: dict | None, labram: dict | None = None, paper: dic
                          RUN_COLUMN: float(run["unparseable_rate"])})
     return rows, columns
 
-# %% ../nbs/90_paper_figures.ipynb #c063
+# %% ../nbs/90_paper_figures.ipynb #c069
 def example_evaluation_metrics(seed: int = 0, n: int = 60, tasks: Sequence[str] = TASKS) -> dict:
     "An evaluation/metrics.json in the 32_evaluation contract from seeded random predictions (example data)."
     from sklearn.metrics import (balanced_accuracy_score, cohen_kappa_score, confusion_matrix, f1_score,
@@ -577,7 +582,7 @@ def example_evaluation_metrics(seed: int = 0, n: int = 60, tasks: Sequence[str] 
                      "baseline": {"name": "majority class", "balanced_accuracy": 1.0 / k}}
     return {"tasks": out, "paper": PAPER_NEUROLM, "note": "example data from seeded random predictions, not a model"}
 
-# %% ../nbs/90_paper_figures.ipynb #c066
+# %% ../nbs/90_paper_figures.ipynb #c072
 def plot_results(rows: list[dict], columns: Sequence[str], metric: str = "balanced_accuracy",
                  n_classes: dict | None = None):
     "Grouped bars of `metric` per task, one bar per source column that has it; chance as a dashed line."
@@ -604,7 +609,7 @@ def plot_results(rows: list[dict], columns: Sequence[str], metric: str = "balanc
     fig.tight_layout()
     return fig
 
-# %% ../nbs/90_paper_figures.ipynb #c069
+# %% ../nbs/90_paper_figures.ipynb #c075
 @figure("results")
 def results_table(ctx: FigureContext) -> Made:
     evaluation = load_evaluation(ctx)
@@ -627,7 +632,7 @@ def results_table(ctx: FigureContext) -> Made:
     files = ["results.md", "results.csv"] + ctx.save(plot_results(rows, columns, n_classes=n_classes), "results")
     return Made(files, notes=notes)
 
-# %% ../nbs/90_paper_figures.ipynb #c072
+# %% ../nbs/90_paper_figures.ipynb #c078
 def plot_confusion_matrices(tasks: dict):
     "A row-normalised confusion matrix per task: tasks = {task: {'confusion': [[...]], 'classes': [...]}}."
     import matplotlib.pyplot as plt
@@ -660,7 +665,7 @@ def plot_confusion_matrices(tasks: dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/90_paper_figures.ipynb #c075
+# %% ../nbs/90_paper_figures.ipynb #c081
 @figure("confusion_matrices")
 def confusion_matrices(ctx: FigureContext) -> Made:
     evaluation = load_evaluation(ctx)
@@ -669,7 +674,7 @@ def confusion_matrices(ctx: FigureContext) -> Made:
         raise MissingInput("evaluation/metrics.json holds no confusion matrix")
     return Made(ctx.save(plot_confusion_matrices(tasks), "confusion_matrices"))
 
-# %% ../nbs/90_paper_figures.ipynb #c078
+# %% ../nbs/90_paper_figures.ipynb #c084
 @dataclass
 class FigureReport:
     "What `make_figures` made, what it could not make for missing inputs, and what failed."
@@ -699,7 +704,32 @@ class FigureReport:
             lines += [f"- **{name}**: {why}" for name, why in self.failed.items()]
         return "\n".join(lines) + "\n"
 
-# %% ../nbs/90_paper_figures.ipynb #c081
+# %% ../nbs/90_paper_figures.ipynb #c087
+def _evaluation_notes(run_root: Path) -> list[str]:
+    "The run-wide note of `evaluation/metrics.json` (example numbers, say), if it has one."
+    ev_path = run_root / "evaluation" / "metrics.json"
+    note = load_json(ev_path).get("note") if ev_path.exists() else None
+    return [f"evaluation/metrics.json: {note}"] if note else []
+
+
+def _draw(name: str, draw: Callable, ctx: FigureContext, report: FigureReport, seed: int, strict: bool) -> None:
+    "Draw one figure into `report`: made (with the inputs it read), missing (MissingInput) or failed."
+    ctx.inputs = []
+    torch.manual_seed(seed)  # a figure's randomness never depends on which figures ran before it
+    try:
+        made = draw(ctx)
+    except MissingInput as e:
+        report.missing[name] = str(e)
+        return
+    except Exception as e:
+        if strict:
+            raise
+        report.failed[name] = f"{type(e).__name__}: {e}"
+        return
+    made.inputs = list(dict.fromkeys(ctx.inputs + made.inputs))
+    report.made[name] = made
+
+# %% ../nbs/90_paper_figures.ipynb #c090
 def make_figures(run_root: str | Path, out_dir: str | Path | None = None, runs: Sequence | None = None,
                  only: Sequence[str] | None = None, strict: bool = False, seed: int = 0, probe_samples: int = 16,
                  map_points: int = 300, map_method: str = "umap", formats: Sequence[str] = ("png", "svg"),
@@ -714,28 +744,10 @@ def make_figures(run_root: str | Path, out_dir: str | Path | None = None, runs: 
     ctx = FigureContext(run_root, out_dir, runs, seed, probe_samples, map_points, map_method, formats, dpi)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     report = FigureReport(str(run_root), str(ctx.out_dir))
-    ev_path = run_root / "evaluation" / "metrics.json"
-    if ev_path.exists():
-        note = load_json(ev_path).get("note")
-        if note:
-            report.notes.append(f"evaluation/metrics.json: {note}")
+    report.notes += _evaluation_notes(run_root)
     for name, draw in FIGURES.items():
-        if only and name not in only:
-            continue
-        ctx.inputs = []
-        torch.manual_seed(seed)  # a figure's randomness never depends on which figures ran before it
-        try:
-            made = draw(ctx)
-        except MissingInput as e:
-            report.missing[name] = str(e)
-            continue
-        except Exception as e:
-            if strict:
-                raise
-            report.failed[name] = f"{type(e).__name__}: {e}"
-            continue
-        made.inputs = list(dict.fromkeys(ctx.inputs + made.inputs))
-        report.made[name] = made
+        if not only or name in only:
+            _draw(name, draw, ctx, report, seed, strict)
     write_text(ctx.out_dir / "index.md", report.index_markdown())
     save_json(report.to_dict(), ctx.out_dir / "metrics.json")
     save_json({"run_root": str(run_root), "runs": [str(r) for r in ctx.runs], "only": list(only or []), "seed": seed,
@@ -743,7 +755,7 @@ def make_figures(run_root: str | Path, out_dir: str | Path | None = None, runs: 
                "formats": list(formats), "dpi": dpi}, ctx.out_dir / "config.json")
     return report
 
-# %% ../nbs/90_paper_figures.ipynb #c092
+# %% ../nbs/90_paper_figures.ipynb #c101
 def figures_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.figures",
                                      description="Regenerate every figure and table of a NeuroLM run directory")
@@ -759,7 +771,7 @@ def figures_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="stop at a figure that fails (not merely missing input)")
     return parser
 
-# %% ../nbs/90_paper_figures.ipynb #c092a
+# %% ../nbs/90_paper_figures.ipynb #c102
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line: draw the figures, print index.md; exit status 1 if any figure failed."
     parser = figures_parser()

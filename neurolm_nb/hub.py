@@ -57,7 +57,7 @@ def _mem(config: dict, extras: dict):
     model.student.cls_position = extras["cls_position"]
     return model
 
-# %% ../nbs/42_hub.ipynb #c007
+# %% ../nbs/42_hub.ipynb #c010
 def hub_families() -> dict[str, Family]:
     "Every class `save_pretrained` writes, by class name."
     from neurolm_nb.gpt import GPT, GPTConfig
@@ -82,7 +82,7 @@ def hub_families() -> dict[str, Family]:
     ]
     return {f.cls.__name__: f for f in families}
 
-# %% ../nbs/42_hub.ipynb #c011
+# %% ../nbs/42_hub.ipynb #c014
 def shared_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
     "{alias: first key} for the entries of a state dict that are the very same tensor."
     first: dict[tuple, str] = {}
@@ -113,7 +113,7 @@ def tie_(model: nn.Module, aliases: Mapping[str, str]) -> nn.Module:
         target[attr] = source[name]
     return model
 
-# %% ../nbs/42_hub.ipynb #c014
+# %% ../nbs/42_hub.ipynb #c017
 @dataclass
 class ModelCard:
     "What README.md says beyond what the model itself tells."
@@ -126,7 +126,7 @@ class ModelCard:
     notes: str | None = None      # free text, appended
     license: str | None = None    # the weights' licence, if known
 
-# %% ../nbs/42_hub.ipynb #c014a
+# %% ../nbs/42_hub.ipynb #c018
 def deviation_options(model: nn.Module) -> dict[str, str]:
     "The model's own switches where this project and the original code differ, with their values."
     name, cfg = type(model).__name__, getattr(model, "config", None)
@@ -144,7 +144,7 @@ def deviation_options(model: nn.Module) -> dict[str, str]:
                                     "original's pretraining" if student.cls_position == "first_channel" else "the CLS row 0"))
     return out
 
-# %% ../nbs/42_hub.ipynb #c015
+# %% ../nbs/42_hub.ipynb #c021
 def _table(rows: Mapping, head: tuple[str, str]) -> list[str]:
     return [f"| {head[0]} | {head[1]} |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())]
 
@@ -171,7 +171,7 @@ def render_card(model: nn.Module, card: ModelCard, stage: str, weights_sha256: s
     body += ["", "## Notes", "", card.notes] if card.notes else []
     return "\n".join(front + body) + "\n"
 
-# %% ../nbs/42_hub.ipynb #c017
+# %% ../nbs/42_hub.ipynb #c024
 def _fingerprint(spec: Mapping) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -192,7 +192,7 @@ def _is_family_class(cls: type, family_cls: type) -> bool:
     "The family's class, or its twin defined in a notebook (module `__main__`, the same name)."
     return cls is family_cls or (cls.__module__ == "__main__" and cls.__qualname__ == family_cls.__qualname__)
 
-# %% ../nbs/42_hub.ipynb #c017a
+# %% ../nbs/42_hub.ipynb #c028
 def _describe(model: nn.Module) -> tuple[Family, dict]:
     families = hub_families()
     family = families.get(type(model).__name__)
@@ -206,7 +206,7 @@ def _describe(model: nn.Module) -> tuple[Family, dict]:
     return family, {"class": family.cls.__name__, "config": to_jsonable(config), "init": extras,
                     "tied": shared_tensors(sd), "frozen": frozen}
 
-# %% ../nbs/42_hub.ipynb #c018
+# %% ../nbs/42_hub.ipynb #c031
 def save_pretrained(model: nn.Module, folder: str | Path, card: ModelCard | Mapping | None = None) -> Path:
     "Write `model.safetensors`, `config.json` and the model card `README.md` into `folder`; returns the folder."
     from safetensors.torch import save_file
@@ -233,7 +233,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, card: ModelCard | Mapp
     atomic_write_bytes(folder / CARD_NAME, render_card(model, card, family.stage(model), digest.hexdigest()).encode())
     return folder
 
-# %% ../nbs/42_hub.ipynb #c022
+# %% ../nbs/42_hub.ipynb #c035
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)?$")
 
 
@@ -256,7 +256,7 @@ def resolve_folder(source: str | Path, allow_download: bool = False, revision: s
     return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, library_name="neurolm_nb",
                                   allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]))
 
-# %% ../nbs/42_hub.ipynb #c023
+# %% ../nbs/42_hub.ipynb #c038
 _SPEC_KEYS = ("class", "config", "init", "tied", "frozen")
 
 
@@ -281,7 +281,7 @@ def read_config(folder: str | Path) -> dict:
         raise PretrainedFolderError(f"{path} names class {record['class']!r}, which is none of {sorted(families)}")
     return record
 
-# %% ../nbs/42_hub.ipynb #c023a
+# %% ../nbs/42_hub.ipynb #c041
 def _read_weights(path: Path, device) -> tuple[dict, dict]:
     from safetensors import safe_open
     if not path.is_file():
@@ -297,7 +297,7 @@ def _read_weights(path: Path, device) -> tuple[dict, dict]:
     # (other summation orders) than for PyTorch's 64-byte-aligned memory. Own, aligned memory: equal outputs.
     return {k: t if t.data_ptr() % 64 == 0 else t.clone() for k, t in tensors.items()}, metadata
 
-# %% ../nbs/42_hub.ipynb #c025
+# %% ../nbs/42_hub.ipynb #c044
 def _check_fit(model: nn.Module, tensors: Mapping, folder: Path, cls: str) -> None:
     expected = model.state_dict()
     problems = [f"missing key {k!r} (shape {list(v.shape)})" for k, v in expected.items() if k not in tensors]
@@ -308,7 +308,7 @@ def _check_fit(model: nn.Module, tensors: Mapping, folder: Path, cls: str) -> No
         raise PretrainedFolderError(f"{folder / WEIGHTS_NAME} does not fit the {cls} that {folder / CONFIG_NAME} "
                                     f"describes ({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:10]))
 
-# %% ../nbs/42_hub.ipynb #c026
+# %% ../nbs/42_hub.ipynb #c047
 def from_pretrained(source: str | Path, allow_download: bool = False, *, revision: str | None = None,
                     cache_dir: str | Path | None = None, expect: type | None = None,
                     map_location: str | torch.device = "cpu", check_config: bool = True) -> nn.Module:
@@ -341,7 +341,7 @@ def from_pretrained(source: str | Path, allow_download: bool = False, *, revisio
         p.requires_grad_(name not in frozen)
     return model.eval()
 
-# %% ../nbs/42_hub.ipynb #c028
+# %% ../nbs/42_hub.ipynb #c050
 def assert_same_weights(a: nn.Module | Mapping, b: nn.Module | Mapping) -> None:
     "Raise AssertionError naming the first key where two models (or state dicts) differ in name, dtype, shape or value."
     sa = a.state_dict() if isinstance(a, nn.Module) else a
@@ -354,7 +354,7 @@ def assert_same_weights(a: nn.Module | Mapping, b: nn.Module | Mapping) -> None:
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.cpu(), y.cpu()):
             raise AssertionError(f"{k!r} differs: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}")
 
-# %% ../nbs/42_hub.ipynb #c031
+# %% ../nbs/42_hub.ipynb #c053
 def read_card(folder: str | Path) -> ModelCard:
     "The card's facts that `save_pretrained` wrote into `folder/config.json`."
     record = read_config(folder)
@@ -374,7 +374,7 @@ def flat_metrics(metrics: Mapping, digits: int = 4, prefix: str = "") -> dict[st
             out[f"{prefix}{key}"] = float(f"{value:.{digits}g}")
     return out
 
-# %% ../nbs/42_hub.ipynb #c031a
+# %% ../nbs/42_hub.ipynb #c054
 def describe_datasets(roots, splits=("train",), max_subjects: int = 8) -> str:
     "A card's data line: per built dataset and split used, windows and subjects (from its split_manifest.json)."
     from neurolm_nb.shards import MANIFEST_FILE

@@ -79,7 +79,7 @@ def _trunk_and_state(model: nn.Module) -> tuple[nn.Module, dict]:
         return model, model.state_dict()
     raise TypeError(f"expected a LaBraMClassifier, LaBraMStudent or LaBraMForMEM, got {type(model).__name__}")
 
-# %% ../nbs/43_braindecode.ipynb #c014
+# %% ../nbs/43_braindecode.ipynb #c016
 def to_braindecode_state_dict(model: nn.Module, n_seconds: int, rows: torch.Tensor,
                               cls_row: int | None = None) -> dict[str, torch.Tensor]:
     "Our LaBraM weights under braindecode's names; `cls_row`: write that row of our table into braindecode's CLS row 0."
@@ -98,7 +98,7 @@ def to_braindecode_state_dict(model: nn.Module, n_seconds: int, rows: torch.Tens
     out["temporal_embedding"][:, :kept] = time[:, :kept]
     return out
 
-# %% ../nbs/43_braindecode.ipynb #c014a
+# %% ../nbs/43_braindecode.ipynb #c019
 def from_braindecode_state_dict(sd: Mapping[str, torch.Tensor], rows: torch.Tensor, head: str = "head",
                                 n_time_embeddings: int | None = None) -> dict[str, torch.Tensor]:
     "braindecode Labram weights under our names (`head`: 'head' for a classifier, 'lm_head' for a student)."
@@ -114,7 +114,7 @@ def from_braindecode_state_dict(sd: Mapping[str, torch.Tensor], rows: torch.Tens
     out["time_embed"][:, :min(n, time.shape[1])] = time[:, :n]
     return out
 
-# %% ../nbs/43_braindecode.ipynb #c018
+# %% ../nbs/43_braindecode.ipynb #c023
 def braindecode_kwargs(model: nn.Module, n_seconds: int, ch_names: Sequence[str] | None = None) -> dict:
     "The `braindecode.models.Labram` arguments of our model (window `n_seconds`; `ch_names`: its montage)."
     trunk, _ = _trunk_and_state(model)
@@ -136,7 +136,7 @@ def braindecode_kwargs(model: nn.Module, n_seconds: int, ch_names: Sequence[str]
         kwargs["n_chans"] = LABRAM_TABLE_ROWS - 1
     return kwargs
 
-# %% ../nbs/43_braindecode.ipynb #c019
+# %% ../nbs/43_braindecode.ipynb #c027
 def to_braindecode(model: nn.Module, n_seconds: int, ch_names: Sequence[str] | None = None,
                    mem_cls_quirk: bool = False) -> nn.Module:
     """A `braindecode.models.Labram` with `model`'s weights, built for windows of `n_seconds` (x: [B, C, n_seconds·200]).
@@ -159,7 +159,7 @@ def to_braindecode(model: nn.Module, n_seconds: int, ch_names: Sequence[str] | N
         raise ValueError(f"our weights do not fit this braindecode version's Labram: {e}") from None
     return bd.train(model.training)
 
-# %% ../nbs/43_braindecode.ipynb #c021
+# %% ../nbs/43_braindecode.ipynb #c031
 def braindecode_config(bd: nn.Module, n_time_embeddings: int | None = None) -> LaBraMConfig:
     "The LaBraMConfig of a braindecode Labram (refusing the variants we do not implement)."
     block, seg = bd.blocks[0], bd.patch_embed[0]
@@ -185,7 +185,7 @@ def braindecode_config(bd: nn.Module, n_time_embeddings: int | None = None) -> L
                         qkv_bias=block.attn.q_bias is not None, drop_path=float(drop),
                         init_values=LaBraMConfig.init_values if block.gamma_1 is not None else 0.0)
 
-# %% ../nbs/43_braindecode.ipynb #c022
+# %% ../nbs/43_braindecode.ipynb #c034
 def from_braindecode(bd: nn.Module, kind: str = "classifier", n_time_embeddings: int | None = None) -> nn.Module:
     """Our `LaBraMClassifier` (or, `kind='student'`, a `LaBraMStudent`) with a braindecode Labram's weights.
 

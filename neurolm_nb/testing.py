@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from fastcore.basics import patch
+
 import numpy as np
 import torch
 
@@ -93,7 +95,7 @@ def load_fixture(name: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"fixture {path} does not exist")
     return load_file(path)
 
-# %% ../nbs/45_testing.ipynb #c011a
+# %% ../nbs/45_testing.ipynb #c012
 def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     "The complete official state dict (float32) of fixture `name`, with the tensors it omits rebuilt (README §2.3)."
     t = tensors if tensors is not None else load_fixture(name)
@@ -109,7 +111,7 @@ def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = N
         raise ValueError(f"fixture_state_dict knows the tokenizer fixtures 'neurolm_vq_tiny' and 'labram_vqnsp', not {name!r}")
     return sd
 
-# %% ../nbs/45_testing.ipynb #c015
+# %% ../nbs/45_testing.ipynb #c016
 def lm_fixture_state_dict(lm_tensors: Mapping[str, torch.Tensor], vq_tensors: Mapping[str, torch.Tensor],
                           two_layer: bool = False) -> dict[str, torch.Tensor]:
     "The official state dict of fixture `neurolm_lm_tiny` (float32), tokenizer keys rebuilt from `neurolm_vq_tiny`."
@@ -121,7 +123,7 @@ def lm_fixture_state_dict(lm_tensors: Mapping[str, torch.Tensor], vq_tensors: Ma
                    if k.startswith("weights_2layer_extra.")})
     return sd
 
-# %% ../nbs/45_testing.ipynb #c018
+# %% ../nbs/45_testing.ipynb #c019
 def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
                          atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, dict]:
     "Per output: max |difference| and whether it is within README §5 (losses: rtol; indices: exact; else atol+rtol)."
@@ -140,7 +142,7 @@ def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch
         report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
     return report
 
-# %% ../nbs/45_testing.ipynb #c021
+# %% ../nbs/45_testing.ipynb #c022
 def neurolm_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Our outputs for the `neurolm_vq_tiny` inputs, under the fixture's output names."
     with torch.no_grad():
@@ -157,7 +159,7 @@ def neurolm_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -
             "loss_vq_total": o.losses["commitment"] + o.losses["rec_freq"] + o.losses["rec_raw"],
             "loss_domain_eeg": o.losses["domain_eeg"], "loss_domain_text": text_loss}
 
-# %% ../nbs/45_testing.ipynb #c021a
+# %% ../nbs/45_testing.ipynb #c026
 def labram_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Our outputs for the `labram_vqnsp` inputs, under the fixture's names and layouts."
     x = t["input.x"]
@@ -173,10 +175,10 @@ def labram_fixture_outputs(model: VQTokenizer, t: Mapping[str, torch.Tensor]) ->
             "loss_rec_amplitude": o.losses["rec_amplitude"], "loss_rec_phase": o.losses["rec_phase"],
             "loss_total": o.loss}
 
-# %% ../nbs/45_testing.ipynb #c022
+# %% ../nbs/45_testing.ipynb #c029
 LM_FIXTURE_BATCHES = ("pretrain", "text", "instruct")
 
-# %% ../nbs/45_testing.ipynb #c022a
+# %% ../nbs/45_testing.ipynb #c030
 def neurolm_lm_fixture_outputs(model, t: Mapping[str, torch.Tensor],
                                batches: tuple[str, ...] = LM_FIXTURE_BATCHES) -> dict[str, torch.Tensor]:
     "Our outputs for the `neurolm_lm_tiny` batches under the fixture's names (`<batch>.loss`, ...)."
@@ -214,7 +216,7 @@ def neurolm_lm_fixture_outputs(model, t: Mapping[str, torch.Tensor],
         outputs.update({f"{batch}.{k}": v for k, v in found.items() if f"output.{batch}.{k}" in t})
     return outputs
 
-# %% ../nbs/45_testing.ipynb #c025
+# %% ../nbs/45_testing.ipynb #c033
 def labram_base_fixture_checkpoint(t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "The complete official MEM state dict (float32) of fixture `labram_base`, the omitted student.lm_head filled with zeros."
     sd = {k[len("weights.mem."):]: v.float() for k, v in t.items() if k.startswith("weights.mem.")}
@@ -232,7 +234,7 @@ def _row_stats(logits: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[
             f"{prefix}.top1_minus_top2": top2[:, 0] - top2[:, 1], f"{prefix}.logsumexp": logits.logsumexp(-1),
             f"{prefix}.logprob_at_label": logp.gather(1, labels[:, None])[:, 0], f"{prefix}.labels": labels}
 
-# %% ../nbs/45_testing.ipynb #c025a
+# %% ../nbs/45_testing.ipynb #c036
 def labram_base_fixture_outputs(mem: LaBraMForMEM, classifier: LaBraMClassifier,
                                 t: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     "Our outputs for the `labram_base` fixture inputs, under the fixture's names."
@@ -249,7 +251,7 @@ def labram_base_fixture_outputs(mem: LaBraMForMEM, classifier: LaBraMClassifier,
             "mem.student_tokens_masked": out.tokens, "mem.student_tokens_sym": out.tokens_sym,
             "finetune.pooled_features": pooled, "finetune.logits": logits}
 
-# %% ../nbs/45_testing.ipynb #c025ax1
+# %% ../nbs/45_testing.ipynb #c037
 def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor]) -> dict[str, dict]:
     "Per output: max |difference| and whether it meets the chapter-45 tolerances (exact integers, rtol for losses, atol 1e-7 for the logits)."
     report = {}
@@ -271,10 +273,10 @@ def compare_labram_base(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.
         report[name] = {"max_abs_diff": diff, "ok": bool(ok)}
     return report
 
-# %% ../nbs/45_testing.ipynb #c028
+# %% ../nbs/45_testing.ipynb #c040
 STUB_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"""
 
-# %% ../nbs/45_testing.ipynb #c028a
+# %% ../nbs/45_testing.ipynb #c041
 class StubTokenizer(TextTokenizer):
     "The fixtures' stand-in for GPT-2's BPE: GPT-2's pre-tokenizer split, then id = 1000 + crc32(piece) % 49000."
 
@@ -306,13 +308,16 @@ class StubTokenizer(TextTokenizer):
             ids.append(i)
         return ids
 
-    def decode(self, ids) -> str:
-        "Known pieces; end-of-text as <|endoftext|>; an id it never produced as U+FFFD."
-        return "".join(ENDOFTEXT if int(i) == self.eot_id else self.pieces.get(int(i), "\ufffd") for i in ids)
+# %% ../nbs/45_testing.ipynb #c045
+@patch
+def decode(self: StubTokenizer, ids) -> str:
+    "Known pieces; end-of-text as <|endoftext|>; an id it never produced as U+FFFD."
+    return "".join(ENDOFTEXT if int(i) == self.eot_id else self.pieces.get(int(i), "\ufffd") for i in ids)
 
-    @classmethod
-    def from_fixture(cls, sequences_json: str | Path | Mapping) -> "StubTokenizer":
-        "The stub with the piece table of `neurolm_sequences.json` (`stub_tokenizer.id_to_piece`)."
-        data = sequences_json if isinstance(sequences_json, Mapping) else \
-            json.loads(Path(sequences_json).read_text(encoding="utf-8"))
-        return cls(data["stub_tokenizer"]["id_to_piece"])
+
+@patch(cls_method=True)
+def from_fixture(cls: StubTokenizer, sequences_json: str | Path | Mapping) -> "StubTokenizer":
+    "The stub with the piece table of `neurolm_sequences.json` (`stub_tokenizer.id_to_piece`)."
+    data = sequences_json if isinstance(sequences_json, Mapping) else \
+        json.loads(Path(sequences_json).read_text(encoding="utf-8"))
+    return cls(data["stub_tokenizer"]["id_to_piece"])
