@@ -86,16 +86,16 @@ _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Su
 _ADJECTIVES = ["clear", "faint", "brief", "strong", "sharp", "broad", "steady", "noisy", "clean", "odd"]
 _FEELINGS = ["pleased", "surprised", "worried", "curious", "relieved", "puzzled", "tired", "hopeful"]
 
-# %% ../nbs/11_alignment.ipynb #c020a
+# %% ../nbs/11_alignment.ipynb #c021
 def _article(word: str) -> str:
     "'a' or 'an' before `word` (numbers included: an 18-year-old, an 80-year-old)."
     w = str(word)
     vowel_sound = w[0].lower() in "aeio" or w.startswith("8") or w.split("-")[0] in ("11", "18")
     return "an" if vowel_sound else "a"
 
-# %% ../nbs/11_alignment.ipynb #c024
-def _sentence(rng: random.Random) -> str:
-    "One sentence: a template chosen at random, its slots filled at random."
+# %% ../nbs/11_alignment.ipynb #c025
+def _slots(rng: random.Random) -> tuple:
+    "The random fillers of one sentence, drawn in a fixed order (so a seed gives one corpus)."
     rhythm, band, state = rng.choice(_RHYTHMS)
     region = rng.choice(sorted(_REGIONS))
     other_region = rng.choice([r for r in sorted(_REGIONS) if r != region])
@@ -106,6 +106,14 @@ def _sentence(rng: random.Random) -> str:
     seconds, minutes, age = rng.randint(1, 59), rng.randint(3, 90), rng.randint(18, 80)
     a, b = sorted(round(rng.uniform(0.05, 0.95), 2) for _ in range(2))
     adjective, change = rng.choice(_ADJECTIVES), rng.choice(_CHANGES)
+    return (rhythm, band, state, region, other_region, e1, e2, person, other, task, artifact, event, model,
+            n, m, seconds, minutes, age, a, b, adjective, change)
+
+# %% ../nbs/11_alignment.ipynb #c028
+def _sentence(rng: random.Random) -> str:
+    "One sentence: a template chosen at random, its slots filled at random."
+    (rhythm, band, state, region, other_region, e1, e2, person, other, task, artifact, event, model,
+     n, m, seconds, minutes, age, a, b, adjective, change) = _slots(rng)
     templates = [
         f"The {rhythm} rhythm, between {band}, is most often linked to {state}.",
         f"During {task}, {rhythm} power over the {region} electrodes tended to {change}.",
@@ -138,14 +146,14 @@ def _sentence(rng: random.Random) -> str:
     ]
     return rng.choice(templates)
 
-# %% ../nbs/11_alignment.ipynb #c024a
+# %% ../nbs/11_alignment.ipynb #c029
 def sample_corpus(n_documents: int = 250, seed: int = 0) -> list[str]:
     "Deterministic English documents about EEG written from templates (1-3 paragraphs of 3-7 sentences each)."
     rng = random.Random(seed)
     return ["\n\n".join(" ".join(_sentence(rng) for _ in range(rng.randint(3, 7))) for _ in range(rng.randint(1, 3)))
             for _ in range(n_documents)]
 
-# %% ../nbs/11_alignment.ipynb #c027
+# %% ../nbs/11_alignment.ipynb #c032
 EOT = "<|endoftext|>"  # GPT-2's end-of-text token, the document separator
 
 
@@ -166,7 +174,7 @@ def train_byte_bpe(texts: Iterable[str], vocab_size: int = 512, min_frequency: i
                          "give it more text or ask for fewer tokens")
     return tok
 
-# %% ../nbs/11_alignment.ipynb #c030
+# %% ../nbs/11_alignment.ipynb #c035
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -194,7 +202,7 @@ def hf_gpt2_config(config: GPTConfig, eos_token_id: int | None = None) -> dict:
             "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": config.tie_weights,
             "bos_token_id": eos, "eos_token_id": eos}
 
-# %% ../nbs/11_alignment.ipynb #c034
+# %% ../nbs/11_alignment.ipynb #c039
 def tiny_gpt2(vocab_size: int = 512, n_embd: int = 64, n_layer: int = 2, n_head: int = 2, block_size: int = 1024,
               seed: int = 0) -> GPT:
     "A GPT-2-shaped `GPT` initialised from `seed` (global random state untouched)."
@@ -222,7 +230,7 @@ def save_hf_gpt2(model: GPT, folder: str | Path, tokenizer=None) -> list[Path]:
                                folder / "tokenizer_config.json"))
     return files
 
-# %% ../nbs/11_alignment.ipynb #c037
+# %% ../nbs/11_alignment.ipynb #c042
 TINY_GPT2_DIR = "gpt2-tiny"   # inside the text samples folder
 CORPUS_FILE = "corpus.txt"
 _TEXT_README = """\
@@ -244,7 +252,7 @@ The weights are random: aligning EEG with them exercises the machinery only. For
 point `text_model` at a GPT-2 folder (or a hub name with `allow_download=True`).
 """
 
-# %% ../nbs/11_alignment.ipynb #c039
+# %% ../nbs/11_alignment.ipynb #c045
 def make_text_samples(root: str | Path = "data_samples/text", seed: int = 0, n_documents: int = 250,
                       vocab_size: int = 512, n_embd: int = 64, n_layer: int = 2, n_head: int = 2,
                       n_positions: int = 1024) -> list[Path]:
@@ -269,13 +277,13 @@ def make_text_samples(root: str | Path = "data_samples/text", seed: int = 0, n_d
         raise
     return sorted(p for p in root.rglob("*") if p.is_file())
 
-# %% ../nbs/11_alignment.ipynb #c039a
+# %% ../nbs/11_alignment.ipynb #c046
 def text_samples_dir(samples_root: str | Path | None = None) -> Path:
     "The shipped text samples: `<samples_root or the project's data_samples>/text`."
     root = Path(samples_root) if samples_root is not None else project_root() / "data_samples"
     return (root / "text").resolve()
 
-# %% ../nbs/11_alignment.ipynb #c042
+# %% ../nbs/11_alignment.ipynb #c049
 @dataclass
 class TextSource:
     "A text tokenizer and the frozen token-embedding rows its ids index."
@@ -303,7 +311,7 @@ class TextSource:
         return (f"TextSource({self.name!r}: {self.vocab_size} x {self.dim} embeddings, eos={self.eos_id}"
                 + (f"; {self.note}" if self.note else "") + ")")
 
-# %% ../nbs/11_alignment.ipynb #c046
+# %% ../nbs/11_alignment.ipynb #c053
 def read_text_embedding(folder: str | Path) -> torch.Tensor:
     "GPT-2's `wte` [vocab, dim] (float32) from a Hugging Face checkpoint folder, reading only that tensor when possible."
     folder = Path(folder)
@@ -323,7 +331,7 @@ def read_text_embedding(folder: str | Path) -> torch.Tensor:
         raise KeyError(f"the checkpoint in {folder} has no token-embedding tensor {names}")
     return sd[key].float()
 
-# %% ../nbs/11_alignment.ipynb #c046a
+# %% ../nbs/11_alignment.ipynb #c054
 def read_text_tokenizer(folder: str | Path):
     "The `tokenizers.Tokenizer` of a Hugging Face folder: tokenizer.json, or GPT-2's vocab.json + merges.txt."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -337,7 +345,7 @@ def read_text_tokenizer(folder: str | Path):
         return tok
     raise FileNotFoundError(f"{folder} has no tokenizer.json and no vocab.json + merges.txt: no text tokenizer to load")
 
-# %% ../nbs/11_alignment.ipynb #c049
+# %% ../nbs/11_alignment.ipynb #c057
 def _hub_folder(name: str, allow_download: bool) -> Path:
     "A local folder with config, weights and tokenizer files of hub model `name` (cache only unless allowed)."
     from neurolm_nb.gpt import _resolve_checkpoint
@@ -357,11 +365,22 @@ def stand_in_embedding(vocab_size: int, dim: int, seed: int = 0) -> torch.Tensor
     g = torch.Generator().manual_seed(seed)
     return torch.randn(vocab_size, dim, generator=g) * 0.02
 
-# %% ../nbs/11_alignment.ipynb #c052
+# %% ../nbs/11_alignment.ipynb #c060
+def _text_folder(spec: str, samples_root: str | Path | None, allow_download: bool) -> tuple[Path, str]:
+    "(folder, name) of text model `spec`: 'tiny' (the shipped samples, which must exist), a folder, or a hub name."
+    if spec == "tiny":
+        tiny_folder = text_samples_dir(samples_root) / TINY_GPT2_DIR
+        if not (tiny_folder / "config.json").exists():
+            raise FileNotFoundError(f"the tiny text samples are missing ({tiny_folder}); write them with "
+                                    "`python -m neurolm_nb.alignment make-text-samples data_samples/text`")
+        return tiny_folder, "tiny"
+    path = Path(spec).expanduser()
+    return (path, str(path)) if path.is_dir() else (_hub_folder(spec, allow_download), spec)
+
+# %% ../nbs/11_alignment.ipynb #c063
 def load_text_source(text_model: str | Path = "auto", dim: int | None = None, allow_download: bool = False,
                      samples_root: str | Path | None = None, seed: int = 0) -> TextSource:
     "Text tokenizer + frozen `[vocab, dim]` embeddings from 'tiny' (offline samples), 'auto', a GPT-2 folder or a hub name."
-    tiny_folder = text_samples_dir(samples_root) / TINY_GPT2_DIR
     note = ""
     spec = str(text_model)
     if spec == "auto":
@@ -373,15 +392,7 @@ def load_text_source(text_model: str | Path = "auto", dim: int | None = None, al
         else:
             note = f"GPT-2's width is 768, the tokenizer's is {dim}: using the tiny offline stand-in"
         spec = "tiny"
-    if spec == "tiny":
-        if not (tiny_folder / "config.json").exists():
-            raise FileNotFoundError(f"the tiny text samples are missing ({tiny_folder}); write them with "
-                                    "`python -m neurolm_nb.alignment make-text-samples data_samples/text`")
-        folder, name = tiny_folder, "tiny"
-    else:
-        path = Path(spec).expanduser()
-        folder = path if path.is_dir() else _hub_folder(spec, allow_download)
-        name = str(path) if path.is_dir() else spec
+    folder, name = _text_folder(spec, samples_root, allow_download)
     tokenizer = read_text_tokenizer(folder)
     embedding = read_text_embedding(folder)
     if dim is not None and dim != embedding.shape[1]:
@@ -399,7 +410,7 @@ def load_text_source(text_model: str | Path = "auto", dim: int | None = None, al
         eos = load_json(cfg_file).get("eos_token_id")
     return TextSource(name, tokenizer, embedding.contiguous(), eos, note)
 
-# %% ../nbs/11_alignment.ipynb #c055
+# %% ../nbs/11_alignment.ipynb #c066
 def read_corpus_documents(corpus: str | Path | None = None, allow_download: bool = False,
                           max_documents: int | None = None, samples_root: str | Path | None = None) -> list[str]:
     "Documents of a text corpus: None (the shipped sample), a .txt file, a folder of .txt, or a HF datasets name."
@@ -439,7 +450,7 @@ def read_corpus_documents(corpus: str | Path | None = None, allow_download: bool
         raise ValueError(f"text corpus {corpus if corpus is not None else path} holds no text")
     return docs
 
-# %% ../nbs/11_alignment.ipynb #c059
+# %% ../nbs/11_alignment.ipynb #c070
 def load_corpus_ids(source: TextSource, corpus: str | Path | None = None, allow_download: bool = False,
                     max_documents: int | None = None, samples_root: str | Path | None = None) -> np.ndarray:
     "One stream of token ids: documents tokenised by `source` and joined by end-of-text (or a nanoGPT .bin, memory-mapped)."
@@ -457,7 +468,7 @@ def load_corpus_ids(source: TextSource, corpus: str | Path | None = None, allow_
     dtype = np.uint16 if source.vocab_size <= 65536 else np.int32
     return ids.astype(dtype)
 
-# %% ../nbs/11_alignment.ipynb #c062
+# %% ../nbs/11_alignment.ipynb #c073
 class TextWindows:
     "Batches [B, T] of consecutive token ids at random offsets; batch (index, rank, micro) depends only on them and the seed."
 
@@ -480,7 +491,7 @@ class TextWindows:
     def __repr__(self) -> str:
         return f"TextWindows({len(self.ids)} tokens, {self.batch_size} x {self.block_size}, seed={self.seed})"
 
-# %% ../nbs/11_alignment.ipynb #c068
+# %% ../nbs/11_alignment.ipynb #c079
 def attach_text_embedding(model: VQTokenizer, source: TextSource) -> VQTokenizer:
     "Copy `source.embedding` into the tokenizer's frozen `text_embedding` (shapes must match)."
     table = getattr(model, "text_embedding", None)
@@ -495,7 +506,7 @@ def attach_text_embedding(model: VQTokenizer, source: TextSource) -> VQTokenizer
     table.weight.requires_grad_(False)
     return model
 
-# %% ../nbs/11_alignment.ipynb #c071
+# %% ../nbs/11_alignment.ipynb #c082
 @dataclass
 class AlignedOutput:
     vq: VQOutput                      # the EEG forward (codes, reconstructions, EEG domain logits, ...)
@@ -518,7 +529,7 @@ class TextAlignedVQ(nn.Module):
             text_logits, losses["domain_text"] = self.vq.text_domain(text_ids)
         return AlignedOutput(out, text_logits, losses, sum(losses.values()))
 
-# %% ../nbs/11_alignment.ipynb #c074
+# %% ../nbs/11_alignment.ipynb #c085
 def code_batch_stats(codes: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     "Perplexity and number of distinct codes among the real tokens of one batch."
     flat = codes[mask.bool()] if mask is not None else codes.reshape(-1)
@@ -528,7 +539,7 @@ def code_batch_stats(codes: torch.Tensor, mask: torch.Tensor | None = None) -> d
     p = counts[counts > 0] / counts.sum()
     return {"batch_perplexity": torch.exp(-(p * p.log()).sum()), "batch_codes": (counts > 0).sum().double()}
 
-# %% ../nbs/11_alignment.ipynb #c077
+# %% ../nbs/11_alignment.ipynb #c088
 class CodebookCollapse(RuntimeError):
     "Training stopped because the codebook collapsed; the message names the update, the usage and the figure."
 
@@ -546,7 +557,7 @@ def restart_dead_codes_(quantizer: nn.Module, dead: torch.Tensor, vectors: torch
         dist.broadcast(quantizer.codebook, 0)
     return n if len(vectors) else 0
 
-# %% ../nbs/11_alignment.ipynb #c080
+# %% ../nbs/11_alignment.ipynb #c091
 class CodeUsageMonitor:
     "Callback: counts real-token codes between calls; every `every` updates records usage summed over ranks and acts on a collapse."
     def __init__(self, n_codes: int, every: int = 10, path: str | Path | None = None, quantizer: nn.Module | None = None,
@@ -569,7 +580,7 @@ class CodeUsageMonitor:
             v = vectors.detach()
             self.vectors = (v[mask.bool()] if mask is not None else v.reshape(-1, v.shape[-1])).float().cpu()
 
-# %% ../nbs/11_alignment.ipynb #c082
+# %% ../nbs/11_alignment.ipynb #c094
 @patch
 def __call__(self: CodeUsageMonitor, state) -> None:
     if state.step % self.every and state.step != state.max_steps:
@@ -592,7 +603,7 @@ def __call__(self: CodeUsageMonitor, state) -> None:
     if collapsed:
         self._collapsed(row, state)
 
-# %% ../nbs/11_alignment.ipynb #c084
+# %% ../nbs/11_alignment.ipynb #c097
 @patch
 def _collapsed(self: CodeUsageMonitor, row: dict, state) -> None:
     what = (f"codebook collapse at update {row['step']}: {row['used_codes']} of {self.n_codes} codes used in the last "
@@ -621,7 +632,7 @@ def plot_usage_history(rows: list[dict], n_codes: int):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/11_alignment.ipynb #c089
+# %% ../nbs/11_alignment.ipynb #c101
 class AlignmentLoss:
     "`loss_fn(model, batch, state)` of stage 1: NeuroLM targets, α schedule, text windows; returns (loss, terms)."
     def __init__(self, text_windows: TextWindows | None, code_usage: CodeUsageMonitor | None = None,
@@ -653,7 +664,7 @@ class AlignmentLoss:
             self.code_usage.update(out.vq.codes, mask, out.vq.to_quantizer)
         return out.loss, terms
 
-# %% ../nbs/11_alignment.ipynb #c095
+# %% ../nbs/11_alignment.ipynb #c107
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.alignment make-text-samples [root]`: write the offline text samples."
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.alignment", description="NeuroLM text alignment helpers")

@@ -24,12 +24,12 @@ from .instructions import (EEG_MAX_LEN, TASK_NAMES, InstructionDataset, MixedIns
                                      longest_text, score_options)
 from .neurolm import NeuroLM, load_neurolm, save_neurolm
 from .training import (TrainConfig, TrainResult, cleanup_distributed, die_with_torchrun_agent, is_main_process,
-                                 move_to_device, setup_distributed, train, unwrap_model, world_info)
+                                 move_to_device, setup_distributed, stage_datasets_root, train, unwrap_model, world_info)
 
 # %% auto #0
 __all__ = ['PRETRAINED', 'checkpoint_text_tokenizer', 'tiny_neurolm', 'resolve_start_model', 'load_start_model', 'InstructModel',
-           'InstructLoss', 'spread_indices', 'evaluate_instructions', 'instruct_card', 'InstructSetup',
-           'PreparedInstruct', 'prepare_instruct', 'report_validation', 'run_instruct', 'main']
+           'InstructLoss', 'spread_indices', 'evaluate_instructions', 'InstructSetup', 'instruct_data', 'instruct_text',
+           'PreparedInstruct', 'prepare_instruct', 'instruct_card', 'report_validation', 'run_instruct', 'main']
 
 # %% ../nbs/31_instruction_tuning.ipynb #c008
 PRETRAINED = Path("pretrain") / "neurolm.pt"  # relative to run_root; written by 22_pretrain
@@ -51,7 +51,7 @@ def tiny_neurolm(seed: int = 0) -> NeuroLM:
     from neurolm_nb.pretrain import build_gpt, random_tokenizer
     return NeuroLM.from_parts(random_tokenizer(seed), build_gpt("tiny", seed=seed)[0], seed=seed)
 
-# %% ../nbs/31_instruction_tuning.ipynb #c008a
+# %% ../nbs/31_instruction_tuning.ipynb #c009
 def resolve_start_model(checkpoint: str | Path | None = None, run_root: str | Path | None = None,
                         seed: int = 0) -> tuple[NeuroLM, str, str]:
     "(model, text tokenizer spec, where it came from): `checkpoint`, `<run_root>/pretrain/neurolm.pt` (must exist), or standalone a tiny random one."
@@ -66,7 +66,7 @@ def resolve_start_model(checkpoint: str | Path | None = None, run_root: str | Pa
     torch.manual_seed(seed)
     return tiny_neurolm(seed), "tiny", "tiny random NeuroLM (no stage-2 checkpoint)"
 
-# %% ../nbs/31_instruction_tuning.ipynb #c009
+# %% ../nbs/31_instruction_tuning.ipynb #c010
 def load_start_model(path: str | Path) -> tuple[NeuroLM, str]:
     "(model, text tokenizer spec) of a `save_neurolm` checkpoint file or a `save_pretrained` folder."
     if Path(path).is_dir():  # hub format: safetensors + config.json (errors name a missing file)
@@ -78,7 +78,7 @@ def load_start_model(path: str | Path) -> tuple[NeuroLM, str]:
     ckpt = load_checkpoint(path)
     return load_neurolm(ckpt), checkpoint_text_tokenizer(ckpt)
 
-# %% ../nbs/31_instruction_tuning.ipynb #c014
+# %% ../nbs/31_instruction_tuning.ipynb #c015
 class InstructModel(nn.Module):
     "NeuroLM + stage 3's loss: `forward(batch)` -> {loss, instruct_loss, instruct_accuracy[, text_loss, text_accuracy]}."
 
@@ -100,7 +100,7 @@ class InstructModel(nn.Module):
             terms.update(loss=out.loss + text.loss, text_loss=text.loss.detach(), text_accuracy=text.accuracy)
         return terms
 
-# %% ../nbs/31_instruction_tuning.ipynb #c014a
+# %% ../nbs/31_instruction_tuning.ipynb #c016
 class InstructLoss:
     "`loss_fn(model, batch, state)` of stage 3: adds this rank's web-text windows of the update, returns (loss, terms)."
 
@@ -119,14 +119,14 @@ class InstructLoss:
         out = model(batch)
         return out.pop("loss"), out
 
-# %% ../nbs/31_instruction_tuning.ipynb #c017
+# %% ../nbs/31_instruction_tuning.ipynb #c019
 def spread_indices(n: int, k: int | None) -> np.ndarray:
     "`k` indices spread evenly over range(n) (all of them when k is None or >= n)."
     if k is None or k >= n:
         return np.arange(n)
     return np.unique(np.linspace(0, n - 1, max(int(k), 1)).round().astype(np.int64))
 
-# %% ../nbs/31_instruction_tuning.ipynb #c017a
+# %% ../nbs/31_instruction_tuning.ipynb #c020
 @torch.no_grad()
 def evaluate_instructions(lm: NeuroLM, val_sets: Sequence[InstructionDataset], tokenizer, batch_size: int = 16,
                           max_samples: int | None = None) -> dict[str, float]:
@@ -151,26 +151,7 @@ def evaluate_instructions(lm: NeuroLM, val_sets: Sequence[InstructionDataset], t
             out[f"{ds.task.name}_answer_nll"] = float(torch.cat(nll).mean())
     return out
 
-# %% ../nbs/31_instruction_tuning.ipynb #c020
-def instruct_card(setup: InstructSetup, info: Mapping, history: Sequence[Mapping] = ()) -> ModelCard:
-    "The model card of a stage-3 NeuroLM: stage, data (tasks' splits, subjects), last metrics, options, text tokenizer."
-    last = history[-1] if history else {}
-    last_eval = next((r for r in reversed(history) if any(k.startswith("eval_") for k in r)), {})
-    metrics = {"updates": last.get("step"), "last_update": {k: last[k] for k in
-               ("loss", "instruct_loss", "text_loss", "instruct_accuracy", "text_accuracy") if k in last},
-               "validation": {k[len("eval_"):]: v for k, v in last_eval.items() if k.startswith("eval_")}}
-    roots = [t["root"] for t in info["tasks"].values()]
-    return ModelCard(
-        stage="pipeline stage `instruct` (stage 3): NeuroLM after multi-task instruction tuning",
-        data=f"{describe_datasets(roots, ('train', 'val'))}. Text: {info.get('text_source', 'none (no text loss)')}",
-        metrics=flat_metrics(metrics),
-        options={"start model": info.get("start"),
-                 "balanced_sampling": f"{setup.balanced_sampling} (the original: proportional to size)",
-                 "supervise_paren": f"{setup.supervise_paren} (None: the original, TUEV and HMC supervise ' (')",
-                 "eeg_max_len / text_max_len": f"{setup.eeg_max_len} / {info.get('text_max_len')} (the original: 276 / 80)"},
-        usage={"text_tokenizer": info["text_tokenizer"], "tasks": ", ".join(info["tasks"])})
-
-# %% ../nbs/31_instruction_tuning.ipynb #c021
+# %% ../nbs/31_instruction_tuning.ipynb #c023
 @dataclass
 class InstructSetup:
     "What stage 3 trains on and with; the optimiser, schedule and batch are a `TrainConfig`."
@@ -198,7 +179,31 @@ class InstructSetup:
         if isinstance(self.tasks, (list, tuple)) and list(self.tasks) == ["auto"]:
             self.tasks = "auto"
 
-# %% ../nbs/31_instruction_tuning.ipynb #c021a
+# %% ../nbs/31_instruction_tuning.ipynb #c026
+def instruct_data(setup: InstructSetup, roots: Mapping[str, Path], tokenizer, vocab,
+                  seed: int = 0) -> tuple[list, MixedInstructions, list, int]:
+    "(every task's training set, their mixture, the non-empty validation sets, text length) of `roots`."
+    text_len = longest_text(list(roots), tokenizer) if setup.text_max_len is None else setup.text_max_len
+    common = dict(sep_id=vocab.sep_id, eeg_max_len=setup.eeg_max_len)
+    train_sets = [InstructionDataset(r, "train", tokenizer, text_max_len=text_len, supervise_paren=setup.supervise_paren,
+                                     max_windows=setup.max_train_windows, **common) for r in roots.values()]
+    train_data = MixedInstructions(train_sets, balanced=setup.balanced_sampling, seed=seed)
+    val_sets = [d for d in (InstructionDataset(r, "val", tokenizer, train=False, **common) for r in roots.values()) if len(d)]
+    return train_sets, train_data, val_sets, text_len
+
+# %% ../nbs/31_instruction_tuning.ipynb #c029
+def instruct_text(setup: InstructSetup, lm: NeuroLM, tokenizer_spec: str, seed: int = 0) -> tuple[Any, dict]:
+    "(the `pretrain.TextStream` of the web-text loss, a record of the text), or (None, {}) when `setup.text_batch` is 0."
+    from neurolm_nb.alignment import load_text_source
+    from neurolm_nb.pretrain import TextStream, text_corpus
+    if not setup.text_batch:
+        return None, {}
+    if setup.text_block > lm.config.gpt.block_size:
+        raise ValueError(f"text_block={setup.text_block} exceeds the GPT's {lm.config.gpt.block_size} positions")
+    ids, _, described = text_corpus(setup.text_data, load_text_source(tokenizer_spec))
+    return TextStream(ids, setup.text_batch, setup.text_block, seed), {"text_source": described, "text_train_tokens": int(len(ids))}
+
+# %% ../nbs/31_instruction_tuning.ipynb #c032
 @dataclass
 class PreparedInstruct:
     "Everything `train` needs for stage 3, and a record of where it came from."
@@ -211,15 +216,10 @@ class PreparedInstruct:
     tokenizer: Any
     info: dict
 
-# %% ../nbs/31_instruction_tuning.ipynb #c021b
+# %% ../nbs/31_instruction_tuning.ipynb #c033
 def prepare_instruct(setup: InstructSetup, cfg: TrainConfig) -> PreparedInstruct:
     "Build data, model and loss for `setup` (the same on every rank)."
-    from neurolm_nb.alignment import load_text_source
-    from neurolm_nb.pretrain import TextStream, text_corpus
-    datasets_root = setup.datasets_root or (str(Path(setup.run_root) / "datasets") if setup.run_root else None)
-    if datasets_root is None:
-        raise ValueError("InstructSetup needs datasets_root or run_root (whose datasets/ holds the built datasets)")
-    roots = find_task_datasets(datasets_root, setup.tasks)
+    roots = find_task_datasets(stage_datasets_root(setup), setup.tasks)
     seed_everything(cfg.seed)
     lm, tokenizer_spec, source = resolve_start_model(setup.checkpoint, setup.run_root, cfg.seed)
     tokenizer_spec = setup.text_tokenizer or tokenizer_spec
@@ -227,21 +227,8 @@ def prepare_instruct(setup: InstructSetup, cfg: TrainConfig) -> PreparedInstruct
     vocab = lm.config.vocab
     if tokenizer.eot_id != vocab.eot_id or tokenizer.vocab_size > vocab.text_vocab_size:
         raise ValueError(f"text tokenizer {tokenizer} does not fit the model's vocabulary {vocab}")
-    text_len = longest_text(list(roots), tokenizer) if setup.text_max_len is None else setup.text_max_len
-    common = dict(sep_id=vocab.sep_id, eeg_max_len=setup.eeg_max_len)
-    train_sets = [InstructionDataset(r, "train", tokenizer, text_max_len=text_len, supervise_paren=setup.supervise_paren,
-                                     max_windows=setup.max_train_windows, **common) for r in roots.values()]
-    train_data = MixedInstructions(train_sets, balanced=setup.balanced_sampling, seed=cfg.seed)
-    val_sets = [d for d in (InstructionDataset(r, "val", tokenizer, train=False, **common) for r in roots.values()) if len(d)]
-
-    text, text_info = None, {}
-    if setup.text_batch:
-        if setup.text_block > lm.config.gpt.block_size:
-            raise ValueError(f"text_block={setup.text_block} exceeds the GPT's {lm.config.gpt.block_size} positions")
-        text_source = load_text_source(tokenizer_spec)
-        ids, _, described = text_corpus(setup.text_data, text_source)
-        text = TextStream(ids, setup.text_batch, setup.text_block, cfg.seed)
-        text_info = {"text_source": described, "text_train_tokens": int(len(ids))}
+    train_sets, train_data, val_sets, text_len = instruct_data(setup, roots, tokenizer, vocab, cfg.seed)
+    text, text_info = instruct_text(setup, lm, tokenizer_spec, cfg.seed)
     eval_fn = None
     if val_sets and cfg.eval_every:
         def eval_fn(m):
@@ -258,7 +245,26 @@ def prepare_instruct(setup: InstructSetup, cfg: TrainConfig) -> PreparedInstruct
     return PreparedInstruct(InstructModel(lm), train_data, val_sets, InstructLoss(text), eval_fn, tokens_fn,
                             tokenizer, info)
 
-# %% ../nbs/31_instruction_tuning.ipynb #c021c
+# %% ../nbs/31_instruction_tuning.ipynb #c036
+def instruct_card(setup: InstructSetup, info: Mapping, history: Sequence[Mapping] = ()) -> ModelCard:
+    "The model card of a stage-3 NeuroLM: stage, data (tasks' splits, subjects), last metrics, options, text tokenizer."
+    last = history[-1] if history else {}
+    last_eval = next((r for r in reversed(history) if any(k.startswith("eval_") for k in r)), {})
+    metrics = {"updates": last.get("step"), "last_update": {k: last[k] for k in
+               ("loss", "instruct_loss", "text_loss", "instruct_accuracy", "text_accuracy") if k in last},
+               "validation": {k[len("eval_"):]: v for k, v in last_eval.items() if k.startswith("eval_")}}
+    roots = [t["root"] for t in info["tasks"].values()]
+    return ModelCard(
+        stage="pipeline stage `instruct` (stage 3): NeuroLM after multi-task instruction tuning",
+        data=f"{describe_datasets(roots, ('train', 'val'))}. Text: {info.get('text_source', 'none (no text loss)')}",
+        metrics=flat_metrics(metrics),
+        options={"start model": info.get("start"),
+                 "balanced_sampling": f"{setup.balanced_sampling} (the original: proportional to size)",
+                 "supervise_paren": f"{setup.supervise_paren} (None: the original, TUEV and HMC supervise ' (')",
+                 "eeg_max_len / text_max_len": f"{setup.eeg_max_len} / {info.get('text_max_len')} (the original: 276 / 80)"},
+        usage={"text_tokenizer": info["text_tokenizer"], "tasks": ", ".join(info["tasks"])})
+
+# %% ../nbs/31_instruction_tuning.ipynb #c038
 def report_validation(state) -> None:
     "A `train` callback: one line on rank 0 for every update that was validated."
     row = state.row or {}
@@ -268,25 +274,20 @@ def report_validation(state) -> None:
         print(f"update {state.step}/{state.max_steps}: loss {row['loss']:.4g}, "
               + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), flush=True)
 
-
+# %% ../nbs/31_instruction_tuning.ipynb #c041
 def run_instruct(setup: InstructSetup, cfg: TrainConfig, callbacks: Sequence[Callable] = ()) -> TrainResult:
     "Stage 3 in this process (alone, or as one rank under torchrun); rank 0 writes neurolm.pt and run_info.json."
+    from neurolm_nb.pretrain import save_stage_model
     setup_distributed(timeout_s=cfg.dist_timeout_s)
     prep = prepare_instruct(setup, cfg)
     callbacks = list(callbacks) + ([] if cfg.progress else [report_validation])
     result = train(prep.model, prep.train_data, prep.loss_fn, cfg, collate_fn=collate_instructions,
                    eval_fn=prep.eval_fn, tokens_fn=prep.tokens_fn, callbacks=callbacks)
-    if is_main_process() and cfg.out_dir is not None:
-        out = Path(cfg.out_dir)
-        save_neurolm(prep.model.lm, out / "neurolm.pt", step=result.step, setup=asdict(setup),
+    save_stage_model(prep.model.lm, setup, cfg, result, prep.info, instruct_card,
                      text_tokenizer=prep.info["text_tokenizer"], tasks=list(prep.info["tasks"]))
-        if setup.export_pretrained:
-            save_pretrained(prep.model.lm, setup.export_pretrained, card=instruct_card(setup, prep.info, result.history))
-        save_json({**prep.info, "world_size": world_info().world_size, "steps": result.step,
-                   "schedule": result.schedule._asdict(), "elapsed_s": result.elapsed_s}, out / "run_info.json")
     return result
 
-# %% ../nbs/31_instruction_tuning.ipynb #c021d
+# %% ../nbs/31_instruction_tuning.ipynb #c042
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.instruction_tuning --config launch.json`: stage 3, alone or under torchrun."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch.utils.data import Dataset
 
 from .shards import WindowDataset
@@ -23,8 +24,8 @@ from .patching import PatchingError, neurolm_sample
 __all__ = ['ENDOFTEXT', 'EEG_MAX_LEN', 'TEXT_MAX_LEN', 'INSTRUCTION_TASKS', 'TASK_NAMES', 'InstructionTask', 'get_task',
            'TextTokenizer', 'HFTextTokenizer', 'load_text_tokenizer', 'InstructionText', 'build_instruction_text',
            'longest_text', 'instruction_sample', 'parse_answer', 'decode_answers', 'greedy_answers',
-           'option_continuations', 'OptionScores', 'score_options', 'InstructionDataset', 'collate_instructions',
-           'find_task_datasets', 'MixedInstructions']
+           'option_continuations', 'OptionScores', 'score_options', 'task_labels', 'InstructionDataset',
+           'collate_instructions', 'find_task_datasets', 'MixedInstructions']
 
 # %% ../nbs/30_instructions.ipynb #c006
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's end-of-text token: ends every answer, pads training texts
@@ -66,26 +67,30 @@ class InstructionTask:
             raise ValueError(f"{self.title}: label {label} is outside 0..{self.n_classes - 1}")
         return f"{self.question} {self.answers[int(label)]} {ENDOFTEXT}"
 
-    @property
-    def result_idx(self) -> int:
-        "Position of the answer among the words (split on ' ') of the decoded question + answer."
-        return len(self.question.split(" "))
-
-    @property
-    def label_dic(self) -> dict[str, int]:
-        "Answer word -> task label (the original's `label_dic`)."
-        return {a: k for k, a in enumerate(self.answers)}
-
-    def label_map(self, dataset_classes: Sequence[str]) -> np.ndarray:
-        "Task label of every label of a dataset whose classes are `dataset_classes`."
-        ours = {c.lower(): k for k, c in enumerate(self.classes)}
-        missing = [c for c in dataset_classes if c.lower() not in ours]
-        if missing or len(dataset_classes) != self.n_classes:
-            raise ValueError(f"task {self.title} has classes {list(self.classes)}; a dataset with classes "
-                             f"{list(dataset_classes)} does not fit (unknown: {missing})")
-        return np.array([ours[c.lower()] for c in dataset_classes], dtype=np.int64)
-
 # %% ../nbs/30_instructions.ipynb #c012
+@patch(as_prop=True)
+def result_idx(self: InstructionTask) -> int:
+    "Position of the answer among the words (split on ' ') of the decoded question + answer."
+    return len(self.question.split(" "))
+
+
+@patch(as_prop=True)
+def label_dic(self: InstructionTask) -> dict[str, int]:
+    "Answer word -> task label (the original's `label_dic`)."
+    return {a: k for k, a in enumerate(self.answers)}
+
+
+@patch
+def label_map(self: InstructionTask, dataset_classes: Sequence[str]) -> np.ndarray:
+    "Task label of every label of a dataset whose classes are `dataset_classes`."
+    ours = {c.lower(): k for k, c in enumerate(self.classes)}
+    missing = [c for c in dataset_classes if c.lower() not in ours]
+    if missing or len(dataset_classes) != self.n_classes:
+        raise ValueError(f"task {self.title} has classes {list(self.classes)}; a dataset with classes "
+                         f"{list(dataset_classes)} does not fit (unknown: {missing})")
+    return np.array([ours[c.lower()] for c in dataset_classes], dtype=np.int64)
+
+# %% ../nbs/30_instructions.ipynb #c015
 _OPTIONS = "(A) {}. (B) {}. (C) {}. (D) {}. (E) {}. (F) {}."
 INSTRUCTION_TASKS: dict[str, InstructionTask] = {t.name: t for t in [
     InstructionTask("tuab", "TUAB", "Question: Is this EEG segment abnormal? Answer:",
@@ -108,7 +113,7 @@ INSTRUCTION_TASKS: dict[str, InstructionTask] = {t.name: t for t in [
 ]}
 TASK_NAMES = tuple(INSTRUCTION_TASKS)  # the original's order: TUAB, TUEV, SEED, HMC, Workload, TUSL
 
-# %% ../nbs/30_instructions.ipynb #c012a
+# %% ../nbs/30_instructions.ipynb #c016
 def get_task(name: str | InstructionTask) -> InstructionTask:
     "A task by our name ('tuab') or the original's ('TUAB', 'Workload')."
     if isinstance(name, InstructionTask):
@@ -118,7 +123,7 @@ def get_task(name: str | InstructionTask) -> InstructionTask:
         raise KeyError(f"no instruction task {name!r}; known: {[t.title for t in INSTRUCTION_TASKS.values()]}")
     return INSTRUCTION_TASKS[key]
 
-# %% ../nbs/30_instructions.ipynb #c015
+# %% ../nbs/30_instructions.ipynb #c019
 class TextTokenizer:
     "Base: `encode` splits on <|endoftext|> and puts `eot_id` between the encoded parts."
     name: str = "text tokenizer"
@@ -143,7 +148,7 @@ class TextTokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.vocab_size} tokens, eot={self.eot_id})"
 
-# %% ../nbs/30_instructions.ipynb #c020
+# %% ../nbs/30_instructions.ipynb #c024
 class HFTextTokenizer(TextTokenizer):
     "A Hugging Face `tokenizers.Tokenizer` (GPT-2's byte-level BPE, or the tiny one of data_samples/text)."
 
@@ -160,7 +165,7 @@ class HFTextTokenizer(TextTokenizer):
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-# %% ../nbs/30_instructions.ipynb #c020a
+# %% ../nbs/30_instructions.ipynb #c025
 def load_text_tokenizer(spec: str | Path | TextTokenizer = "tiny") -> TextTokenizer:
     "A tokenizer from 'stub', 'tiny' (data_samples/text/gpt2-tiny), a local folder, or a hub name already cached."
     if isinstance(spec, TextTokenizer):
@@ -177,7 +182,7 @@ def load_text_tokenizer(spec: str | Path | TextTokenizer = "tiny") -> TextTokeni
         raise FileNotFoundError(f"text tokenizer folder {folder} does not exist")
     return HFTextTokenizer(load_text_source(text).tokenizer, text)  # a hub name from the local cache
 
-# %% ../nbs/30_instructions.ipynb #c023
+# %% ../nbs/30_instructions.ipynb #c028
 @dataclass
 class InstructionText:
     "Text ids of one sample (train: padded answer text; eval: the prompt) and their targets."
@@ -193,7 +198,7 @@ def _check_prefix(task: InstructionTask, tokenizer: TextTokenizer, prompt: list[
         raise ValueError(f"{task.title}: with tokenizer {tokenizer.name}, the tokens of the prompt are not a prefix of "
                          f"the tokens of the answered text; the answer would not continue the prompt")
 
-# %% ../nbs/30_instructions.ipynb #c026
+# %% ../nbs/30_instructions.ipynb #c031
 def build_instruction_text(task: str | InstructionTask, tokenizer: TextTokenizer, label: int | None = None, *,
                            sep_id: int = NEUROLM_VOCAB.sep_id, text_max_len: int | None = TEXT_MAX_LEN,
                            supervise_paren: bool | None = None) -> InstructionText:
@@ -221,7 +226,7 @@ def longest_text(tasks: Sequence[str | InstructionTask], tokenizer: TextTokenize
     "Tokens ([SEP] included) of the longest answered text of `tasks`: the smallest text_max_len that fits."
     return max(len(tokenizer.encode(get_task(t).text(k))) + 1 for t in tasks for k in range(get_task(t).n_classes))
 
-# %% ../nbs/30_instructions.ipynb #c029
+# %% ../nbs/30_instructions.ipynb #c034
 def instruction_sample(window, channels, task: str | InstructionTask, label: int, tokenizer: TextTokenizer, *,
                        train: bool = True, sep_id: int = NEUROLM_VOCAB.sep_id, eeg_max_len: int = EEG_MAX_LEN,
                        text_max_len: int | None = TEXT_MAX_LEN, supervise_paren: bool | None = None,
@@ -240,7 +245,7 @@ def instruction_sample(window, channels, task: str | InstructionTask, label: int
     sample["label"] = torch.tensor(int(label), dtype=torch.int64)
     return sample
 
-# %% ../nbs/30_instructions.ipynb #c034
+# %% ../nbs/30_instructions.ipynb #c039
 def parse_answer(decoded: str, task: str | InstructionTask, original_unparseable: bool = False) -> int:
     "Task label from a decoded prompt + answer (the original's fixed-position parse); -1 when unparseable."
     task = get_task(task)
@@ -271,7 +276,7 @@ def greedy_answers(model, batch: Mapping[str, torch.Tensor], task: str | Instruc
     texts = decode_answers(ids.cpu(), tokenizer)
     return texts, np.array([parse_answer(t, task, original_unparseable) for t in texts], dtype=np.int64)
 
-# %% ../nbs/30_instructions.ipynb #c037
+# %% ../nbs/30_instructions.ipynb #c042
 def option_continuations(task: str | InstructionTask, tokenizer: TextTokenizer) -> list[list[int]]:
     "For every answer of `task`, the token ids that follow the prompt in its training text (end-of-text included)."
     task = get_task(task)
@@ -294,7 +299,7 @@ class OptionScores:
     def pred(self) -> torch.Tensor:
         return self.probs.argmax(-1)
 
-# %% ../nbs/30_instructions.ipynb #c040
+# %% ../nbs/30_instructions.ipynb #c045
 @torch.no_grad()
 def score_options(model, batch: Mapping[str, torch.Tensor], task: str | InstructionTask, tokenizer: TextTokenizer,
                   sep_id: int | None = None) -> OptionScores:
@@ -327,7 +332,17 @@ def score_options(model, batch: Mapping[str, torch.Tensor], task: str | Instruct
     loglik = torch.zeros(B * K, device=device).index_add_(0, rows, picked).view(B, K)
     return OptionScores(loglik, loglik.softmax(-1))
 
-# %% ../nbs/30_instructions.ipynb #c046
+# %% ../nbs/30_instructions.ipynb #c051
+def task_labels(task: InstructionTask, windows: WindowDataset) -> tuple[np.ndarray, np.ndarray]:
+    "(dataset label -> task label, the task label of every window) of a split; labels outside its classes raise."
+    label_map = task.label_map(windows.classes)
+    raw = np.asarray(windows.labels, dtype=np.int64)
+    if len(raw) and (raw.min() < 0 or raw.max() >= len(label_map)):
+        raise ValueError(f"{windows.root} ({windows.split}): labels {sorted(set(raw.tolist()))} are not all classes of "
+                         f"{windows.classes}")
+    return label_map, (label_map[raw] if len(raw) else raw)
+
+# %% ../nbs/30_instructions.ipynb #c054
 class InstructionDataset(Dataset):
     "Instruction samples over one split of a built dataset (`datasets.build_dataset`)."
 
@@ -339,12 +354,7 @@ class InstructionDataset(Dataset):
         self.task = get_task(task if task is not None else self.windows.dataset)
         self.train = (split == "train") if train is None else bool(train)
         self.tokenizer, self.eeg_max_len = tokenizer, int(eeg_max_len)
-        self.label_map = self.task.label_map(self.windows.classes)
-        raw = np.asarray(self.windows.labels, dtype=np.int64)
-        if len(raw) and (raw.min() < 0 or raw.max() >= len(self.label_map)):
-            raise ValueError(f"{root} ({split}): labels {sorted(set(raw.tolist()))} are not all classes of "
-                             f"{self.windows.classes}")
-        self.labels = self.label_map[raw] if len(raw) else raw
+        self.label_map, self.labels = task_labels(self.task, self.windows)
         self.n = len(self.windows) if max_windows is None else min(len(self.windows), int(max_windows))
         self.labels = self.labels[:self.n]
         build = lambda label: build_instruction_text(self.task, tokenizer, label, sep_id=sep_id,
@@ -372,7 +382,7 @@ class InstructionDataset(Dataset):
         return (f"InstructionDataset({self.task.title}/{self.windows.split}: {self.n} "
                 f"{'training' if self.train else 'evaluation'} samples, {self.tokenizer.name} tokens)")
 
-# %% ../nbs/30_instructions.ipynb #c049
+# %% ../nbs/30_instructions.ipynb #c057
 def collate_instructions(samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     "Stack instruction samples into a batch (texts must have one length: one task per evaluation batch)."
     if not samples:
@@ -401,7 +411,7 @@ def find_task_datasets(datasets_root: str | Path, tasks: str | Sequence[str] | N
         out[task.name] = root / task.name
     return out
 
-# %% ../nbs/30_instructions.ipynb #c052
+# %% ../nbs/30_instructions.ipynb #c060
 class MixedInstructions(Dataset):
     "Training sets of several tasks as one: every window once (proportional), or equal shares per task (balanced)."
 

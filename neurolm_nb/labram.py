@@ -59,7 +59,7 @@ class LaBraMConfig(ConfigMixin):
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-# %% ../nbs/15_labram.ipynb #c008
+# %% ../nbs/15_labram.ipynb #c009
 LABRAM_SIZES = {"base": dict(), "large": dict(dim=400, depth=24, n_heads=16, conv_channels=16),
                 "huge": dict(dim=800, depth=48, n_heads=16, conv_channels=32),
                 "tiny": dict(dim=100, depth=2, n_heads=4, conv_channels=4, vocab_size=64)}  # tiny: a CPU smoke-run student
@@ -93,7 +93,7 @@ def preset(cls: LaBraMConfig, name: str, **overrides) -> LaBraMConfig:
         raise ValueError(f"model size {name!r} is not one of {list(LABRAM_SIZES)}")
     return cls(**{**LABRAM_SIZES[name], **overrides})
 
-# %% ../nbs/15_labram.ipynb #c011
+# %% ../nbs/15_labram.ipynb #c012
 class DropPath(nn.Module):
     "Stochastic depth: in training, zero the whole branch of a random fraction `p` of the samples, scale the rest by 1/(1-p)."
     def __init__(self, p: float = 0.0):
@@ -110,7 +110,7 @@ class DropPath(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
-# %% ../nbs/15_labram.ipynb #c012
+# %% ../nbs/15_labram.ipynb #c013
 class LaBraMBlock(nn.Module):
     "Pre-LN block with QK-norm attention, layer-scale γ (init `init_values`) and drop-path on both branches."
     def __init__(self, cfg: LaBraMConfig, drop_path: float = 0.0):
@@ -134,10 +134,10 @@ class LaBraMBlock(nn.Module):
         branch = self.mlp(self.norm2(x))
         return x + self.drop_path(branch if self.gamma_2 is None else self.gamma_2 * branch)
 
-# %% ../nbs/15_labram.ipynb #c016
+# %% ../nbs/15_labram.ipynb #c017
 CLS_POSITIONS = ("first_channel", "cls_row")
 
-# %% ../nbs/15_labram.ipynb #c016a
+# %% ../nbs/15_labram.ipynb #c018
 class LaBraMTrunk(nn.Module):
     "Patch embedding, CLS token, channel (`pos_embed`) and time tables, and the blocks: the part every LaBraM model shares."
     def __init__(self, config: LaBraMConfig, cls_position: str = "cls_row"):
@@ -170,7 +170,7 @@ class LaBraMTrunk(nn.Module):
             raise ValueError(f"bool_masked_pos must be [B, C·A] = [{B}, {C * A}] (channel-major), "
                              f"got {tuple(bool_masked_pos.shape)}")
 
-# %% ../nbs/15_labram.ipynb #c018
+# %% ../nbs/15_labram.ipynb #c021
 @patch
 def embed(self: LaBraMTrunk, x: torch.Tensor, input_chans: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
           mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +196,7 @@ def run_blocks(self: LaBraMTrunk, h: torch.Tensor) -> torch.Tensor:
         h = block(h)
     return h
 
-# %% ../nbs/15_labram.ipynb #c020
+# %% ../nbs/15_labram.ipynb #c024
 def _trunc_normal_(t: torch.Tensor, std: float, bound: float) -> torch.Tensor:
     return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-bound, b=bound)
 
@@ -219,7 +219,7 @@ def _init_labram(model: nn.Module, std: float, bound: float, init_convs: bool) -
         block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
-# %% ../nbs/15_labram.ipynb #c020a
+# %% ../nbs/15_labram.ipynb #c027
 class LaBraMStudent(LaBraMTrunk):
     "The MEM student (official `NeuralTransformerForMaskedEEGModeling`): trunk + mask token + final LayerNorm (+ unused lm_head)."
     def __init__(self, config: LaBraMConfig | None = None, cls_position: str = "first_channel"):
@@ -237,7 +237,7 @@ class LaBraMStudent(LaBraMTrunk):
         h = self.norm(self.run_blocks(h))
         return (patches, h) if return_patch_embed else h
 
-# %% ../nbs/15_labram.ipynb #c024
+# %% ../nbs/15_labram.ipynb #c031
 def random_mask(batch_size: int, n_tokens: int, mask_ratio: float = 0.5, generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> torch.Tensor:
     "bool [B, n_tokens], True = masked: exactly n_tokens − int(n_tokens·(1−mask_ratio)) per row, uniformly at random."
@@ -263,7 +263,7 @@ def plot_mask_pair(mask: torch.Tensor, n_channels: int, channel_names: Sequence[
     fig.tight_layout()
     return fig
 
-# %% ../nbs/15_labram.ipynb #c027
+# %% ../nbs/15_labram.ipynb #c034
 class MEMOutput(NamedTuple):
     "Logits of the masked tokens of each pass (row-major over [B, C·A]) and the student outputs."
     logits: torch.Tensor           # [n_masked, vocab]
@@ -272,7 +272,7 @@ class MEMOutput(NamedTuple):
     tokens_sym: torch.Tensor | None
     patch_embed: torch.Tensor      # [B, C·A, D] TemporalConv output (before the mask token)
 
-# %% ../nbs/15_labram.ipynb #c027a
+# %% ../nbs/15_labram.ipynb #c035
 class LaBraMForMEM(nn.Module):
     "Masked EEG modelling: a `LaBraMStudent` and one `lm_head` predicting the codes of the masked patches, twice."
     def __init__(self, config: LaBraMConfig | None = None):
@@ -299,7 +299,7 @@ class LaBraMForMEM(nn.Module):
             logits_sym = self.lm_head(tokens_sym[:, 1:][~mask])
         return MEMOutput(logits, logits_sym, tokens, tokens_sym, patches)
 
-# %% ../nbs/15_labram.ipynb #c029
+# %% ../nbs/15_labram.ipynb #c038
 def mem_loss(out: MEMOutput, codes: torch.Tensor, bool_masked_pos: torch.Tensor) -> tuple[torch.Tensor, dict]:
     "(CE of the masked pass + CE of the symmetric pass, {loss_rec, loss_rec_sym, mlm_acc, mlm_acc_sym}) against codes [B, C·A]."
     mask = bool_masked_pos.bool()
@@ -315,12 +315,12 @@ def mem_loss(out: MEMOutput, codes: torch.Tensor, bool_masked_pos: torch.Tensor)
         loss = loss + loss_rec_sym
     return loss, terms
 
-# %% ../nbs/15_labram.ipynb #c032
+# %% ../nbs/15_labram.ipynb #c041
 STUDENT_ONLY_KEYS = ("mask_token", "norm.weight", "norm.bias", "lm_head.weight", "lm_head.bias")  # unused by fine-tuning
 HEAD_KEYS = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")                        # fresh in fine-tuning
 CLS_HEAD_KEYS = ("head.weight", "head.bias")  # fresh in CLS-pooling fine-tuning (the student's norm is kept)
 
-# %% ../nbs/15_labram.ipynb #c032a
+# %% ../nbs/15_labram.ipynb #c042
 class LaBraMClassifier(LaBraMTrunk):
     "Fine-tuning model (official `NeuralTransformer`): trunk → mean of patch tokens → fc_norm → head, or (`use_cls`) → norm → CLS → head."
     def __init__(self, config: LaBraMConfig | None = None, n_classes: int = 1, init_scale: float = 0.001,
@@ -358,7 +358,7 @@ class LaBraMClassifier(LaBraMTrunk):
         "Logits [B, n_classes]."
         return self.head(self.forward_features(x, input_chans))
 
-# %% ../nbs/15_labram.ipynb #c034
+# %% ../nbs/15_labram.ipynb #c045
 @patch(cls_method=True)
 def from_student(cls: LaBraMClassifier, student: LaBraMStudent | LaBraMForMEM, n_classes: int = 1, drop_path: float = 0.1,
                  init_scale: float = 0.001, use_cls: bool = False) -> LaBraMClassifier:
@@ -371,7 +371,7 @@ def from_student(cls: LaBraMClassifier, student: LaBraMStudent | LaBraMForMEM, n
     assert sorted(missing) == sorted(CLS_HEAD_KEYS if use_cls else HEAD_KEYS) and not unexpected, (missing, unexpected)
     return model
 
-# %% ../nbs/15_labram.ipynb #c039
+# %% ../nbs/15_labram.ipynb #c050
 _NOT_ENCODER = ("mask_token", "lm_head.", "head.", "projection_head.")
 
 
@@ -394,7 +394,7 @@ def labram_sizes(config: LaBraMConfig, n_classes: int = 1) -> dict[str, int]:
     return {"encoder": count_encoder_parameters(clf), "student": values(mem.student), "mem": values(mem),
             "mem_keys": len(mem.state_dict()), "classifier": values(clf), "classifier_keys": len(clf.state_dict())}
 
-# %% ../nbs/15_labram.ipynb #c042
+# %% ../nbs/15_labram.ipynb #c053
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "time_embed")  # the original's no_weight_decay() (+ biases and 1-d tensors)
 
 
@@ -409,7 +409,7 @@ def layer_index(name: str, depth: int, original: bool = False) -> int:
         return int(name.split(".")[1]) + 1
     return depth + 1
 
-# %% ../nbs/15_labram.ipynb #c042a
+# %% ../nbs/15_labram.ipynb #c054
 def layer_decay_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.65,
                        original: bool = False) -> list[dict]:
     "AdamW groups per (layer, decay/no decay) with `lr_scale` = layer_decay^(depth+1−layer); every trainable parameter once."
@@ -430,7 +430,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay
         groups[key]["param_names"].append(name)
     return sorted(groups.values(), key=lambda g: (g["layer"], g["name"]))
 
-# %% ../nbs/15_labram.ipynb #c049
+# %% ../nbs/15_labram.ipynb #c061
 LABRAM_CLASSIFIER_FORMAT = "neurolm_nb.labram_classifier/1"
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch.utils.data import Dataset
 
 from .alignment import TINY_GPT2_DIR, TextWindows, load_corpus_ids, load_text_source, text_samples_dir
@@ -29,25 +30,68 @@ from .hub import ModelCard, describe_datasets, flat_metrics, from_pretrained, sa
 from .neurolm import IGNORE_INDEX, NeuroLM, NeuroLMOutput, next_second_targets, save_neurolm
 from .patching import MAX_SECONDS, NeuroLMCollate
 from .training import (TrainConfig, TrainResult, cleanup_distributed,
-                                 die_with_torchrun_agent, is_main_process, move_to_device, setup_distributed, train,
-                                 unwrap_model, world_info)
+                                 die_with_torchrun_agent, is_main_process, move_to_device, setup_distributed,
+                                 stage_datasets_root, train, unwrap_model, world_info)
 from .vq import VQConfig, VQTokenizer, l2norm, load_tokenizer
 
 # %% auto #0
-__all__ = ['STAGE1_TOKENIZER', 'KMEANS_CROPS', 'crop_seconds', 'EEGCrops', 'find_eeg_datasets', 'TextStream', 'text_corpus',
-           'random_tokenizer', 'init_codebook', 'resolve_tokenizer', 'stage1_tokenizer', 'CodeHead', 'build_gpt',
-           'PretrainModel', 'PretrainLoss', 'build_pretrain_model', 'evaluate_pretraining', 'PretrainSetup',
-           'PreparedPretraining', 'prepare_pretraining', 'report_evaluations', 'run_pretraining', 'pretrain_card',
-           'main', 'code_prior_baselines']
+__all__ = ['STAGE1_TOKENIZER', 'KMEANS_CROPS', 'find_eeg_datasets', 'crop_seconds', 'crop_index', 'EEGCrops', 'TextStream',
+           'text_corpus', 'random_tokenizer', 'init_codebook', 'resolve_tokenizer', 'stage1_tokenizer', 'CodeHead',
+           'build_gpt', 'PretrainModel', 'build_pretrain_model', 'PretrainLoss', 'evaluate_pretraining',
+           'PretrainSetup', 'pretrain_eeg_data', 'pretrain_text', 'PreparedPretraining', 'prepare_pretraining',
+           'pretrain_card', 'save_stage_model', 'report_evaluations', 'run_pretraining', 'main', 'code_prior_baselines']
 
 # %% ../nbs/22_pretrain.ipynb #c008
+def find_eeg_datasets(datasets_root: str | Path, names: str | Sequence[str] | None = "auto") -> list[Path]:
+    "Built dataset folders: `names` under `datasets_root` (or paths); 'auto': `pretrain` if built, else every one."
+    root = Path(datasets_root)
+    if names in ("auto", None, ["auto"]):
+        if (root / "pretrain" / "index.json").exists():
+            return [root / "pretrain"]
+        found = sorted(p.parent for p in root.glob("*/index.json"))
+        if not found:
+            raise FileNotFoundError(f"no built datasets (folders holding index.json) in {root}: run the datasets stage first")
+        return found
+    out = []
+    for name in [names] if isinstance(names, (str, Path)) else names:
+        path = Path(name) if Path(name).is_absolute() else root / name
+        if not (path / "index.json").exists():
+            raise FileNotFoundError(f"EEG dataset {str(name)!r}: {path} holds no index.json (not a finished build_dataset output)")
+        out.append(path)
+    return out
+
+# %% ../nbs/22_pretrain.ipynb #c011
 def crop_seconds(n_channels: int, n_seconds: int, max_tokens: int, max_seconds: int = MAX_SECONDS) -> int:
     "Seconds per crop of a `n_channels` × `n_seconds` window: whole seconds of every channel within `max_tokens` and the time table."
     if n_channels < 1:
         raise ValueError(f"a window needs at least one channel, got {n_channels}")
     return min(n_seconds, max_tokens // n_channels, max_seconds)
 
-# %% ../nbs/22_pretrain.ipynb #c008a
+# %% ../nbs/22_pretrain.ipynb #c014
+def crop_index(sources: Sequence[WindowDataset], max_tokens: int, max_seconds: int = MAX_SECONDS,
+               min_seconds: int = 2) -> tuple[np.ndarray, list[dict]]:
+    "(int64 [n_crops, 5] rows (dataset, window, start s, seconds, channels), skipped shards) of `sources`."
+    rows, skipped = [], []
+    for k, source in enumerate(sources):
+        per_second = int(round(source.sfreq))
+        offset = 0
+        for shard in source.shards:
+            n_ch, n_sec = len(shard["ch_names"]), int(shard["n_times"]) // per_second
+            sec = crop_seconds(n_ch, n_sec, max_tokens, max_seconds)
+            if sec < min_seconds:
+                skipped.append({"dataset": source.root.name, "shard": shard["file"], "windows": int(shard["n"]),
+                                "reason": f"{n_ch} channels × {n_sec} s leave {sec} s per crop in "
+                                          f"{max_tokens} tokens (fewer than {min_seconds})"})
+            else:
+                starts = np.arange(n_sec // sec) * sec
+                windows = np.repeat(np.arange(offset, offset + shard["n"]), len(starts))
+                rows.append(np.stack([np.full_like(windows, k), windows, np.tile(starts, shard["n"]),
+                                      np.full_like(windows, sec), np.full_like(windows, n_ch)], 1))
+            offset += shard["n"]
+    index = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 5), dtype=np.int64)
+    return index, skipped
+
+# %% ../nbs/22_pretrain.ipynb #c017
 class EEGCrops(Dataset):
     "Windows of built datasets (`build_dataset` folders), cut into crops of at most `max_tokens` tokens."
 
@@ -55,24 +99,7 @@ class EEGCrops(Dataset):
                  max_seconds: int = MAX_SECONDS, min_seconds: int = 2):
         self.roots, self.split, self.max_tokens = [Path(r) for r in roots], split, int(max_tokens)
         self.sources = [WindowDataset(r, split) for r in self.roots]
-        rows, self.skipped = [], []
-        for k, source in enumerate(self.sources):
-            per_second = int(round(source.sfreq))
-            offset = 0
-            for shard in source.shards:
-                n_ch, n_sec = len(shard["ch_names"]), int(shard["n_times"]) // per_second
-                sec = crop_seconds(n_ch, n_sec, self.max_tokens, max_seconds)
-                if sec < min_seconds:
-                    self.skipped.append({"dataset": source.root.name, "shard": shard["file"], "windows": int(shard["n"]),
-                                         "reason": f"{n_ch} channels × {n_sec} s leave {sec} s per crop in "
-                                                   f"{self.max_tokens} tokens (fewer than {min_seconds})"})
-                else:
-                    starts = np.arange(n_sec // sec) * sec
-                    windows = np.repeat(np.arange(offset, offset + shard["n"]), len(starts))
-                    rows.append(np.stack([np.full_like(windows, k), windows, np.tile(starts, shard["n"]),
-                                          np.full_like(windows, sec), np.full_like(windows, n_ch)], 1))
-                offset += shard["n"]
-        self.index = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 5), dtype=np.int64)
+        self.index, self.skipped = crop_index(self.sources, self.max_tokens, max_seconds, min_seconds)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -92,26 +119,7 @@ class EEGCrops(Dataset):
         return (f"EEGCrops({self.split}: {len(self)} crops of <= {self.max_tokens} tokens from "
                 f"{[r.name for r in self.roots]}; {sum(s['windows'] for s in self.skipped)} windows skipped)")
 
-# %% ../nbs/22_pretrain.ipynb #c008b
-def find_eeg_datasets(datasets_root: str | Path, names: str | Sequence[str] | None = "auto") -> list[Path]:
-    "Built dataset folders: `names` under `datasets_root` (or paths); 'auto': `pretrain` if built, else every one."
-    root = Path(datasets_root)
-    if names in ("auto", None, ["auto"]):
-        if (root / "pretrain" / "index.json").exists():
-            return [root / "pretrain"]
-        found = sorted(p.parent for p in root.glob("*/index.json"))
-        if not found:
-            raise FileNotFoundError(f"no built datasets (folders holding index.json) in {root}: run the datasets stage first")
-        return found
-    out = []
-    for name in [names] if isinstance(names, (str, Path)) else names:
-        path = Path(name) if Path(name).is_absolute() else root / name
-        if not (path / "index.json").exists():
-            raise FileNotFoundError(f"EEG dataset {str(name)!r}: {path} holds no index.json (not a finished build_dataset output)")
-        out.append(path)
-    return out
-
-# %% ../nbs/22_pretrain.ipynb #c013
+# %% ../nbs/22_pretrain.ipynb #c022
 class TextStream:
     "Text windows for update `step`: global slot s holds the window keyed (seed, step, s); a rank takes its slots."
 
@@ -142,7 +150,7 @@ def text_corpus(text_data: str | Path | None, source, val_fraction: float = 0.1)
     cut = int(len(ids) * (1 - val_fraction))
     return ids[:cut], ids[cut:], f"{text_data or 'data_samples/text/corpus.txt'} (last {val_fraction:.0%} held out)"
 
-# %% ../nbs/22_pretrain.ipynb #c016
+# %% ../nbs/22_pretrain.ipynb #c025
 STAGE1_TOKENIZER = Path("tokenizer") / "tokenizer.pt"  # relative to run_root; written by 12_train_tokenizer
 
 
@@ -165,7 +173,7 @@ def init_codebook(tokenizer: VQTokenizer, batch: Mapping[str, torch.Tensor], see
 
 KMEANS_CROPS = 64  # crops whose real tokens initialise a random tokenizer's codebook
 
-# %% ../nbs/22_pretrain.ipynb #c016a
+# %% ../nbs/22_pretrain.ipynb #c028
 def resolve_tokenizer(tokenizer: str | Path | VQTokenizer | None = None, run_root: str | Path | None = None,
                       seed: int = 0) -> tuple[VQTokenizer, str]:
     "The stage-1 tokenizer and where it came from: the given checkpoint or save_pretrained folder, `<run_root>/tokenizer/tokenizer.pt` (which must exist), or standalone 'random'."
@@ -191,7 +199,7 @@ def stage1_tokenizer(tokenizer, run_root, crops: Dataset, collate: Callable, see
         init_codebook(found, collate([crops[i] for i in range(min(len(crops), KMEANS_CROPS))]), seed)
     return found, source
 
-# %% ../nbs/22_pretrain.ipynb #c016b
+# %% ../nbs/22_pretrain.ipynb #c031
 class CodeHead(nn.Module):
     "The frozen quantizer side of a stage-1 tokenizer: encoder features [.., dim] -> code indices [..]."
 
@@ -211,7 +219,7 @@ class CodeHead(nn.Module):
             z = l2norm(self.quant_head(features.float()))
             return self.quantizer.nearest_codes(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
 
-# %% ../nbs/22_pretrain.ipynb #c021
+# %% ../nbs/22_pretrain.ipynb #c036
 def build_gpt(gpt: str | Path = "tiny", attn_impl: str = "sdpa", seed: int = 0) -> tuple[GPT, str]:
     "A GPT-2 and the name of its text tokenizer (for `alignment.load_text_source`)."
     spec = str(gpt)
@@ -226,7 +234,7 @@ def build_gpt(gpt: str | Path = "tiny", attn_impl: str = "sdpa", seed: int = 0) 
         return GPT(GPTConfig.preset(spec.split(":", 1)[1], attn_impl=attn_impl)), spec.split(":", 1)[1]
     return GPT.from_pretrained(spec, attn_impl=attn_impl), spec
 
-# %% ../nbs/22_pretrain.ipynb #c023
+# %% ../nbs/22_pretrain.ipynb #c039
 class PretrainModel(nn.Module):
     "NeuroLM + the code head of its tokenizer: `forward(batch)` returns the stage-2 loss and its terms."
 
@@ -253,24 +261,36 @@ class PretrainModel(nn.Module):
         targets = next_second_targets(codes, time, mask, vocab=lm.config.vocab)
         return lm.projection(features) + lm.channel_embed(chans), targets, codes
 
-    def eeg_output(self, batch: Mapping[str, torch.Tensor]) -> NeuroLMOutput:
-        "The model's output on an EEG batch, scored at the supervised positions only."
-        embeds, targets, _ = self.eeg_inputs(batch)
-        return self.lm(eeg_embeds=embeds, input_chans=batch["input_chans"], input_time=batch["input_time"],
-                       input_mask=batch["input_mask"], eeg_targets=targets, supervised_only=True)
 
-    def text_output(self, batch: Mapping[str, torch.Tensor]) -> NeuroLMOutput:
-        return self.lm(text=batch["text"], text_targets=batch["text_targets"])
+def build_pretrain_model(tokenizer: VQTokenizer, gpt: GPT, seed: int = 0, causal_encoder: bool = False) -> PretrainModel:
+    "NeuroLM from a stage-1 tokenizer and a GPT-2 (enlarged here; new rows seeded), with the tokenizer's code head."
+    lm = NeuroLM.from_parts(tokenizer, gpt, seed=seed, causal_encoder=causal_encoder)
+    return PretrainModel(lm, CodeHead(tokenizer))
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        eeg = self.eeg_output(batch)
-        out = {"loss": eeg.loss, "eeg_loss": eeg.loss.detach(), "eeg_accuracy": eeg.accuracy}
-        if "text" in batch:
-            text = self.text_output(batch)
-            out.update(loss=eeg.loss + text.loss, text_loss=text.loss.detach(), text_accuracy=text.accuracy)
-        return out
+# %% ../nbs/22_pretrain.ipynb #c043
+@patch
+def eeg_output(self: PretrainModel, batch: Mapping[str, torch.Tensor]) -> NeuroLMOutput:
+    "The model's output on an EEG batch, scored at the supervised positions only."
+    embeds, targets, _ = self.eeg_inputs(batch)
+    return self.lm(eeg_embeds=embeds, input_chans=batch["input_chans"], input_time=batch["input_time"],
+                   input_mask=batch["input_mask"], eeg_targets=targets, supervised_only=True)
 
-# %% ../nbs/22_pretrain.ipynb #c023a
+
+@patch
+def text_output(self: PretrainModel, batch: Mapping[str, torch.Tensor]) -> NeuroLMOutput:
+    return self.lm(text=batch["text"], text_targets=batch["text_targets"])
+
+
+@patch
+def forward(self: PretrainModel, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    eeg = self.eeg_output(batch)
+    out = {"loss": eeg.loss, "eeg_loss": eeg.loss.detach(), "eeg_accuracy": eeg.accuracy}
+    if "text" in batch:
+        text = self.text_output(batch)
+        out.update(loss=eeg.loss + text.loss, text_loss=text.loss.detach(), text_accuracy=text.accuracy)
+    return out
+
+# %% ../nbs/22_pretrain.ipynb #c044
 class PretrainLoss:
     "`loss_fn(model, batch, state)` of stage 2: adds this rank's text windows of the update, returns (loss, terms)."
 
@@ -290,13 +310,7 @@ class PretrainLoss:
         loss = out.pop("loss")
         return loss, out
 
-
-def build_pretrain_model(tokenizer: VQTokenizer, gpt: GPT, seed: int = 0, causal_encoder: bool = False) -> PretrainModel:
-    "NeuroLM from a stage-1 tokenizer and a GPT-2 (enlarged here; new rows seeded), with the tokenizer's code head."
-    lm = NeuroLM.from_parts(tokenizer, gpt, seed=seed, causal_encoder=causal_encoder)
-    return PretrainModel(lm, CodeHead(tokenizer))
-
-# %% ../nbs/22_pretrain.ipynb #c028
+# %% ../nbs/22_pretrain.ipynb #c049
 @torch.no_grad()
 def evaluate_pretraining(model: nn.Module, eeg_val: Dataset | None = None, collate: Callable | None = None,
                          text_val: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 8,
@@ -331,7 +345,7 @@ def evaluate_pretraining(model: nn.Module, eeg_val: Dataset | None = None, colla
         out.update(text_loss=loss, text_accuracy=o.accuracy.item(), text_perplexity=math.exp(loss))
     return out
 
-# %% ../nbs/22_pretrain.ipynb #c031
+# %% ../nbs/22_pretrain.ipynb #c052
 @dataclass
 class PretrainSetup:
     "What stage 2 trains on and with; the optimiser, schedule and batch size are a `TrainConfig`."
@@ -362,7 +376,38 @@ class PretrainSetup:
         if isinstance(self.eeg_datasets, (list, tuple)) and list(self.eeg_datasets) == ["auto"]:
             self.eeg_datasets = "auto"
 
-# %% ../nbs/22_pretrain.ipynb #c031a
+# %% ../nbs/22_pretrain.ipynb #c055
+def pretrain_eeg_data(setup: PretrainSetup) -> tuple[list[Path], EEGCrops, EEGCrops | None]:
+    "The EEG datasets of `setup` and their training and validation crops (None: no validation crops)."
+    roots = find_eeg_datasets(stage_datasets_root(setup), setup.eeg_datasets)
+    train_data = EEGCrops(roots, "train", setup.max_tokens)
+    if len(train_data) == 0:
+        raise ValueError(f"no training crops of <= {setup.max_tokens} tokens in {[str(r) for r in roots]} "
+                         f"(skipped: {train_data.skipped[:3]})")
+    val_data = EEGCrops(roots, "val", setup.max_tokens)
+    return roots, train_data, val_data if len(val_data) else None
+
+# %% ../nbs/22_pretrain.ipynb #c058
+def pretrain_text(setup: PretrainSetup, model: PretrainModel, gpt_tokenizer: str,
+                  seed: int = 0) -> tuple[TextStream | None, tuple | None, dict]:
+    "(training text stream, held-out text windows, a record of the text) for `setup`; None where none is asked for."
+    text = text_val = None
+    if not (setup.text_batch or setup.val_text_windows):
+        return text, text_val, {}
+    if setup.text_block > model.lm.config.gpt.block_size:
+        raise ValueError(f"text_block={setup.text_block} is longer than the GPT's {model.lm.config.gpt.block_size} positions")
+    source = load_text_source(setup.text_tokenizer or gpt_tokenizer)
+    if source.vocab_size > model.lm.config.vocab.text_vocab_size:
+        raise ValueError(f"the text tokenizer {source.name} has {source.vocab_size} tokens, the GPT "
+                         f"{model.lm.config.vocab.text_vocab_size}: use the GPT's own tokenizer")
+    train_ids, val_ids, described = text_corpus(setup.text_data, source)
+    text = TextStream(train_ids, setup.text_batch, setup.text_block, seed) if setup.text_batch else None
+    if setup.val_text_windows and len(val_ids) > setup.text_block:
+        text_val = TextStream(val_ids, setup.val_text_windows, setup.text_block, seed + 1).batch(0)
+    return text, text_val, {"text_source": described, "text_tokenizer": source.name,
+                            "text_train_tokens": int(len(train_ids)), "text_val_tokens": int(len(val_ids))}
+
+# %% ../nbs/22_pretrain.ipynb #c061
 @dataclass
 class PreparedPretraining:
     "Everything `train` needs for stage 2, and a record of where it came from."
@@ -375,42 +420,16 @@ class PreparedPretraining:
     tokens_fn: Callable
     info: dict
 
-# %% ../nbs/22_pretrain.ipynb #c031b
+# %% ../nbs/22_pretrain.ipynb #c062
 def prepare_pretraining(setup: PretrainSetup, cfg: TrainConfig) -> PreparedPretraining:
     "Build data, tokenizer, GPT and model for `setup` (the same on every rank)."
-    datasets_root = setup.datasets_root or (str(Path(setup.run_root) / "datasets") if setup.run_root else None)
-    if datasets_root is None:
-        raise ValueError("PretrainSetup needs datasets_root or run_root (whose datasets/ holds the built EEG datasets)")
-    roots = find_eeg_datasets(datasets_root, setup.eeg_datasets)
-    train_data = EEGCrops(roots, "train", setup.max_tokens)
-    if len(train_data) == 0:
-        raise ValueError(f"no training crops of <= {setup.max_tokens} tokens in {[str(r) for r in roots]} "
-                         f"(skipped: {train_data.skipped[:3]})")
-    val_data = EEGCrops(roots, "val", setup.max_tokens)
-    val_data = val_data if len(val_data) else None
+    roots, train_data, val_data = pretrain_eeg_data(setup)
     collate = NeuroLMCollate(setup.max_tokens)
-
     seed_everything(cfg.seed)
     tokenizer, tokenizer_source = stage1_tokenizer(setup.tokenizer, setup.run_root, train_data, collate, cfg.seed)
     gpt, gpt_tokenizer = build_gpt(setup.gpt, setup.attn_impl, cfg.seed)
     model = build_pretrain_model(tokenizer, gpt, cfg.seed, setup.causal_encoder)
-
-    text = text_val = None
-    text_info = {}
-    if setup.text_batch or setup.val_text_windows:
-        if setup.text_block > model.lm.config.gpt.block_size:
-            raise ValueError(f"text_block={setup.text_block} is longer than the GPT's {model.lm.config.gpt.block_size} positions")
-        source = load_text_source(setup.text_tokenizer or gpt_tokenizer)
-        if source.vocab_size > model.lm.config.vocab.text_vocab_size:
-            raise ValueError(f"the text tokenizer {source.name} has {source.vocab_size} tokens, the GPT "
-                             f"{model.lm.config.vocab.text_vocab_size}: use the GPT's own tokenizer")
-        train_ids, val_ids, described = text_corpus(setup.text_data, source)
-        text = TextStream(train_ids, setup.text_batch, setup.text_block, cfg.seed) if setup.text_batch else None
-        if setup.val_text_windows and len(val_ids) > setup.text_block:
-            text_val = TextStream(val_ids, setup.val_text_windows, setup.text_block, cfg.seed + 1).batch(0)
-        text_info = {"text_source": described, "text_tokenizer": source.name, "text_train_tokens": int(len(train_ids)),
-                     "text_val_tokens": int(len(val_ids))}
-
+    text, text_val, text_info = pretrain_text(setup, model, gpt_tokenizer, cfg.seed)
     if text is None:  # no text loss: the input table is unused, and DDP wants every trainable tensor used
         model.lm.gpt.transformer.wte.weight.requires_grad_(False)
     eval_fn = None
@@ -430,33 +449,7 @@ def prepare_pretraining(setup: PretrainSetup, cfg: TrainConfig) -> PreparedPretr
             **text_info}
     return PreparedPretraining(model, train_data, val_data, PretrainLoss(text), collate, eval_fn, tokens_fn, info)
 
-# %% ../nbs/22_pretrain.ipynb #c031c
-def report_evaluations(state) -> None:
-    "A `train` callback: one line on rank 0 for every update that was validated."
-    row = state.row or {}
-    if state.rank == 0 and any(k.startswith("eval_") for k in row):
-        shown = {k: row[k] for k in ("loss", "eeg_loss", "text_loss", "eval_eeg_loss", "eval_eeg_accuracy",
-                                     "eval_eeg_perplexity", "eval_text_loss") if k in row}
-        print(f"update {state.step}/{state.max_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
-
-
-def run_pretraining(setup: PretrainSetup, cfg: TrainConfig, callbacks: Sequence[Callable] = ()) -> TrainResult:
-    "Stage 2 in this process (alone, or as one rank under torchrun); rank 0 writes neurolm.pt and run_info.json."
-    setup_distributed(timeout_s=cfg.dist_timeout_s)  # before building: a random tokenizer's k-means init broadcasts from rank 0
-    prep = prepare_pretraining(setup, cfg)
-    callbacks = list(callbacks) + ([] if cfg.progress else [report_evaluations])
-    result = train(prep.model, prep.train_data, prep.loss_fn, cfg, collate_fn=prep.collate, eval_fn=prep.eval_fn,
-                   tokens_fn=prep.tokens_fn, callbacks=callbacks)
-    if is_main_process() and cfg.out_dir is not None:
-        out = Path(cfg.out_dir)
-        save_neurolm(prep.model.lm, out / "neurolm.pt", step=result.step, setup=asdict(setup))
-        if setup.export_pretrained:
-            save_pretrained(prep.model.lm, setup.export_pretrained, card=pretrain_card(setup, prep.info, result.history))
-        save_json({**prep.info, "world_size": world_info().world_size, "steps": result.step,
-                   "schedule": result.schedule._asdict(), "elapsed_s": result.elapsed_s}, out / "run_info.json")
-    return result
-
-# %% ../nbs/22_pretrain.ipynb #c032
+# %% ../nbs/22_pretrain.ipynb #c065
 def pretrain_card(setup: PretrainSetup, info: Mapping, history: Sequence[Mapping] = ()) -> ModelCard:
     "The model card of a stage-2 NeuroLM: stage, data (EEG datasets, splits, subjects; text), last metrics, options."
     last = history[-1] if history else {}
@@ -476,7 +469,41 @@ def pretrain_card(setup: PretrainSetup, info: Mapping, history: Sequence[Mapping
                                  "(seed, update, slot) (the original: 4 x 1024 at unseeded offsets)"},
         usage={"text_tokenizer": info.get("text_tokenizer_spec") or setup.text_tokenizer or setup.gpt})
 
-# %% ../nbs/22_pretrain.ipynb #c035
+# %% ../nbs/22_pretrain.ipynb #c068
+def save_stage_model(lm: NeuroLM, setup: Any, cfg: TrainConfig, result: TrainResult, info: Mapping,
+                     card: Callable[..., ModelCard], **record) -> Path | None:
+    "On rank 0 with `cfg.out_dir`: neurolm.pt (+ `record`), `setup.export_pretrained` via `card(setup, info, history)`, run_info.json."
+    if not is_main_process() or cfg.out_dir is None:
+        return None
+    out = Path(cfg.out_dir)
+    save_neurolm(lm, out / "neurolm.pt", step=result.step, setup=asdict(setup), **record)
+    if setup.export_pretrained:
+        save_pretrained(lm, setup.export_pretrained, card=card(setup, info, result.history))
+    save_json({**info, "world_size": world_info().world_size, "steps": result.step,
+               "schedule": result.schedule._asdict(), "elapsed_s": result.elapsed_s}, out / "run_info.json")
+    return out / "neurolm.pt"
+
+# %% ../nbs/22_pretrain.ipynb #c071
+def report_evaluations(state) -> None:
+    "A `train` callback: one line on rank 0 for every update that was validated."
+    row = state.row or {}
+    if state.rank == 0 and any(k.startswith("eval_") for k in row):
+        shown = {k: row[k] for k in ("loss", "eeg_loss", "text_loss", "eval_eeg_loss", "eval_eeg_accuracy",
+                                     "eval_eeg_perplexity", "eval_text_loss") if k in row}
+        print(f"update {state.step}/{state.max_steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
+
+# %% ../nbs/22_pretrain.ipynb #c073
+def run_pretraining(setup: PretrainSetup, cfg: TrainConfig, callbacks: Sequence[Callable] = ()) -> TrainResult:
+    "Stage 2 in this process (alone, or as one rank under torchrun); rank 0 writes neurolm.pt and run_info.json."
+    setup_distributed(timeout_s=cfg.dist_timeout_s)  # before building: a random tokenizer's k-means init broadcasts from rank 0
+    prep = prepare_pretraining(setup, cfg)
+    callbacks = list(callbacks) + ([] if cfg.progress else [report_evaluations])
+    result = train(prep.model, prep.train_data, prep.loss_fn, cfg, collate_fn=prep.collate, eval_fn=prep.eval_fn,
+                   tokens_fn=prep.tokens_fn, callbacks=callbacks)
+    save_stage_model(prep.model.lm, setup, cfg, result, prep.info, pretrain_card)
+    return result
+
+# %% ../nbs/22_pretrain.ipynb #c075
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.pretrain --config launch.json`: stage 2, alone or under torchrun."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent
@@ -500,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__" and not in_notebook():
     sys.exit(main())
 
-# %% ../nbs/22_pretrain.ipynb #c042
+# %% ../nbs/22_pretrain.ipynb #c082
 @torch.no_grad()
 def code_prior_baselines(model: nn.Module, train_data: Dataset, val_data: Dataset, collate: Callable,
                          batch_size: int = 8, max_batches: int | None = None) -> dict[str, float]:

@@ -46,11 +46,11 @@ __all__ = ['DIST_TIMEOUT_ENV', 'HANG_TIMEOUT_ENV', 'HEARTBEAT_ENV', 'DEFAULT_DIS
            'cleanup_distributed', 'gather_objects', 'Heartbeat', 'lr_at', 'weight_decay_groups', 'check_param_groups',
            'set_lr', 'wd_at', 'set_weight_decay', 'adamw_impl', 'optimizer_impl_of', 'set_optimizer_impl',
            'build_optimizer', 'epoch_order', 'ShardedBatchSampler', 'TrainConfig', 'Schedule', 'resolve_schedule',
-           'move_to_device', 'unwrap_model', 'checkpoint_path', 'save_train_checkpoint', 'read_metrics',
-           'stateful_callbacks', 'batch_ids', 'describe_samples', 'nonfinite_message', 'DemoDataset', 'DemoMLP',
-           'demo_loss', 'demo_task', 'TrainState', 'TrainResult', 'train', 'proc_stat', 'process_tree', 'kill_tree',
-           'process_env', 'HungRankError', 'hung_rank', 'RankWatch', 'free_port', 'launch_torchrun', 'add_train_args',
-           'config_from_args', 'demo_parser', 'run_demo', 'main']
+           'move_to_device', 'unwrap_model', 'stage_datasets_root', 'checkpoint_path', 'save_train_checkpoint',
+           'read_metrics', 'stateful_callbacks', 'batch_ids', 'describe_samples', 'nonfinite_message', 'DemoDataset',
+           'DemoMLP', 'demo_loss', 'demo_task', 'TrainState', 'TrainResult', 'train', 'proc_stat', 'process_tree',
+           'kill_tree', 'process_env', 'HungRankError', 'hung_rank', 'RankWatch', 'free_port', 'launch_torchrun',
+           'add_train_args', 'config_from_args', 'demo_parser', 'run_demo', 'main']
 
 # %% ../nbs/06_training.ipynb #c007
 DIST_TIMEOUT_ENV, HANG_TIMEOUT_ENV, HEARTBEAT_ENV = "NEUROLM_DIST_TIMEOUT_S", "NEUROLM_HANG_TIMEOUT_S", "NEUROLM_HEARTBEAT_DIR"
@@ -119,7 +119,7 @@ def setup_distributed(backend: str | None = None, timeout_s: float | None = None
                             timeout=timedelta(seconds=dist_timeout(timeout_s)), **kwargs)
     return world_info()
 
-# %% ../nbs/06_training.ipynb #c013a
+# %% ../nbs/06_training.ipynb #c014
 def cleanup_distributed() -> None:
     "Leave the process group, if this process joined one (after a barrier, so no rank leaves mid-exchange)."
     if dist.is_available() and dist.is_initialized():
@@ -138,7 +138,7 @@ def gather_objects(obj: Any) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-# %% ../nbs/06_training.ipynb #c016
+# %% ../nbs/06_training.ipynb #c017
 class Heartbeat:
     "A rank's sign of progress for launch_torchrun's watchdog: `$NEUROLM_HEARTBEAT_DIR/rank_<r>` = 'pid step'; a no-op without it."
     def __init__(self, rank: int, every_s: float = 1.0):
@@ -158,7 +158,7 @@ class Heartbeat:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
 
-# %% ../nbs/06_training.ipynb #c020
+# %% ../nbs/06_training.ipynb #c021
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     "Learning rate of update `step` (0-based): linear warm-up to `lr`, then cosine down to `min_lr` at `max_steps`."
     if step < 0:
@@ -170,7 +170,7 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
-# %% ../nbs/06_training.ipynb #c025
+# %% ../nbs/06_training.ipynb #c026
 NEUROLM_STAGE_DEFAULTS: dict[str, dict] = {
     "tokenizer": dict(lr=5e-5, min_lr=1e-5, epochs=50, warmup_epochs=5, weight_decay=1e-4,
                       betas=(0.9, 0.999), grad_clip=None, batch_size=64),
@@ -180,7 +180,7 @@ NEUROLM_STAGE_DEFAULTS: dict[str, dict] = {
                         grad_clip=1.0, batch_size=64),
 }
 
-# %% ../nbs/06_training.ipynb #c028
+# %% ../nbs/06_training.ipynb #c029
 def weight_decay_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict]:
     "Two AdamW groups: tensors with dim >= 2 decay; dim < 2 (biases, norm gains) and names matching `no_decay` patterns do not."
     patterns = list(no_decay)
@@ -193,7 +193,7 @@ def weight_decay_groups(model: nn.Module, weight_decay: float, no_decay: Iterabl
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": keep, "weight_decay": 0.0, "name": "no_decay"}]
 
-# %% ../nbs/06_training.ipynb #c028a
+# %% ../nbs/06_training.ipynb #c030
 def check_param_groups(model: nn.Module, groups: list[dict]) -> None:
     "Raise if a trainable parameter is in no group or in two, or a group holds a foreign tensor."
     names = {id(p): n for n, p in model.named_parameters()}
@@ -215,7 +215,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
-# %% ../nbs/06_training.ipynb #c033
+# %% ../nbs/06_training.ipynb #c035
 def wd_at(step: int, weight_decay: float, weight_decay_end: float | None, max_steps: int) -> float:
     "Weight decay of update `step` (0-based): constant when `weight_decay_end` is None, else a cosine to it at `max_steps`."
     if weight_decay_end is None:
@@ -230,7 +230,7 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float, deca
     for i in decaying:
         optimizer.param_groups[i]["weight_decay"] = weight_decay
 
-# %% ../nbs/06_training.ipynb #c037
+# %% ../nbs/06_training.ipynb #c039
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "plain")
 
 
@@ -264,7 +264,7 @@ def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str, device: torc
             if kw["fused"] and torch.is_tensor(st.get("step")):  # the fused kernel keeps `step` on the device
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
-# %% ../nbs/06_training.ipynb #c039
+# %% ../nbs/06_training.ipynb #c041
 def build_optimizer(model: nn.Module, cfg: "TrainConfig", param_groups: list[dict] | Callable | None = None,
                     device: torch.device | str | None = None) -> torch.optim.AdamW:
     "AdamW over `param_groups` (a list, a function of the model, or None for `weight_decay_groups`), checked."
@@ -279,14 +279,14 @@ def build_optimizer(model: nn.Module, cfg: "TrainConfig", param_groups: list[dic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                              **adamw_impl(getattr(cfg, "optimizer_impl", "auto"), device))
 
-# %% ../nbs/06_training.ipynb #c042
+# %% ../nbs/06_training.ipynb #c044
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
     "The order in which epoch `epoch` visits `n` samples; depends only on (seed, epoch), never on rank or world size."
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
 
-# %% ../nbs/06_training.ipynb #c045
+# %% ../nbs/06_training.ipynb #c047
 class ShardedBatchSampler:
     "This rank's micro-batches (lists of indices) for one epoch, starting at update `start_step` of the epoch."
 
@@ -323,7 +323,7 @@ class ShardedBatchSampler:
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
-# %% ../nbs/06_training.ipynb #c051
+# %% ../nbs/06_training.ipynb #c053
 @dataclass
 class TrainConfig:
     "Every knob of `train`; the defaults are a tiny CPU run. Steps count optimizer updates."
@@ -361,22 +361,27 @@ class TrainConfig:
     optimizer_impl: str = "auto"        # AdamW: 'auto' (fused where the device has it), 'fused', 'foreach', 'plain'
 
     def __post_init__(self):
-        for name in ("batch_size", "accum_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps is not None and self.warmup_epochs is not None:
-            raise ValueError("set TrainConfig.warmup_steps or warmup_epochs, not both")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"TrainConfig.max_steps must be >= 0, got {self.max_steps}")
-        if self.grad_clip is not None and self.grad_clip < 0:
-            raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip}")
-        for name, allowed in (("warmup_rounding", ("floor", "round")), ("on_nonfinite", ("stop", "skip"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        adamw_impl(self.optimizer_impl)  # raises naming the field
-        self.betas, self.no_decay = tuple(self.betas), tuple(self.no_decay)
+        _check_train_config(self)
 
-# %% ../nbs/06_training.ipynb #c054
+# %% ../nbs/06_training.ipynb #c057
+def _check_train_config(cfg: TrainConfig) -> None:
+    "Raise naming the field of a `TrainConfig` value that cannot work; lists become tuples."
+    for name in ("batch_size", "accum_steps"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup_steps is not None and cfg.warmup_epochs is not None:
+        raise ValueError("set TrainConfig.warmup_steps or warmup_epochs, not both")
+    if cfg.max_steps is not None and cfg.max_steps < 0:
+        raise ValueError(f"TrainConfig.max_steps must be >= 0, got {cfg.max_steps}")
+    if cfg.grad_clip is not None and cfg.grad_clip < 0:
+        raise ValueError(f"TrainConfig.grad_clip must be positive or None, got {cfg.grad_clip}")
+    for name, allowed in (("warmup_rounding", ("floor", "round")), ("on_nonfinite", ("stop", "skip"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    adamw_impl(cfg.optimizer_impl)  # raises naming the field
+    cfg.betas, cfg.no_decay = tuple(cfg.betas), tuple(cfg.no_decay)
+
+# %% ../nbs/06_training.ipynb #c060
 class Schedule(NamedTuple):
     global_batch: int
     steps_per_epoch: int
@@ -401,7 +406,7 @@ def resolve_schedule(cfg: TrainConfig, n_samples: int, world_size: int = 1) -> S
         warmup = 0
     return Schedule(global_batch, steps_per_epoch, max_steps, warmup)
 
-# %% ../nbs/06_training.ipynb #c057
+# %% ../nbs/06_training.ipynb #c063
 def move_to_device(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
     "Move every tensor in a (nested) dict / list / tuple / namedtuple to `device`; other values pass through."
     if isinstance(batch, torch.Tensor):
@@ -425,7 +430,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         else:
             return model
 
-# %% ../nbs/06_training.ipynb #c062
+# %% ../nbs/06_training.ipynb #c066
+def stage_datasets_root(setup: Any) -> str | Path:
+    "The built datasets a stage reads: `setup.datasets_root`, else `<setup.run_root>/datasets`."
+    root = setup.datasets_root or (str(Path(setup.run_root) / "datasets") if setup.run_root else None)
+    if root is None:
+        raise ValueError(f"{type(setup).__name__} needs datasets_root or run_root (whose datasets/ holds the built datasets)")
+    return root
+
+# %% ../nbs/06_training.ipynb #c071
 CHECKPOINT_FORMAT = 1
 
 
@@ -450,7 +463,7 @@ def save_train_checkpoint(state: dict, ckpt_dir: str | Path, step: int, keep_las
             old.unlink(missing_ok=True)
     return path
 
-# %% ../nbs/06_training.ipynb #c067
+# %% ../nbs/06_training.ipynb #c076
 def read_metrics(path: str | Path) -> list[dict]:
     "Rows of a metrics JSONL file (a torn last line, from a killed writer, is skipped)."
     path = Path(path)
@@ -475,7 +488,7 @@ def _restart_log(path: Path, keep_until_step: int | None) -> list[dict]:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
     return rows
 
-# %% ../nbs/06_training.ipynb #c070
+# %% ../nbs/06_training.ipynb #c079
 _CHECKPOINT_KEYS = {"format", "model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "global_batch",
                     "n_samples", "world_size", "rng", "config", "elapsed_s", "counters"}
 
@@ -494,7 +507,7 @@ def stateful_callbacks(callbacks: Iterable[Any]) -> dict[str, Any]:
         found[key] = cb
     return found
 
-# %% ../nbs/06_training.ipynb #c073
+# %% ../nbs/06_training.ipynb #c082
 _ID_KEYS = ("recording", "subject", "file", "start_s", "index", "task")
 
 
@@ -522,7 +535,7 @@ def describe_samples(dataset: Dataset, indices: Iterable[int]) -> list[str]:
     starts = getattr(base, "start_s", None)
     return [f"{recordings[i]}@{float(starts[i]):g}s" if starts is not None else str(recordings[i]) for i in idx]
 
-# %% ../nbs/06_training.ipynb #c076
+# %% ../nbs/06_training.ipynb #c085
 def _short(items: list, n: int = 12) -> str:
     return str(items[:n])[:-1] + (f", ... ({len(items) - n} more)]" if len(items) > n else "]")
 
@@ -541,7 +554,7 @@ def nonfinite_message(value: float | None, step: int, epoch: int, batch_in_epoch
     msg += (f". Last good checkpoint: {checkpoint}" if checkpoint is not None else ". No checkpoint was written yet")
     return msg + ". Fix the cause and resume, or set TrainConfig.on_nonfinite='skip' to skip such updates."
 
-# %% ../nbs/06_training.ipynb #c080
+# %% ../nbs/06_training.ipynb #c089
 class DemoDataset(Dataset):
     "Synthetic classification: x ~ N(0, I) in `dim` dimensions, label = arg-max of a fixed random linear teacher."
 
@@ -567,7 +580,7 @@ class DemoMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-# %% ../nbs/06_training.ipynb #c083
+# %% ../nbs/06_training.ipynb #c092
 def demo_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     "Cross-entropy (in float32 even under autocast) and accuracy."
     logits = model(batch["x"]).float()
@@ -581,7 +594,7 @@ def demo_task(n: int = 512, dim: int = 16, hidden: int = 64, n_classes: int = 4,
     torch.manual_seed(seed)
     return DemoMLP(dim, hidden, n_classes, dropout), DemoDataset(n, dim, n_classes, seed), demo_loss
 
-# %% ../nbs/06_training.ipynb #c089
+# %% ../nbs/06_training.ipynb #c098
 @dataclass
 class TrainState:
     "What callbacks (and a 3-argument loss_fn) see: position, schedule, the plain model and optimizer."
@@ -602,7 +615,7 @@ class TrainState:
         "Fraction of training done, in [0, 1]."
         return self.step / max(1, self.max_steps)
 
-# %% ../nbs/06_training.ipynb #c089a
+# %% ../nbs/06_training.ipynb #c099
 @dataclass
 class TrainResult:
     model: nn.Module               # the plain (unwrapped) model, trained in place
@@ -615,7 +628,7 @@ class TrainResult:
     resumed_from: Path | None
     elapsed_s: float
 
-# %% ../nbs/06_training.ipynb #c092
+# %% ../nbs/06_training.ipynb #c102
 _RESERVED = {"step", "epoch", "lr", "loss", "grad_norm", "samples_per_s", "tokens_per_s", "time", "weight_decay",
              "loss_scale", "scaler_skipped", "nonfinite_skipped"}
 
@@ -643,7 +656,7 @@ def _accepts_state(fn: Callable) -> bool:
 def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
-# %% ../nbs/06_training.ipynb #c095
+# %% ../nbs/06_training.ipynb #c105
 def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     if clip:
         return torch.nn.utils.clip_grad_norm_(params, clip)
@@ -673,7 +686,7 @@ def _run_eval(eval_fn: Callable, model: nn.Module, device, dtype) -> dict:
         set_rng_state(saved)
     return {f"eval_{k}": float(v) for k, v in result.items()}
 
-# %% ../nbs/06_training.ipynb #c098
+# %% ../nbs/06_training.ipynb #c108
 def _nonfinite(losses: list[torch.Tensor], world: int) -> tuple[bool, int | None]:
     "(some rank's loss was not finite, the first such micro-batch of this rank or None): one sync, all ranks agree."
     bad = torch.stack([~torch.isfinite(v).all() for v in losses])
@@ -698,7 +711,7 @@ def _scaled_step(optimizer, scaler: torch.amp.GradScaler, params: list, clip: fl
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
-# %% ../nbs/06_training.ipynb #c101
+# %% ../nbs/06_training.ipynb #c111
 def _restore(saved: dict, path: Path, model: nn.Module, optimizer, scaler, sched: Schedule, cfg: TrainConfig,
              info: DistInfo, n_samples: int):
     if saved.get("format") != CHECKPOINT_FORMAT:
@@ -726,10 +739,9 @@ def _restore(saved: dict, path: Path, model: nn.Module, optimizer, scaler, sched
         rng = None
     return step, epoch, batch_in_epoch, float(saved.get("elapsed_s", 0.0)), rng
 
-# %% ../nbs/06_training.ipynb #c104
+# %% ../nbs/06_training.ipynb #c114
 @dataclass
-class _Run:
-    "Everything `train` carries from one update to the next; `_setup` fills the first part, `_start` the rest."
+class _RunSetup:
     cfg: TrainConfig
     info: DistInfo
     device: torch.device
@@ -744,6 +756,11 @@ class _Run:
     out: Path | None
     ckpt_dir: Path | None
     log_path: Path | None
+
+# %% ../nbs/06_training.ipynb #c115
+@dataclass
+class _Run(_RunSetup):
+    "Everything `train` carries from one update to the next; `_setup` fills the first part, `_start` the rest."
     step: int = 0                      # the position: updates done, epoch, update within the epoch
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -769,7 +786,7 @@ class _Run:
     step_last: int = 0
     tokens_seen: int = 0
 
-# %% ../nbs/06_training.ipynb #c107
+# %% ../nbs/06_training.ipynb #c118
 def _setup(model: nn.Module, dataset: Dataset, cfg: TrainConfig, param_groups, callbacks) -> _Run:
     "A run at update 0: process group, device, precision, schedule, output paths, optimizer and scaler."
     model = unwrap_model(model)
@@ -790,7 +807,7 @@ def _setup(model: nn.Module, dataset: Dataset, cfg: TrainConfig, param_groups, c
     return _Run(cfg, info, device, dtype, sched, model, optimizer, decaying, scaler, callbacks, stateful, out,
                 out / "checkpoints" if out is not None else None, out / "metrics.jsonl" if out is not None else None)
 
-# %% ../nbs/06_training.ipynb #c111
+# %% ../nbs/06_training.ipynb #c122
 def _resume(run: _Run, n_samples: int) -> None:
     "Restore the newest checkpoint in `out_dir` (with `cfg.resume`); rank 0 prepares `out_dir` and the metrics log."
     found = latest_checkpoint(run.ckpt_dir) if run.ckpt_dir is not None and run.cfg.resume else None
@@ -811,7 +828,7 @@ def _resume(run: _Run, n_samples: int) -> None:
             tmp.unlink(missing_ok=True)  # left by a process killed while writing
         run.history = _restart_log(run.log_path, run.step if found is not None else None)
 
-# %% ../nbs/06_training.ipynb #c114
+# %% ../nbs/06_training.ipynb #c125
 def _start(run: _Run, dataset: Dataset, loss_fn: Callable, collate_fn: Callable | None) -> None:
     "Everything the loop needs besides the run's position: model wrappers, loader, generators, bar, log, clocks."
     cfg, rank, world, device = run.cfg, run.info.rank, run.info.world_size, run.device
@@ -841,7 +858,7 @@ def _start(run: _Run, dataset: Dataset, loss_fn: Callable, collate_fn: Callable 
     run.heartbeat = Heartbeat(rank)
     run.heartbeat(run.step, force=True)
 
-# %% ../nbs/06_training.ipynb #c117
+# %% ../nbs/06_training.ipynb #c128
 def _epoch_batches(run: _Run):
     "This rank's batches of the current epoch, from the current position on."
     run.sampler.set_epoch(run.epoch, run.batch_in_epoch)
@@ -861,7 +878,7 @@ def _set_schedule(run: _Run) -> tuple[float, float]:
     s.step, s.epoch, s.batch_in_epoch, s.lr, s.row = step, run.epoch, run.batch_in_epoch, lr, None
     return lr, wd
 
-# %% ../nbs/06_training.ipynb #c120
+# %% ../nbs/06_training.ipynb #c131
 def _accumulate(run: _Run, batches, loss_fn: Callable, tokens_fn: Callable | None) -> tuple[dict, list, list]:
     "Backpropagate the A micro-batches; the logged terms' means, each micro-batch's loss and identifying entries."
     cfg, device = run.cfg, run.device
@@ -887,7 +904,7 @@ def _accumulate(run: _Run, batches, loss_fn: Callable, tokens_fn: Callable | Non
             sums[k] = sums.get(k, 0) + v.reshape(()) / cfg.accum_steps
     return sums, losses, ids
 
-# %% ../nbs/06_training.ipynb #c123
+# %% ../nbs/06_training.ipynb #c134
 def _update(run: _Run, dataset: Dataset, losses: list, ids: list, lr: float) -> torch.Tensor:
     "Stop on (or skip) a non-finite loss, else step the optimizer; the grad norm (NaN for a skipped update)."
     cfg = run.cfg
@@ -915,7 +932,7 @@ def _advance(run: _Run) -> int:
     run.state.step, run.state.epoch, run.state.batch_in_epoch = run.step, run.epoch, run.batch_in_epoch
     return data_epoch
 
-# %% ../nbs/06_training.ipynb #c126
+# %% ../nbs/06_training.ipynb #c137
 def _log(run: _Run, sums: dict, lr: float, wd: float, grad_norm: torch.Tensor, data_epoch: int,
          eval_fn: Callable | None, tokens_fn: Callable | None) -> dict:
     "Build, keep and write the metrics row of this update (with `eval_fn`'s results when given)."
@@ -945,7 +962,7 @@ def _log(run: _Run, sums: dict, lr: float, wd: float, grad_norm: torch.Tensor, d
     run.pbar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
     return row
 
-# %% ../nbs/06_training.ipynb #c129
+# %% ../nbs/06_training.ipynb #c140
 def _checkpoint(run: _Run, n_samples: int) -> None:
     "Write the checkpoint of this update (rank 0; the other ranks only note its path)."
     rngs = gather_objects(rng_state())  # after callbacks: whatever they drew is part of the past
@@ -968,7 +985,7 @@ def _close(run: _Run) -> None:
     if run.log_file is not None:
         run.log_file.close()
 
-# %% ../nbs/06_training.ipynb #c132
+# %% ../nbs/06_training.ipynb #c143
 def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfig | None = None, *,
           collate_fn: Callable | None = None, param_groups: list[dict] | Callable | None = None,
           callbacks: Iterable[Callable[[TrainState], Any]] = (), eval_fn: Callable[[nn.Module], dict] | None = None,
@@ -1005,7 +1022,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: Callable, cfg: TrainConfi
     return TrainResult(run.model, run.step, run.epoch, run.batch_in_epoch, run.history, run.last_ckpt, run.sched,
                        run.resumed_from, run.elapsed_before + time.perf_counter() - run.t0)
 
-# %% ../nbs/06_training.ipynb #c144
+# %% ../nbs/06_training.ipynb #c155
 def proc_stat(pid: int) -> tuple[str, int] | None:
     "(state letter, parent pid) of process `pid`, from /proc; None when it is gone or only its zombie is left."
     try:
@@ -1028,7 +1045,7 @@ def process_tree(pid: int) -> list[int]:
         todo += sorted(children.get(tree[-1], []))
     return tree
 
-# %% ../nbs/06_training.ipynb #c144a
+# %% ../nbs/06_training.ipynb #c156
 def kill_tree(pid: int, sig: int = getattr(signal, "SIGKILL", signal.SIGTERM)) -> list[int]:
     "Send `sig` to `pid` first (so it starts nothing new), then to each descendant; returns the tree."
     tree = process_tree(pid)
@@ -1046,7 +1063,7 @@ def process_env(pid: int, name: str) -> str | None:
         return None
     return next((i.split(b"=", 1)[1].decode() for i in items if i.startswith(name.encode() + b"=")), None)
 
-# %% ../nbs/06_training.ipynb #c148
+# %% ../nbs/06_training.ipynb #c160
 class HungRankError(RuntimeError):
     "A torchrun worker made no progress for `hang_timeout_s` seconds; the torchrun tree was killed."
     def __init__(self, message: str, rank: int, pid: int, silent_s: float):
@@ -1071,7 +1088,7 @@ def hung_rank(rows: list[dict], hang_timeout_s: float) -> tuple[str, dict] | Non
             + f", hang_timeout_s = {hang_timeout_s:g} s; the torchrun tree was killed. All ranks: "
             + "; ".join(_describe_rank(x) for x in rows)), r
 
-# %% ../nbs/06_training.ipynb #c152
+# %% ../nbs/06_training.ipynb #c164
 class RankWatch:
     "The workers under a torchrun agent, and whether one is hung: silent (heartbeat) or stopped (state T) for `hang_timeout_s`."
     def __init__(self, agent_pid: int, beat_dir: str | Path, hang_timeout_s: float):
@@ -1103,7 +1120,7 @@ class RankWatch:
         "None while no rank is hung; else (a message naming the hung rank and describing all, its row)."
         return hung_rank(self.ranks(), self.hang_timeout_s)
 
-# %% ../nbs/06_training.ipynb #c155
+# %% ../nbs/06_training.ipynb #c167
 def free_port() -> int:
     "A TCP port that is free on this machine right now."
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -1121,7 +1138,7 @@ sys.argv[0] = "torchrun"
 main()
 """
 
-# %% ../nbs/06_training.ipynb #c155a
+# %% ../nbs/06_training.ipynb #c168
 class _Watchdog(threading.Thread):
     "Polls a running torchrun: stops it after `timeout_s` (SIGTERM), kills its whole tree when a rank hangs."
     def __init__(self, proc: subprocess.Popen, beat_dir: str, hang_timeout_s: float, timeout_s: float | None):
@@ -1144,7 +1161,7 @@ class _Watchdog(threading.Thread):
                 kill_tree(self.proc.pid)
                 return
 
-# %% ../nbs/06_training.ipynb #c158
+# %% ../nbs/06_training.ipynb #c171
 def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, master_port: int | None = None,
                     torchrun_args: Iterable[str] = (), echo: bool = False, timeout_s: float | None = None,
                     cwd: str | Path | None = None, tail_lines: int = 60, hang_timeout_s: float | None = None,
@@ -1185,7 +1202,7 @@ def launch_torchrun(nproc: int, module_args: list, env: dict | None = None, *, m
                            f"(exit code {rc}){why}; last lines of its output:\n{tail}")
     return subprocess.CompletedProcess(cmd, rc, stdout="".join(lines), stderr=None)
 
-# %% ../nbs/06_training.ipynb #c161
+# %% ../nbs/06_training.ipynb #c174
 _ARG_TYPES = {"lr": float, "min_lr": float, "warmup_steps": int, "warmup_epochs": float, "max_steps": int,
               "epochs": float, "weight_decay": float, "eps": float, "grad_clip": float, "accum_steps": int,
               "batch_size": int, "seed": int, "out_dir": str, "ckpt_every": int, "keep_last": int,
@@ -1215,7 +1232,7 @@ def config_from_args(args: argparse.Namespace, **defaults) -> TrainConfig:
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     return TrainConfig(**{**defaults, **given})
 
-# %% ../nbs/06_training.ipynb #c164
+# %% ../nbs/06_training.ipynb #c177
 def demo_parser() -> argparse.ArgumentParser:
     "The command line of `python -m neurolm_nb.training`."
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.training",
@@ -1238,7 +1255,7 @@ def run_demo(argv: list[str] | None = None) -> TrainResult:
     callbacks = [lambda state: time.sleep(args.step_delay)] if args.step_delay > 0 else []
     return train(model, dataset, loss_fn, cfg, callbacks=callbacks)
 
-# %% ../nbs/06_training.ipynb #c164a
+# %% ../nbs/06_training.ipynb #c178
 def main(argv: list[str] | None = None) -> int:
     "`python -m neurolm_nb.training --demo [flags]`: train the toy model, alone or under torchrun."
     die_with_torchrun_agent()

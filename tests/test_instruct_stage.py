@@ -171,3 +171,22 @@ def test_torchrun_two_processes_match_one(run_root, tmp_path):
     assert worst < 1e-5, worst
     ra, rb = (read_metrics(p / "metrics.jsonl")[-1] for p in (one, two))
     assert abs(ra["loss"] - rb["loss"]) < 1e-5
+
+
+def test_prepare_steps_read_the_setup_and_stop_with_clear_errors(run_root):
+    from neurolm_nb.instruction_tuning import instruct_data, instruct_text, prepare_instruct
+    with pytest.raises(ValueError, match="InstructSetup needs datasets_root or run_root"):
+        prepare_instruct(InstructSetup(), cfg(run_root / "unused"))
+    lm, spec, _ = resolve_start_model(None, run_root)
+    tok = load_text_tokenizer(spec)
+    roots = find_task_datasets(run_root / "datasets")
+    train_sets, mixed, val_sets, text_len = instruct_data(InstructSetup(text_max_len=None, max_train_windows=3), roots,
+                                                          tok, lm.config.vocab)
+    assert [d.task.name for d in train_sets] == list(roots) and all(len(d) <= 3 for d in train_sets)
+    assert len(mixed) == sum(len(d) for d in train_sets) and text_len == longest_text(list(roots), tok)
+    assert all(len(d) > 0 and not d.train for d in val_sets)
+    assert instruct_text(InstructSetup(text_batch=0), lm, spec) == (None, {})
+    stream, info = instruct_text(InstructSetup(text_batch=2, text_block=16), lm, spec)
+    assert stream.batch(0)[0].shape == (2, 16) and info["text_train_tokens"] > 0
+    with pytest.raises(ValueError, match="exceeds the GPT"):
+        instruct_text(InstructSetup(text_block=lm.config.gpt.block_size + 1), lm, spec)

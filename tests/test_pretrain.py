@@ -248,3 +248,42 @@ def test_code_prior_baselines_count_the_same_tokens_and_the_position_guess_beats
         _, t, _ = model.eeg_inputs(batch)
         targets += t[t != IGNORE_INDEX].tolist()
     assert abs(priors["unigram_accuracy"] - Counter(targets).most_common(1)[0][1] / len(targets)) < 1e-12
+
+
+def test_save_stage_model_writes_what_the_next_stage_reads(tmp_path, datasets_root, crops, tiny_parts):
+    "Rank 0's end of a stage: neurolm.pt (final weights, step, setup, extra record), run_info.json, and the hub copy."
+    from neurolm_nb.hub import from_pretrained, read_card
+    from neurolm_nb.neurolm import NeuroLM
+    from neurolm_nb.pretrain import pretrain_card, save_stage_model
+    from neurolm_nb.training import Schedule, TrainResult
+    tokenizer, gpt = tiny_parts
+    lm = build_pretrain_model(tokenizer, copy.deepcopy(gpt), seed=0).lm
+    setup = PretrainSetup(datasets_root=str(datasets_root), export_pretrained=str(tmp_path / "hub"))
+    result = TrainResult(lm, 5, 2, 1, [{"step": 5, "loss": 3.0}], None, Schedule(8, 2, 5, 1), None, 2.5)
+    info = {"eeg_datasets": [str(datasets_root / "pretrain")], "tokenizer": "random", "text_tokenizer_spec": "tiny"}
+    path = save_stage_model(lm, setup, TrainConfig(out_dir=str(tmp_path / "out")), result, info, pretrain_card, tasks=["x"])
+    assert path == tmp_path / "out" / "neurolm.pt"
+    saved = load_checkpoint(path)
+    assert (saved["step"], saved["tasks"], saved["setup"]) == (5, ["x"], dataclasses.asdict(setup))
+    reloaded = load_neurolm(path)
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert {k: run_info[k] for k in ("steps", "world_size", "elapsed_s", "tokenizer")} == \
+        {"steps": 5, "world_size": 1, "elapsed_s": 2.5, "tokenizer": "random"}
+    assert run_info["schedule"] == {"global_batch": 8, "steps_per_epoch": 2, "max_steps": 5, "warmup_steps": 1}
+    hub = from_pretrained(tmp_path / "hub", expect=NeuroLM)
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in hub.state_dict().items())
+    assert read_card(tmp_path / "hub").usage == {"text_tokenizer": "tiny"}
+    # without out_dir nothing is written
+    assert save_stage_model(lm, dataclasses.replace(setup, export_pretrained=None), TrainConfig(), result, info,
+                            pretrain_card) is None
+
+
+def test_prepare_steps_stop_with_clear_errors(datasets_root):
+    from neurolm_nb.pretrain import pretrain_eeg_data
+    with pytest.raises(ValueError, match="PretrainSetup needs datasets_root or run_root"):
+        pretrain_eeg_data(PretrainSetup())
+    with pytest.raises(ValueError, match="no training crops of <= 2 tokens"):
+        pretrain_eeg_data(PretrainSetup(datasets_root=str(datasets_root), max_tokens=2))
+    roots, train, val = pretrain_eeg_data(PretrainSetup(datasets_root=str(datasets_root), max_tokens=64))
+    assert roots == [datasets_root / "pretrain"] and len(train) == 16 and (val is None or len(val) > 0)

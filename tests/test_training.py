@@ -478,3 +478,31 @@ def test_train_uses_the_configured_impl_and_a_resume_switches_a_plain_checkpoint
     resumed = weights_after(small_cfg(out_dir=str(out)), callbacks=[spy])
     assert len(seen) == 4 and set(seen) == {"fused"}
     assert_same(plain, resumed, atol=1e-5)
+
+
+def test_stage_datasets_root_prefers_datasets_root_then_the_run_root_and_names_the_setup():
+    "The built datasets of a stage: its own datasets_root, else <run_root>/datasets; neither is an error naming the setup."
+    from types import SimpleNamespace
+    from neurolm_nb.training import stage_datasets_root
+
+    assert stage_datasets_root(SimpleNamespace(datasets_root="/data/built", run_root="runs/x")) == "/data/built"
+    assert Path(stage_datasets_root(SimpleNamespace(datasets_root=None, run_root="runs/x"))) == Path("runs/x/datasets")
+
+    @dataclasses.dataclass
+    class SomeSetup:
+        datasets_root: str | None = None
+        run_root: str | None = None
+
+    with pytest.raises(ValueError, match="SomeSetup needs datasets_root or run_root"):
+        stage_datasets_root(SomeSetup())
+
+
+def test_train_config_checks_name_the_field_and_lists_become_tuples():
+    cfg = TrainConfig(betas=[0.9, 0.95], no_decay=["pos_embed"])
+    assert cfg.betas == (0.9, 0.95) and cfg.no_decay == ("pos_embed",)
+    for kw, message in ((dict(accum_steps=0), "TrainConfig.accum_steps must be >= 1"),
+                        (dict(max_steps=-1), "TrainConfig.max_steps must be >= 0"),
+                        (dict(grad_clip=-1.0), "TrainConfig.grad_clip"),
+                        (dict(warmup_rounding="ceil"), "TrainConfig.warmup_rounding")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**kw)
