@@ -23,8 +23,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['OFFICIAL_DROP', 'OFFICIAL_ORDER', 'OFFICIAL_NAMES', 'official_recipe', 'fixture_check', 'fixture_check_fresh',
-           'eegmat_files', 'eeg_hours', 'measure_here', 'measure_fresh', 'loader_throughput', 'gpu_demand',
-           'bench_against_official', 'summary', 'format_report', 'main']
+           'eegmat_files', 'eeg_hours', 'measure_here', 'measure_fresh', 'loader_throughput', 'gpu_demand', 'summary',
+           'format_report', 'bench_against_official', 'main']
 
 # %% ../nbs/53_build_bench.ipynb #c011
 OFFICIAL_DROP = ["EEG A2-A1", "ECG ECG"]
@@ -32,7 +32,7 @@ OFFICIAL_ORDER = ["EEG Fp1", "EEG Fp2", "EEG F3", "EEG F4", "EEG F7", "EEG F8", 
                   "EEG C4", "EEG T5", "EEG T6", "EEG P3", "EEG P4", "EEG O1", "EEG O2", "EEG Fz", "EEG Cz", "EEG Pz"]
 OFFICIAL_NAMES = [c.split()[1].upper() for c in OFFICIAL_ORDER]
 
-# %% ../nbs/53_build_bench.ipynb #c011a
+# %% ../nbs/53_build_bench.ipynb #c012
 def official_recipe(files: Sequence[str | Path], out_dir: str | Path | None = None, keep: bool = False,
                     verbose=None) -> dict[str, np.ndarray]:
     "prepare_workload.py as the fixtures record it: each EDF in turn, in this process; one pickle per window."
@@ -57,7 +57,7 @@ def official_recipe(files: Sequence[str | Path], out_dir: str | Path | None = No
             out[path.stem] = np.stack(windows)
     return out
 
-# %% ../nbs/53_build_bench.ipynb #c013
+# %% ../nbs/53_build_bench.ipynb #c016
 def fixture_check(raw_dir: str | Path, fixture: str | Path) -> dict:
     "`official_recipe` on Subject02_1/2 against the fixture's windows: max |diff| in µV per file (tolerance 'uV')."
     from safetensors.numpy import load_file
@@ -77,7 +77,7 @@ def fixture_check_fresh(raw_dir: str | Path, fixture: str | Path, timeout_s: flo
         raise RuntimeError(f"fixture check failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/53_build_bench.ipynb #c016
+# %% ../nbs/53_build_bench.ipynb #c019
 def _hwm_mb(pid: int | str = "self") -> float | None:
     "Peak resident memory (VmHWM) of a live process, MB; None when it cannot be read."
     try:
@@ -108,7 +108,7 @@ def eeg_hours(files: Sequence[Path]) -> float:
         total += int(head[236:244]) * float(head[244:252])
     return total / 3600
 
-# %% ../nbs/53_build_bench.ipynb #c017
+# %% ../nbs/53_build_bench.ipynb #c022
 def measure_here(kind: str, raw_dir: str | Path, max_files: int | None, workers: int = 1, repeat: int = 1,
                  work_dir: str | Path | None = None) -> dict:
     "In this (fresh) process: one untimed run, then `repeat` timed ones of `official` or `ours`; EEG-h/s and peaks."
@@ -139,7 +139,7 @@ def measure_here(kind: str, raw_dir: str | Path, max_files: int | None, workers:
         shutil.rmtree(work, ignore_errors=True)
     return result
 
-# %% ../nbs/53_build_bench.ipynb #c017a
+# %% ../nbs/53_build_bench.ipynb #c024
 def measure_fresh(kind: str, raw_dir: str | Path, max_files: int | None, workers: int = 1, repeat: int = 1,
                   timeout_s: float | None = None) -> dict:
     "`measure_here` in a fresh Python process (imports and memory counted the same way for both kinds)."
@@ -150,7 +150,7 @@ def measure_fresh(kind: str, raw_dir: str | Path, max_files: int | None, workers
         raise RuntimeError(f"{kind} with {workers} worker(s) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/53_build_bench.ipynb #c019
+# %% ../nbs/53_build_bench.ipynb #c026
 def loader_throughput(root: str | Path, num_workers: int = 0, batch_size: int = 16, max_tokens: int = 1024,
                       batches: int = 20, seed: int = 0) -> dict:
     "Samples/s of the pretraining loader (`EEGCrops` + `NeuroLMCollate`, as stage 2 reads shards) after its first batch."
@@ -178,7 +178,7 @@ def loader_throughput(root: str | Path, num_workers: int = 0, batch_size: int = 
             "padded_tokens": int(first["X"].shape[1]), "first_batch_s": t1 - t0, "crops": len(data),
             "split": data.split}
 
-# %% ../nbs/53_build_bench.ipynb #c019a
+# %% ../nbs/53_build_bench.ipynb #c029
 def gpu_demand(peak_tflops: float = 989.0, mfu: float = 0.4, **shapes) -> dict:
     "Samples/s one GPU would take from its loader in NeuroLM-B's stage-2 step (`model_flops`) at `mfu` of `peak_tflops`."
     from neurolm_nb.bench import BenchConfig, model_flops
@@ -187,30 +187,7 @@ def gpu_demand(peak_tflops: float = 989.0, mfu: float = 0.4, **shapes) -> dict:
     return {"peak_tflops": peak_tflops, "mfu": mfu, "flops_per_sample": flops, "seq": cfg.seq,
             "samples_per_s": peak_tflops * 1e12 * mfu / flops}
 
-# %% ../nbs/53_build_bench.ipynb #c021
-def bench_against_official(raw_dir: str | Path, max_files: int | None = None, workers: Sequence[int] = (1, 2),
-                           repeat: int = 1, loader_workers: Sequence[int] = (0, 2), batch_size: int = 16,
-                           loader_batches: int = 40, gpu_tflops: float = 989.0, mfu: float = 0.4,
-                           fixture: str | Path | None = None, timeout_s: float | None = None) -> dict:
-    "The whole comparison: the official recipe and `build_dataset` (each worker count), each in a fresh process; then the loader."
-    from neurolm_nb.shards import build_dataset
-    load = [os.getloadavg()[0]]
-    runs = [measure_fresh("official", raw_dir, max_files, 1, repeat, timeout_s)]
-    runs += [measure_fresh("ours", raw_dir, max_files, w, repeat, timeout_s) for w in workers]
-    load.append(os.getloadavg()[0])
-    result = {"raw_dir": str(raw_dir), "files": runs[0]["files"], "eeg_hours": runs[0]["eeg_hours"],
-              "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-              "load_avg_1min": load, "runs": runs}
-    if fixture is not None and Path(fixture).exists() and (Path(raw_dir) / "Subject02_1.edf").exists():
-        result["fixture_max_abs_uV"] = fixture_check_fresh(raw_dir, fixture, timeout_s)
-    with tempfile.TemporaryDirectory(prefix="neurolm_loader_bench_") as tmp:
-        build_dataset("workload", raw_dir, Path(tmp) / "workload", max_files=max_files, progress=False)
-        result["loader"] = [loader_throughput(Path(tmp) / "workload", n, batch_size, batches=loader_batches)
-                            for n in loader_workers]
-    result["gpu"] = gpu_demand(gpu_tflops, mfu)
-    return result
-
-# %% ../nbs/53_build_bench.ipynb #c022
+# %% ../nbs/53_build_bench.ipynb #c032
 def _peak_per_process(run: dict) -> float:
     "The largest single process of a run: the process itself or any of its pool workers (MNE jobs, loky workers)."
     return max(v for v in (run["peak_rss_mb"], run["children_peak_rss_mb"]) if v is not None)
@@ -231,7 +208,7 @@ def summary(result: dict) -> dict:
         out["loader_vs_gpu"] = {l["num_workers"]: l["samples_per_s"] / need for l in result["loader"]}
     return out
 
-# %% ../nbs/53_build_bench.ipynb #c022a
+# %% ../nbs/53_build_bench.ipynb #c034
 def format_report(result: dict) -> str:
     "The comparison as a plain-text table."
     s, gpu = summary(result), result.get("gpu")
@@ -258,7 +235,30 @@ def format_report(result: dict) -> str:
                      f"{gpu['samples_per_s']:,.0f} samples/s of NeuroLM-B stage 2 ({gpu['flops_per_sample'] / 1e12:.2f} TFLOP each)")
     return "\n".join(lines)
 
-# %% ../nbs/53_build_bench.ipynb #c023
+# %% ../nbs/53_build_bench.ipynb #c037
+def bench_against_official(raw_dir: str | Path, max_files: int | None = None, workers: Sequence[int] = (1, 2),
+                           repeat: int = 1, loader_workers: Sequence[int] = (0, 2), batch_size: int = 16,
+                           loader_batches: int = 40, gpu_tflops: float = 989.0, mfu: float = 0.4,
+                           fixture: str | Path | None = None, timeout_s: float | None = None) -> dict:
+    "The whole comparison: the official recipe and `build_dataset` (each worker count), each in a fresh process; then the loader."
+    from neurolm_nb.shards import build_dataset
+    load = [os.getloadavg()[0]]
+    runs = [measure_fresh("official", raw_dir, max_files, 1, repeat, timeout_s)]
+    runs += [measure_fresh("ours", raw_dir, max_files, w, repeat, timeout_s) for w in workers]
+    load.append(os.getloadavg()[0])
+    result = {"raw_dir": str(raw_dir), "files": runs[0]["files"], "eeg_hours": runs[0]["eeg_hours"],
+              "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+              "load_avg_1min": load, "runs": runs}
+    if fixture is not None and Path(fixture).exists() and (Path(raw_dir) / "Subject02_1.edf").exists():
+        result["fixture_max_abs_uV"] = fixture_check_fresh(raw_dir, fixture, timeout_s)
+    with tempfile.TemporaryDirectory(prefix="neurolm_loader_bench_") as tmp:
+        build_dataset("workload", raw_dir, Path(tmp) / "workload", max_files=max_files, progress=False)
+        result["loader"] = [loader_throughput(Path(tmp) / "workload", n, batch_size, batches=loader_batches)
+                            for n in loader_workers]
+    result["gpu"] = gpu_demand(gpu_tflops, mfu)
+    return result
+
+# %% ../nbs/53_build_bench.ipynb #c040
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.build_bench --eegmat DIR`: the table; `--json` also writes the numbers."
     p = argparse.ArgumentParser(prog="python -m neurolm_nb.build_bench", description=(

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 # %% auto #0
 __all__ = ['PARENT_PID_ENV', 'seed_everything', 'rng_state', 'set_rng_state', 'get_device', 'bf16_supported', 'describe_device',
@@ -34,9 +33,10 @@ __all__ = ['PARENT_PID_ENV', 'seed_everything', 'rng_state', 'set_rng_state', 'g
            'save_json', 'load_json', 'load_yaml', 'save_yaml', 'merge_config', 'ConfigMixin', 'write_launch_config',
            'read_launch_config', 'launch_parser']
 
-# %% ../nbs/00_core.ipynb #c006
+# %% ../nbs/00_core.ipynb #c007
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and PyTorch (CPU and every CUDA device)."
+    import torch
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -44,6 +44,7 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     "Snapshot of every random generator, for checkpoints: plain tensors, ints, floats and tuples only."
+    import torch
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
@@ -54,6 +55,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     "Restore generators captured by `rng_state`."
+    import torch
     random.setstate(tuple(state["python"]))
     kind, keys, *rest = state["numpy"]  # keys: a tensor (older snapshots: a uint32 array)
     np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
@@ -61,9 +63,10 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-# %% ../nbs/00_core.ipynb #c009
+# %% ../nbs/00_core.ipynb #c010
 def get_device(device: str | torch.device = "auto") -> torch.device:
     "`'auto'` -> CUDA if available (this process's `LOCAL_RANK` GPU), else CPU; otherwise as given."
+    import torch
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -78,6 +81,7 @@ def get_device(device: str | torch.device = "auto") -> torch.device:
 
 def bf16_supported(device: torch.device | str) -> bool:
     "Whether `device` runs bfloat16 autocast natively: CPUs, and CUDA GPUs that support it without emulation."
+    import torch
     device = torch.device(device)
     if device.type == "cpu":
         return True
@@ -86,22 +90,24 @@ def bf16_supported(device: torch.device | str) -> bool:
             return torch.cuda.is_bf16_supported(including_emulation=False)
     return False
 
-# %% ../nbs/00_core.ipynb #c010
+# %% ../nbs/00_core.ipynb #c011
 def describe_device(device: torch.device | str) -> str:
     "`cuda:0 (NVIDIA H200)`, `cpu`, ...: a device as an error message should name it."
+    import torch
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return str(device)
 
-# %% ../nbs/00_core.ipynb #c013
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# %% ../nbs/00_core.ipynb #c014
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",  # names -> torch attributes
+           "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
 def get_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
     "Compute dtype: `'auto'` is bf16 on a GPU with native bf16, fp16 on other CUDA GPUs, float32 elsewhere."
+    import torch
     device = torch.device(device)
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_available():
@@ -110,7 +116,7 @@ def get_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "c
     if not isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)} or 'auto'")
-        dtype = _DTYPES[dtype]
+        dtype = getattr(torch, _DTYPES[dtype])
     if dtype in (torch.float16, torch.bfloat16):
         autocast = torch.amp.is_autocast_available(device.type)
         if not autocast or (dtype == torch.bfloat16 and not bf16_supported(device)):
@@ -121,15 +127,16 @@ def get_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "c
                              f"has no {missing}; use dtype=" + ", ".join(options))
     return dtype
 
-# %% ../nbs/00_core.ipynb #c014
+# %% ../nbs/00_core.ipynb #c015
 def autocast_context(device: torch.device | str, dtype: torch.dtype):
     "Autocast to `dtype` on `device`; a no-op context for float32."
+    import torch
     device = torch.device(device)
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
-# %% ../nbs/00_core.ipynb #c019
+# %% ../nbs/00_core.ipynb #c020
 def project_root(start: str | Path | None = None) -> Path:
     "The repository root: the nearest folder at or above `start` (default: cwd) holding settings.ini."
     p = Path(start or os.getcwd()).resolve()
@@ -161,7 +168,7 @@ def run_dir(profile: str, stage: str | None = None, root: str | Path | None = No
         d.mkdir(parents=True, exist_ok=True)
     return d
 
-# %% ../nbs/00_core.ipynb #c022
+# %% ../nbs/00_core.ipynb #c023
 def stage_dirs(out_dir: str | Path | None, name: str) -> tuple[Path, Path]:
     "(work_dir, fig_dir): `out_dir` (or a new temporary folder `neurolm_<name>_*`) and its `figures/`, both created."
     work_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"neurolm_{name}_"))
@@ -169,7 +176,7 @@ def stage_dirs(out_dir: str | Path | None, name: str) -> tuple[Path, Path]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     return work_dir, fig_dir
 
-# %% ../nbs/00_core.ipynb #c025
+# %% ../nbs/00_core.ipynb #c026
 def fresh_dir(path: str | Path) -> Path:
     "Empty `path` (delete it and everything in it) and create it again: a clean scratch folder for a demo."
     path = Path(path).expanduser().resolve()
@@ -182,7 +189,7 @@ def fresh_dir(path: str | Path) -> Path:
     path.mkdir(parents=True)
     return path
 
-# %% ../nbs/00_core.ipynb #c028
+# %% ../nbs/00_core.ipynb #c029
 def _umask() -> int:
     "The process umask (reading it means setting it, so set it straight back)."
     mask = os.umask(0)
@@ -208,7 +215,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], Any]) ->
         raise
     return path
 
-# %% ../nbs/00_core.ipynb #c029
+# %% ../nbs/00_core.ipynb #c030
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     "Write `data` to `path` atomically."
     return atomic_write(path, lambda f: f.write(data))
@@ -216,9 +223,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     "`torch.save(state)` to `path` atomically."
+    import torch
     return atomic_write(path, lambda f: torch.save(state, f))
 
-# %% ../nbs/00_core.ipynb #c032
+# %% ../nbs/00_core.ipynb #c033
 def publish_folder(staging: str | Path, target: str | Path) -> Path:
     "Swap the finished folder `staging` in for `target` (same parent): two renames; the old one is removed afterwards."
     staging, target = Path(staging), Path(target)
@@ -232,7 +240,7 @@ def publish_folder(staging: str | Path, target: str | Path) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
-# %% ../nbs/00_core.ipynb #c035
+# %% ../nbs/00_core.ipynb #c036
 class UnsafeCheckpointError(RuntimeError):
     "A checkpoint that holds more than tensors and plain values: loading it could run code."
 
@@ -242,6 +250,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    import torch
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # the restricted unpickler met a class or function: refuse the file
@@ -254,7 +263,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # truncated or foreign file
         raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
 
-# %% ../nbs/00_core.ipynb #c036
+# %% ../nbs/00_core.ipynb #c037
 def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | None:
     "The checkpoint in `folder` with the highest step number, or None."
     folder = Path(folder)
@@ -266,7 +275,7 @@ def latest_checkpoint(folder: str | Path, pattern: str = "step_*.pt") -> Path | 
     found = sorted(folder.glob(pattern), key=step)
     return found[-1] if found else None
 
-# %% ../nbs/00_core.ipynb #c041
+# %% ../nbs/00_core.ipynb #c042
 PARENT_PID_ENV = "NEUROLM_PARENT_PID"  # a launcher sets it to its own pid for the children it starts
 _PR_SET_PDEATHSIG = 1                   # from <linux/prctl.h>
 
@@ -289,7 +298,7 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
         os._exit(1)
     return armed
 
-# %% ../nbs/00_core.ipynb #c045
+# %% ../nbs/00_core.ipynb #c046
 def in_notebook() -> bool:
     "True when notebook cells run here (a Jupyter kernel, papermill, nbdev_test); False in scripts and torchrun workers."
     try:
@@ -298,7 +307,7 @@ def in_notebook() -> bool:
         return False
     return get_ipython() is not None
 
-# %% ../nbs/00_core.ipynb #c046
+# %% ../nbs/00_core.ipynb #c047
 def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110,
              show: bool | None = None) -> list[Path]:
     "Save `fig` atomically as each of `formats` (no timestamps), show the PNG in a notebook, close `fig`."
@@ -320,7 +329,7 @@ def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: in
     plt.close(fig)                                                # shown once, not again at cell end
     return out
 
-# %% ../nbs/00_core.ipynb #c049
+# %% ../nbs/00_core.ipynb #c050
 def to_jsonable(obj: Any) -> Any:
     "Convert paths, tensors, NumPy values and tuples to plain JSON types."
     if isinstance(obj, dict):
@@ -329,13 +338,14 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
     if isinstance(obj, np.ndarray):
         return to_jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, (torch.dtype, torch.device)):
+    torch = sys.modules.get("torch")  # a torch object exists only once torch is imported: never import it here
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if torch is not None and isinstance(obj, (torch.dtype, torch.device)):
         return str(obj)
     return obj
 
@@ -345,7 +355,7 @@ def save_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
     text = json.dumps(to_jsonable(obj), indent=indent, sort_keys=True) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-# %% ../nbs/00_core.ipynb #c050
+# %% ../nbs/00_core.ipynb #c051
 def load_json(path: str | Path) -> Any:
     "Read a JSON file (the error names the file)."
     path = Path(path)
@@ -356,7 +366,7 @@ def load_json(path: str | Path) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-# %% ../nbs/00_core.ipynb #c053
+# %% ../nbs/00_core.ipynb #c054
 def load_yaml(path: str | Path) -> dict:
     "Read a YAML file into a dict (an empty file gives {})."
     import yaml
@@ -377,7 +387,7 @@ def save_yaml(obj: dict, path: str | Path) -> Path:
     import yaml
     return atomic_write_bytes(path, yaml.safe_dump(to_jsonable(obj), sort_keys=False).encode("utf-8"))
 
-# %% ../nbs/00_core.ipynb #c056
+# %% ../nbs/00_core.ipynb #c057
 def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _path: str = "") -> dict:
     "Recursively overlay `overrides` on `defaults`; with `strict`, unknown keys raise an error naming them."
     out = dict(defaults)
@@ -393,7 +403,7 @@ def merge_config(defaults: dict, overrides: dict | None, strict: bool = True, _p
             out[k] = v
     return out
 
-# %% ../nbs/00_core.ipynb #c059
+# %% ../nbs/00_core.ipynb #c060
 class ConfigMixin:
     "`to_dict` / `from_dict` for a config dataclass; `from_dict` refuses unknown keys, naming them."
     def to_dict(self) -> dict:
@@ -406,7 +416,7 @@ class ConfigMixin:
             raise KeyError(f"{cls.__name__} has no fields {unknown}")
         return cls(**d)
 
-# %% ../nbs/00_core.ipynb #c062
+# %% ../nbs/00_core.ipynb #c063
 def write_launch_config(path: str | Path, **parts) -> Path:
     "Write config dataclasses as one launch file: `{name: fields}` for `python -m neurolm_nb.<stage> --config`."
     return save_json({name: dataclasses.asdict(part) for name, part in parts.items()}, path)

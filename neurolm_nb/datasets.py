@@ -88,7 +88,7 @@ def _text_lines(path: Path) -> list[str]:
     except FileNotFoundError:
         raise DatasetError(f"annotation file {path} does not exist") from None
 
-# %% ../nbs/03_datasets.ipynb #c012a
+# %% ../nbs/03_datasets.ipynb #c013
 def read_tuev_rec(path: str | Path) -> list[tuple[int, float, float, int]]:
     "TUEV `.rec` -> [(channel, start_s, stop_s, code)]."
     out = []
@@ -105,7 +105,7 @@ def read_tuev_rec(path: str | Path) -> list[tuple[int, float, float, int]]:
         out.append((chan, start, stop, code))
     return out
 
-# %% ../nbs/03_datasets.ipynb #c014
+# %% ../nbs/03_datasets.ipynb #c015
 def read_tse(path: str | Path) -> list[tuple[float, float, str]]:
     "TUH `.tse` / `.tse_agg` -> [(start_s, stop_s, label)] (lower-case labels)."
     out = []
@@ -121,7 +121,7 @@ def read_tse(path: str | Path) -> list[tuple[float, float, str]]:
         out.append((start, stop, label))
     return out
 
-# %% ../nbs/03_datasets.ipynb #c016
+# %% ../nbs/03_datasets.ipynb #c017
 HMC_STAGES: dict[str, str] = {"sleep stage w": "W", "sleep stage n1": "N1", "sleep stage n2": "N2",
                               "sleep stage n3": "N3", "sleep stage r": "R"}
 
@@ -149,7 +149,7 @@ def read_hmc_scoring(path: str | Path) -> list[tuple[float, float, str]]:
             raise DatasetError(f"{path}, line {i}: cannot read onset/duration/annotation from {row}") from None
     return out
 
-# %% ../nbs/03_datasets.ipynb #c018
+# %% ../nbs/03_datasets.ipynb #c019
 def read_seed_lists(path: str | Path) -> dict[str, list[float]]:
     "SEED `time.txt` / `label.txt`: every `name = [a, b, ...]` in the file, as lists of numbers."
     text = "\n".join(_text_lines(Path(path)))
@@ -163,7 +163,7 @@ def read_seed_lists(path: str | Path) -> dict[str, list[float]]:
         raise DatasetError(f"{path}: no 'name = [numbers]' list found")
     return found
 
-# %% ../nbs/03_datasets.ipynb #c021
+# %% ../nbs/03_datasets.ipynb #c022
 @dataclass(frozen=True)
 class RecordingEntry:
     "One recording found by a spec: where it is, whose it is, and what its layout already says."
@@ -186,7 +186,7 @@ class Windows:
     def __len__(self) -> int:
         return len(self.labels)
 
-# %% ../nbs/03_datasets.ipynb #c024
+# %% ../nbs/03_datasets.ipynb #c025
 def _files(raw_dir: Path, extensions: Sequence[str]) -> list[Path]:
     exts = tuple(e.lower() for e in extensions)
     found = [p for p in Path(raw_dir).rglob("*") if p.is_file() and p.name.lower().endswith(exts)
@@ -205,7 +205,7 @@ def _cut(data: np.ndarray, starts: np.ndarray, n_times: int) -> np.ndarray:
     idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(n_times)[None, :]
     return np.ascontiguousarray(data[:, idx].transpose(1, 0, 2), dtype=np.float32)
 
-# %% ../nbs/03_datasets.ipynb #c027
+# %% ../nbs/03_datasets.ipynb #c028
 def merge_units(units: dict[str, str], linked: Sequence[Sequence[str]] = ()) -> dict[str, str]:
     "relpath -> split unit, where units joined by a `linked` group of relpaths become one ('+'-joined sorted names)."
     parent = {u: u for u in units.values()}
@@ -233,10 +233,10 @@ def name_tuple(value, what: str) -> tuple[str, ...]:
         raise TypeError(f"{what}={value!r} must be names: a tuple, a list or a comma-separated string")
     return tuple(dict.fromkeys(str(v).strip() for v in value if str(v).strip()))
 
-# %% ../nbs/03_datasets.ipynb #c030
+# %% ../nbs/03_datasets.ipynb #c031
 LATER_FIELDS: dict = {"val_subjects": (), "test_subjects": (), "exclude_from": (), "allow_downstream_test": False}
 
-# %% ../nbs/03_datasets.ipynb #c030a
+# %% ../nbs/03_datasets.ipynb #c032
 @dataclass(frozen=True)
 class DatasetSpec:
     "How one dataset is prepared (reference §5). Subclasses override the fields and `discover` / `windows`."
@@ -273,7 +273,7 @@ class DatasetSpec:
             raise ValueError(f"{self.name}: val_subjects/test_subjects need split_by='subject'; this spec splits by "
                              f"{self.split_by!r}, so a named subject's recordings could land in several splits")
 
-# %% ../nbs/03_datasets.ipynb #c033
+# %% ../nbs/03_datasets.ipynb #c035
 @patch(as_prop=True)
 def n_times(self: DatasetSpec) -> int:
     return int(round(self.window_s * self.sfreq))
@@ -297,7 +297,7 @@ def config(self: DatasetSpec) -> dict:
     d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     return {"spec": type(self).__name__, **to_jsonable(d)}
 
-# %% ../nbs/03_datasets.ipynb #c036
+# %% ../nbs/03_datasets.ipynb #c038
 @patch
 def discover(self: DatasetSpec, raw_dir: Path) -> tuple[list[RecordingEntry], list[dict]]:
     "Every file with one of `extensions`, subject = file name up to the first '_'."
@@ -327,10 +327,10 @@ def _sliding(self: DatasetSpec, data: np.ndarray, entry: RecordingEntry) -> np.n
                            f"shorter than one {self.window_s:g} s window")
     return np.asarray(sliding_windows(data, self.n_times, int(round(self.stride_s * self.sfreq))), dtype=np.float32)
 
-# %% ../nbs/03_datasets.ipynb #c039
+# %% ../nbs/03_datasets.ipynb #c041
 import difflib
 
-# %% ../nbs/03_datasets.ipynb #c039a
+# %% ../nbs/03_datasets.ipynb #c042
 def held_out_units(spec: DatasetSpec, entries: Sequence[RecordingEntry], unit: dict[str, str],
                    official: dict[str, str]) -> dict[str, str]:
     "Split unit -> 'val' / 'test' for the units holding a subject of `spec.val_subjects` / `spec.test_subjects`."
@@ -359,7 +359,7 @@ def held_out_units(spec: DatasetSpec, entries: Sequence[RecordingEntry], unit: d
             out[u] = max(out.get(u, named[e.subject]), named[e.subject], key=SPLITS.index)
     return out
 
-# %% ../nbs/03_datasets.ipynb #c042
+# %% ../nbs/03_datasets.ipynb #c045
 @patch
 def assign(self: DatasetSpec, entries: Sequence[RecordingEntry], seed: int,
            linked: Sequence[Sequence[str]] = ()) -> dict[str, str]:
@@ -385,7 +385,7 @@ def free_fractions(self: DatasetSpec) -> tuple[float, float, float]:
     f = (self.fractions[0], 0.0 if self.val_subjects else self.fractions[1], 0.0 if self.test_subjects else self.fractions[2])
     return f if sum(f) > 0 else (1.0, 0.0, 0.0)
 
-# %% ../nbs/03_datasets.ipynb #c042a
+# %% ../nbs/03_datasets.ipynb #c046
 @patch
 def split_rule(self: DatasetSpec) -> str:
     rule = f"{self.split_by}-level, fractions {list(self.fractions)}, " + ("seeded hash order" if self.shuffle else "sorted order")
@@ -394,7 +394,7 @@ def split_rule(self: DatasetSpec) -> str:
     named = ", ".join(f"{s} = {list(n)}" for s, n in (("val", self.val_subjects), ("test", self.test_subjects)) if n)
     return f"{rule}; named subjects: {named}; the other units by fractions {list(self.free_fractions())}"
 
-# %% ../nbs/03_datasets.ipynb #c045
+# %% ../nbs/03_datasets.ipynb #c049
 @dataclass(frozen=True)
 class WorkloadSpec(DatasetSpec):
     "PhysioNet EEGMAT as NeuroLM's Workload task: last 60 s, 4 s windows, 2 s stride, subjects 26/5/5."
@@ -427,7 +427,7 @@ class WorkloadSpec(DatasetSpec):
         starts = (offset + np.arange(len(x)) * int(round(self.stride_s * self.sfreq))) / self.sfreq
         return Windows(x, np.full(len(x), entry.label, dtype=np.int64), starts)
 
-# %% ../nbs/03_datasets.ipynb #c048
+# %% ../nbs/03_datasets.ipynb #c052
 def _tuh_subject(p: Path) -> str:
     m = re.match(r"([a-z0-9]+)_s\d+_t\d+", p.stem)
     return m.group(1) if m else p.stem.split("_")[0]
@@ -436,7 +436,7 @@ def _tuh_subject(p: Path) -> str:
 def _layout_parts(p: Path, raw_dir: Path) -> list[str]:
     return [q.lower() for q in p.relative_to(raw_dir).parts[:-1]]
 
-# %% ../nbs/03_datasets.ipynb #c048a
+# %% ../nbs/03_datasets.ipynb #c053
 @dataclass(frozen=True)
 class TUABSpec(DatasetSpec):
     "TUH Abnormal: 23 channels, 10 s windows; eval = test, train subjects 80/20 train/val."
@@ -465,7 +465,7 @@ class TUABSpec(DatasetSpec):
                                           official_split="test" if part == "eval" else None))
         return entries, bad
 
-# %% ../nbs/03_datasets.ipynb #c051
+# %% ../nbs/03_datasets.ipynb #c056
 @dataclass(frozen=True)
 class TUEVSpec(DatasetSpec):
     "TUH Events: 23 channels, 5 s windows around each 1 s event, 6 classes; eval = test, 20 % of train subjects -> val."
@@ -498,7 +498,7 @@ class TUEVSpec(DatasetSpec):
                                               official_split="test" if part == "eval" else None))
         return entries, bad
 
-# %% ../nbs/03_datasets.ipynb #c053
+# %% ../nbs/03_datasets.ipynb #c058
 @patch
 def windows(self: TUEVSpec, entry, rec):
     events = read_tuev_rec(entry.annotation)
@@ -523,7 +523,7 @@ def windows(self: TUEVSpec, entry, rec):
     labels = np.array([c - 1 for *_, c in events], dtype=np.int64)
     return Windows(x, labels, starts / self.sfreq)
 
-# %% ../nbs/03_datasets.ipynb #c057
+# %% ../nbs/03_datasets.ipynb #c062
 @dataclass(frozen=True)
 class TUSLSpec(DatasetSpec):
     "TUH Slowing: 23 channels, 10 s windows inside annotated events (bckg, seiz, slow); 60/20/20."
@@ -558,7 +558,7 @@ class TUSLSpec(DatasetSpec):
                 entries.append(RecordingEntry(p, _rel(p, raw_dir), _tuh_subject(p), annotation=ann))
         return entries, bad
 
-# %% ../nbs/03_datasets.ipynb #c059
+# %% ../nbs/03_datasets.ipynb #c064
 @patch
 def windows(self: TUSLSpec, entry, rec):
     n, total = self.n_times, rec.data.shape[1]
@@ -575,7 +575,7 @@ def windows(self: TUSLSpec, entry, rec):
     starts = np.array(starts, dtype=np.int64)
     return Windows(_cut(rec.data, starts, n), np.array(labels, dtype=np.int64), starts / self.sfreq)
 
-# %% ../nbs/03_datasets.ipynb #c062
+# %% ../nbs/03_datasets.ipynb #c067
 @dataclass(frozen=True)
 class HMCSpec(DatasetSpec):
     "HMC sleep staging: F4 C4 O2 C3, 30 s scored epochs, 5 stages; sorted recordings 100/25/26."
@@ -613,7 +613,7 @@ class HMCSpec(DatasetSpec):
         starts = np.array(starts, dtype=np.int64)
         return Windows(_cut(rec.data, starts, n), np.array(labels, dtype=np.int64), starts / self.sfreq)
 
-# %% ../nbs/03_datasets.ipynb #c065
+# %% ../nbs/03_datasets.ipynb #c070
 def _find_upwards(start: Path, name: str, stop: Path) -> Path | None:
     for d in [start, *start.parents]:
         if (d / name).exists():
@@ -622,7 +622,7 @@ def _find_upwards(start: Path, name: str, stop: Path) -> Path | None:
             break
     return None
 
-# %% ../nbs/03_datasets.ipynb #c065a
+# %% ../nbs/03_datasets.ipynb #c071
 @dataclass(frozen=True)
 class SEEDSpec(DatasetSpec):
     "SEED emotion: 62 channels, 4 s windows inside each film clip; within each session clips 9/3/3."
@@ -655,7 +655,7 @@ class SEEDSpec(DatasetSpec):
     def split_rule(self):
         return f"within each recording by clip: first {self.trials_per_split[0]} train, next {self.trials_per_split[1]} val, last {self.trials_per_split[2]} test"
 
-# %% ../nbs/03_datasets.ipynb #c068
+# %% ../nbs/03_datasets.ipynb #c074
 @patch
 def trials(self: SEEDSpec, entry) -> tuple[list[float], list[float], list[int]]:
     "Clip starts, ends (s) and labels (-1/0/1) from time.txt / label.txt, or SEED's published table."
@@ -675,7 +675,7 @@ def trials(self: SEEDSpec, entry) -> tuple[list[float], list[float], list[int]]:
                            f"{sum(self.trials_per_split)} of each")
     return starts, ends, labels
 
-# %% ../nbs/03_datasets.ipynb #c068a
+# %% ../nbs/03_datasets.ipynb #c075
 @patch
 def windows(self: SEEDSpec, entry, rec):
     n, total = self.n_times, rec.data.shape[1]
@@ -690,7 +690,7 @@ def windows(self: SEEDSpec, entry, rec):
     starts = np.array(starts, dtype=np.int64)
     return Windows(_cut(rec.data, starts, n), np.array(labels, dtype=np.int64), starts / self.sfreq, split)
 
-# %% ../nbs/03_datasets.ipynb #c071
+# %% ../nbs/03_datasets.ipynb #c078
 @dataclass(frozen=True)
 class PretrainSpec(DatasetSpec):
     "Any folder of recordings: every vocabulary channel, windows of min(max_tokens // C, max_seconds) s."
@@ -724,15 +724,14 @@ class PretrainSpec(DatasetSpec):
         if n_ch > self.max_tokens:
             raise DatasetError(f"{entry.relpath}: {n_ch} channels do not fit in {self.max_tokens} tokens")
         have = int(total // self.sfreq)
-        if have < seconds:
-            if have < self.min_seconds:
-                raise DatasetError(f"{entry.relpath}: {total / self.sfreq:.1f} s, shorter than {self.min_seconds} s")
-            seconds = have
+        if have < seconds and have < self.min_seconds:
+            raise DatasetError(f"{entry.relpath}: {total / self.sfreq:.1f} s, shorter than {self.min_seconds} s")
+        seconds = min(seconds, have)  # a shorter recording: one window of its whole seconds
         n = int(seconds * self.sfreq)
         starts = np.arange(0, total - n + 1, n, dtype=np.int64)
         return Windows(_cut(rec.data, starts, n), np.full(len(starts), -1, dtype=np.int64), starts / self.sfreq)
 
-# %% ../nbs/03_datasets.ipynb #c074
+# %% ../nbs/03_datasets.ipynb #c081
 DATASET_SPECS: dict[str, type[DatasetSpec]] = {
     "workload": WorkloadSpec, "tuab": TUABSpec, "tuev": TUEVSpec, "tusl": TUSLSpec,
     "hmc": HMCSpec, "seed": SEEDSpec, "pretrain": PretrainSpec}
@@ -763,7 +762,7 @@ def get_spec(name_or_spec: str | DatasetSpec, **overrides) -> DatasetSpec:
             raise TypeError(f"{type(spec).__name__}.{k} = {v!r} ({type(v).__name__}) should be like its default {cur!r}")
     return dataclasses.replace(spec, **overrides) if overrides else spec
 
-# %% ../nbs/03_datasets.ipynb #c077
+# %% ../nbs/03_datasets.ipynb #c084
 def signal_span(path: str | Path) -> tuple[int, int]:
     "(offset, length) of a file's signal bytes: after the header for EDF/BDF, the whole file otherwise."
     path = Path(path)
@@ -788,7 +787,7 @@ def _span_hash(path: str | Path, offset: int, length: int, sample: int | None = 
                 h.update(block); n -= len(block)
     return h.hexdigest()
 
-# %% ../nbs/03_datasets.ipynb #c079
+# %% ../nbs/03_datasets.ipynb #c086
 def duplicate_groups(paths: Sequence[str | Path], sample_bytes: int = 2**12) -> list[tuple[str, list[int]]]:
     "[(sha256, indices into `paths`)] of files with identical signal bytes: same length, then same ends, then same hash."
     def split_by(indices, key) -> dict:
@@ -811,12 +810,12 @@ def duplicate_groups(paths: Sequence[str | Path], sample_bytes: int = 2**12) -> 
             found += list(split_by(same_ends, lambda i: _span_hash(paths[i], *span[i])).items()) if length else []
     return sorted(found, key=lambda hg: hg[1])
 
-# %% ../nbs/03_datasets.ipynb #c083
+# %% ../nbs/03_datasets.ipynb #c090
 def subject_key(subject: str) -> str:
     "How subject ids are compared across datasets: stripped and case-folded."
     return str(subject).strip().casefold()
 
-# %% ../nbs/03_datasets.ipynb #c086
+# %% ../nbs/03_datasets.ipynb #c093
 def downstream_overlap(entries: Sequence[RecordingEntry], held: Sequence[dict]) -> list[dict]:
     "The `entries` of a downstream val/test subject, or with the signal bytes of a val/test recording, with reasons."
     found: dict[str, list] = {}

@@ -142,7 +142,7 @@ def _site_weights(name: str) -> tuple[float, float, float]:
         blink = 0.05
     return alpha, theta, blink
 
-# %% ../nbs/02_eeg_io.ipynb #c018a
+# %% ../nbs/02_eeg_io.ipynb #c019
 def _wandering_phase(rng: np.random.Generator, f0: float, n: int, sfreq: float, spread: float) -> np.ndarray:
     "Phase of an oscillator whose frequency wanders slowly around f0 (std ~spread Hz): a broad spectral peak."
     k = max(int(0.5 * sfreq), 1)
@@ -150,7 +150,28 @@ def _wandering_phase(rng: np.random.Generator, f0: float, n: int, sfreq: float, 
     freq = f0 + spread * drift
     return 2 * np.pi * np.cumsum(freq) / sfreq + rng.uniform(0, 2 * np.pi)
 
-# %% ../nbs/02_eeg_io.ipynb #c021
+# %% ../nbs/02_eeg_io.ipynb #c022
+def _electrodes(canon: Sequence[str]) -> list[str]:
+    "The electrodes behind canonical channel names, each once, in first-seen order: `FP1-F7` needs FP1 and F7."
+    electrodes: list[str] = []
+    for c in canon:
+        for e in (c.split("-") if "-" in c else [c]):
+            if e not in electrodes:
+                electrodes.append(e)
+    return electrodes
+
+
+def _blinks(rng: np.random.Generator, n: int, sfreq: float, seconds: float, blink_rate: float) -> np.ndarray:
+    "A blink trace of `n` samples: half-sine bumps of 80-150 µV, 0.35 s wide, `blink_rate` per second (Poisson)."
+    blinks = np.zeros(n)
+    width = int(0.35 * sfreq)
+    for onset in rng.uniform(0, max(seconds - 0.4, 0), size=rng.poisson(blink_rate * seconds)):
+        i0 = int(onset * sfreq)
+        seg = np.sin(np.pi * np.arange(width) / width) ** 2 * rng.uniform(80.0, 150.0)
+        blinks[i0:i0 + width] += seg[: n - i0]
+    return blinks
+
+# %% ../nbs/02_eeg_io.ipynb #c025
 def synth_eeg(ch_names: Sequence[str], seconds: float, sfreq: float = 200.0, label: int = 0, seed: int = 0,
               n_classes: int = 2, class_effect: float = 1.0, subject: int | None = None, blink_rate: float = 0.2,
               line_noise_uV: float = 0.0, line_freq: float = 50.0) -> np.ndarray:
@@ -161,13 +182,7 @@ def synth_eeg(ch_names: Sequence[str], seconds: float, sfreq: float = 200.0, lab
     if n < 1:
         raise ValueError(f"seconds={seconds} at sfreq={sfreq} gives no samples")
     canon = normalize_channel_names(ch_names)
-    # electrodes behind the requested channels: bipolar FP1-F7 needs FP1 and F7
-    electrodes: list[str] = []
-    for c in canon:
-        for e in (c.split("-") if "-" in c else [c]):
-            if e not in electrodes:
-                electrodes.append(e)
-    E = len(electrodes)
+    electrodes = _electrodes(canon); E = len(electrodes)
     # Traits of the "subject" (amplitudes, peak frequencies) come from `subject` (default: seed); the time
     # series from (seed, label), so two labels of one subject differ only by the class effect and the noise.
     traits = np.random.default_rng([subject if subject is not None else seed, 7919])
@@ -180,17 +195,11 @@ def synth_eeg(ch_names: Sequence[str], seconds: float, sfreq: float = 200.0, lab
     alpha_amp = 12.0 * (1 - 0.5 * frac * class_effect)
     alpha_freq = alpha_base + 1.0 * frac * class_effect
     theta_amp = 4.0 * (1 + 1.0 * frac * class_effect)
-
     background = 0.5 * _pink_noise(rng, 1, n) + np.sqrt(0.75) * _pink_noise(rng, E, n)
     background *= channel_scale
     alpha_wave = np.sin(_wandering_phase(rng, alpha_freq, n, sfreq, 0.25)) * _slow_envelope(rng, n, sfreq)
     theta_wave = np.sin(_wandering_phase(rng, theta_base, n, sfreq, 0.2)) * _slow_envelope(rng, n, sfreq, 2.5)
-    blinks = np.zeros(n)
-    width = int(0.35 * sfreq)
-    for onset in rng.uniform(0, max(seconds - 0.4, 0), size=rng.poisson(blink_rate * seconds)):
-        i0 = int(onset * sfreq)
-        seg = np.sin(np.pi * np.arange(width) / width) ** 2 * rng.uniform(80.0, 150.0)
-        blinks[i0:i0 + width] += seg[: n - i0]
+    blinks = _blinks(rng, n, sfreq, seconds, blink_rate)
     weights = np.array([_site_weights(e) for e in electrodes])  # [E, 3]
     signal = background + weights[:, :1] * alpha_amp * alpha_wave + weights[:, 1:2] * theta_amp * theta_wave \
         + weights[:, 2:3] * blinks
@@ -202,7 +211,7 @@ def synth_eeg(ch_names: Sequence[str], seconds: float, sfreq: float = 200.0, lab
                     for c in canon])
     return out.astype(np.float64)
 
-# %% ../nbs/02_eeg_io.ipynb #c024
+# %% ../nbs/02_eeg_io.ipynb #c028
 EDF_START = datetime.datetime(2000, 1, 1, 0, 0, 0)
 
 
@@ -213,7 +222,7 @@ def _physical_range(row: np.ndarray, given) -> tuple[float, float]:
     lo, hi = float(np.floor(row.min())) - 1.0, float(np.ceil(row.max())) + 1.0
     return lo, hi
 
-# %% ../nbs/02_eeg_io.ipynb #c027
+# %% ../nbs/02_eeg_io.ipynb #c031
 def write_edf(path: str | Path, data_uV: np.ndarray, ch_names: Sequence[str], sfreq: float,
               annotations: Iterable[tuple[float, float, str]] | None = None,
               physical_range: tuple[float, float] | Sequence[tuple[float, float]] | None = None) -> Path:
@@ -253,7 +262,7 @@ def write_edf(path: str | Path, data_uV: np.ndarray, ch_names: Sequence[str], sf
     edf.write(buf)
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
-# %% ../nbs/02_eeg_io.ipynb #c032
+# %% ../nbs/02_eeg_io.ipynb #c036
 @dataclasses.dataclass(eq=False)
 class Recording:
     "A preprocessed recording: `data` float64 [C, T] in µV, canonical `ch_names`, `sfreq` in Hz, `source` file."
@@ -279,7 +288,7 @@ class Recording:
         return (f"Recording({len(self.ch_names)} ch x {self.n_samples} samples, {self.sfreq:g} Hz, "
                 f"{self.seconds:.1f} s, source={self.source!r})")
 
-# %% ../nbs/02_eeg_io.ipynb #c035
+# %% ../nbs/02_eeg_io.ipynb #c039
 _DUP_SUFFIX = re.compile(r"^(.*)-(\d+)$")
 
 
@@ -289,7 +298,7 @@ def _source(raw, source=None) -> str:
     files = getattr(raw, "filenames", None) or [None]
     return str(files[0]) if files[0] is not None else "<in-memory recording>"
 
-# %% ../nbs/02_eeg_io.ipynb #c035a
+# %% ../nbs/02_eeg_io.ipynb #c040
 def eeg_channel_map(raw, source: str | None = None) -> dict[str, str]:
     "Raw name -> vocabulary name for the EEG channels of `raw` whose names normalise (file order); duplicates raise."
     src = _source(raw, source)
@@ -319,7 +328,7 @@ def eeg_channel_map(raw, source: str | None = None) -> dict[str, str]:
         raise RecordingError(f"{src}: {e}") from e
     return mapping
 
-# %% ../nbs/02_eeg_io.ipynb #c038
+# %% ../nbs/02_eeg_io.ipynb #c043
 def select_channels(raw, channels: Sequence[str] | None = None, source: str | None = None):
     "Pick (and order) EEG channels of `raw` by vocabulary name and rename them to it; in place, returns `raw`."
     src = _source(raw, source)
@@ -346,7 +355,7 @@ def select_channels(raw, channels: Sequence[str] | None = None, source: str | No
     raw.rename_channels({r: c for r, c in zip(order, wanted) if r != c})
     return raw
 
-# %% ../nbs/02_eeg_io.ipynb #c041
+# %% ../nbs/02_eeg_io.ipynb #c046
 def check_band(sfreq: float, h_freq: float | None, notch: float | None, source: str = "<recording>",
                allow_lower_h_freq: bool = False) -> tuple[float | None, float | None]:
     "The (h_freq, notch) that a recording at `sfreq` can hold; raises `RecordingError` or (if allowed) lowers h_freq with a warning."
@@ -369,7 +378,7 @@ def check_band(sfreq: float, h_freq: float | None, notch: float | None, source: 
         notch = None
     return h_freq, notch
 
-# %% ../nbs/02_eeg_io.ipynb #c044
+# %% ../nbs/02_eeg_io.ipynb #c049
 def preprocess(raw, channels: Sequence[str] | None = None, l_freq: float | None = 0.1, h_freq: float | None = 75.0,
                notch: float | None = 50.0, sfreq: float = 200.0, source: str | None = None,
                allow_lower_h_freq: bool = False, copy: bool = True) -> Recording:
@@ -390,7 +399,7 @@ def preprocess(raw, channels: Sequence[str] | None = None, l_freq: float | None 
     return Recording(data=raw.get_data(units="uV"), ch_names=list(raw.ch_names), sfreq=float(raw.info["sfreq"]),
                      source=src)
 
-# %% ../nbs/02_eeg_io.ipynb #c047
+# %% ../nbs/02_eeg_io.ipynb #c052
 MAX_ABS_UV = 10_000.0  # 10 mV after preprocessing (why: the table above)
 
 
@@ -421,7 +430,7 @@ def edf_range_problems(path: str | Path) -> dict[str, str]:
             problems[label] = f"physical minimum = physical maximum = {lo:g} {units[i]}"
     return problems
 
-# %% ../nbs/02_eeg_io.ipynb #c051
+# %% ../nbs/02_eeg_io.ipynb #c056
 def find_flat_channels(data: np.ndarray, ch_names: Sequence[str], flat_std_uV: float = 0.01) -> list[str]:
     "The channels whose standard deviation is below `flat_std_uV` µV (all-zero or constant)."
     return [n for n, s in zip(ch_names, np.asarray(data).std(axis=1)) if s < flat_std_uV]
@@ -438,14 +447,10 @@ def check_amplitude(recording: Recording, max_abs_uV: float | None = MAX_ABS_UV)
             f"{', '.join(f'{recording.ch_names[i]} (peak {peak[i]:.3g} µV)' for i in over)}, first at "
             f"{first / recording.sfreq:.3f} s: not EEG (wrong units or header gain, or a railing electrode)")
 
-# %% ../nbs/02_eeg_io.ipynb #c053
-def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence[str] | None = None, *,
-                       source: str | None = None, min_seconds: float | None = None, h_freq: float | None = None,
-                       notch: float | None = None, on_flat: str = "warn", flat_std_uV: float = 0.01,
-                       allow_lower_h_freq: bool = False) -> list[str]:
-    "Check for duplicate names, NaN/Inf, too short, too low sampling rate and flat channels; raises `RecordingError`."
-    if on_flat not in ("warn", "raise", "ignore"):
-        raise ValueError(f"on_flat={on_flat!r} must be 'warn', 'raise' or 'ignore'")
+# %% ../nbs/02_eeg_io.ipynb #c059
+def _recording_arrays(recording, sfreq: float | None = None, ch_names: Sequence[str] | None = None,
+                      source: str | None = None) -> tuple[str, np.ndarray, list[str], float]:
+    "(source, data in µV [C, T], channel names, sfreq) of a `Recording`, an array (needs `sfreq`) or an MNE Raw."
     if isinstance(recording, Recording):
         src, data, names, fs = recording.source or "<recording>", recording.data, list(recording.ch_names), recording.sfreq
     elif isinstance(recording, np.ndarray):
@@ -468,6 +473,17 @@ def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence
         names = list(mapping.values())
     if data.ndim != 2 or data.shape[0] != len(names):
         raise RecordingError(f"{src}: data has shape {data.shape}, expected [{len(names)} channels, samples]")
+    return src, data, names, fs
+
+# %% ../nbs/02_eeg_io.ipynb #c062
+def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence[str] | None = None, *,
+                       source: str | None = None, min_seconds: float | None = None, h_freq: float | None = None,
+                       notch: float | None = None, on_flat: str = "warn", flat_std_uV: float = 0.01,
+                       allow_lower_h_freq: bool = False) -> list[str]:
+    "Check for duplicate names, NaN/Inf, too short, too low sampling rate and flat channels; raises `RecordingError`."
+    if on_flat not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_flat={on_flat!r} must be 'warn', 'raise' or 'ignore'")
+    src, data, names, fs = _recording_arrays(recording, sfreq, ch_names, source)
     found: list[str] = []
     bad = ~np.isfinite(data)
     if bad.any():
@@ -495,7 +511,7 @@ def validate_recording(recording, sfreq: float | None = None, ch_names: Sequence
         warnings.warn(msg, stacklevel=2)
     return found
 
-# %% ../nbs/02_eeg_io.ipynb #c056
+# %% ../nbs/02_eeg_io.ipynb #c065
 def load_recording(path: str | Path, channels: Sequence[str] | None = None, l_freq: float | None = 0.1,
                    h_freq: float | None = 75.0, notch: float | None = 50.0, sfreq: float = 200.0,
                    min_seconds: float | None = None, on_flat: str = "warn", allow_lower_h_freq: bool = False,
@@ -517,7 +533,7 @@ def load_recording(path: str | Path, channels: Sequence[str] | None = None, l_fr
     check_amplitude(rec, max_abs_uV)
     return rec
 
-# %% ../nbs/02_eeg_io.ipynb #c060
+# %% ../nbs/02_eeg_io.ipynb #c069
 def sliding_windows(data: np.ndarray, window: int, stride: int, start: int = 0) -> np.ndarray:
     "Windows `data[:, start + i*stride : start + i*stride + window]` stacked to [n, C, window] (a copy)."
     data = np.asarray(data)
@@ -532,7 +548,7 @@ def sliding_windows(data: np.ndarray, window: int, stride: int, start: int = 0) 
     view = np.lib.stride_tricks.sliding_window_view(data[:, start:], window, axis=1)[:, ::stride][:, :n]
     return np.ascontiguousarray(view.transpose(1, 0, 2))
 
-# %% ../nbs/02_eeg_io.ipynb #c065
+# %% ../nbs/02_eeg_io.ipynb #c074
 def preprocessing_throughput(paths: Iterable[str | Path], channels: Sequence[str] | None = None,
                              notch: float | None = 50.0, **kwargs) -> dict:
     "Run `load_recording` on every path; returns files, hours of EEG, wall seconds and hours of EEG per minute."
@@ -546,7 +562,7 @@ def preprocessing_throughput(paths: Iterable[str | Path], channels: Sequence[str
             "eeg_hours_per_minute": (eeg_seconds / 3600) / (wall / 60) if wall > 0 else float("inf"),
             "seconds_per_eeg_hour": wall / (eeg_seconds / 3600) if eeg_seconds else float("nan")}
 
-# %% ../nbs/02_eeg_io.ipynb #c068
+# %% ../nbs/02_eeg_io.ipynb #c077
 def plot_traces(data: np.ndarray, ch_names: Sequence[str], sfreq: float, ax=None, seconds: float | None = 10.0,
                 spacing: float | None = None, title: str | None = None, **plot_kwargs):
     "Stacked traces of [C, T] µV data (first `seconds`); returns the axes."
@@ -566,7 +582,7 @@ def plot_traces(data: np.ndarray, ch_names: Sequence[str], sfreq: float, ax=None
         ax.set_title(title)
     return ax
 
-# %% ../nbs/02_eeg_io.ipynb #c068a
+# %% ../nbs/02_eeg_io.ipynb #c078
 def plot_psd(data: np.ndarray, sfreq: float, ax=None, label: str | None = None, fmax: float | None = None, **plot_kwargs):
     "Channel-averaged Welch power spectrum (µV²/Hz, log scale); returns the axes."
     import matplotlib.pyplot as plt

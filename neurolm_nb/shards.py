@@ -31,8 +31,6 @@ from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 from fastcore.basics import patch
 from tqdm import tqdm
 
@@ -566,6 +564,18 @@ def _worker_init(parent: int) -> None:
     if os.getppid() == parent:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
 
+
+def _mne_without_numba() -> None:
+    "Load MNE's numba helper (`mne._numba`) with numba hidden, unless either is loaded already; numba stays importable."
+    if "mne._numba" in sys.modules or "numba" in sys.modules:
+        return
+    sys.modules["numba"] = None  # `import numba` raises ImportError: MNE falls back to NumPy
+    try:
+        import mne._numba  # noqa: F401
+    finally:
+        if sys.modules.get("numba", 0) is None:
+            del sys.modules["numba"]
+
 # %% ../nbs/03b_shards.ipynb #c069
 _BUILDER_POOLS: dict = {}
 
@@ -596,6 +606,7 @@ def worker_pool(workers: int | None = None, scheduler=None):
             if client is not scheduler:
                 client.close()
     elif (workers := workers or usable_cores()) <= 1:
+        _mne_without_numba()
         yield WorkerPool(_run_here, first, 1, "in-process")
     else:
         pool = _builder_executor(workers)
@@ -892,8 +903,8 @@ def load_manifest(root: str | Path) -> dict:
     return load_json(Path(root) / MANIFEST_FILE)
 
 # %% ../nbs/03b_shards.ipynb #c109
-class WindowDataset(Dataset):
-    "A torch Dataset over the shards of one split of a dataset built by `build_dataset`."
+class WindowDataset:
+    "A map-style dataset (for torch's DataLoader) over the shards of one split of a dataset built by `build_dataset`."
 
     def __init__(self, root: str | Path, split: str = "train"):
         if split not in SPLITS:
@@ -903,7 +914,7 @@ class WindowDataset(Dataset):
         self.dataset, self.classes, self.sfreq = index["dataset"], list(index["classes"]), index["sfreq"]
         self.shards = [s for s in index["shards"] if s["split"] == split]
         self._offsets = np.cumsum([0] + [s["n"] for s in self.shards])
-        self._channel_index = [torch.from_numpy(channel_indices(s["ch_names"])) for s in self.shards]
+        self._channel_index = [channel_indices(s["ch_names"]) for s in self.shards]  # int64 arrays
         meta = {"label": [], "subject": [], "recording": [], "start_s": []}
         for s in self.shards:
             with h5py.File(self.root / s["file"], "r") as f:
@@ -941,10 +952,11 @@ def _file(self: WindowDataset, k: int) -> h5py.File:
 
 @patch
 def __getitem__(self: WindowDataset, i: int) -> dict:
+    import torch  # here, not at module level: building a dataset never needs torch
     k, j = self._locate(int(i))
     i = int(self._offsets[k]) + j
     return {"x": torch.from_numpy(self._file(k)["x"][j]), "label": torch.tensor(int(self.labels[i])),
-            "channel_index": self._channel_index[k], "ch_names": list(self.shards[k]["ch_names"]),
+            "channel_index": torch.from_numpy(self._channel_index[k]), "ch_names": list(self.shards[k]["ch_names"]),
             "subject": self.subjects[i], "recording": self.recordings[i], "start_s": float(self.start_s[i])}
 
 # %% ../nbs/03b_shards.ipynb #c115
@@ -966,6 +978,13 @@ def __del__(self: WindowDataset):
 @patch
 def __repr__(self: WindowDataset) -> str:
     return f"WindowDataset({self.dataset}/{self.split}: {len(self)} windows in {len(self.shards)} shards)"
+
+
+@patch
+def __add__(self: WindowDataset, other):
+    "`a + b`: a `torch.utils.data.ConcatDataset`, as for any torch `Dataset`."
+    from torch.utils.data import ConcatDataset
+    return ConcatDataset([self, other])
 
 # %% ../nbs/03b_shards.ipynb #c118
 PHYSIONET_EEGMAT_URL = "https://physionet.org/files/eegmat/1.0.0/"
@@ -1010,7 +1029,7 @@ EEGMAT_SHA256: dict[str, str] = {  # PhysioNet eegmat 1.0.0: sha256 of every fil
     "Subject17_2.edf": "9c9a0cbf89ed1152244b7c3d191c584cd59d3d99ff067e1610010d805cee62af",
 }
 
-# %% ../nbs/03b_shards.ipynb #c120
+# %% ../nbs/03b_shards.ipynb #c121
 EEGMAT_SHA256.update({  # the second half
     "Subject18_1.edf": "ba4323db350812274637dafd018c5563ad8f46d8fc302ef0e3be0c5b6a4016a8",
     "Subject18_2.edf": "5d8425c622e33be4990c4e1c91bb8411f448a9594393ee46738d96b23dfb7646",
@@ -1051,7 +1070,7 @@ EEGMAT_SHA256.update({  # the second half
     "subject-info.csv": "09c5951145d9f6a170ed7e01957406010ff549127ccf96ad7a2ead9fb0e018de",
 })
 
-# %% ../nbs/03b_shards.ipynb #c123
+# %% ../nbs/03b_shards.ipynb #c124
 class ChecksumError(ValueError):
     "A fetched file whose SHA-256 differs from the published one."
 
@@ -1078,7 +1097,7 @@ def eegmat_files(subjects: Iterable[int | str] | None = None, include_info: bool
     names = [f"Subject{i:02d}_{k}.edf" for i in sorted(set(ids)) for k in (1, 2)]
     return names + (["subject-info.csv"] if include_info else [])
 
-# %% ../nbs/03b_shards.ipynb #c126
+# %% ../nbs/03b_shards.ipynb #c127
 def _local_source(base_url: str | Path) -> Path | None:
     "A folder for a local path or file:// URL; None for a remote URL."
     s = str(base_url)
@@ -1088,7 +1107,7 @@ def _local_source(base_url: str | Path) -> Path | None:
         return None
     return Path(s)
 
-# %% ../nbs/03b_shards.ipynb #c127
+# %% ../nbs/03b_shards.ipynb #c128
 def fetch_file(base_url: str | Path, name: str, dest: str | Path, sha256: str, progress: bool = False) -> Path:
     "Fetch `base_url/name` into `dest/name`, verifying its SHA-256; a file already there with the right hash is kept."
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
@@ -1119,14 +1138,14 @@ def fetch_file(base_url: str | Path, name: str, dest: str | Path, sha256: str, p
     except ValueError as e:  # pooch reports a hash mismatch as ValueError
         raise ChecksumError(f"{name}: downloaded from {url}, {e}") from e
 
-# %% ../nbs/03b_shards.ipynb #c130
+# %% ../nbs/03b_shards.ipynb #c131
 def fetch_eegmat(dest: str | Path, base_url: str | Path = PHYSIONET_EEGMAT_URL,
                  subjects: Iterable[int | str] | None = None, include_info: bool = True,
                  progress: bool = False) -> list[Path]:
     "Fetch EEGMAT files (all 36 subjects, or `subjects`) into `dest`, each checked against the release's SHA-256."
     return [fetch_file(base_url, n, dest, EEGMAT_SHA256[n], progress) for n in eegmat_files(subjects, include_info)]
 
-# %% ../nbs/03b_shards.ipynb #c133
+# %% ../nbs/03b_shards.ipynb #c134
 SAMPLE_FOLDERS: dict[str, str] = {"workload": "eegmat", "tuab": "tuab", "tuev": "tuev", "tusl": "tusl",
                                   "hmc": "hmc", "seed": "seed", "pretrain": "."}
 _SAMPLES_README = """\
@@ -1157,7 +1176,7 @@ registration needed), HMC sleep staging (https://physionet.org/content/hmc-sleep
 (https://bcmi.sjtu.edu.cn/home/seed/, licence agreement needed).
 """
 
-# %% ../nbs/03b_shards.ipynb #c136
+# %% ../nbs/03b_shards.ipynb #c137
 def _tuh_label(name: str) -> str:
     return f"EEG {name}-REF"
 
@@ -1183,7 +1202,7 @@ def _segments(ch: Sequence[str], labels: Sequence[int], seconds: float, sfreq: f
     return np.concatenate([synth_eeg(ch, seconds, sfreq, label=int(lab), seed=seed * 1000 + k, subject=subject,
                                      n_classes=n_classes) for k, lab in enumerate(labels)], axis=1)
 
-# %% ../nbs/03b_shards.ipynb #c139
+# %% ../nbs/03b_shards.ipynb #c140
 def _samples_eegmat(root: Path, seed: int) -> None:
     names = [f"EEG {n.capitalize() if n.startswith('FP') else n[0] + n[1:].lower()}" for n in WORKLOAD_CHANNELS]
     for s in range(3):
@@ -1203,7 +1222,7 @@ def _samples_tuab(root: Path, seed: int) -> None:
         write_edf(root / "edf" / part / kind / "01_tcp_ar" / f"{subj}_s001_t000.edf",
                   _with_extras(eeg, [_ecg(10, 250.0, seed + i)]), labels, 250.0)
 
-# %% ../nbs/03b_shards.ipynb #c140
+# %% ../nbs/03b_shards.ipynb #c141
 def _samples_tuev(root: Path, seed: int) -> None:
     plan = [("train", "aaaaaaba", "aaaaaaba_00000001", [0, 5, 3]), ("train", "aaaaaabb", "aaaaaabb_00000001", [1, 4, 2]),
             ("train", "aaaaaabc", "aaaaaabc_00000001", [2, 5, 0]), ("eval", "032", "spsw_032_a_", [0, 3, 5]),
@@ -1217,7 +1236,7 @@ def _samples_tuev(root: Path, seed: int) -> None:
                  for ch in ((k, k + 7) if c < 3 else (k,))]
         atomic_write_bytes(root / "edf" / part / folder / f"{stem}.rec", ("\n".join(lines) + "\n").encode())
 
-# %% ../nbs/03b_shards.ipynb #c142
+# %% ../nbs/03b_shards.ipynb #c143
 def _samples_tusl(root: Path, seed: int) -> None:
     plan = [("aaaaaaca", [0, 1]), ("aaaaaacb", [2, 0]), ("aaaaaacc", [1, 2]), ("aaaaaacd", [0, 2]), ("aaaaaace", [1, 0])]
     labels = [_tuh_label(c) for c in TUH_CHANNELS] + ["EEG EKG1-REF"]
@@ -1229,7 +1248,7 @@ def _samples_tusl(root: Path, seed: int) -> None:
         text = "version = tse_v1.0.0\n\n" + "".join(f"{10 * k:.4f} {10 * k + 10:.4f} {names[c]} 1.0000\n" for k, c in enumerate(classes))
         atomic_write_bytes(folder / f"{subj}_s001_t000.tse_agg", text.encode())
 
-# %% ../nbs/03b_shards.ipynb #c143
+# %% ../nbs/03b_shards.ipynb #c144
 def _samples_hmc(root: Path, seed: int) -> None:
     stages = HMCSpec().classes
     for i in range(3):
@@ -1248,7 +1267,7 @@ def _samples_hmc(root: Path, seed: int) -> None:
         rows.append("2018-01-01, 22:02:30, 150.0, 0.0, Lights on, ")
         atomic_write_bytes(root / f"SN{i + 1:03d}_sleepscoring.txt", ("\n".join(rows) + "\n").encode())
 
-# %% ../nbs/03b_shards.ipynb #c144
+# %% ../nbs/03b_shards.ipynb #c145
 def _samples_seed(root: Path, seed: int) -> None:
     starts = [1 + 4 * k for k in range(15)]
     lead = synth_eeg(SEED_CHANNELS, 1, 200.0, label=1, seed=seed * 100 + 99, subject=99, n_classes=3)
@@ -1258,7 +1277,7 @@ def _samples_seed(root: Path, seed: int) -> None:
                                            f"end_second = [{', '.join(str(s + 4) for s in starts)}];\n").encode())
     atomic_write_bytes(root / "label.txt", f"label = [{', '.join(map(str, SEED_TRIAL_LABELS))}];\n".encode())
 
-# %% ../nbs/03b_shards.ipynb #c147
+# %% ../nbs/03b_shards.ipynb #c148
 def make_data_samples(root: str | Path = "data_samples", seed: int = 0) -> list[Path]:
     "Write the synthetic sample recordings into `<root>/eeg/` (replacing it) and `<root>/README.md`; returns the files."
     root = Path(root).resolve()
@@ -1287,7 +1306,7 @@ def samples_dir_for(name: str, samples_root: str | Path | None = None) -> Path:
         raise KeyError(f"no sample folder for dataset {name!r}; known: {sorted(SAMPLE_FOLDERS)}")
     return (root / "eeg" / SAMPLE_FOLDERS[key]).resolve()
 
-# %% ../nbs/03b_shards.ipynb #c150
+# %% ../nbs/03b_shards.ipynb #c151
 def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2), repeat: int = 2,
                 max_files: int | None = None, work_dir: str | Path | None = None, **options) -> dict:
     "EEG-hours per second of `build_dataset` with each worker count on the same files (warm-up first, rounds interleaved)."
@@ -1313,7 +1332,7 @@ def bench_build(name: str, raw_dir: str | Path, workers: Sequence[int] = (1, 2),
         shutil.rmtree(work, ignore_errors=True)
     return result
 
-# %% ../nbs/03b_shards.ipynb #c153
+# %% ../nbs/03b_shards.ipynb #c154
 def bench_table(result: dict) -> str:
     "The benchmark as a few lines of text."
     lines = [f"{result['dataset']}: {result['files']} files, {result['eeg_hours']:.3f} EEG h, {result['cores']} usable cores, "
@@ -1328,7 +1347,7 @@ def bench_table(result: dict) -> str:
     lines.append(f"same output for every worker count: {result['same_output']}")
     return "\n".join(lines)
 
-# %% ../nbs/03b_shards.ipynb #c156
+# %% ../nbs/03b_shards.ipynb #c157
 def _parse_overrides(pairs: Sequence[str]) -> dict:
     out = {}
     for pair in pairs or []:
@@ -1343,7 +1362,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict:
             out[k] = tuple(out[k])
     return out
 
-# %% ../nbs/03b_shards.ipynb #c157
+# %% ../nbs/03b_shards.ipynb #c158
 def _cli_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.shards", description="NeuroLM dataset builders")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1367,7 +1386,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", default=None)
     return parser
 
-# %% ../nbs/03b_shards.ipynb #c160
+# %% ../nbs/03b_shards.ipynb #c161
 def main(argv: Sequence[str] | None = None) -> int:
     "Command line: `make-samples [root]`, `build <dataset> <raw_dir> <out_dir>`, `bench <dataset> <raw_dir>`, `fetch-eegmat <dest>`."
     args = _cli_parser().parse_args(argv)
@@ -1399,7 +1418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())
 
-# %% ../nbs/03b_shards.ipynb #c175
+# %% ../nbs/03b_shards.ipynb #c176
 def read_heldout(folder: str | Path) -> dict:
     "The val/test subjects and recordings of a built dataset, and the raw folder they were read from."
     folder = Path(folder)
