@@ -23,6 +23,7 @@ from .core import rng_state, set_rng_state
 from .hub import ModelCard, describe_datasets, flat_metrics
 from .labram import (NO_WEIGHT_DECAY, LaBraMClassifier, LaBraMForMEM, layer_decay_groups, mem_loss,
                                random_mask)
+from .metrics import logit_metrics
 from .patching import collate_labram
 from .targets import labram_targets
 from .training import (TrainConfig, TrainResult, TrainState, gather_objects, train, unwrap_model, weight_decay_groups,
@@ -30,40 +31,12 @@ from .training import (TrainConfig, TrainResult, TrainState, gather_objects, tra
 from .vq import CodebookStats, VQTokenizer, channel_major_tokens
 
 # %% auto #0
-__all__ = ['vqnsp_loss', 'MEM_DEFAULTS', 'MEM_NO_WEIGHT_DECAY', 'classification_metrics', 'predict', 'tokenizer_codes',
-           'VQNSPLoss', 'train_vqnsp', 'codebook_usage', 'check_codebook', 'mem_loss_fn', 'pretrain_mem', 'ModelEMA',
-           'FinetuneConfig', 'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune', 'scores_to_probs',
-           'prediction_arrays', 'save_stage_predictions', 'labram_card']
+__all__ = ['vqnsp_loss', 'MEM_DEFAULTS', 'MEM_NO_WEIGHT_DECAY', 'predict', 'tokenizer_codes', 'VQNSPLoss', 'train_vqnsp',
+           'codebook_usage', 'check_codebook', 'mem_loss_fn', 'pretrain_mem', 'ModelEMA', 'FinetuneConfig',
+           'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune', 'scores_to_probs', 'prediction_arrays',
+           'save_stage_predictions', 'labram_card']
 
-# %% ../nbs/16_labram_training.ipynb #c006
-def classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    "Binary (scores [n, 1] logits): balanced accuracy, AUROC, AUC-PR, accuracy; multi-class: balanced accuracy, kappa, weighted F1, accuracy."
-    import warnings
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    scores = np.asarray(scores, dtype=np.float64).reshape(len(labels), -1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)  # tiny eval sets
-        return _classification_metrics(labels, scores)
-
-
-def _classification_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score, cohen_kappa_score,
-                                 f1_score, roc_auc_score)
-    if scores.shape[1] == 1:
-        prob = 1.0 / (1.0 + np.exp(-scores[:, 0]))
-        pred = (prob >= 0.5).astype(np.int64)
-        both = len(np.unique(labels)) == 2  # AUROC / AUC-PR need both classes present
-        return {"balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-                "auroc": float(roc_auc_score(labels, prob)) if both else float("nan"),
-                "auc_pr": float(average_precision_score(labels, prob)) if both else float("nan"),
-                "accuracy": float(accuracy_score(labels, pred)), "n": int(len(labels))}
-    pred = scores.argmax(1)
-    return {"balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-            "cohen_kappa": float(cohen_kappa_score(labels, pred)),
-            "f1_weighted": float(f1_score(labels, pred, average="weighted")),
-            "accuracy": float(accuracy_score(labels, pred)), "n": int(len(labels))}
-
-# %% ../nbs/16_labram_training.ipynb #c008
+# %% ../nbs/16_labram_training.ipynb #c007
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, collate_fn: Callable = collate_labram,
             device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +64,7 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, collate_fn
         raise RuntimeError(f"gathered predictions cover {len(index)} indices, expected each of {len(dataset)} once")
     return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
-# %% ../nbs/16_labram_training.ipynb #c011
+# %% ../nbs/16_labram_training.ipynb #c010
 def tokenizer_codes(tokenizer: VQTokenizer, x: torch.Tensor, input_chans: torch.Tensor) -> torch.Tensor:
     "The frozen VQ-NSP's codes [B, C·A] (channel-major) of x [B, C, A, P]."
     return tokenizer.get_codes(**channel_major_tokens(x, input_chans))
@@ -116,7 +89,7 @@ class VQNSPLoss:
 
 vqnsp_loss = VQNSPLoss()  # without a watch
 
-# %% ../nbs/16_labram_training.ipynb #c013
+# %% ../nbs/16_labram_training.ipynb #c014
 def train_vqnsp(tokenizer: VQTokenizer, dataset: Dataset, cfg: TrainConfig, usage_every: int = 10,
                 on_collapse: str = "stop", min_used_codes: int = 2, usage_path: str | Path | None = None,
                 collate_fn: Callable = collate_labram) -> tuple[TrainResult, CodeUsageMonitor]:
@@ -139,7 +112,7 @@ def codebook_usage(tokenizer: VQTokenizer, dataset: Dataset, device: torch.devic
         usage.update(tokenizer_codes(tokenizer, batch["x"].to(device), batch["input_chans"].to(device)).cpu())
     return usage
 
-# %% ../nbs/16_labram_training.ipynb #c013a
+# %% ../nbs/16_labram_training.ipynb #c015
 def check_codebook(usage: CodebookStats, min_used_codes: int, on_collapse: str = "stop", where: str = "") -> dict:
     "The usage summary; `CodebookCollapse` (on_collapse 'stop', else a warning) if fewer than `min_used_codes` codes are used."
     s = usage.summary()
@@ -151,7 +124,7 @@ def check_codebook(usage: CodebookStats, min_used_codes: int, on_collapse: str =
         warnings.warn(what, RuntimeWarning)
     return s
 
-# %% ../nbs/16_labram_training.ipynb #c017
+# %% ../nbs/16_labram_training.ipynb #c019
 MEM_DEFAULTS = dict(lr=5e-4, min_lr=1e-5, betas=(0.9, 0.98), weight_decay=0.05, grad_clip=3.0, epochs=50,
                     warmup_epochs=5, batch_size=64)
 MEM_NO_WEIGHT_DECAY = tuple(f"student.{n}" for n in NO_WEIGHT_DECAY)
@@ -184,7 +157,7 @@ def pretrain_mem(model: LaBraMForMEM, tokenizer: VQTokenizer, dataset: Dataset, 
     return train(model, dataset, mem_loss_fn(tokenizer, mask_ratio), cfg, collate_fn=collate_fn, param_groups=groups,
                  **train_kwargs)
 
-# %% ../nbs/16_labram_training.ipynb #c019
+# %% ../nbs/16_labram_training.ipynb #c023
 class ModelEMA:
     "timm's ModelEma (LaBraM --model_ema): an exponential moving average of a model's state, a checkpointed `train` callback."
     checkpoint_key = "model_ema"  # the original's checkpoint key
@@ -216,7 +189,7 @@ class ModelEMA:
     def load_state_dict(self, state_dict: Mapping) -> None:
         self.module.load_state_dict(state_dict)
 
-# %% ../nbs/16_labram_training.ipynb #c022
+# %% ../nbs/16_labram_training.ipynb #c026
 @dataclass
 class FinetuneConfig:
     "Fine-tuning settings; the defaults are the paper's TUAB run (batch per process)."
@@ -234,7 +207,7 @@ class FinetuneConfig:
     model_ema: bool = False           # keep an EMA of the weights (checkpoint key 'model_ema'), as the original's --model_ema
     model_ema_decay: float = 0.9999
     model_ema_eval: bool = False      # True: validate, select and return the EMA weights (the original evaluates the model)
-    select_metric: str | None = None  # None: 'auroc' (binary) / 'balanced_accuracy'; 'accuracy' reproduces the original
+    select_metric: str | None = None  # None: 'roc_auc' (binary) / 'balanced_accuracy'; 'accuracy' reproduces the original
     original_layer_ids: bool = False  # True: time_embed in the top layer, as in the original
     seed: int = 0
     device: str = "auto"
@@ -249,7 +222,7 @@ class FinetuneConfig:
                            seed=self.seed, device=self.device, dtype=self.dtype, out_dir=self.out_dir,
                            progress=self.progress)
 
-# %% ../nbs/16_labram_training.ipynb #c024
+# %% ../nbs/16_labram_training.ipynb #c029
 def finetune_loss(model: nn.Module, batch: Mapping, label_smoothing: float = 0.1) -> tuple[torch.Tensor, dict]:
     "BCE on one logit (binary) or cross-entropy with label smoothing (multi-class)."
     logits = model(batch["x"], batch["input_chans"]).float()
@@ -258,7 +231,7 @@ def finetune_loss(model: nn.Module, batch: Mapping, label_smoothing: float = 0.1
         return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float()), {}
     return F.cross_entropy(logits, labels.long(), label_smoothing=label_smoothing), {}
 
-# %% ../nbs/16_labram_training.ipynb #c024a
+# %% ../nbs/16_labram_training.ipynb #c030
 class BestEpoch:
     "A `train` callback: after every epoch, predict the validation set (all processes) and keep the best epoch's weights (or the EMA's)."
     def __init__(self, val_set: Dataset, select_metric: str, batch_size: int = 128, collate_fn: Callable = collate_labram,
@@ -267,7 +240,7 @@ class BestEpoch:
         self.ema = ema  # judge and keep these averaged weights instead of the model's
         self.rows: list[dict] = []
         self.best_state: dict | None = None
-        self.best_epoch, self.best_value = None, -math.inf
+        self.best_epoch, self.best_value = None, None
 
     def __call__(self, state: TrainState) -> None:
         if state.batch_in_epoch != 0 and state.step != state.max_steps:
@@ -282,35 +255,35 @@ class BestEpoch:
             scores, labels = predict(model, self.val_set, self.batch_size, self.collate_fn)
         finally:
             set_rng_state(saved)
-        result = classification_metrics(labels, scores)
+        result = logit_metrics(labels, scores)
         self.rows.append({"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in result.items()}})
-        value = result[self.select_metric]
-        if value > self.best_value or self.best_state is None:  # NaN never wins, but the first epoch is kept
+        value = result[self.select_metric]  # None where undefined (one class in validation): never wins
+        if (value is not None and (self.best_value is None or value > self.best_value)) or self.best_state is None:
             self.best_value, self.best_epoch = value, epoch
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return result
 
-# %% ../nbs/16_labram_training.ipynb #c026
+# %% ../nbs/16_labram_training.ipynb #c034
 @dataclass
 class FinetuneResult:
     model: nn.Module          # holding the best epoch's weights
     best_epoch: int
-    best_value: float
+    best_value: float | None  # None: the metric was undefined on validation at every epoch
     select_metric: str
     epochs: list[dict]        # validation metrics after every epoch
     history: list[dict]       # training rows (loss, lr, ...) of every update
     train_result: TrainResult
     ema: ModelEMA | None = None  # the moving average at the end of training (FinetuneConfig.model_ema)
 
-# %% ../nbs/16_labram_training.ipynb #c026a
+# %% ../nbs/16_labram_training.ipynb #c035
 def finetune(model: LaBraMClassifier, train_set: Dataset, val_set: Dataset, cfg: FinetuneConfig | None = None,
              collate_fn: Callable = collate_labram) -> FinetuneResult:
     "Fine-tune with layer-wise lr decay; keep the epoch with the best validation AUROC (binary) or balanced accuracy."
     cfg = cfg or FinetuneConfig()
     if cfg.model_ema_eval and not cfg.model_ema:
         raise ValueError("FinetuneConfig.model_ema_eval=True needs model_ema=True (there is no EMA to evaluate)")
-    metric = cfg.select_metric or ("auroc" if model.n_classes == 1 else "balanced_accuracy")
-    allowed = ("balanced_accuracy", "auroc", "auc_pr", "accuracy") if model.n_classes == 1 else \
+    metric = cfg.select_metric or ("roc_auc" if model.n_classes == 1 else "balanced_accuracy")
+    allowed = ("balanced_accuracy", "roc_auc", "pr_auc", "accuracy") if model.n_classes == 1 else \
               ("balanced_accuracy", "cohen_kappa", "f1_weighted", "accuracy")
     if metric not in allowed:
         raise ValueError(f"select_metric={metric!r} is not one of {allowed} for a {model.n_classes}-output model")
@@ -325,7 +298,7 @@ def finetune(model: LaBraMClassifier, train_set: Dataset, val_set: Dataset, cfg:
     model.load_state_dict(best.best_state)
     return FinetuneResult(model, best.best_epoch, best.best_value, metric, best.rows, result.history, result, ema)
 
-# %% ../nbs/16_labram_training.ipynb #c028
+# %% ../nbs/16_labram_training.ipynb #c039
 def scores_to_probs(scores: np.ndarray) -> np.ndarray:
     "Class probabilities [n, K] from logits: one logit -> [1 - sigmoid, sigmoid]; K logits -> softmax."
     scores = np.asarray(scores, dtype=np.float64)
@@ -357,7 +330,7 @@ def save_stage_predictions(model: nn.Module, splits: Mapping[str, Dataset], fold
             paths[split] = save_predictions(pred, task, Path(folder) / "predictions" / f"{split}.npz")
     return paths
 
-# %% ../nbs/16_labram_training.ipynb #c047
+# %% ../nbs/16_labram_training.ipynb #c058
 def labram_card(data_root: str | Path, metrics: Mapping, options: Mapping | None = None) -> ModelCard:
     "The model card of the `labram` stage's fine-tuned Workload classifier: stage, data, metrics, options."
     return ModelCard(

@@ -25,6 +25,7 @@ from .core import (ConfigMixin, atomic_write_bytes, in_notebook, latest_checkpoi
                              save_json, seed_everything, write_launch_config)
 from .shards import INDEX_FILE, WindowDataset, build_dataset, load_index, samples_dir_for
 from .hub import ModelCard, describe_datasets, flat_metrics, save_pretrained
+from .metrics import prob_metrics
 from .patching import NeuroLMCollate, PATCH_SIZE, max_seconds_for
 from .targets import neurolm_targets
 from .training import (TrainConfig, cleanup_distributed, die_with_torchrun_agent, is_main_process,
@@ -35,8 +36,8 @@ from .vq import CodebookStats, VQConfig, VQTokenizer, save_tokenizer
 __all__ = ['find_datasets', 'build_sample_datasets', 'CropToTokens', 'eeg_training_set', 'TokenizerRun', 'load_run_text',
            'build_vq', 'read_code_usage', 'TokenizerResult', 'train_tokenizer', 'tokenizer_card', 'plot_loss_terms',
            'plot_usage_over_training', 'probe_batch', 'batch_to', 'run_probe', 'plot_reconstructions',
-           'reconstruction_vs_mean', 'domain_points', 'embed_2d', 'plot_domain_maps', 'window_features', 'linear_probe',
-           'plot_domain_accuracy', 'main']
+           'reconstruction_vs_mean', 'domain_points', 'embed_2d', 'plot_domain_maps', 'labelled_datasets',
+           'probe_candidates', 'window_features', 'linear_probe', 'plot_domain_accuracy', 'main']
 
 # %% ../nbs/12_train_tokenizer.ipynb #c006
 def find_datasets(run_root: str | Path, names: Sequence[str] | None = None) -> list[Path]:
@@ -63,7 +64,7 @@ def build_sample_datasets(dest: str | Path, names: Sequence[str] = ("workload", 
         out.append(Path(dest) / name)
     return out
 
-# %% ../nbs/12_train_tokenizer.ipynb #c006a
+# %% ../nbs/12_train_tokenizer.ipynb #c010
 class CropToTokens(Dataset):
     "Cut each window [C, T] to the longest whole number of seconds with C·seconds <= max_tokens."
     def __init__(self, dataset: Dataset, max_tokens: int, patch_size: int = PATCH_SIZE):
@@ -95,7 +96,7 @@ def eeg_training_set(roots: Sequence[str | Path], splits: Sequence[str] = ("trai
         data = Subset(data, keep.tolist())
     return data
 
-# %% ../nbs/12_train_tokenizer.ipynb #c009
+# %% ../nbs/12_train_tokenizer.ipynb #c013
 @dataclass
 class TokenizerRun(ConfigMixin):
     "Every setting of stage 1 as JSON values (what config.json records and torchrun processes read)."
@@ -122,27 +123,21 @@ class TokenizerRun(ConfigMixin):
     train: dict = field(default_factory=dict)  # TrainConfig fields; out_dir and seed are set from this run
 
     def __post_init__(self):
-        if self.model not in ("neurolm", "tiny"):
-            raise ValueError(f"TokenizerRun.model={self.model!r} must be 'neurolm' or 'tiny'")
-        if self.on_collapse not in ("stop", "restart", "warn"):
-            raise ValueError(f"TokenizerRun.on_collapse={self.on_collapse!r} must be 'stop', 'restart' or 'warn'")
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(self.train) - known)
-        if unknown:
+        for name, allowed in (("model", ("neurolm", "tiny")), ("on_collapse", ("stop", "restart", "warn"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TokenizerRun.{name}={getattr(self, name)!r} must be one of {allowed}")
+        if unknown := sorted(set(self.train) - {f.name for f in fields(TrainConfig)}):
             raise ValueError(f"TokenizerRun.train has keys {unknown} that TrainConfig does not know")
         self.dataset_roots = [str(p) for p in self.dataset_roots]
 
     def vq_config(self, text_vocab_size: int | None = None) -> VQConfig:
-        preset = VQConfig.tiny if self.model == "tiny" else VQConfig.neurolm
-        overrides = dict(self.model_overrides)
-        if text_vocab_size is not None:
-            overrides["text_vocab_size"] = text_vocab_size
-        return preset(**overrides)
+        overrides = {**self.model_overrides, **({} if text_vocab_size is None else {"text_vocab_size": text_vocab_size})}
+        return (VQConfig.tiny if self.model == "tiny" else VQConfig.neurolm)(**overrides)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{**self.train, "out_dir": str(Path(self.out_dir) / "train"), "seed": self.seed})
 
-# %% ../nbs/12_train_tokenizer.ipynb #c009a
+# %% ../nbs/12_train_tokenizer.ipynb #c016
 def load_run_text(run: TokenizerRun) -> tuple[TextSource, np.ndarray]:
     "The run's text source (width = the tokenizer's) and its corpus as one id stream."
     source = load_text_source(run.text_model, run.vq_config().dim, run.allow_download, run.samples_root, run.seed)
@@ -165,7 +160,7 @@ def _usage_rows_until(path: Path, step: int) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step).encode())
 
-# %% ../nbs/12_train_tokenizer.ipynb #c009aa
+# %% ../nbs/12_train_tokenizer.ipynb #c017
 def read_code_usage(path: str | Path) -> list[dict]:
     "Rows of `code_usage.jsonl` (the last row of each step wins)."
     path = Path(path)
@@ -178,7 +173,7 @@ def read_code_usage(path: str | Path) -> list[dict]:
             by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
-# %% ../nbs/12_train_tokenizer.ipynb #c009b
+# %% ../nbs/12_train_tokenizer.ipynb #c020
 @dataclass
 class TokenizerResult:
     model: TextAlignedVQ | None   # the trained model (None on ranks > 0)
@@ -189,7 +184,7 @@ class TokenizerResult:
     n_samples: int
     seconds: float
 
-# %% ../nbs/12_train_tokenizer.ipynb #c009c
+# %% ../nbs/12_train_tokenizer.ipynb #c021
 def train_tokenizer(run: TokenizerRun | dict) -> TokenizerResult:
     "Stage 1: train the text-aligned VQ tokenizer of `run` (one process, or each process under torchrun)."
     run = TokenizerRun.from_dict(run) if isinstance(run, dict) else run
@@ -222,7 +217,7 @@ def train_tokenizer(run: TokenizerRun | dict) -> TokenizerResult:
     return TokenizerResult(result.model if is_main_process() else None, result.history, read_code_usage(usage_path),
                            path, repr(source), len(data), time.perf_counter() - t0)
 
-# %% ../nbs/12_train_tokenizer.ipynb #c012
+# %% ../nbs/12_train_tokenizer.ipynb #c024
 _CARD_TERMS = ("step", "loss", "rec_freq", "rec_raw", "commitment", "domain_acc", "domain_acc_eeg", "domain_acc_text",
                "batch_perplexity")
 
@@ -242,7 +237,7 @@ def tokenizer_card(run: TokenizerRun, history: Sequence[dict] = (), text_source:
                  **{f"model_overrides.{k}": v for k, v in run.model_overrides.items()}},
         usage={"text_source": text_source or run.text_model})
 
-# %% ../nbs/12_train_tokenizer.ipynb #c017
+# %% ../nbs/12_train_tokenizer.ipynb #c029
 _TERM_GROUPS = {"reconstruction (MSE, z-scored targets)": ["rec_freq", "rec_raw"], "commitment": ["commitment"],
                 "domain cross-entropy": ["domain_eeg", "domain_text"], "total loss": ["loss"]}
 
@@ -260,7 +255,7 @@ def plot_loss_terms(history: list[dict]):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c020
+# %% ../nbs/12_train_tokenizer.ipynb #c032
 def plot_usage_over_training(rows: list[dict], n_codes: int):
     "Used codes, dead codes and perplexity per monitoring interval."
     import matplotlib.pyplot as plt
@@ -284,7 +279,7 @@ def probe_batch(dataset: Dataset, n: int, max_tokens: int, seed: int = 0) -> dic
     batch["targets"] = neurolm_targets(batch["X"], batch["input_mask"])
     return batch
 
-# %% ../nbs/12_train_tokenizer.ipynb #c020a
+# %% ../nbs/12_train_tokenizer.ipynb #c033
 def batch_to(batch: dict, device) -> dict:
     "The batch (and its targets) on `device`."
     return {k: batch_to(v, device) if isinstance(v, dict) else v.to(device) if isinstance(v, torch.Tensor) else v
@@ -298,7 +293,7 @@ def run_probe(vq: VQTokenizer, batch: dict):
     b = batch_to(batch, next(vq.parameters()).device)
     return vq(b["X"], b["input_chans"], b["input_time"], b["input_mask"], targets=b["targets"])
 
-# %% ../nbs/12_train_tokenizer.ipynb #c023
+# %% ../nbs/12_train_tokenizer.ipynb #c036
 def plot_reconstructions(out, batch: dict, n_tokens: int = 4, seed: int = 0):
     "True vs reconstructed amplitude spectra (top) and temporal signals (bottom) of `n_tokens` real tokens."
     import matplotlib.pyplot as plt
@@ -316,7 +311,7 @@ def plot_reconstructions(out, batch: dict, n_tokens: int = 4, seed: int = 0):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c026
+# %% ../nbs/12_train_tokenizer.ipynb #c039
 def reconstruction_vs_mean(out, batch: dict, reference: dict) -> dict[str, dict[str, float]]:
     "Per target: MSE of the reconstructions and of the mean target of `reference` (real tokens of `batch` only)."
     keep, ref_keep = batch["input_mask"].bool(), reference["input_mask"].bool()
@@ -328,7 +323,7 @@ def reconstruction_vs_mean(out, batch: dict, reference: dict) -> dict[str, dict[
         result[key] = {"tokenizer": float((rec - truth).pow(2).mean()), "mean target": float((mean - truth).pow(2).mean())}
     return result
 
-# %% ../nbs/12_train_tokenizer.ipynb #c029
+# %% ../nbs/12_train_tokenizer.ipynb #c042
 def domain_points(features: torch.Tensor, mask: torch.Tensor, text_embeddings: torch.Tensor, n: int,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "Up to `n` EEG feature rows (real tokens) and `n` text embedding rows, chosen with `seed`."
@@ -338,7 +333,7 @@ def domain_points(features: torch.Tensor, mask: torch.Tensor, text_embeddings: t
     return (eeg[rng.choice(len(eeg), min(n, len(eeg)), replace=False)],
             text[rng.choice(len(text), min(n, len(text)), replace=False)])
 
-# %% ../nbs/12_train_tokenizer.ipynb #c029a
+# %% ../nbs/12_train_tokenizer.ipynb #c043
 def embed_2d(x: np.ndarray, method: str = "umap", seed: int = 0) -> tuple[np.ndarray, str]:
     "2-d coordinates of the rows of `x` by UMAP (or PCA); returns (coords, what was used)."
     if method == "umap":
@@ -356,7 +351,7 @@ def embed_2d(x: np.ndarray, method: str = "umap", seed: int = 0) -> tuple[np.nda
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     return centred @ vt[:2].T, note
 
-# %% ../nbs/12_train_tokenizer.ipynb #c029b
+# %% ../nbs/12_train_tokenizer.ipynb #c044
 def plot_domain_maps(panels: dict, method: str = "umap", seed: int = 0):
     "One 2-d map per panel {title: (eeg rows, text rows)}, EEG and text in different colours."
     import matplotlib.pyplot as plt
@@ -370,7 +365,20 @@ def plot_domain_maps(panels: dict, method: str = "umap", seed: int = 0):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c032
+# %% ../nbs/12_train_tokenizer.ipynb #c047
+def labelled_datasets(roots: Sequence[str | Path]) -> list[Path]:
+    "The datasets among `roots` that a linear probe can use: two classes or more, train and validation windows."
+    return [Path(r) for r in roots if len(load_index(r)["classes"]) >= 2
+            and len(WindowDataset(r, "train")) and len(WindowDataset(r, "val"))]
+
+
+def probe_candidates(run_root: str | Path | None, names: Sequence[str] | None, built: Sequence[Path]) -> list[Path]:
+    "Labelled datasets to probe: those named (or all) under `<run_root>/datasets/`; standalone: among `built`."
+    if run_root is not None:
+        return labelled_datasets(find_datasets(run_root, names))
+    return labelled_datasets([p for p in built if names is None or Path(p).name in names])
+
+
 @torch.no_grad()
 def window_features(vq: VQTokenizer, dataset: Dataset, max_tokens: int, batch_size: int = 16) -> np.ndarray:
     "One vector per window: the encoder's output averaged over the window's real tokens."
@@ -382,26 +390,31 @@ def window_features(vq: VQTokenizer, dataset: Dataset, max_tokens: int, batch_si
         rows.append(((f * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu().numpy())
     return np.concatenate(rows) if rows else np.zeros((0, vq.config.dim), dtype=np.float32)
 
-# %% ../nbs/12_train_tokenizer.ipynb #c032a
-def linear_probe(vq: VQTokenizer, root: str | Path, max_tokens: int, seed: int = 0) -> dict[str, float]:
-    "Balanced accuracy (and AUROC for two classes) of a logistic regression on `window_features`: train split -> test split."
+# %% ../nbs/12_train_tokenizer.ipynb #c049
+def _subset(dataset: WindowDataset, max_windows: int | None, seed: int) -> tuple[Dataset, np.ndarray]:
+    "A seeded subset of at most `max_windows` windows (all when None), with their labels."
+    if max_windows is None or len(dataset) <= max_windows:
+        return dataset, np.asarray(dataset.labels)
+    keep = np.sort(np.random.default_rng(seed).choice(len(dataset), int(max_windows), replace=False))
+    return Subset(dataset, keep.tolist()), np.asarray(dataset.labels)[keep]
+
+
+def linear_probe(vq: VQTokenizer, root: str | Path, max_tokens: int, seed: int = 0, max_windows: int | None = None) -> dict:
+    "metrics.prob_metrics of a logistic regression on `window_features`, fitted on train subjects, scored on validation."
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    train, test = WindowDataset(root, "train"), WindowDataset(root, "test")
-    if len(test) == 0 or len(set(train.labels.tolist())) < 2:
-        raise ValueError(f"{root}: a linear probe needs train windows of two classes or more and test windows")
+    n_classes = len(load_index(root)["classes"])
+    (train, y_train), (val, y_val) = [_subset(WindowDataset(root, s), max_windows, seed) for s in ("train", "val")]
+    if len(val) == 0 or len(set(y_train.tolist())) < 2:
+        raise ValueError(f"{root}: a linear probe needs train windows of two classes or more and validation windows")
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
-    probe.fit(window_features(vq, train, max_tokens), train.labels)
-    features = window_features(vq, test, max_tokens)
-    out = {"balanced_accuracy": float(balanced_accuracy_score(test.labels, probe.predict(features))),
-           "train_windows": len(train), "test_windows": len(test)}
-    if len(probe.classes_) == 2 and len(set(test.labels.tolist())) == 2:
-        out["auroc"] = float(roc_auc_score(test.labels, probe.predict_proba(features)[:, 1]))
-    return out
+    probe.fit(window_features(vq, train, max_tokens), y_train)
+    probs = np.zeros((len(val), n_classes))
+    probs[:, probe.classes_] = probe.predict_proba(window_features(vq, val, max_tokens))
+    return {**prob_metrics(y_val, probs), "train_windows": len(train), "scored_on": "val"}
 
-# %% ../nbs/12_train_tokenizer.ipynb #c035
+# %% ../nbs/12_train_tokenizer.ipynb #c053
 def plot_domain_accuracy(history: list[dict]):
     "Domain-classifier accuracies (EEG, text, balanced) and α against the update step."
     import matplotlib.pyplot as plt
@@ -420,7 +433,7 @@ def plot_domain_accuracy(history: list[dict]):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_train_tokenizer.ipynb #c041
+# %% ../nbs/12_train_tokenizer.ipynb #c059
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.tokenizer_stage --config launch.json`: stage 1 of a `TokenizerRun` (alone or under torchrun)."
     die_with_torchrun_agent()  # under torchrun: never outlive the agent

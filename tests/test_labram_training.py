@@ -10,11 +10,13 @@ import torch
 
 from neurolm_nb.core import latest_checkpoint, load_checkpoint
 from neurolm_nb.io import synth_eeg
+from neurolm_nb import labram_training
 from neurolm_nb.labram import LaBraMClassifier, LaBraMConfig, LaBraMForMEM
 from neurolm_nb.labram_training import (
-    MEM_DEFAULTS, FinetuneConfig, ModelEMA, classification_metrics, finetune, finetune_loss, labram_card, predict,
+    MEM_DEFAULTS, FinetuneConfig, ModelEMA, finetune, finetune_loss, labram_card, predict,
     pretrain_mem,
 )
+from neurolm_nb.metrics import logit_metrics
 from neurolm_nb.patching import collate_labram
 from neurolm_nb.training import TrainConfig, train
 from neurolm_nb.vq import VQConfig, VQTokenizer
@@ -27,14 +29,14 @@ def test_finetuned_classifier_card(tmp_path):
     from neurolm_nb.shards import build_dataset, load_manifest, samples_dir_for
     from neurolm_nb.hub import CARD_NAME, from_pretrained, read_card, save_pretrained
     build_dataset("workload", samples_dir_for("workload"), tmp_path / "workload", seed=0)
-    card = labram_card(tmp_path / "workload", {"test": {"auroc": 0.61234, "n": 58}, "best_epoch": 2},
-                       {"select_metric": "auroc (the original: accuracy)"})
+    card = labram_card(tmp_path / "workload", {"test": {"roc_auc": 0.61234, "n": 58}, "best_epoch": 2},
+                       {"select_metric": "roc_auc (the original: accuracy)"})
     folder = save_pretrained(LaBraMClassifier(LaBraMConfig.tiny(), n_classes=1), tmp_path / "hub", card=card)
     text, facts = (folder / CARD_NAME).read_text(), read_card(folder)
-    assert "pipeline stage `labram`" in text and "| test.auroc | 0.6123 |" in text and "select_metric" in text
+    assert "pipeline stage `labram`" in text and "| test.roc_auc | 0.6123 |" in text and "select_metric" in text
     for split, d in load_manifest(tmp_path / "workload")["splits"].items():
         assert f"{split}: {d['n_windows']} windows of {len(d['subjects'])} subjects ({d['subjects'][0]}" in facts.data
-    assert facts.metrics == {"test.auroc": 0.6123, "test.n": 58, "best_epoch": 2}
+    assert facts.metrics == {"test.roc_auc": 0.6123, "test.n": 58, "best_epoch": 2}
     assert isinstance(from_pretrained(folder), LaBraMClassifier)
 
 
@@ -101,7 +103,7 @@ def test_finetune_weight_decay_end_and_ema_options(tmp_path):
     assert isinstance(ft.ema, ModelEMA) and ft.ema.decay == 0.5
     assert "model_ema" in load_checkpoint(ft.train_result.checkpoint)
     scores, labels = predict(ft.model, val)  # the returned weights are the judged ones: the EMA's
-    assert classification_metrics(labels, scores)[ft.select_metric] == ft.best_value
+    assert logit_metrics(labels, scores)[ft.select_metric] == ft.best_value
     if ft.best_epoch == 2:
         assert all(torch.equal(v, ft.ema.module.state_dict()[k]) for k, v in ft.model.state_dict().items())
     assert FinetuneConfig().weight_decay_end is None and FinetuneConfig().model_ema is False
@@ -111,13 +113,13 @@ def test_finetune_weight_decay_end_and_ema_options(tmp_path):
 
 
 # ---------------------------------------------------------------- metrics, gathering, drivers
-def test_classification_metrics():
+def test_stage_metrics_are_the_shared_ones():
+    "The stage scores logits with metrics.logit_metrics: the shared names, None where undefined."
     labels = np.array([0, 0, 0, 0, 1, 1])
-    r = classification_metrics(labels, np.array([[-2.0], [-1.0], [0.5], [-0.5], [1.0], [2.0]]))
-    assert math.isclose(r["balanced_accuracy"], 0.875) and r["auroc"] == 1.0 and math.isclose(r["accuracy"], 5 / 6)
-    r = classification_metrics(np.array([0, 1, 2, 2]), np.eye(3)[[0, 1, 2, 0]])
-    assert math.isclose(r["balanced_accuracy"], 2.5 / 3) and {"cohen_kappa", "f1_weighted"} <= set(r)
-    assert math.isnan(classification_metrics(np.array([1, 1]), np.array([[0.3], [0.2]]))["auroc"])
+    r = logit_metrics(labels, np.array([[-2.0], [-1.0], [0.5], [-0.5], [1.0], [2.0]]))
+    assert math.isclose(r["balanced_accuracy"], 0.875) and r["roc_auc"] == 1.0 and math.isclose(r["accuracy"], 5 / 6)
+    assert not hasattr(labram_training, "classification_metrics")  # one set of metric functions (issue #11)
+    assert logit_metrics(np.array([1, 1]), np.array([[0.3], [0.2]]))["roc_auc"] is None
 
 
 def toy_windows(n, seed=0, channels=("FP1", "FP2", "C3", "C4", "O1", "O2"), seconds=2):
@@ -189,7 +191,7 @@ def test_finetune_keeps_the_best_validation_epoch():
     values = [r["val_balanced_accuracy"] for r in ft.epochs]
     assert ft.best_value == max(values) and ft.best_epoch == 1 + values.index(max(values))
     scores, labels = predict(ft.model, val_set)
-    assert classification_metrics(labels, scores)["balanced_accuracy"] == ft.best_value  # the kept weights
+    assert logit_metrics(labels, scores)["balanced_accuracy"] == ft.best_value  # the kept weights
     with pytest.raises(ValueError, match="cohen_kappa"):
         finetune(model, train_set, val_set, FinetuneConfig(select_metric="cohen_kappa", device="cpu"))
 

@@ -214,3 +214,28 @@ def test_reconstruction_vs_mean_scores_a_perfect_and_a_mean_predictor():
         assert got[key]["tokenizer"] == 0.0
         # the mean of the same real tokens: its MSE is their (biased) variance; padding never enters
         assert abs(got[key]["mean target"] - real.var(0, unbiased=False).mean().item()) < 1e-6
+
+
+def test_linear_probe_scores_validation_subjects_of_labelled_datasets(smoke, sample_roots, tmp_path):
+    "The probe uses every labelled dataset (not the unlabelled pretraining corpus), fits on train, scores on val."
+    from neurolm_nb.shards import WindowDataset
+    from neurolm_nb.tokenizer_stage import labelled_datasets, linear_probe, probe_candidates
+    workload = next(r for r in sample_roots if r.name == "workload")
+    assert labelled_datasets(sample_roots) == [workload]
+    assert probe_candidates(None, ["pretrain"], sample_roots) == []       # named, but it has no classes
+    run_root = tmp_path / "run"
+    (run_root / "datasets").mkdir(parents=True)
+    for r in sample_roots:
+        (run_root / "datasets" / r.name).symlink_to(r, target_is_directory=True)
+    assert [p.name for p in probe_candidates(run_root, None, [])] == ["workload"]  # every labelled one of the run
+    run, result = smoke
+    untrained = build_vq(run, load_run_text(run)[0])
+    probes = {who: linear_probe(vq, workload, run.max_tokens, seed=0) for who, vq in
+              (("trained", load_tokenizer(result.tokenizer_path)), ("untrained", untrained))}
+    n_val = len(WindowDataset(workload, "val"))
+    for p in probes.values():
+        assert p["scored_on"] == "val" and p["n"] == n_val and p["train_windows"] == len(WindowDataset(workload, "train"))
+        assert 0 <= p["balanced_accuracy"] <= 1 and p["roc_auc"] is not None
+    assert probes["trained"] != probes["untrained"]  # two different encoders
+    capped = linear_probe(untrained, workload, run.max_tokens, seed=0, max_windows=20)
+    assert capped["n"] == 20 and capped["train_windows"] == 20
