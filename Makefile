@@ -167,4 +167,4 @@ $(INTEROP_STAMP):
 
 test-interop: $(INTEROP_STAMP)
 	@$(INTEROP_PY) -c 'from importlib.metadata import version as v; print(" ".join(p + " " + v(p) for p in ("torch", "torchaudio", "braindecode")))'
-	NEUROLM_REQUIRE_BRAINDECODE=1 $(INTEROP_PY) -m pytest tests/test_interop.py -p no:cacheprovider -rs -s $(PYTEST_ARGS)
+	NEUROLM_REQUIRE_BRAINDECODE=1 $(INTEROP_PY) -m pytest tests/test_interop.py tests/test_baselines.py -p no:cacheprovider -rs -s $(PYTEST_ARGS)

@@ -22,6 +22,7 @@ from .shards import WindowDataset
 from .instructions import (EEG_MAX_LEN, InstructionDataset, InstructionTask, collate_instructions,
                                      find_task_datasets, get_task, greedy_answers, load_text_tokenizer,
                                      score_options)
+from .metrics import _metric, label_metrics, prob_metrics
 from .neurolm import NeuroLM
 from .training import (cleanup_distributed, die_with_torchrun_agent, gather_objects, is_main_process, move_to_device,
                                  setup_distributed, world_info)
@@ -30,10 +31,11 @@ from .training import (cleanup_distributed, die_with_torchrun_agent, gather_obje
 __all__ = ['BINARY_METRICS', 'MULTICLASS_METRICS', 'PAPER_RESULTS', 'PAPER_NOTE', 'EEG_BANDS', 'BANDPOWER_C', 'RIEMANN_C',
            'FLOORS', 'STAT_COLUMNS', 'INSTRUCTED', 'task_metric_names', 'corrected_metrics', 'original_metrics',
            'greedy_metrics', 'confusion', 'predict_task', 'save_predictions', 'load_predictions', 'stage_predictions',
-           'task_metrics', 'band_power_features', 'split_features', 'floor_model', 'fit_floor', 'bandpower_baseline',
-           'braindecode_baseline', 'balanced_threshold', 'fast_bacc', 'fast_auroc', 'window_metrics',
-           'subject_bootstrap', 'run_statistics', 'statistics_table', 'plot_statistics', 'data_source', 'results_table',
-           'plot_confusions', 'EvalSetup', 'load_eval_model', 'run_evaluation', 'main']
+           'greedy_agreement', 'task_metrics', 'band_power_features', 'split_features', 'floor_model', 'fit_floor',
+           'bandpower_baseline', 'balanced_threshold', 'fast_bacc', 'fast_auroc', 'window_metrics', 'subject_bootstrap',
+           'run_statistics', 'statistics_table', 'plot_statistics', 'answers_path', 'floor_path', 'collect_run',
+           'cv_model_summary', 'cv_table', 'plot_cv', 'fold_roots', 'cv_summary', 'cv_main', 'data_source',
+           'results_table', 'plot_confusions', 'EvalSetup', 'load_eval_model', 'run_evaluation', 'main']
 
 # %% ../nbs/32_evaluation.ipynb #c006
 BINARY_METRICS = ("balanced_accuracy", "pr_auc", "roc_auc")
@@ -65,56 +67,24 @@ def task_metric_names(task: str | InstructionTask) -> tuple[str, ...]:
     return BINARY_METRICS if get_task(task).binary else MULTICLASS_METRICS
 
 # %% ../nbs/32_evaluation.ipynb #c009
-def _metric(fn, *args, **kwargs) -> float | None:
-    "A scikit-learn metric as a float, or None where it is undefined (one class only)."
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            value = float(fn(*args, **kwargs))
-        except ValueError:
-            return None
-    return value if np.isfinite(value) else None
-
-
-def _label_metrics(labels: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float | None]:
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score
-    classes = list(range(n_classes))
-    with_unparseable = classes + ([-1] if (pred < 0).any() else [])  # -1 disagrees with every class
-    return {"accuracy": _metric(accuracy_score, labels, pred),
-            "balanced_accuracy": _metric(balanced_accuracy_score, labels, pred),
-            "cohen_kappa": _metric(cohen_kappa_score, labels, pred, labels=with_unparseable),
-            "f1_weighted": _metric(f1_score, labels, pred, labels=classes, average="weighted", zero_division=0)}
-
-
-def _binary_scores(labels: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
-    from sklearn.metrics import average_precision_score, roc_auc_score
-    return {"roc_auc": _metric(roc_auc_score, labels, score), "pr_auc": _metric(average_precision_score, labels, score)}
-
-# %% ../nbs/32_evaluation.ipynb #c009a
 def corrected_metrics(labels, probs) -> dict[str, float | None]:
     "Metrics from option probabilities [n, K]: argmax predictions; binary AUROC / AUC-PR from P(class 1)."
-    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    out = _label_metrics(labels, probs.argmax(1), probs.shape[1])
-    if probs.shape[1] == 2:
-        out.update(_binary_scores(labels, probs[:, 1]))
-    return out
+    return prob_metrics(np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64))
 
-# %% ../nbs/32_evaluation.ipynb #c009ax1
+# %% ../nbs/32_evaluation.ipynb #c011
 def original_metrics(labels, parsed, n_classes: int) -> dict[str, float | None]:
     "Metrics of greedy parses as the original computes them: -1 -> last class (multi-class); binary: hard 1/0/-1 scores."
     labels, parsed = np.asarray(labels, dtype=np.int64), np.asarray(parsed, dtype=np.int64)
-    if n_classes == 2:
-        score = parsed.astype(np.float64)            # the original's "probability": the parsed answer itself
-        out = _label_metrics(labels, (score >= 0.5).astype(np.int64), 2)
-        out.update(_binary_scores(labels, score))
-        return out
-    return _label_metrics(labels, np.where(parsed < 0, n_classes - 1, parsed), n_classes)
+    if n_classes == 2:   # the original's "probability" is the parsed answer itself (1, 0 or -1), thresholded at 0.5
+        score = parsed.astype(np.float64)
+        return prob_metrics(labels, np.stack([1 - score, score], 1))   # argmax of [1-s, s] is (s >= 0.5)
+    return label_metrics(labels, np.where(parsed < 0, n_classes - 1, parsed), n_classes)
 
 
 def greedy_metrics(labels, parsed, n_classes: int) -> dict[str, float | None]:
     "Metrics of greedy parses where an unparseable answer (-1) is wrong, never a class."
     labels, parsed = np.asarray(labels, dtype=np.int64), np.asarray(parsed, dtype=np.int64)
-    out = _label_metrics(labels, parsed, n_classes)
+    out = label_metrics(labels, parsed, n_classes)
     recalls = [float(np.mean(parsed[labels == k] == k)) for k in range(n_classes) if (labels == k).any()]
     out["balanced_accuracy"] = float(np.mean(recalls)) if recalls else None  # -1 counts against the true class
     return out
@@ -129,7 +99,7 @@ def confusion(labels, pred, n_classes: int, unparseable_column: bool = False) ->
         out[y, p if p >= 0 else cols - 1] += 1
     return out.tolist()
 
-# %% ../nbs/32_evaluation.ipynb #c013
+# %% ../nbs/32_evaluation.ipynb #c015
 @torch.no_grad()
 def predict_task(lm: NeuroLM, dataset: InstructionDataset, tokenizer, batch_size: int = 16, max_new_tokens: int = 5,
                  original_mask_quirk: bool = True, indices: Sequence[int] | None = None,
@@ -166,7 +136,7 @@ def predict_task(lm: NeuroLM, dataset: InstructionDataset, tokenizer, batch_size
     back = np.argsort(out["index"], kind="stable")
     return {k: v[back] for k, v in out.items()}
 
-# %% ../nbs/32_evaluation.ipynb #c013a
+# %% ../nbs/32_evaluation.ipynb #c017
 def save_predictions(pred: Mapping[str, np.ndarray], task: str | InstructionTask, path: str | Path) -> Path:
     "Write one task's predictions as .npz (labels, probs, greedy_pred, loglik, index, answers, classes), atomically."
     import io
@@ -194,7 +164,16 @@ def stage_predictions(folder: str | Path, split: str) -> dict[str, np.ndarray] |
         raise ValueError(f"{path} lacks {missing}; save_predictions({{'labels', 'probs', 'subjects', ...}}, task, path) writes them")
     return pred
 
-# %% ../nbs/32_evaluation.ipynb #c015
+# %% ../nbs/32_evaluation.ipynb #c020
+def greedy_agreement(pred: Mapping[str, np.ndarray]) -> dict[str, float | int | None]:
+    "Share of windows whose greedy answer equals the option-scoring argmax: 'all' (unparseable disagrees), 'parseable'."
+    parsed, option = np.asarray(pred["greedy_pred"], dtype=np.int64), np.asarray(pred["probs"]).argmax(1)
+    ok = parsed >= 0
+    return {"all": float(np.mean(parsed == option)) if len(parsed) else None,
+            "parseable": float(np.mean(parsed[ok] == option[ok])) if ok.any() else None,
+            "unparseable_rate": float(np.mean(~ok)) if len(parsed) else None, "n": int(len(parsed))}
+
+# %% ../nbs/32_evaluation.ipynb #c023
 def task_metrics(pred: Mapping[str, np.ndarray], task: str | InstructionTask) -> dict[str, Any]:
     "One task's results: corrected (option scores), original (greedy, as the original scores it), greedy, unparseable rate, confusions."
     task = get_task(task)
@@ -207,12 +186,13 @@ def task_metrics(pred: Mapping[str, np.ndarray], task: str | InstructionTask) ->
             "metrics": list(task_metric_names(task)),
             "corrected": corrected, "original": original, "greedy": greedy_metrics(labels, parsed, K),
             "unparseable_rate": float(np.mean(parsed < 0)) if len(parsed) else None,
+            "greedy_agreement": greedy_agreement(pred),
             "confusion": confusion(labels, probs.argmax(1) if len(probs) else probs, K),
             "confusion_original": confusion(labels, original_pred, K),
             "confusion_greedy": confusion(labels, parsed, K, unparseable_column=True),
             "paper": PAPER_RESULTS["NeuroLM"].get(task.name, {})}
 
-# %% ../nbs/32_evaluation.ipynb #c018
+# %% ../nbs/32_evaluation.ipynb #c026
 EEG_BANDS = {"delta": (1.0, 4.0), "theta": (4.0, 8.0), "alpha": (8.0, 13.0), "beta": (13.0, 30.0), "gamma": (30.0, 45.0)}
 BANDPOWER_C = 0.1  # fixed inverse regularisation of the band-power floor (see the prose above)
 RIEMANN_C = 1.0    # fixed inverse regularisation of the tangent-space floor
@@ -232,7 +212,7 @@ def band_power_features(x: np.ndarray, sfreq: float = 200.0, bands: Mapping[str,
         cols.append(power[..., keep].mean(-1))
     return np.log(np.stack(cols, -1) + 1e-12).reshape(len(x), -1)
 
-# %% ../nbs/32_evaluation.ipynb #c018a
+# %% ../nbs/32_evaluation.ipynb #c028
 def split_features(root: str | Path, split: str, task: str | InstructionTask, kind: str = "bandpower",
                    chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "(features, task labels, subjects) of one split, read in chunks; `kind`: 'bandpower' [n, C·5] or 'riemann' (OAS covariances [n, C, C])."
@@ -254,7 +234,7 @@ def split_features(root: str | Path, split: str, task: str | InstructionTask, ki
     labels = task.label_map(windows.classes)[np.asarray(windows.labels, dtype=np.int64)]
     return np.concatenate(feats), labels, np.asarray(windows.subjects, dtype=np.str_)
 
-# %% ../nbs/32_evaluation.ipynb #c018aa
+# %% ../nbs/32_evaluation.ipynb #c029
 def floor_model(kind: str = "bandpower"):
     "The unfitted scikit-learn pipeline of a floor (fixed C, deterministic solver)."
     from sklearn.linear_model import LogisticRegression
@@ -265,7 +245,7 @@ def floor_model(kind: str = "bandpower"):
     from pyriemann.tangentspace import TangentSpace
     return make_pipeline(TangentSpace(metric="riemann"), LogisticRegression(C=RIEMANN_C, max_iter=5000))
 
-# %% ../nbs/32_evaluation.ipynb #c018b
+# %% ../nbs/32_evaluation.ipynb #c031
 def fit_floor(root: str | Path, task: str | InstructionTask, kind: str = "bandpower",
               splits: Sequence[str] = ("val", "test")) -> dict[str, Any]:
     "Fit a floor on train; {'model', 'C', 'n_train', 'predictions': {split: {labels, probs, subjects}}} or {'skipped': why}."
@@ -286,7 +266,7 @@ def fit_floor(root: str | Path, task: str | InstructionTask, kind: str = "bandpo
     return {"model": FLOORS[kind], "C": BANDPOWER_C if kind == "bandpower" else RIEMANN_C, "n_train": int(len(ytr)),
             "predictions": preds}
 
-# %% ../nbs/32_evaluation.ipynb #c018ba
+# %% ../nbs/32_evaluation.ipynb #c033
 def bandpower_baseline(root: str | Path, task: str | InstructionTask, test_split: str = "test",
                        kind: str = "bandpower") -> dict[str, Any]:
     "A floor's `metrics.json` entry: fitted on train, scored on `test_split` with corrected_metrics (+ confusion)."
@@ -301,16 +281,7 @@ def bandpower_baseline(root: str | Path, task: str | InstructionTask, test_split
             **corrected_metrics(test["labels"], test["probs"]),
             "confusion": confusion(test["labels"], test["probs"].argmax(1), task.n_classes)}
 
-# %% ../nbs/32_evaluation.ipynb #c018c
-def braindecode_baseline(root: str | Path, task: str | InstructionTask, model: str = "ShallowFBCSPNet") -> dict[str, Any]:
-    "Hook for deep baselines (braindecode ShallowFBCSPNet / EEGNet): {'skipped': why} while braindecode cannot be imported."
-    try:
-        import braindecode  # noqa: F401
-    except Exception as e:  # ImportError, or a torchaudio built for another torch
-        return {"skipped": f"braindecode {model} not run: braindecode cannot be imported ({type(e).__name__}: {e})"[:300]}
-    return {"skipped": f"braindecode {model} not run: not implemented yet (braindecode imports; fit it on the same splits)"}
-
-# %% ../nbs/32_evaluation.ipynb #c021
+# %% ../nbs/32_evaluation.ipynb #c037
 def _positive(probs: np.ndarray) -> np.ndarray:
     return np.asarray(probs, dtype=np.float64)[:, 1]
 
@@ -343,7 +314,7 @@ def fast_bacc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     pred, present = probs.argmax(1), np.unique(labels)
     return float(np.mean([np.mean(pred[labels == k] == k) for k in present])) if len(present) else None
 
-# %% ../nbs/32_evaluation.ipynb #c021a
+# %% ../nbs/32_evaluation.ipynb #c039
 def fast_auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     "AUROC from ranks (Mann-Whitney U, scipy.stats.rankdata); one-vs-rest macro for K > 2; None when a class is missing."
     from scipy.stats import rankdata
@@ -365,7 +336,7 @@ def window_metrics(labels, probs, threshold: float | None = None) -> dict[str, f
     return {"balanced_accuracy": _bacc(labels, probs.argmax(1)), "balanced_accuracy_val_threshold": thr,
             "roc_auc": _auroc(labels, probs)}
 
-# %% ../nbs/32_evaluation.ipynb #c021b
+# %% ../nbs/32_evaluation.ipynb #c041
 def subject_bootstrap(statistic, runs: Sequence[Mapping], n_boot: int = 2000, seed: int = 0,
                       level: float = 0.95) -> tuple[float | None, float | None]:
     "Percentile interval of mean_k statistic(labels_k, probs_k) over test subjects resampled with replacement (one set of subjects for every run k)."
@@ -386,7 +357,7 @@ def subject_bootstrap(statistic, runs: Sequence[Mapping], n_boot: int = 2000, se
     lo, hi = np.percentile(values, [50 * (1 - level), 100 - 50 * (1 - level)])
     return float(lo), float(hi)
 
-# %% ../nbs/32_evaluation.ipynb #c021c
+# %% ../nbs/32_evaluation.ipynb #c043
 def run_statistics(test_runs: Sequence[Mapping], val_runs: Sequence[Mapping | None] | None = None,
                    n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     "Per-seed metrics, mean ± sd (ddof=1) over seeds and subject-bootstrap 95 % intervals; runs: {labels, probs, subjects} per seed."
@@ -414,7 +385,7 @@ def run_statistics(test_runs: Sequence[Mapping], val_runs: Sequence[Mapping | No
         out["ci95"][m] = subject_bootstrap(fast_auroc if m == "roc_auc" else fast_bacc, runs, n_boot, seed)
     return out
 
-# %% ../nbs/32_evaluation.ipynb #c023
+# %% ../nbs/32_evaluation.ipynb #c046
 STAT_COLUMNS = ("balanced_accuracy", "balanced_accuracy_val_threshold", "roc_auc")
 
 
@@ -430,26 +401,31 @@ def _ci(stats: Mapping, m: str) -> str:
     ci = stats["ci95"].get(m)
     return "–" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
-# %% ../nbs/32_evaluation.ipynb #c023a
+# %% ../nbs/32_evaluation.ipynb #c048
 def statistics_table(stats: Mapping[str, Mapping[str, Mapping]]) -> str:
     "Markdown: a row per task and model with seeds, test subjects, chance and each metric's mean ± sd (n) and subject-bootstrap 95 % CI."
     head = ["task", "model", "seeds", "test subjects (windows)", "chance", "bal. acc. (argmax)", "95 % CI",
             "bal. acc. (val threshold)", "95 % CI", "AUROC", "95 % CI"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines, notes = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], {}
     for task, models in stats.items():
-        for j, (model, s) in enumerate(models.items()):
+        ran = [(model, s) for model, s in models.items() if "skipped" not in s]
+        for model, s in models.items():
+            if "skipped" in s:      # a model that did not run: one note below the table, whatever the tasks
+                notes.setdefault((model, s["skipped"]), []).append(get_task(task).title)
+        for j, (model, s) in enumerate(ran):
             name = get_task(task).title if j == 0 else ""
-            if "skipped" in s:
-                lines.append(f"| {name} | {model} | – | – | – | not run: {s['skipped']} |" + " – |" * 5)
-                continue
             thr = {"no val scores": "n/a (no val scores)", "multi-class": "n/a (multi-class)"}.get(s["threshold_source"])
             lines.append(f"| {name} | {model} | {s['n_seeds']} | {s['n_subjects']} ({s['n_windows']}) | "
                          f"{s['chance']['balanced_accuracy']:.3f} | {_pm(s, 'balanced_accuracy')} | {_ci(s, 'balanced_accuracy')} | "
                          f"{thr or _pm(s, 'balanced_accuracy_val_threshold')} | {'–' if thr else _ci(s, 'balanced_accuracy_val_threshold')} | "
                          f"{_pm(s, 'roc_auc')} | {_ci(s, 'roc_auc')} |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {model} not run: {why}" + (f" ({', '.join(tasks)})" if len(stats) > 1 else "")
+                                 for (model, why), tasks in notes.items()) + "\n"
+    return text
 
-# %% ../nbs/32_evaluation.ipynb #c023ax1
+# %% ../nbs/32_evaluation.ipynb #c050
 def plot_statistics(stats: Mapping[str, Mapping[str, Mapping]], metric: str = "balanced_accuracy"):
     "Per task, every model's `metric` (seed mean, dots: single seeds) with its subject-bootstrap 95 % interval and chance."
     import matplotlib.pyplot as plt
@@ -471,7 +447,216 @@ def plot_statistics(stats: Mapping[str, Mapping[str, Mapping]], metric: str = "b
     fig.tight_layout()
     return fig
 
-# %% ../nbs/32_evaluation.ipynb #c028
+# %% ../nbs/32_evaluation.ipynb #c053
+def answers_path(eval_dir: str | Path, seed: int | None, task: str, split: str | None = None) -> Path:
+    "Where the evaluation stage saved one seed's answers: test split (split=None) or `split` (the validation answers)."
+    base = Path(eval_dir) if seed is None else Path(eval_dir) / f"seed{seed}"
+    return (base if split is None else base / split) / "predictions" / f"{task}.npz"
+
+
+def floor_path(eval_dir: str | Path, kind: str, split: str, task: str) -> Path:
+    "Where the evaluation stage saves a floor's predictions of one split."
+    return Path(eval_dir) / "floors" / kind / split / f"{task}.npz"
+
+
+def _load_if(path: Path) -> dict | None:
+    return load_predictions(path) if path.exists() else None
+
+# %% ../nbs/32_evaluation.ipynb #c055
+def _floor_runs(run_root: Path, ev: Path, task: str, split: str, val_split: str | None) -> dict[str, list]:
+    "Each floor's [{seed: None, test, val}] of one run: the saved predictions, else fitted again on datasets/<task>."
+    out, saved = {}, sorted(p.name for p in (ev / "floors").glob("*") if p.is_dir() and p.name not in FLOORS)
+    for kind, name in [*FLOORS.items(), *((k, f"{k} (braindecode)") for k in saved)]:   # + deep baselines, saved only
+        test = _load_if(floor_path(ev, kind, split, task))
+        val = _load_if(floor_path(ev, kind, val_split, task)) if val_split else None
+        if test is None and kind in FLOORS and (run_root / "datasets" / task / "index.json").exists():
+            try:
+                fit = fit_floor(run_root / "datasets" / task, task, kind, (val_split, split) if val_split else (split,))
+            except ImportError:                      # pyriemann missing: that floor is left out
+                continue
+            test, val = fit.get("predictions", {}).get(split), fit.get("predictions", {}).get(val_split)
+        if test is not None and len(test["labels"]):
+            out[name] = [{"seed": None, "test": test, "val": val}]
+    return out
+
+# %% ../nbs/32_evaluation.ipynb #c056
+def collect_run(run_root: str | Path, task: str = "workload") -> dict[str, list[dict]]:
+    "model -> [{'seed', 'test': {labels, probs, subjects}, 'val': ... | None}] of one evaluated pipeline run (a fold)."
+    run_root = Path(run_root)
+    ev = run_root / "evaluation"
+    if not (ev / "metrics.json").exists():
+        raise FileNotFoundError(f"{ev / 'metrics.json'} does not exist: run the evaluation stage of {run_root} first")
+    info = load_json(ev / "metrics.json")
+    split, val_split = info.get("split", "test"), info.get("val_split")
+    models = {"NeuroLM (option scores)": [], "LaBraM": []}
+    for k in info.get("seeds") or [None]:
+        test = _load_if(answers_path(ev, k, task))
+        if test is not None:
+            val = _load_if(answers_path(ev, k, task, val_split)) if val_split and val_split != split else None
+            models["NeuroLM (option scores)"].append({"seed": k, "test": test, "val": val})
+        labram = (run_root / f"seed{k}" if k is not None else run_root) / "labram"
+        if stage_predictions(labram, split) is not None:
+            models["LaBraM"].append({"seed": k, "test": stage_predictions(labram, split),
+                                     "val": stage_predictions(labram, "val")})
+    models.update(_floor_runs(run_root, ev, task, split, val_split))
+    return {m: runs for m, runs in models.items() if runs}
+
+# %% ../nbs/32_evaluation.ipynb #c059
+def _thresholded(run: Mapping, t: float) -> dict:
+    "The run's decisions at threshold t on P(positive), as one-hot 'probs'."
+    p = _positive(run["probs"])
+    return {**run, "probs": np.stack([p < t, p >= t], 1).astype(float)}
+
+
+def _pool(parts: Sequence[Mapping]) -> dict:
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in ("labels", "probs", "subjects")}
+
+
+def _mean_sd(values: Sequence) -> tuple[float | None, float | None]:
+    if not values or any(v is None for v in values):
+        return None, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+def _fold_thresholds(rows: Sequence[Mapping], fold_runs: Sequence, j: int) -> list[float | None]:
+    "The threshold of the j-th run of each fold (None for a fold without runs)."
+    by_fold = {}
+    for r in rows:
+        by_fold.setdefault(r["fold"], []).append(r["threshold"])
+    return [by_fold[f][j] if f in by_fold else None for f in range(len(fold_runs))]
+
+# %% ../nbs/32_evaluation.ipynb #c061
+def cv_model_summary(fold_runs: Sequence[Sequence[Mapping]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    "One model over folds: fold_runs[f] = that fold's runs [{seed, test, val}]; per-run metrics, mean ± sd, pooled CI."
+    K = np.asarray(next(r for f in fold_runs for r in f)["test"]["probs"]).shape[1]
+    rows = []
+    for f, runs in enumerate(fold_runs):
+        for r in runs:
+            val = r.get("val")
+            t = balanced_threshold(val["labels"], _positive(val["probs"])) if val is not None and K == 2 and len(val["labels"]) else None
+            rows.append({"fold": f, "seed": r["seed"], "threshold": t, "n_windows": int(len(r["test"]["labels"])),
+                         "n_subjects": int(len(set(map(str, r["test"]["subjects"])))),
+                         **window_metrics(r["test"]["labels"], r["test"]["probs"], t)})
+    out = {"n_runs": len(rows), "n_folds": sum(1 for f in fold_runs if f), "runs": rows, "mean": {}, "sd": {}, "ci95": {},
+           "pooled": {}, "chance": {"balanced_accuracy": 1 / K, "roc_auc": 0.5}, "n_boot": n_boot}
+    n_pooled = min(len(f) for f in fold_runs if f)       # the j-th seed of every fold, pooled over folds
+    for m in STAT_COLUMNS:
+        out["mean"][m], out["sd"][m] = _mean_sd([r[m] for r in rows])
+        pooled = []
+        for j in range(n_pooled):
+            parts = [(f[j]["test"], rows_t) for f, rows_t in zip(fold_runs, _fold_thresholds(rows, fold_runs, j)) if f]
+            if m == "balanced_accuracy_val_threshold":
+                if any(t is None for _, t in parts):
+                    pooled = []
+                    break
+                parts = [(_thresholded(p, t), t) for p, t in parts]
+            pooled.append(_pool([p for p, _ in parts]))
+        stat = fast_auroc if m == "roc_auc" else fast_bacc
+        out["pooled"][m] = float(np.mean([stat(np.asarray(p["labels"]), np.asarray(p["probs"])) for p in pooled])) if pooled else None
+        out["ci95"][m] = subject_bootstrap(stat, pooled, n_boot, seed) if pooled else None
+    out["n_subjects"] = int(len(set(map(str, _pool([f[0]["test"] for f in fold_runs if f])["subjects"]))))
+    out["n_windows"] = int(sum(len(f[0]["test"]["labels"]) for f in fold_runs if f))
+    return out
+
+# %% ../nbs/32_evaluation.ipynb #c064
+def cv_table(summary: Mapping[str, Mapping], task: str = "workload") -> str:
+    "Markdown: per model, runs, subjects, chance, and each metric's mean ± sd over runs with the pooled-subject 95 % CI."
+    head = ["model", "runs (folds)", "test subjects (windows)", "chance", "bal. acc. (argmax)", "pooled [95 % CI]",
+            "bal. acc. (val threshold)", "pooled [95 % CI]", "AUROC", "pooled [95 % CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, s in summary.items():
+        cells = [model, f"{s['n_runs']} ({s['n_folds']})", f"{s['n_subjects']} ({s['n_windows']})",
+                 f"{s['chance']['balanced_accuracy']:.3f}"]
+        for m in STAT_COLUMNS:
+            mean, sd, pooled, ci = s["mean"][m], s["sd"][m], s["pooled"][m], s["ci95"][m]
+            cells.append("–" if mean is None else f"{mean:.3f}" + ("" if sd is None else f" ± {sd:.3f}"))
+            cells.append("–" if pooled is None else f"{pooled:.3f}" + ("" if not ci or ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_cv(summary: Mapping[str, Mapping], task: str = "workload"):
+    "Per model: every (fold, seed) run (dots), their mean (diamond) and the pooled-subject 95 % CI (bar); chance dotted."
+    import matplotlib.pyplot as plt
+    models = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.8 + 0.5 * len(models)), squeeze=False)
+    for ax, m in zip(axes[0], ("balanced_accuracy", "roc_auc")):
+        for y, model in enumerate(models):
+            s = summary[model]
+            ci = s["ci95"][m] if s["ci95"][m] and s["ci95"][m][0] is not None else (np.nan, np.nan)
+            ax.plot(ci, [y, y], color="C0", lw=3, alpha=0.5)
+            ax.plot([r[m] for r in s["runs"] if r[m] is not None], [y] * sum(r[m] is not None for r in s["runs"]), "o",
+                    color="black", ms=4, alpha=0.7)
+            if s["mean"][m] is not None:
+                ax.plot(s["mean"][m], y, "D", color="C3")
+        ax.axvline(summary[models[0]]["chance"][m] if models else 0.5, color="grey", ls=":")
+        ax.set_yticks(range(len(models)), models, fontsize=8); ax.set_xlim(0, 1)
+        ax.set_xlabel(m.replace("_", " "), fontsize=8)
+    fig.suptitle(f"{get_task(task).title}, cross-validation: runs (dots), mean (diamond), pooled-subject 95 % CI (bar)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/32_evaluation.ipynb #c066
+def fold_roots(profile_root: str | Path) -> list[Path]:
+    "The fold<k>/ run roots of a cross-validated profile, in fold order."
+    roots = [p for p in Path(profile_root).glob("fold*") if p.is_dir() and p.name[4:].isdigit()]
+    if not roots:
+        raise FileNotFoundError(f"no fold<k>/ folders under {profile_root}: run the pipeline with --folds K, or name the runs (--runs)")
+    return sorted(roots, key=lambda p: int(p.name[4:]))
+
+
+def cv_summary(profile_root: str | Path | None = None, runs: Sequence[str | Path] | None = None,
+               out_dir: str | Path | None = None, task: str = "workload", n_boot: int = 2000, seed: int = 0) -> dict:
+    "Summarise evaluated runs (the folds of `profile_root`, or `runs`) into out_dir: cv_results.md, cv_metrics.json, figures/."
+    import matplotlib.pyplot as plt
+    from neurolm_nb.core import save_fig
+    if runs is None and profile_root is None:
+        raise ValueError("cv_summary needs profile_root (runs/<profile> with fold<k>/) or runs (run roots)")
+    runs = [Path(r) for r in (runs if runs is not None else fold_roots(profile_root))]
+    out = Path(out_dir) if out_dir else Path(profile_root) if profile_root else None
+    if out is None:
+        raise ValueError("cv_summary(runs=...) needs out_dir: where cv_results.md goes")
+    collected = [collect_run(r, task) for r in runs]
+    models = list(dict.fromkeys(m for c in collected for m in c))
+    summary = {m: cv_model_summary([c.get(m, []) for c in collected], n_boot, seed) for m in models}
+    missing = {m: [str(r) for r, c in zip(runs, collected) if m not in c] for m in models}
+    record = {"task": task, "runs": [str(r) for r in runs], "models": summary, "missing": missing, "n_boot": n_boot, "seed": seed}
+    save_json(record, out / "cv_metrics.json")
+    notes = "".join(f"- {m}: no predictions in {', '.join(w)}\n" for m, w in missing.items() if w)
+    atomic_write_bytes(out / "cv_results.md", (
+        f"# Cross-validation ({get_task(task).title}, {len(runs)} runs)\n\nRuns: " + ", ".join(f"`{r}`" for r in runs) +
+        ".\n\nMean ± sd over every (fold, seed) run (ddof = 1); the balanced accuracy at the threshold on P(positive) chosen "
+        "on each fold's validation subjects; *pooled*: the metric on the test windows of all folds together (each "
+        f"subject tested in one fold), with the percentile interval of {n_boot} resamples of those subjects. Chance: "
+        "1/K for balanced accuracy, 0.5 for AUROC.\n\n" + cv_table(summary, task) + ("\n" + notes if notes else "")).encode("utf-8"))
+    fig = plot_cv(summary, task)
+    save_fig(fig, out / "figures" / "cv_summary")
+    plt.close(fig)
+    files = {"results": str(out / "cv_results.md"), "metrics": str(out / "cv_metrics.json"),
+             "figure": str(out / "figures" / "cv_summary.png")}
+    return {**record, "files": files}
+
+# %% ../nbs/32_evaluation.ipynb #c069
+def cv_main(argv: Sequence[str]) -> int:
+    "`python -m neurolm_nb.evaluation cv-summary [runs/<profile>] [--runs A B ...] [--out DIR]`."
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m neurolm_nb.evaluation cv-summary",
+                                     description="Cross-validation summary of evaluated pipeline runs (folds).")
+    parser.add_argument("profile_root", nargs="?", default=None, help="runs/<profile> holding fold<k>/ run roots")
+    parser.add_argument("--runs", nargs="+", default=None, help="run roots to summarise instead (each with evaluation/)")
+    parser.add_argument("--out", default=None, help="output folder (default: profile_root)")
+    parser.add_argument("--task", default="workload")
+    parser.add_argument("--n-boot", type=int, default=2000)
+    args = parser.parse_args(list(argv))
+    try:
+        done = cv_summary(args.profile_root, args.runs, args.out, args.task, args.n_boot)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(cv_table(done["models"], args.task))
+    print("\n".join(f"{k}: {v}" for k, v in done["files"].items()))
+    return 0
+
+# %% ../nbs/32_evaluation.ipynb #c072
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:.4f}"
 
@@ -501,7 +686,7 @@ def results_table(metrics: Mapping) -> str:
                          f"{unparseable if first else ''} | {r.get('data', '–') if first else ''} |")
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/32_evaluation.ipynb #c028a
+# %% ../nbs/32_evaluation.ipynb #c074
 def plot_confusions(results: Mapping, key: str = "confusion", title: str = "option scoring"):
     "One confusion matrix per task (colour: fraction of the true class; '?' column: unparseable)."
     import matplotlib.pyplot as plt
@@ -523,7 +708,7 @@ def plot_confusions(results: Mapping, key: str = "confusion", title: str = "opti
     fig.tight_layout()
     return fig
 
-# %% ../nbs/32_evaluation.ipynb #c031
+# %% ../nbs/32_evaluation.ipynb #c077
 INSTRUCTED = Path("instruct") / "neurolm.pt"  # relative to run_root; written by 31_instruction_tuning
 
 
@@ -545,7 +730,7 @@ class EvalSetup:
     device: str = "auto"
     dtype: str = "auto"
 
-# %% ../nbs/32_evaluation.ipynb #c031a
+# %% ../nbs/32_evaluation.ipynb #c079
 def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
     "(model, text tokenizer spec, checkpoint path) of `setup`: a checkpoint file or a save_pretrained folder."
     from neurolm_nb.instruction_tuning import load_start_model
@@ -556,7 +741,7 @@ def load_eval_model(setup: EvalSetup) -> tuple[NeuroLM, str, str]:
     lm, tokenizer_spec = load_start_model(path)  # a folder is read with hub.from_pretrained, never unpickled
     return lm, setup.text_tokenizer or tokenizer_spec, str(path)
 
-# %% ../nbs/32_evaluation.ipynb #c031ax1
+# %% ../nbs/32_evaluation.ipynb #c081
 def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
     "Predictions of every task (on every rank); rank 0 writes predictions/<task>.npz and eval_info.json."
     from neurolm_nb.instruction_tuning import spread_indices
@@ -590,13 +775,16 @@ def run_evaluation(setup: EvalSetup) -> dict[str, dict[str, np.ndarray]]:
         save_json({**info, "setup": asdict(setup)}, Path(setup.out_dir) / "eval_info.json")
     return results
 
-# %% ../nbs/32_evaluation.ipynb #c031b
+# %% ../nbs/32_evaluation.ipynb #c084
 def main(argv: Sequence[str] | None = None) -> int:
-    "`python -m neurolm_nb.evaluation --config eval.json`: predictions of every task, alone or under torchrun."
+    "`python -m neurolm_nb.evaluation --config eval.json` (answers, alone or under torchrun) or `... cv-summary ...`."
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["cv-summary"]:
+        return cv_main(argv[1:])
     die_with_torchrun_agent()  # a torchrun worker dies with its agent (and so with the runner)
     parser = launch_parser("neurolm_nb.evaluation", "Answer every test question with an instruction-tuned NeuroLM "
                            "(greedy + option scoring); alone or under torchrun. The launch file holds 'setup' (EvalSetup).")
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    args = parser.parse_args(argv)
     (setup,) = read_launch_config(args.config, setup=EvalSetup)
     try:
         results = run_evaluation(setup)

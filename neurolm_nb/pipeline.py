@@ -10,6 +10,7 @@ import ast
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -28,12 +29,14 @@ from .core import atomic_write_bytes, in_notebook, load_yaml, project_root, run_
 from .core import save_yaml, to_jsonable
 
 # %% auto #0
-__all__ = ['STAGES', 'RESERVED_PARAMETERS', 'SEEDED_STAGES', 'SPLIT_PARAMETERS', 'PROFILE_SECTIONS', 'STAGE_INPUTS',
-           'PAPERMILL_TAGS', 'ProfileError', 'StageError', 'profiles_dir', 'profile_names', 'load_profile',
-           'expand_placeholders', 'notebook_parameters', 'check_parameter_type', 'resolve_parameters', 'write_notebook',
-           'kernel_guard_lines', 'run_notebook', 'missing_inputs', 'run_folder_lock', 'read_record', 'notebook_digest',
-           'stage_is_done', 'resumable', 'clear_stage', 'stage_environment', 'seed_list', 'route_subjects',
-           'plan_stages', 'run_pipeline', 'strip_outputs', 'list_stages', 'main']
+__all__ = ['STAGES', 'RESERVED_PARAMETERS', 'SEEDED_STAGES', 'SPLIT_PARAMETERS', 'RUNNER_PARAMETERS', 'PROFILE_SECTIONS',
+           'STAGE_INPUTS', 'PAPERMILL_TAGS', 'ProfileError', 'StageError', 'profiles_dir', 'profile_names',
+           'load_profile', 'expand_placeholders', 'notebook_parameters', 'check_parameter_type', 'resolve_parameters',
+           'write_notebook', 'kernel_guard_lines', 'declared_parameters_quiet', 'run_notebook', 'missing_inputs',
+           'run_folder_lock', 'read_record', 'notebook_digest', 'stage_is_done', 'resumable', 'clear_stage',
+           'stage_environment', 'seed_list', 'parse_subjects', 'override_subjects', 'route_subjects', 'plan_stages',
+           'run_pipeline', 'cv_folds', 'cv_dataset', 'cv_subjects', 'fold_list', 'run_cv', 'strip_outputs',
+           'list_stages', 'cli_parser', 'main']
 
 # %% ../nbs/50_pipeline.ipynb #c006
 STAGES: dict[str, str] = {
@@ -55,6 +58,7 @@ RESERVED_PARAMETERS = ("out_dir", "run_root")  # set by the runner, never by a p
 # Every stage notebook declares `seed` (data stages use it for splits and sampling), so the list is explicit.
 SEEDED_STAGES = ("tokenizer", "labram", "pretrain", "instruct")
 SPLIT_PARAMETERS = ("val_subjects", "test_subjects")  # profile params the runner routes to the datasets stage
+RUNNER_PARAMETERS = ("seeds", *SPLIT_PARAMETERS, "folds", "fold")  # profile params the runner itself reads
 
 
 class ProfileError(ValueError):
@@ -308,6 +312,31 @@ def kernel_guard_lines(parent_pid: int | None = None) -> list[str]:
             f"__import__('os').getppid() == {pid} or __import__('os')._exit(1)"]  # the runner died first
 
 # %% ../nbs/50_pipeline.ipynb #c038
+class _DeclaredParameters(logging.Filter):
+    "Drops papermill's 'Passed unknown parameter: x' when `x` is among `declared`."
+    prefix = "Passed unknown parameter: "
+
+    def __init__(self, declared: Iterable[str]):
+        super().__init__()
+        self.declared = set(declared)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.prefix) and message[len(self.prefix):] in self.declared)
+
+
+@contextmanager
+def declared_parameters_quiet(notebook: str | Path):
+    "While papermill runs `notebook`: no 'unknown parameter' warning for the parameters it declares."
+    keep = _DeclaredParameters(notebook_parameters(notebook))
+    logger = logging.getLogger("papermill")
+    logger.addFilter(keep)
+    try:
+        yield keep
+    finally:
+        logger.removeFilter(keep)
+
+# %% ../nbs/50_pipeline.ipynb #c041
 def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | None = None,
                  kernel: str = "python3", cwd: str | Path | None = None, log_output: bool = False,
                  stage: str | None = None, timeout: float | None = None) -> float:
@@ -320,15 +349,16 @@ def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | No
     label = f"stage {stage!r} ({notebook.name})" if stage else notebook.name
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(notebook), str(output), parameters=parameters or {},
-                                   kernel_name=kernel, cwd=str(cwd or notebook.parent),
-                                   log_output=log_output, progress_bar=False, execution_timeout=timeout,
-                                   # ipykernel's own log: a TCP notice at start-up, and "KeyboardInterrupt caught
-                                   # in kernel" at ERROR level whenever the SIGINT that jupyter_client always sends
-                                   # before a shutdown lands while the kernel is idle. Neither is a failure (cell
-                                   # errors and dead kernels reach us through nbclient), so only CRITICAL shows.
-                                   extra_arguments=["--IPKernelApp.log_level=CRITICAL"]
-                                   + [f"--IPKernelApp.exec_lines={line}" for line in kernel_guard_lines()])
+        with declared_parameters_quiet(notebook):
+            papermill.execute_notebook(str(notebook), str(output), parameters=parameters or {},
+                                       kernel_name=kernel, cwd=str(cwd or notebook.parent),
+                                       log_output=log_output, progress_bar=False, execution_timeout=timeout,
+                                       # ipykernel's own log: a TCP notice at start-up, and "KeyboardInterrupt caught
+                                       # in kernel" at ERROR level whenever the SIGINT that jupyter_client always sends
+                                       # before a shutdown lands while the kernel is idle. Neither is a failure (cell
+                                       # errors and dead kernels reach us through nbclient), so only CRITICAL shows.
+                                       extra_arguments=["--IPKernelApp.log_level=CRITICAL"]
+                                       + [f"--IPKernelApp.exec_lines={line}" for line in kernel_guard_lines()])
     except papermill.PapermillExecutionError as e:
         position, first_line = _failing_cell(output, e.cell_index)
         tail = _ANSI.sub("", "\n".join(e.traceback)).strip().splitlines()[-12:]
@@ -344,7 +374,7 @@ def run_notebook(notebook: str | Path, output: str | Path, parameters: dict | No
                          f"  executed notebook (if any): {output}", stage, str(notebook), str(output)) from e
     return time.perf_counter() - start
 
-# %% ../nbs/50_pipeline.ipynb #c041
+# %% ../nbs/50_pipeline.ipynb #c044
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -366,7 +396,7 @@ def _select_stages(prof: dict, stages: str | Iterable[str] | None, registry: dic
                            + (f" (pending: {list(prof['pending'])})" if prof["pending"] else ""))
     return [s for s in registry if s in chosen]  # pipeline order, whatever order they were asked in
 
-# %% ../nbs/50_pipeline.ipynb #c044
+# %% ../nbs/50_pipeline.ipynb #c047
 def _write_record(record: dict, registry: dict[str, str], path: Path) -> dict:
     "Write `pipeline.json` with its stages in pipeline order (so not with save_json, which sorts keys)."
     stages = record["stages"]
@@ -389,7 +419,7 @@ def _git_state(folder: Path) -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-# %% ../nbs/50_pipeline.ipynb #c045
+# %% ../nbs/50_pipeline.ipynb #c048
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("neurolm_nb", "torch", "papermill"):
@@ -399,7 +429,7 @@ def _versions() -> dict:
             out[mod] = None
     return out
 
-# %% ../nbs/50_pipeline.ipynb #c048
+# %% ../nbs/50_pipeline.ipynb #c051
 # stage -> [(file under run_root, the stage that writes it, the parameter that may name another source)]
 STAGE_INPUTS: dict[str, list[tuple[str, str, str | None]]] = {
     "tokenizer": [("datasets/metrics.json", "datasets", None)],
@@ -428,7 +458,7 @@ def missing_inputs(stage: str, params: dict, root: Path, earlier: Iterable[str],
                         f"--stages {producer},{stage}{alternative}")
     return problems
 
-# %% ../nbs/50_pipeline.ipynb #c051
+# %% ../nbs/50_pipeline.ipynb #c054
 @contextmanager
 def run_folder_lock(root: Path):
     "Hold an exclusive lock on `root` while the block runs; ProfileError if another live runner holds it."
@@ -448,7 +478,7 @@ def run_folder_lock(root: Path):
     finally:
         os.close(fd)                                      # releases the lock
 
-# %% ../nbs/50_pipeline.ipynb #c052
+# %% ../nbs/50_pipeline.ipynb #c055
 def read_record(root: Path) -> dict:
     "`pipeline.json` of `root` ({} if none); stages a dead runner left at 'running' are reported 'interrupted'."
     path = Path(root) / "pipeline.json"
@@ -465,7 +495,7 @@ def read_record(root: Path) -> dict:
         pass                                              # a live runner: 'running' is the truth
     return record
 
-# %% ../nbs/50_pipeline.ipynb #c055
+# %% ../nbs/50_pipeline.ipynb #c058
 def notebook_digest(notebook: Path) -> str:
     return hashlib.sha256(Path(notebook).read_bytes()).hexdigest()
 
@@ -493,7 +523,7 @@ def clear_stage(out: Path) -> None:
         os.replace(out, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-# %% ../nbs/50_pipeline.ipynb #c058
+# %% ../nbs/50_pipeline.ipynb #c061
 @contextmanager
 def stage_environment(root: Path, stage: str):
     "TMPDIR and Jupyter runtime files of `stage`'s kernel under `<root>/.tmp/<stage>`, emptied before and after."
@@ -516,7 +546,7 @@ def stage_environment(root: Path, stage: str):
         except OSError:
             pass
 
-# %% ../nbs/50_pipeline.ipynb #c061
+# %% ../nbs/50_pipeline.ipynb #c064
 def seed_list(value: Any) -> list[int] | None:
     "Seeds from a profile (`[0, 1, 2]`) or the command line (`'0,1,2'`); None: no seed loop."
     if value is None or value == "" or value == []:
@@ -530,7 +560,35 @@ def seed_list(value: Any) -> list[int] | None:
         raise ProfileError(f"seeds = {value!r} repeats a seed")
     return seeds
 
-# %% ../nbs/50_pipeline.ipynb #c062
+# %% ../nbs/50_pipeline.ipynb #c067
+def parse_subjects(text: str | None) -> list[str] | dict[str, list[str]] | None:
+    "`'A,B'` -> ['A', 'B']; `'workload=A,B;tuab=C'` -> {'workload': ['A', 'B'], 'tuab': ['C']}; empty -> None."
+    if text is None or not str(text).strip():
+        return None
+    split = lambda v: [s.strip() for s in v.split(",") if s.strip()]
+    if "=" not in text:
+        return split(text)
+    out = {}
+    for part in (p for p in text.split(";") if p.strip()):
+        name, eq, subjects = part.partition("=")
+        if not eq or not name.strip() or not split(subjects):
+            raise ProfileError(f"subjects {text!r}: write 'Subject02,Subject03' or 'dataset=Subject02,Subject03[;other=...]'")
+        out[name.strip()] = split(subjects)
+    return out
+
+# %% ../nbs/50_pipeline.ipynb #c070
+def override_subjects(params: dict, key: str, value: Any) -> dict:
+    "`params` with `key` (val_subjects / test_subjects) set from the command line; a plain list keeps the profile's datasets."
+    if value in (None, "", []):
+        return params
+    value = parse_subjects(value) if isinstance(value, str) else value
+    if not isinstance(value, dict):
+        named = [n for k in SPLIT_PARAMETERS for n in (params.get(k) or {}) if isinstance(params.get(k), dict)]
+        if named:                                  # the datasets the profile already names, in order, once each
+            value = {n: list(value) for n in dict.fromkeys(named)}
+    return {**params, key: value}
+
+# %% ../nbs/50_pipeline.ipynb #c073
 def route_subjects(params: dict, declared: dict, prof: dict) -> dict:
     "The datasets stage's parameters with the profile's val_subjects / test_subjects put into `build_options`."
     given = {k: prof["params"][k] for k in SPLIT_PARAMETERS if prof["params"].get(k)}
@@ -556,7 +614,7 @@ def route_subjects(params: dict, declared: dict, prof: dict) -> dict:
             options.setdefault(name, {}).setdefault(key, [str(s).strip() for s in subjects])  # build_options win
     return {**params, "build_options": options}
 
-# %% ../nbs/50_pipeline.ipynb #c063
+# %% ../nbs/50_pipeline.ipynb #c075
 def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, registry: dict[str, str],
                 seeded: Iterable[str] = SEEDED_STAGES) -> list[tuple]:
     "(key, notebook, out_dir, parameters) of each run of the chosen stages; every check that can fail early fails here."
@@ -591,7 +649,7 @@ def plan_stages(prof: dict, chosen: list[str], nbs_dir: Path, root: Path, regist
         raise ProfileError("inputs missing, nothing was run:\n  " + "\n  ".join(problems))
     return plan
 
-# %% ../nbs/50_pipeline.ipynb #c064
+# %% ../nbs/50_pipeline.ipynb #c078
 def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict, save, kernel: str,
                nbs_dir: Path, log_output: bool, verbose: bool) -> None:
     executed = out / notebook.name
@@ -616,65 +674,195 @@ def _run_stage(record: dict, stage: str, notebook: Path, out: Path, params: dict
         print(f"      ok in {entry['wall_s']:.1f} s, {len(entry['figures'])} figure(s)", flush=True)
     save()
 
-# %% ../nbs/50_pipeline.ipynb #c067
+# %% ../nbs/50_pipeline.ipynb #c080
+def _new_record(prof: dict, plan: list[tuple], root: Path, nbs_dir: Path, kernel: str, registry: dict[str, str]) -> dict:
+    "The first `pipeline.json` of a run: what runs, with which versions, and what earlier runs recorded."
+    declared = set().union(*(notebook_parameters(nbs_dir / registry[s]) for s in prof["stages"]
+                             if (nbs_dir / registry[s]).exists()))
+    record = {"profile": prof["name"], "profile_source": prof["source"], "status": "running",
+              "started": _now(), "finished": None, "wall_s": None, "kernel": kernel, "runner_pid": os.getpid(),
+              "nbs_dir": str(nbs_dir.resolve()), "run_root": str(root), "requested": [s for s, *_ in plan],
+              "skipped": [], "unused_global_params": sorted(set(prof["params"]) - declared - set(RUNNER_PARAMETERS)),
+              "versions": _versions(), "git": _git_state(nbs_dir), "stages": read_record(root).get("stages", {})}
+    for key in ("seeds", *SPLIT_PARAMETERS, "fold"):   # recorded only when given (older records stay as they were)
+        if prof["params"].get(key) is not None:
+            record[key] = prof["params"][key]
+    for k in prof["params"].get("seeds") or []:       # a seed's run root sees the shared datasets
+        link = root / f"seed{k}" / "datasets"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(Path("..") / "datasets", target_is_directory=True)
+    return record
+
+# %% ../nbs/50_pipeline.ipynb #c083
+def _run_plan(record: dict, plan: list[tuple], save, force: bool, kernel: str, nbs_dir: Path, log_output: bool,
+              verbose: bool) -> None:
+    "Run or skip each planned stage: done ones are skipped; the first to run may resume; later ones start afresh."
+    ran = False
+    for i, (stage, notebook, out, params) in enumerate(plan, 1):
+        if not force and not ran and stage_is_done(record["stages"].get(stage), params, out, notebook):
+            record["skipped"].append(stage)
+            if verbose:
+                print(f"[{i}/{len(plan)}] {stage}: done earlier with these parameters, skipped", flush=True)
+            continue
+        # resume only the first stage to run, and only a folder of the same notebook and parameters: after a
+        # parameter change, or once an earlier stage has run again, its checkpoints would continue a stale run
+        if force or ran or not resumable(record["stages"].get(stage), params, notebook):
+            if verbose and not force and out.exists():
+                print(f"[{i}/{len(plan)}] {stage}: " + ("an earlier stage ran again" if ran else
+                      "parameters or notebook changed") + ": its folder starts afresh", flush=True)
+            clear_stage(out)
+        if verbose:
+            print(f"[{i}/{len(plan)}] {stage}: {notebook.name} -> {out / notebook.name}", flush=True)
+        ran = True
+        _run_stage(record, stage, notebook, out, params, save, kernel, nbs_dir, log_output, verbose)
+
+# %% ../nbs/50_pipeline.ipynb #c086
 def run_pipeline(profile: str | Path | dict = "smoke", stages: str | Iterable[str] | None = None,
                  runs_dir: str | Path | None = None, nbs_dir: str | Path | None = None,
                  kernel: str = "python3", log_output: bool = False, registry: dict[str, str] | None = None,
                  verbose: bool = True, force: bool = False, seeds: Any = None, val_subjects: Any = None,
-                 test_subjects: Any = None, seeded: Iterable[str] = SEEDED_STAGES) -> dict:
-    "Run the profile's stage notebooks with papermill into `<runs_dir>/<profile>/`; returns the pipeline record."
+                 test_subjects: Any = None, seeded: Iterable[str] = SEEDED_STAGES, folds: Any = None,
+                 root: str | Path | None = None) -> dict:
+    "Run the profile's stage notebooks with papermill into `<runs_dir>/<profile>/` (or `root`); returns the record."
     registry = STAGES if registry is None else registry
     prof = load_profile(profile, registry)
-    overrides = {k: v for k, v in (("seeds", seed_list(seeds)), ("val_subjects", val_subjects),
-                                   ("test_subjects", test_subjects)) if v not in (None, "", [])}
-    prof = {**prof, "params": {**prof["params"], **overrides}}   # the command line wins over the profile
-    if "seeds" in prof["params"]:
-        prof["params"]["seeds"] = seed_list(prof["params"]["seeds"])
+    params = {**prof["params"], **({"seeds": seed_list(seeds)} if seed_list(seeds) else {})}
+    params = override_subjects(override_subjects(params, "val_subjects", val_subjects), "test_subjects", test_subjects)
+    if folds not in (None, "", 0):
+        params["folds"] = folds                       # the command line wins over the profile
+    prof = {**prof, "params": params}
+    if "seeds" in params:
+        params["seeds"] = seed_list(params["seeds"])
     nbs_dir = Path(nbs_dir) if nbs_dir else project_root() / "nbs"
-    root = ((Path(runs_dir) / prof["name"]) if runs_dir else run_dir(prof["name"], create=False)).resolve()
+    root = Path(root) if root else (Path(runs_dir) / prof["name"]) if runs_dir else run_dir(prof["name"], create=False)
+    root = root.resolve()
+    if params.get("folds") not in (None, 0, []):
+        if val_subjects or test_subjects:
+            raise ProfileError("folds choose the validation and test subjects of every fold: give folds or subjects, not both")
+        return run_cv(prof, stages, root, nbs_dir, kernel, log_output, registry, verbose, force, seeded)
     plan = plan_stages(prof, _select_stages(prof, stages, registry), nbs_dir, root, registry, seeded)
-    declared = set().union(*(notebook_parameters(nbs_dir / registry[s]) for s in prof["stages"]
-                             if (nbs_dir / registry[s]).exists()))
     root.mkdir(parents=True, exist_ok=True)
     with run_folder_lock(root):
         save_yaml({k: prof[k] for k in ("name", "description", "params", "stages", "pending")}, root / "profile.yaml")
         shutil.rmtree(root / ".tmp", ignore_errors=True)          # whatever a killed run left
-        record = {"profile": prof["name"], "profile_source": prof["source"], "status": "running",
-                  "started": _now(), "finished": None, "wall_s": None, "kernel": kernel, "runner_pid": os.getpid(),
-                  "nbs_dir": str(nbs_dir.resolve()), "run_root": str(root), "requested": [s for s, *_ in plan],
-                  "skipped": [], "unused_global_params": sorted(set(prof["params"]) - declared - {"seeds", *SPLIT_PARAMETERS}),
-                  "versions": _versions(), "git": _git_state(nbs_dir), "stages": read_record(root).get("stages", {})}
-        for key in ("seeds", *SPLIT_PARAMETERS):          # recorded only when given (older records stay as they were)
-            if prof["params"].get(key) is not None:
-                record[key] = prof["params"][key]
-        for k in prof["params"].get("seeds") or []:       # a seed's run root sees the shared datasets
-            link = root / f"seed{k}" / "datasets"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists() and not link.is_symlink():
-                link.symlink_to(Path("..") / "datasets", target_is_directory=True)
+        record = _new_record(prof, plan, root, nbs_dir, kernel, registry)
         save = lambda: _write_record(record, registry, root / "pipeline.json")
-        t0, ran = time.perf_counter(), False
-        for i, (stage, notebook, out, params) in enumerate(plan, 1):
-            if not force and not ran and stage_is_done(record["stages"].get(stage), params, out, notebook):
-                record["skipped"].append(stage)
-                if verbose:
-                    print(f"[{i}/{len(plan)}] {stage}: done earlier with these parameters, skipped", flush=True)
-                continue
-            # resume only the first stage to run, and only a folder of the same notebook and parameters: after a
-            # parameter change, or once an earlier stage has run again, its checkpoints would continue a stale run
-            if force or ran or not resumable(record["stages"].get(stage), params, notebook):
-                if verbose and not force and out.exists():
-                    print(f"[{i}/{len(plan)}] {stage}: " + ("an earlier stage ran again" if ran else
-                          "parameters or notebook changed") + ": its folder starts afresh", flush=True)
-                clear_stage(out)
-            if verbose:
-                print(f"[{i}/{len(plan)}] {stage}: {notebook.name} -> {out / notebook.name}", flush=True)
-            ran = True
-            _run_stage(record, stage, notebook, out, params, save, kernel, nbs_dir, log_output, verbose)
+        t0 = time.perf_counter()
+        _run_plan(record, plan, save, force, kernel, nbs_dir, log_output, verbose)
         record.update(status="ok", finished=_now(), wall_s=round(time.perf_counter() - t0, 2))
         return save()
 
-# %% ../nbs/50_pipeline.ipynb #c078
+# %% ../nbs/50_pipeline.ipynb #c097
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s))]
+
+
+def cv_folds(subjects: Iterable[str], k: int, n_val: int = 3) -> list[dict[str, list[str]]]:
+    "K folds of sorted `subjects`: contiguous test groups; validation: the first `n_val` of the next group."
+    subjects = sorted(dict.fromkeys(map(str, subjects)), key=_natural)
+    if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= len(subjects):
+        raise ProfileError(f"folds = {k!r}: an integer from 2 to the number of subjects ({len(subjects)})")
+    size, extra = divmod(len(subjects), k)
+    bounds = [i * size + min(i, extra) for i in range(k + 1)]
+    groups = [subjects[bounds[i]:bounds[i + 1]] for i in range(k)]
+    folds = []
+    for i, test in enumerate(groups):
+        val = groups[(i + 1) % k][:n_val]
+        if len(subjects) - len(test) - len(val) < 1 or not val:
+            raise ProfileError(f"{k} folds of {len(subjects)} subjects with n_val = {n_val} leave fold {i} "
+                               f"{'no validation' if not val else 'no training'} subject")
+        folds.append({"test": test, "val": val})
+    return folds
+
+# %% ../nbs/50_pipeline.ipynb #c100
+def cv_dataset(prof: dict) -> str:
+    "The labelled dataset that cross-validation splits by subject."
+    named = list(dict.fromkeys(n for k in SPLIT_PARAMETERS if isinstance(prof["params"].get(k), dict)
+                               for n in prof["params"][k]))
+    built = (prof["stages"].get("datasets") or {}).get("datasets")
+    built = [built] if isinstance(built, str) else list(built or [])
+    candidates = named or [n for n in built if n != "pretrain"]
+    if len(candidates) != 1:
+        raise ProfileError(f"profile {prof['name']!r}: folds need one labelled dataset to split by subject; found "
+                           f"{candidates or 'none'} (name it: params.test_subjects: {{dataset: [...]}})")
+    return candidates[0]
+
+
+def cv_subjects(prof: dict, dataset: str) -> list[str]:
+    "Subjects of `dataset` that the profile's datasets stage would build (its raw folder, discovered)."
+    from neurolm_nb.datasets import get_spec
+    from neurolm_nb.shards import samples_dir_for
+    ds = expand_placeholders(prof["stages"].get("datasets") or {}, {"root": project_root(), "shared": shared_dir(), "run_root": None})
+    raw, only = (ds.get("raw_dirs") or {}).get(dataset), None
+    if raw is None and dataset == "workload":
+        raw, only = ds.get("eegmat_dir", "auto"), ds.get("eegmat_subjects")
+        if raw == "auto":
+            raw = shared_dir() / "data" / "eegmat" if shared_dir() and (shared_dir() / "data" / "eegmat").is_dir() else None
+    raw = Path(raw) if raw else samples_dir_for(dataset)
+    if not raw.is_dir():
+        raise ProfileError(f"folds: the raw folder of {dataset!r}, {raw}, is not a folder")
+    subjects = sorted({e.subject for e in get_spec(dataset).discover(raw)[0]}, key=_natural)
+    if isinstance(only, int):
+        subjects = subjects[:only]
+    elif only:
+        wanted = {s if str(s).startswith("Subject") else f"Subject{int(s):02d}" for s in only}
+        subjects = [s for s in subjects if s in wanted]
+    return subjects
+
+# %% ../nbs/50_pipeline.ipynb #c102
+def fold_list(value: Any, prof: dict, dataset: str) -> list[dict[str, list[str]]]:
+    "The folds a `folds` value asks for: K, '4', {k, n_val}, or [{test: [...], val: [...]}, ...]."
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, dict):
+        return cv_folds(cv_subjects(prof, dataset), value.get("k"), int(value.get("n_val", 3)))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return cv_folds(cv_subjects(prof, dataset), value)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ProfileError(f"folds = {value!r}: a number of folds, {{k: 4, n_val: 3}}, or a list of {{test: [...], val: [...]}}")
+    folds, tested = [], set()
+    for i, f in enumerate(value):
+        if not isinstance(f, dict) or set(f) != {"test", "val"} or not f["test"] or not f["val"]:
+            raise ProfileError(f"folds[{i}] = {f!r}: write {{test: [subjects], val: [subjects]}}")
+        test, val = [str(s) for s in f["test"]], [str(s) for s in f["val"]]
+        if set(test) & set(val) or set(test) & tested:
+            raise ProfileError(f"folds[{i}]: {sorted(set(test) & (set(val) | tested))} tested twice or both test and val")
+        tested |= set(test)
+        folds.append({"test": test, "val": val})
+    return folds
+
+# %% ../nbs/50_pipeline.ipynb #c105
+def run_cv(prof: dict, stages, root: Path, nbs_dir: Path, kernel: str = "python3", log_output: bool = False,
+           registry: dict[str, str] | None = None, verbose: bool = True, force: bool = False,
+           seeded: Iterable[str] = SEEDED_STAGES) -> dict:
+    "Every fold of `prof['params']['folds']` as a full run in `root/fold<k>/`, then the CV summary; returns cv.json's record."
+    registry = STAGES if registry is None else registry
+    dataset = cv_dataset(prof)
+    fixed = {k: v for k, v in ((prof["stages"].get("datasets") or {}).get("build_options") or {}).get(dataset, {}).items()
+             if k in SPLIT_PARAMETERS}
+    if fixed:
+        raise ProfileError(f"folds choose {dataset}'s subjects, but stages.datasets.build_options.{dataset} fixes {sorted(fixed)}")
+    folds = fold_list(prof["params"]["folds"], prof, dataset)
+    base = {k: v for k, v in prof["params"].items() if k != "folds"}
+    record = {"profile": prof["name"], "dataset": dataset, "folds": folds, "runs": [], "started": _now()}
+    for k, fold in enumerate(folds):
+        if verbose:
+            print(f"== fold {k + 1}/{len(folds)} of {dataset}: test {fold['test']}, val {fold['val']}", flush=True)
+        params = {**base, "val_subjects": {dataset: fold["val"]}, "test_subjects": {dataset: fold["test"]},
+                  "fold": {"index": k, "of": len(folds), **fold}}
+        rec = run_pipeline({**prof, "params": params}, stages, nbs_dir=nbs_dir, kernel=kernel, log_output=log_output,
+                           registry=registry, verbose=verbose, force=force, seeded=seeded, root=root / f"fold{k}")
+        record["runs"].append({"run_root": rec["run_root"], "status": rec["status"], "wall_s": rec["wall_s"]})
+    evaluated = [Path(r["run_root"]) / "evaluation" / "metrics.json" for r in record["runs"]]
+    if all(p.exists() for p in evaluated):
+        from neurolm_nb.evaluation import cv_summary
+        record["summary"] = cv_summary(root)["files"]
+    record.update(finished=_now(), status="ok")
+    atomic_write_bytes(root / "cv.json", (json.dumps(to_jsonable(record), indent=2) + "\n").encode("utf-8"))
+    return record
+
+# %% ../nbs/50_pipeline.ipynb #c109
 PAPERMILL_TAGS = ("injected-parameters", "papermill-error-cell-tag")
 
 
@@ -697,7 +885,7 @@ def strip_outputs(path: str | Path) -> list[Path]:
             changed.append(f)
     return changed
 
-# %% ../nbs/50_pipeline.ipynb #c081
+# %% ../nbs/50_pipeline.ipynb #c112
 def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None = None,
                 registry: dict[str, str] | None = None, runs_dir: str | Path | None = None) -> list[dict]:
     "One row per stage: name, notebook, status ('ready', 'missing notebook', 'pending'), its last run's status, params."
@@ -716,7 +904,7 @@ def list_stages(profile: str | Path | dict = "smoke", nbs_dir: str | Path | None
                      "status": "pending", "last_run": "never", "params": params})
     return rows
 
-# %% ../nbs/50_pipeline.ipynb #c084
+# %% ../nbs/50_pipeline.ipynb #c115
 def _print_summary(record: dict) -> None:
     print(f"\npipeline {record['profile']!r}: {record['status']} in {record['wall_s']:.1f} s "
           f"(record: {Path(record['run_root']) / 'pipeline.json'})")
@@ -733,50 +921,62 @@ def _print_summary(record: dict) -> None:
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-# %% ../nbs/50_pipeline.ipynb #c087
-def main(argv: list[str] | None = None) -> int:
-    "Command line: `python -m neurolm_nb.pipeline --profile smoke [--stages a,b] [--list]`."
+# %% ../nbs/50_pipeline.ipynb #c118
+def cli_parser() -> argparse.ArgumentParser:
+    "The options of `python -m neurolm_nb.pipeline` (also installed as `neurolm-nb`)."
     parser = argparse.ArgumentParser(prog="neurolm-nb", description="Run neurolm_nb stage notebooks with papermill.")
-    parser.add_argument("--profile", default="smoke", help="profile name in profiles/ or a path to a YAML file")
-    parser.add_argument("--stages", default=None, help="comma-separated subset of the profile's stages")
-    parser.add_argument("--list", action="store_true", help="list the profile's stages (and their last run) and exit")
-    parser.add_argument("--force", action="store_true",
-                        help="rerun the selected stages from scratch, even those done with the same parameters")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: the trained stages run once per "
-                        "seed into runs/<profile>/seed<k>/<stage>/ (overrides the profile's params.seeds)")
-    parser.add_argument("--val-subjects", default=None, help="comma-separated subjects of the validation split "
-                        "(the datasets stage's build_options val_subjects; overrides params.val_subjects)")
-    parser.add_argument("--test-subjects", default=None, help="comma-separated subjects of the test split "
-                        "(build_options test_subjects; overrides params.test_subjects)")
-    parser.add_argument("--runs-dir", default=None, help="folder of run roots (default: runs/ or $NEUROLM_RUNS)")
-    parser.add_argument("--nbs-dir", default=None, help="folder of the stage notebooks (default: nbs/)")
-    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
-    parser.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
-    parser.add_argument("--strip-outputs", metavar="PATH", default=None,
-                        help="remove outputs from a notebook or a folder of notebooks, then exit")
-    args = parser.parse_args(argv)
+    add = parser.add_argument
+    add("--profile", default="smoke", help="profile name in profiles/ or a path to a YAML file")
+    add("--stages", default=None, help="comma-separated subset of the profile's stages")
+    add("--list", action="store_true", help="list the profile's stages (and their last run) and exit")
+    add("--force", action="store_true", help="rerun the selected stages from scratch, even those done with the same parameters")
+    add("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: the trained stages run once per "
+        "seed into runs/<profile>/seed<k>/<stage>/ (overrides the profile's params.seeds)")
+    add("--val-subjects", default=None, help="validation subjects: A,B (to the dataset(s) the profile names, or the one "
+        "dataset built) or dataset=A,B[;other=C]; overrides params.val_subjects")
+    add("--test-subjects", default=None, help="test subjects, as --val-subjects; overrides params.test_subjects")
+    add("--folds", default=None, help="K: leave-subjects-out cross-validation in K folds, each a full run in "
+        "runs/<profile>/fold<k>/, then cv_results.md (overrides params.folds)")
+    add("--runs-dir", default=None, help="folder of run roots (default: runs/ or $NEUROLM_RUNS)")
+    add("--nbs-dir", default=None, help="folder of the stage notebooks (default: nbs/)")
+    add("--kernel", default="python3", help="Jupyter kernel name")
+    add("--log-output", action="store_true", help="stream cell outputs to the terminal")
+    add("--strip-outputs", metavar="PATH", default=None, help="remove outputs from a notebook or a folder of notebooks, then exit")
+    return parser
+
+
+def _print_list(args) -> None:
+    prof = load_profile(args.profile)
+    print(f"profile {prof['name']!r}: {prof['description'].strip()}")
+    for row in list_stages(prof, args.nbs_dir, runs_dir=args.runs_dir):
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+        print(f"  {row['stage']:<12} {row['notebook']:<24} {row['status']:<17} last run: {row['last_run']:<12} {params}")
+
+# %% ../nbs/50_pipeline.ipynb #c121
+def main(argv: list[str] | None = None) -> int:
+    "Command line: `python -m neurolm_nb.pipeline --profile smoke [--stages a,b] [--list] [--folds K]`."
+    args = cli_parser().parse_args(argv)
     try:
         if args.strip_outputs:
             for f in strip_outputs(args.strip_outputs):
                 print(f"stripped outputs: {f}")
             return 0
         if args.list:
-            prof = load_profile(args.profile)
-            print(f"profile {prof['name']!r}: {prof['description'].strip()}")
-            for row in list_stages(prof, args.nbs_dir, runs_dir=args.runs_dir):
-                params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-                print(f"  {row['stage']:<12} {row['notebook']:<24} {row['status']:<17} last run: "
-                      f"{row['last_run']:<12} {params}")
+            _print_list(args)
             return 0
         if args.log_output:
             import logging
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         signal.signal(signal.SIGTERM, _interrupt)   # a scheduler's SIGTERM is recorded like Ctrl-C
-        subjects = lambda v: [s.strip() for s in v.split(",") if s.strip()] if v else None
         record = run_pipeline(args.profile, args.stages, args.runs_dir, args.nbs_dir, args.kernel, args.log_output,
-                              force=args.force, seeds=args.seeds, val_subjects=subjects(args.val_subjects),
-                              test_subjects=subjects(args.test_subjects))
-        _print_summary(record)
+                              force=args.force, seeds=args.seeds, val_subjects=parse_subjects(args.val_subjects),
+                              test_subjects=parse_subjects(args.test_subjects), folds=args.folds)
+        if "folds" in record:                          # cross-validation: one line per fold, and the summary
+            for k, run in enumerate(record["runs"]):
+                print(f"fold {k}: {run['status']} in {run['wall_s']:.1f} s ({run['run_root']})")
+            print(f"cross-validation summary: {record.get('summary', 'not written (no evaluation stage ran)')}")
+        else:
+            _print_summary(record)
         return 0
     except (ProfileError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

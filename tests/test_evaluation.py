@@ -12,7 +12,7 @@ import torch
 from neurolm_nb.core import write_launch_config
 from neurolm_nb.shards import WindowDataset, build_dataset, samples_dir_for
 from neurolm_nb.evaluation import (BANDPOWER_C, BINARY_METRICS, FLOORS, MULTICLASS_METRICS, PAPER_RESULTS, EvalSetup,
-                                   balanced_threshold, band_power_features, bandpower_baseline, braindecode_baseline,
+                                   balanced_threshold, band_power_features, bandpower_baseline,
                                    fit_floor, run_statistics, statistics_table, subject_bootstrap, fast_bacc, confusion, corrected_metrics, greedy_metrics, load_predictions,
                                    original_metrics, results_table, run_evaluation, task_metric_names, task_metrics)
 from neurolm_nb.instruction_tuning import tiny_neurolm
@@ -210,11 +210,99 @@ def test_seed_statistics_and_subject_bootstrap():
     assert by_subject[1] - by_subject[0] > by_window[1] - by_window[0]
 
 
-def test_multiclass_chance_and_braindecode_hook():
+def test_multiclass_chance_and_braindecode_hook(tmp_path):
     r = np.random.default_rng(0)
     run = {"labels": r.integers(0, 5, 100), "probs": r.dirichlet(np.ones(5), 100), "subjects": np.repeat(list("abcde"), 20)}
     stats = run_statistics([run], [run], n_boot=50)
     assert stats["chance"]["balanced_accuracy"] == 0.2 and stats["threshold_source"] == "multi-class"
     assert stats["mean"]["roc_auc"] is not None and "n/a (multi-class)" in statistics_table({"hmc": {"m": stats}})
-    hook = braindecode_baseline("/nowhere", "workload")
-    assert "skipped" in hook and "braindecode" in hook["skipped"]
+    from neurolm_nb.baselines import braindecode_baseline, braindecode_unavailable
+    if braindecode_unavailable():   # the evaluation stage's deep baseline says why it did not run
+        build_dataset("workload", samples_dir_for("workload"), tmp_path / "workload", seed=0)
+        hook = braindecode_baseline(tmp_path / "workload", "workload")
+        assert "skipped" in hook and "braindecode" in hook["skipped"]
+
+
+def test_greedy_agreement_and_skipped_models_noted_once():
+    from neurolm_nb.evaluation import greedy_agreement
+    pred = {"labels": np.array([0, 1, 1, 0]), "probs": np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]),
+            "greedy_pred": np.array([0, 1, -1, 0])}
+    agree = greedy_agreement(pred)
+    assert (agree["all"], agree["parseable"], agree["unparseable_rate"], agree["n"]) == (0.5, pytest.approx(2 / 3), 0.25, 4)
+    assert task_metrics(pred, "workload")["greedy_agreement"] == agree
+    stats = run_statistics([_scores(1)], n_boot=50)
+    skipped = {"skipped": "braindecode cannot be imported"}
+    table = statistics_table({"workload": {"NeuroLM": stats, "ShallowFBCSPNet": skipped}, "hmc": {"ShallowFBCSPNet": skipped}})
+    assert table.count("braindecode cannot be imported") == 1
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert not any("ShallowFBCSPNet" in line for line in rows)                  # no table row, a note below it
+    assert table.splitlines()[-1] == "- ShallowFBCSPNet not run: braindecode cannot be imported (Workload, HMC)"
+
+
+def _fold(eegmat_dir, tmp_path, name, subjects, test, val):
+    "A run root whose datasets/workload is built from real EEGMAT recordings of `subjects`, test/val named."
+    raw = tmp_path / f"raw_{name}"
+    raw.mkdir()
+    for s in subjects:
+        for f in sorted(eegmat_dir.glob(f"{s}_*.edf")):
+            os.symlink(f, raw / f.name)
+    root = tmp_path / name
+    build_dataset("workload", raw, root / "datasets" / "workload", seed=0, test_subjects=test, val_subjects=val)
+    return root
+
+
+def test_cv_summary_pools_real_folds(eegmat_dir, tmp_path):
+    "Two folds built from real EEGMAT subjects (different test subjects): NeuroLM answers per seed (scores made here),"
+    " LaBraM in one fold only, the band-power floor saved in one fold and fitted again from datasets/ in the other."
+    import subprocess
+    import sys
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from neurolm_nb.evaluation import answers_path, cv_summary, floor_path, save_predictions
+    subjects = sorted({f.stem.split("_")[0] for f in eegmat_dir.glob("Subject*_*.edf")})[:8]
+    folds = [_fold(eegmat_dir, tmp_path, "fold0", subjects[:4], subjects[:2], subjects[2:3]),
+             _fold(eegmat_dir, tmp_path, "fold1", subjects[4:], subjects[4:6], subjects[6:7])]
+    expected = []
+    for f, root in enumerate(folds):
+        ev = root / "evaluation"
+        ev.mkdir()
+        (ev / "metrics.json").write_text(json.dumps({"seeds": [0, 1], "split": "test", "val_split": "val"}))
+        for k in (0, 1):
+            for split in ("test", "val"):
+                w = WindowDataset(root / "datasets" / "workload", split)
+                labels = np.asarray(w.labels)
+                p = 1 / (1 + np.exp(-(1.5 * (labels - 0.5) + np.random.default_rng(10 * f + k).normal(0, 1, len(labels)))))
+                pred = {"labels": labels, "probs": np.stack([1 - p, p], 1), "subjects": np.asarray(w.subjects),
+                        "greedy_pred": (p > 0.5).astype(int)}
+                save_predictions(pred, "workload", answers_path(ev, k, "workload", None if split == "test" else split))
+                if split == "test":
+                    expected.append((balanced_accuracy_score(labels, p > 0.5), roc_auc_score(labels, p)))
+                if f == 0 and k == 0:
+                    save_predictions(pred, "workload", root / "seed0" / "labram" / "predictions" / f"{split}.npz")
+    fit = fit_floor(folds[1] / "datasets" / "workload", "workload", "bandpower")
+    for split, pred in fit["predictions"].items():
+        save_predictions(pred, "workload", floor_path(folds[1] / "evaluation", "bandpower", split, "workload"))
+    done = cv_summary(runs=folds, out_dir=tmp_path / "cv", n_boot=200)
+    neurolm = done["models"]["NeuroLM (option scores)"]
+    assert (neurolm["n_runs"], neurolm["n_folds"], neurolm["n_subjects"]) == (4, 2, 4)
+    assert neurolm["mean"]["balanced_accuracy"] == pytest.approx(np.mean([e[0] for e in expected]))
+    assert neurolm["mean"]["roc_auc"] == pytest.approx(np.mean([e[1] for e in expected]))
+    assert neurolm["sd"]["roc_auc"] == pytest.approx(np.std([e[1] for e in expected], ddof=1))
+    assert neurolm["chance"] == {"balanced_accuracy": 0.5, "roc_auc": 0.5}
+    for m in ("balanced_accuracy", "balanced_accuracy_val_threshold", "roc_auc"):
+        lo, hi = neurolm["ci95"][m]
+        assert lo <= neurolm["pooled"][m] <= hi
+    assert all(r["threshold"] is not None for r in neurolm["runs"])              # each fold's own validation subjects
+    floor = done["models"][FLOORS["bandpower"]]
+    assert floor["n_runs"] == 2                                                  # saved in fold1, fitted again in fold0
+    for f, root in enumerate(folds):
+        assert floor["runs"][f]["balanced_accuracy"] == pytest.approx(
+            bandpower_baseline(root / "datasets" / "workload", "workload")["balanced_accuracy"])
+    assert done["models"]["LaBraM"]["n_runs"] == 1 and done["missing"]["LaBraM"] == [str(folds[1])]
+    text = (tmp_path / "cv" / "cv_results.md").read_text()
+    assert "| NeuroLM (option scores) | 4 (2) | 4 (" in text and "LaBraM: no predictions in" in text
+    assert (tmp_path / "cv" / "figures" / "cv_summary.png").stat().st_size > 0
+    cli = subprocess.run([sys.executable, "-m", "neurolm_nb.evaluation", "cv-summary", "--runs", *map(str, folds),
+                          "--out", str(tmp_path / "cli"), "--n-boot", "200"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads((tmp_path / "cli" / "cv_metrics.json").read_text())["models"]["NeuroLM (option scores)"]["mean"] \
+        == pytest.approx(neurolm["mean"])

@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from neurolm_nb.core import load_json
 from neurolm_nb.pipeline import (STAGES, ProfileError, StageError, expand_placeholders, list_stages,
-                                 load_profile, profile_names, resolve_parameters, run_pipeline, write_notebook)
+                                 load_profile, profile_names, resolve_parameters, run_notebook, run_pipeline,
+                                 write_notebook)
 
 NBS = Path(__file__).resolve().parent.parent / "nbs"
 PARAMS = "#parameters\nout_dir = None\nrun_root = None\nseed = 0\nsteps = 1"
@@ -484,3 +486,109 @@ def test_a_stage_rerun_with_other_parameters_starts_afresh_and_so_does_every_lat
     for stage in (first, second):
         assert not (runs / "toy" / stage / "checkpoint_from_the_old_run").exists(), stage
         assert load_json(runs / "toy" / stage / "metrics.json")["steps"] == 3
+
+
+def test_command_line_subjects_go_to_the_dataset_the_profile_names(tmp_path):
+    "The workload profile's case: it builds workload and pretrain and names subjects per dataset; a plain list on the"
+    " command line goes to workload, 'workload=...' names it, and a plain list with nothing named stops with a clear error."
+    from neurolm_nb.pipeline import main
+    d, runs = _seeded_nbs(tmp_path), tmp_path / "runs"
+    prof = tmp_path / "wl.yaml"
+    prof.write_text("params: {seed: 0, val_subjects: {workload: [Subject08]}, test_subjects: {workload: [Subject04]}}\n"
+                    "stages:\n  datasets: {datasets: [workload, pretrain], build_options: {pretrain: {exclude_from: [workload]}}}\n")
+    cli = ["--profile", str(prof), "--nbs-dir", str(d), "--runs-dir", str(runs)]
+    assert main(cli + ["--test-subjects", "Subject02,Subject03", "--val-subjects", "Subject07"]) == 0
+    assert load_json(runs / "wl" / "datasets" / "options.json") == {
+        "pretrain": {"exclude_from": ["workload"]},
+        "workload": {"val_subjects": ["Subject07"], "test_subjects": ["Subject02", "Subject03"]}}
+    assert load_json(runs / "wl" / "pipeline.json")["test_subjects"] == {"workload": ["Subject02", "Subject03"]}
+    assert main(cli + ["--test-subjects", "workload=Subject05", "--val-subjects", "workload=Subject06"]) == 0
+    assert load_json(runs / "wl" / "datasets" / "options.json")["workload"] == {"val_subjects": ["Subject06"],
+                                                                              "test_subjects": ["Subject05"]}
+    plain = tmp_path / "plain.yaml"   # two datasets, none named: a plain list is truly ambiguous
+    plain.write_text("stages:\n  datasets: {datasets: [workload, pretrain]}\n")
+    with pytest.raises(ProfileError, match="name the dataset"):
+        run_pipeline(str(plain), runs_dir=runs, nbs_dir=d, verbose=False, test_subjects=["Subject02"])
+    assert main(["--profile", str(plain), "--nbs-dir", str(d), "--runs-dir", str(runs), "--test-subjects", "workload="]) == 2
+
+
+TOY_EVALUATION = (  # writes what 32_evaluation writes for cv_summary: per-seed test and val answers, metrics.json
+    "import json, numpy as np\nfrom pathlib import Path\n"
+    "opts = json.loads((Path(run_root) / 'datasets' / 'options.json').read_text())['workload']\n"
+    "def answers(subjects, k):\n"
+    "    r = np.random.default_rng(k + 10 * len(subjects))\n"
+    "    labels = np.tile([0, 1], 5 * len(subjects))\n"
+    "    p = 1 / (1 + np.exp(-(2.0 * (labels - 0.5) + r.normal(0, 1, len(labels)))))\n"
+    "    return dict(labels=labels, probs=np.stack([1 - p, p], 1), subjects=np.repeat(subjects, 10).astype(str))\n"
+    "for k in seeds:\n"
+    "    for sub, subjects in (('predictions', opts['test_subjects']), ('val/predictions', opts['val_subjects'])):\n"
+    "        (Path(out_dir) / f'seed{k}' / sub).mkdir(parents=True, exist_ok=True)\n"
+    "        np.savez(Path(out_dir) / f'seed{k}' / sub / 'workload.npz', **answers(subjects, k))\n"
+    "(Path(out_dir) / 'metrics.json').write_text(json.dumps({'seeds': seeds, 'split': 'test', 'val_split': 'val'}))"
+)
+
+
+def test_folds_split_the_real_subjects_and_each_fold_is_a_run(tmp_path, eegmat_dir):
+    "Leave-subjects-out CV: subjects discovered in a real EEGMAT folder, K deterministic folds, one full run per fold"
+    " whose datasets stage gets that fold's subjects, then the CV summary over every (fold, seed)."
+    from sklearn.metrics import balanced_accuracy_score
+    from neurolm_nb.pipeline import cv_folds, cv_subjects, fold_list
+    every = sorted({f.stem.split("_")[0] for f in eegmat_dir.glob("Subject*_*.edf")})
+    workload = load_profile("workload")
+    assert cv_subjects({**workload, "stages": {"datasets": {"eegmat_dir": str(eegmat_dir)}}}, "workload") == every
+    if every == [f"Subject{i:02d}" for i in range(2, 22)]:   # the shared copy: the lead's hand-made folds
+        assert [(f["test"][0], f["test"][-1], f["val"][0], f["val"][-1]) for f in cv_folds(every, 4)] == [
+            ("Subject02", "Subject06", "Subject07", "Subject09"), ("Subject07", "Subject11", "Subject12", "Subject14"),
+            ("Subject12", "Subject16", "Subject17", "Subject19"), ("Subject17", "Subject21", "Subject02", "Subject04")]
+    for k in (2, 3, 4, 5):
+        folds = cv_folds(every, k)
+        assert sorted(s for f in folds for s in f["test"]) == every                   # each subject tested once
+        assert all(not set(f["test"]) & set(f["val"]) for f in folds) and cv_folds(every[::-1], k) == folds
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in sorted(eegmat_dir.glob("Subject*_*.edf"))[:12]:                          # 6 subjects
+        os.symlink(f, raw / f.name)
+    six = every[:6]
+    d, runs = _seeded_nbs(tmp_path), tmp_path / "runs"
+    write_notebook(d / STAGES["datasets"], [PARAMS + "\ndatasets = ['workload']\nbuild_options = {}\neegmat_dir = 'auto'",
+                                            WRITE_OUTPUTS + "\n(Path(out_dir) / 'options.json').write_text(json.dumps(build_options))"])
+    write_notebook(d / STAGES["evaluation"], [PARAMS + "\nseeds = None\ncheckpoint = None", TOY_EVALUATION])
+    prof = {"name": "cvtoy", "params": {"seed": 0, "seeds": [0, 1], "folds": {"k": 2, "n_val": 1}},
+            "stages": {"datasets": {"datasets": ["workload"], "eegmat_dir": str(raw)}, "evaluation": {"checkpoint": "given"}}}
+    assert fold_list(prof["params"]["folds"], load_profile(prof), "workload") == cv_folds(six, 2, 1)
+    with pytest.raises(ProfileError, match="not both"):
+        run_pipeline(prof, runs_dir=runs, nbs_dir=d, verbose=False, test_subjects=["Subject02"])
+    rec = run_pipeline(prof, runs_dir=runs, nbs_dir=d, verbose=False)
+    root = runs / "cvtoy"
+    assert rec["folds"] == cv_folds(six, 2, 1) and load_json(root / "cv.json")["folds"] == rec["folds"]
+    for k, fold in enumerate(rec["folds"]):
+        assert load_json(root / f"fold{k}" / "datasets" / "options.json") == {
+            "workload": {"val_subjects": fold["val"], "test_subjects": fold["test"]}}
+        assert load_json(root / f"fold{k}" / "pipeline.json")["fold"]["index"] == k
+    summary = load_json(root / "cv_metrics.json")["models"]["NeuroLM (option scores)"]
+    assert (summary["n_runs"], summary["n_folds"], summary["n_subjects"]) == (4, 2, 6)
+    by_hand = []
+    for k in (0, 1):
+        for seed in (0, 1):
+            with np.load(root / f"fold{k}" / "evaluation" / f"seed{seed}" / "predictions" / "workload.npz") as f:
+                by_hand.append(balanced_accuracy_score(f["labels"], f["probs"].argmax(1)))
+    assert summary["mean"]["balanced_accuracy"] == pytest.approx(np.mean(by_hand))
+    assert summary["sd"]["balanced_accuracy"] == pytest.approx(np.std(by_hand, ddof=1))
+    assert "NeuroLM (option scores)" in (root / "cv_results.md").read_text() and (root / "figures" / "cv_summary.png").exists()
+
+
+def test_papermill_does_not_call_declared_annotated_parameters_unknown(tmp_path, caplog):
+    "papermill's reader skips `workers: int | None = None`; the runner keeps its false warning off the terminal."
+    import logging
+    nb = tmp_path / "annotated.ipynb"
+    write_notebook(nb, ["#parameters\nout_dir = None\nworkers: int | None = None",
+                        "from pathlib import Path\nPath(out_dir, 'w.txt').write_text(str(workers))"])
+    (tmp_path / "out").mkdir()
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        run_notebook(nb, tmp_path / "out" / "annotated.ipynb", {"out_dir": str(tmp_path / "out"), "workers": 2,
+                                                                "wrokers": 3})
+    assert (tmp_path / "out" / "w.txt").read_text() == "2"              # injected and used
+    said = [r.getMessage() for r in caplog.records]
+    assert "Passed unknown parameter: workers" not in said
+    assert "Passed unknown parameter: wrokers" in said                   # an undeclared name is still reported
+    assert logging.getLogger("papermill").filters == []
