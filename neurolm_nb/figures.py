@@ -40,25 +40,25 @@ TASKS = ("tuab", "tuev", "seed", "hmc", "workload", "tusl")  # the paper's order
 TASK_TITLES = {"tuab": "TUAB (abnormal)", "tuev": "TUEV (events)", "seed": "SEED (emotion)", "hmc": "HMC (sleep)",
                "workload": "Workload", "tusl": "TUSL (slowing)"}
 TASK_N_CLASSES = {"tuab": 2, "tuev": 6, "seed": 3, "hmc": 5, "workload": 2, "tusl": 3}  # chance = 1 / classes
-METRIC_ORDER = ("balanced_accuracy", "auroc", "auc_pr", "cohen_kappa", "f1_weighted", "accuracy")
-METRIC_TITLES = {"balanced_accuracy": "balanced accuracy", "auroc": "AUROC", "auc_pr": "AUC-PR",
+METRIC_ORDER = ("balanced_accuracy", "roc_auc", "pr_auc", "cohen_kappa", "f1_weighted", "accuracy")
+METRIC_TITLES = {"balanced_accuracy": "balanced accuracy", "roc_auc": "AUROC", "pr_auc": "AUC-PR",
                  "cohen_kappa": "Cohen's kappa", "f1_weighted": "weighted F1", "accuracy": "accuracy",
                  "unparseable_rate": "unparseable answers"}
 METRIC_ALIASES = {"bacc": "balanced_accuracy", "balanced_acc": "balanced_accuracy", "kappa": "cohen_kappa",
-                  "wf1": "f1_weighted", "weighted_f1": "f1_weighted", "f1": "f1_weighted", "roc_auc": "auroc",
-                  "auc": "auroc", "pr_auc": "auc_pr", "auprc": "auc_pr", "acc": "accuracy"}
+                  "wf1": "f1_weighted", "weighted_f1": "f1_weighted", "f1": "f1_weighted", "auroc": "roc_auc",
+                  "auc": "roc_auc", "auc_pr": "pr_auc", "auprc": "pr_auc", "acc": "accuracy"}
 
 # reference/labram.md "Reported results" (means over seeds; TUAB and TUEV only).
 PAPER_SINGLE_TASK = {
-    "BIOT": {"tuab": {"balanced_accuracy": 0.7959, "auc_pr": 0.8792, "auroc": 0.8815},
+    "BIOT": {"tuab": {"balanced_accuracy": 0.7959, "pr_auc": 0.8792, "roc_auc": 0.8815},
              "tuev": {"balanced_accuracy": 0.5281, "cohen_kappa": 0.5273, "f1_weighted": 0.7492}},
-    "LaBraM-Base": {"tuab": {"balanced_accuracy": 0.8140, "auc_pr": 0.8965, "auroc": 0.9022},
+    "LaBraM-Base": {"tuab": {"balanced_accuracy": 0.8140, "pr_auc": 0.8965, "roc_auc": 0.9022},
                     "tuev": {"balanced_accuracy": 0.6409, "cohen_kappa": 0.6637, "f1_weighted": 0.8312}},
-    "LaBraM-Large": {"tuab": {"balanced_accuracy": 0.8226, "auc_pr": 0.9130, "auroc": 0.9127},
+    "LaBraM-Large": {"tuab": {"balanced_accuracy": 0.8226, "pr_auc": 0.9130, "roc_auc": 0.9127},
                      "tuev": {"balanced_accuracy": 0.6581, "cohen_kappa": 0.6622, "f1_weighted": 0.8315}},
-    "LaBraM-Huge": {"tuab": {"balanced_accuracy": 0.8258, "auc_pr": 0.9204, "auroc": 0.9162},
+    "LaBraM-Huge": {"tuab": {"balanced_accuracy": 0.8258, "pr_auc": 0.9204, "roc_auc": 0.9162},
                     "tuev": {"balanced_accuracy": 0.6616, "cohen_kappa": 0.6745, "f1_weighted": 0.8329}},
-    "CBraMod": {"tuab": {"balanced_accuracy": 0.8289, "auc_pr": 0.9258, "auroc": 0.9227},
+    "CBraMod": {"tuab": {"balanced_accuracy": 0.8289, "pr_auc": 0.9258, "roc_auc": 0.9227},
                 "tuev": {"balanced_accuracy": 0.6671, "cohen_kappa": 0.6772, "f1_weighted": 0.8342}},
 }
 
@@ -569,7 +569,7 @@ def example_evaluation_metrics(seed: int = 0, n: int = 60, tasks: Sequence[str] 
             m = {"balanced_accuracy": float(balanced_accuracy_score(labels, np.where(p < 0, (labels + 1) % k, p)))}
             if k == 2:
                 prob = np.clip(np.where(p == 1, 0.7, 0.3) + rng.normal(0, 0.15, n), 0, 1)
-                m["auroc"] = float(roc_auc_score(labels, prob))
+                m["roc_auc"] = float(roc_auc_score(labels, prob))
             else:
                 q = np.where(p < 0, (labels + 1) % k, p)
                 m["cohen_kappa"] = float(cohen_kappa_score(labels, q))

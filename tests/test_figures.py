@@ -25,8 +25,8 @@ def evaluation_file(root: Path) -> dict:
     "A tiny evaluation/metrics.json in 32_evaluation's contract, with numbers easy to find in the table."
     metrics = {"tasks": {
         "tuab": {"n": 40, "classes": ["normal", "abnormal"],
-                 "corrected": {"balanced_accuracy": 0.6123, "auroc": 0.6456},
-                 "original": {"balanced_accuracy": 0.6789, "auroc": 0.5999},
+                 "corrected": {"balanced_accuracy": 0.6123, "roc_auc": 0.6456},
+                 "original": {"balanced_accuracy": 0.6789, "roc_auc": 0.5999},
                  "unparseable_rate": 0.025, "confusion": [[15, 5], [10, 10]],
                  "baseline": {"name": "majority class", "balanced_accuracy": 0.5}},
         "tuev": {"n": 12, "classes": ["spsw", "gped", "pled", "eyem", "artf", "bckg"],
@@ -43,7 +43,7 @@ def evaluation_file(root: Path) -> dict:
 def labram_file(root: Path) -> None:
     "labram/metrics.json as 16_labram_training writes it (its results_row)."
     save_json({"results_row": {"model": "LaBraM-tiny", "task": "workload", "split": "test", "balanced_accuracy": 0.5432,
-                               "auroc": 0.5876, "auc_pr": 0.55, "accuracy": 0.54, "n": 174}},
+                               "roc_auc": 0.5876, "pr_auc": 0.55, "accuracy": 0.54, "n": 174}},
               root / "labram" / "metrics.json")
 
 
@@ -118,7 +118,7 @@ def test_results_table_has_paper_and_run_numbers(tmp_path):
     assert float(tuab[PAPER_COLUMN]) == 0.7826 and float(tuab[LABRAM_PAPER_COLUMN]) == 0.8140
     assert float(tuab[RUN_COLUMN]) == 0.6123 and float(tuab[RUN_ORIGINAL_COLUMN]) == 0.6789
     assert float(rows[("tuev", "cohen_kappa")][RUN_COLUMN]) == 0.2222
-    workload = rows[("workload", "auroc")]  # LaBraM's row beside NeuroLM's paper number
+    workload = rows[("workload", "roc_auc")]  # LaBraM's row beside NeuroLM's paper number
     assert float(workload[PAPER_COLUMN]) == 0.6253 and float(workload[LABRAM_RUN_COLUMN]) == 0.5876
     assert workload[RUN_COLUMN] == ""  # this evaluation did not score Workload
     assert float(rows[("tuab", "unparseable_rate")][RUN_COLUMN]) == 0.025
