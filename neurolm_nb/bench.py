@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -19,21 +20,25 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
+from fastcore.basics import patch
 
 from .alignment import TextAlignedVQ
-from .core import autocast_context, get_dtype, seed_everything
+from .core import autocast_context, get_dtype, save_json, seed_everything
 from .gpt import ATTN_IMPLS, GPTConfig
 from .neurolm import NeuroLM, NeuroLMConfig, VocabLayout, next_second_targets
+from .pretrain import CodeHead, PretrainModel
 from .targets import neurolm_targets
-from .training import OPTIMIZER_IMPLS, adamw_impl, optimizer_impl_of
+from .testing import TOLERANCES
+from .training import OPTIMIZER_IMPLS, adamw_impl, optimizer_impl_of, weight_decay_groups
 from .vq import VQConfig, VQTokenizer
 
 # %% auto #0
-__all__ = ['PEAK_BF16_TFLOPS', 'BENCH_MODELS', 'BenchConfig', 'bench_model', 'bench_batch', 'model_flops', 'peak_tflops_for',
-           'measure', 'TokenizerBenchConfig', 'tokenizer_bench_model', 'tokenizer_bench_batch', 'tokenizer_step_loss',
-           'tokenizer_flops', 'measure_tokenizer', 'reference_config', 'loss_check', 'run_loss_check',
-           'format_loss_check', 'default_configs', 'tokenizer_configs', 'bench_kind', 'run_benchmarks', 'format_table',
-           'measure_optimizers', 'format_optimizers', 'bench_parser', 'main']
+__all__ = ['PEAK_BF16_TFLOPS', 'BENCH_MODELS', 'STAGE2_RECIPES', 'STAGE2_LOSSES', 'STAGE2_PARTS', 'BenchConfig', 'bench_model',
+           'bench_batch', 'model_flops', 'peak_tflops_for', 'measure', 'TokenizerBenchConfig', 'tokenizer_bench_model',
+           'tokenizer_bench_batch', 'tokenizer_step_loss', 'tokenizer_flops', 'measure_tokenizer', 'reference_config',
+           'loss_check', 'run_loss_check', 'format_loss_check', 'default_configs', 'tokenizer_configs', 'bench_kind',
+           'run_benchmarks', 'format_table', 'measure_optimizers', 'format_optimizers', 'stage2_setup', 'official_loss',
+           'our_loss', 'measure_stage2', 'format_stage2', 'bench_parser', 'cli_configs', 'main']
 
 # %% ../nbs/52_bench.ipynb #c006
 @dataclass
@@ -71,16 +76,18 @@ class BenchConfig:
         if self.steps < 1 or self.warmup < 0:
             raise ValueError(f"steps must be >= 1 and warmup >= 0, got {self.steps}, {self.warmup}")
 
-    @property
-    def seconds(self) -> int:
-        return self.seq // self.channels
-
-    @property
-    def name(self) -> str:
-        return (f"{self.attn_impl}/{self.dtype}" + ("+compile" if self.compile else "")
-                + (f"+{self.optimizer_impl}AdamW" if self.optimizer_impl != "auto" else ""))
-
 # %% ../nbs/52_bench.ipynb #c009
+@patch(as_prop=True)
+def seconds(self: BenchConfig) -> int:
+    return self.seq // self.channels
+
+
+@patch(as_prop=True)
+def name(self: BenchConfig) -> str:
+    return (f"{self.attn_impl}/{self.dtype}" + ("+compile" if self.compile else "")
+            + (f"+{self.optimizer_impl}AdamW" if self.optimizer_impl != "auto" else ""))
+
+# %% ../nbs/52_bench.ipynb #c012
 def bench_model(cfg: BenchConfig) -> NeuroLM:
     "A NeuroLM of the benchmark's shapes with random weights (the encoder frozen, as in stage 2)."
     seed_everything(cfg.seed)
@@ -103,7 +110,7 @@ def bench_batch(cfg: BenchConfig, vocab: VocabLayout, device: torch.device | str
              "eeg_targets": next_second_targets(codes, time_index, mask, vocab=vocab)}
     return {k: v.to(device) for k, v in batch.items()}
 
-# %% ../nbs/52_bench.ipynb #c012
+# %% ../nbs/52_bench.ipynb #c015
 def model_flops(cfg: BenchConfig) -> dict[str, float]:
     "FLOPs of one training step by part (the 6N + 12·L·T·d count; frozen encoder forward only)."
     tokens = cfg.batch * cfg.seq
@@ -123,7 +130,7 @@ def model_flops(cfg: BenchConfig) -> dict[str, float]:
     parts["total"] = sum(parts.values())
     return {k: float(v) for k, v in parts.items()}
 
-# %% ../nbs/52_bench.ipynb #c016
+# %% ../nbs/52_bench.ipynb #c019
 PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks, TFLOP/s; searched in this order (specific names first)
     "H100 PCIE": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0,
     "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
@@ -136,7 +143,7 @@ def peak_tflops_for(device_name: str, dtype: str) -> float | None:
         return None
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name.upper()), None)
 
-# %% ../nbs/52_bench.ipynb #c019
+# %% ../nbs/52_bench.ipynb #c022
 def _peak_rss_mb() -> float:
     "This process's peak resident set so far (Linux reports KiB, macOS bytes)."
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -168,7 +175,7 @@ def _time_steps(step, optimizer: torch.optim.Optimizer, device: torch.device, dt
             times.append(time.perf_counter() - t0)
     return times, losses
 
-# %% ../nbs/52_bench.ipynb #c023
+# %% ../nbs/52_bench.ipynb #c026
 def _check_device(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={str(device)!r} was asked for, but CUDA is not available")
@@ -184,7 +191,7 @@ def _memory(device: torch.device, before_mb: float | None) -> dict:
         return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20, "mem_kind": "cuda max allocated"}
     return {"peak_mem_mb": _peak_rss_mb(), "model_mem_mb": before_mb, "mem_kind": "cpu peak rss (process)"}
 
-# %% ../nbs/52_bench.ipynb #c026
+# %% ../nbs/52_bench.ipynb #c029
 def measure(cfg: BenchConfig, peak_tflops: float | None = None) -> dict:
     "Time `cfg.steps` training steps after `cfg.warmup`; tokens/s, peak memory, TFLOP/s and MFU."
     device = torch.device(cfg.device)
@@ -212,7 +219,7 @@ def measure(cfg: BenchConfig, peak_tflops: float | None = None) -> dict:
             "flops_per_step": flops["total"], "flops_by_part": flops, "achieved_tflops": achieved,
             "peak_tflops": peak, "mfu": achieved / peak if peak else None, **_memory(device, memory_before)}
 
-# %% ../nbs/52_bench.ipynb #c029
+# %% ../nbs/52_bench.ipynb #c032
 @dataclass
 class TokenizerBenchConfig:
     "Shapes of one stage-1 benchmark run; the defaults are NeuroLM's full-width tokenizer on a CPU."
@@ -250,22 +257,26 @@ class TokenizerBenchConfig:
         get_dtype(self.dtype)  # names a bad dtype now rather than in a child process
         self.vq_config()       # e.g. a width the heads do not divide
 
-    @property
-    def name(self) -> str:
-        return ("vq+text" if self.text else "vq") + f"/{self.dtype}" + ("+compile" if self.compile else "")
+# %% ../nbs/52_bench.ipynb #c035
+@patch(as_prop=True)
+def name(self: TokenizerBenchConfig) -> str:
+    return ("vq+text" if self.text else "vq") + f"/{self.dtype}" + ("+compile" if self.compile else "")
 
-    @property
-    def text_tokens(self) -> int:
-        return self.text_batch * self.text_block if self.text else 0
 
-    def vq_config(self) -> VQConfig:
-        "The `VQConfig.neurolm` preset at these sizes (no k-means; no domain classifier or text table without text)."
-        return VQConfig.neurolm(dim=self.encoder_width, n_heads=self.encoder_heads, encoder_depth=self.encoder_layers,
-                                decoder_depth=self.decoder_layers, code_dim=self.code_dim, n_codes=self.n_codes,
-                                kmeans_init=False, domain_classes=2 if self.text else 0,
-                                text_vocab_size=self.text_vocab if self.text else 0)
+@patch(as_prop=True)
+def text_tokens(self: TokenizerBenchConfig) -> int:
+    return self.text_batch * self.text_block if self.text else 0
 
-# %% ../nbs/52_bench.ipynb #c032
+
+@patch
+def vq_config(self: TokenizerBenchConfig) -> VQConfig:
+    "The `VQConfig.neurolm` preset at these sizes (no k-means; no domain classifier or text table without text)."
+    return VQConfig.neurolm(dim=self.encoder_width, n_heads=self.encoder_heads, encoder_depth=self.encoder_layers,
+                            decoder_depth=self.decoder_layers, code_dim=self.code_dim, n_codes=self.n_codes,
+                            kmeans_init=False, domain_classes=2 if self.text else 0,
+                            text_vocab_size=self.text_vocab if self.text else 0)
+
+# %% ../nbs/52_bench.ipynb #c038
 def tokenizer_bench_model(cfg: TokenizerBenchConfig) -> TextAlignedVQ:
     "The stage-1 model of the benchmark's shapes with random weights (the text table stays frozen)."
     seed_everything(cfg.seed)
@@ -291,7 +302,7 @@ def tokenizer_step_loss(model: TextAlignedVQ, batch: dict[str, torch.Tensor], al
     return model(X, batch["input_chans"], batch["input_time"], mask, targets=neurolm_targets(X, mask),
                  text_ids=batch.get("text_ids"), alpha=alpha)
 
-# %% ../nbs/52_bench.ipynb #c035
+# %% ../nbs/52_bench.ipynb #c041
 def tokenizer_flops(cfg: TokenizerBenchConfig) -> dict[str, float]:
     "FLOPs of one stage-1 training step by part (6N per trained weight and patch + 12·L·T·d attention)."
     vq = cfg.vq_config()
@@ -314,7 +325,7 @@ def tokenizer_flops(cfg: TokenizerBenchConfig) -> dict[str, float]:
     parts["total"] = sum(parts.values())
     return {k: float(v) for k, v in parts.items()}
 
-# %% ../nbs/52_bench.ipynb #c039
+# %% ../nbs/52_bench.ipynb #c045
 def measure_tokenizer(cfg: TokenizerBenchConfig, peak_tflops: float | None = None) -> dict:
     "Time `cfg.steps` stage-1 steps after `cfg.warmup`; patches/s, peak memory, TFLOP/s and MFU."
     device = torch.device(cfg.device)
@@ -351,7 +362,7 @@ def measure_tokenizer(cfg: TokenizerBenchConfig, peak_tflops: float | None = Non
             "flops_per_step": flops["total"], "flops_by_part": flops, "achieved_tflops": achieved,
             "peak_tflops": peak, "mfu": achieved / peak if peak else None, **_memory(device, memory_before)}
 
-# %% ../nbs/52_bench.ipynb #c042
+# %% ../nbs/52_bench.ipynb #c048
 def reference_config(cfg: BenchConfig | TokenizerBenchConfig) -> BenchConfig | TokenizerBenchConfig:
     "The float32, SDPA, uncompiled twin of `cfg` (same shapes, seed, weights, batch and steps)."
     changes = dict(dtype="float32", compile=False)
@@ -374,7 +385,7 @@ def loss_check(results: Sequence[dict], references: Sequence[dict], rtol: float 
                      "ok": all(v <= rtol for v in rel.values())})  # NaN compares False: not ok
     return rows
 
-# %% ../nbs/52_bench.ipynb #c045
+# %% ../nbs/52_bench.ipynb #c051
 def run_loss_check(configs: Sequence, results: Sequence[dict], rtol: float = 1e-2, isolate: bool = True) -> list[dict]:
     "Run each distinct float32 reference of `configs` once and `loss_check` `results` (in the same order) against them."
     refs = [reference_config(c) for c in configs]
@@ -395,7 +406,7 @@ def format_loss_check(rows: Sequence[dict]) -> str:
                          f"(rel {r['rel_diff_last']:.1e}), rtol {r['rtol']:.0e}: {'ok' if r['ok'] else 'FAILED'}")
     return "\n".join(lines)
 
-# %% ../nbs/52_bench.ipynb #c049
+# %% ../nbs/52_bench.ipynb #c055
 def _resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
@@ -417,7 +428,7 @@ def tokenizer_configs(device: str = "auto", **shapes) -> list[TokenizerBenchConf
         return [TokenizerBenchConfig(dtype="bf16", device=device, **shapes)]
     return [TokenizerBenchConfig(dtype="float32", device=device, **shapes)]
 
-# %% ../nbs/52_bench.ipynb #c052
+# %% ../nbs/52_bench.ipynb #c058
 BENCH_MODELS = {"lm": (BenchConfig, measure), "tokenizer": (TokenizerBenchConfig, measure_tokenizer)}
 
 
@@ -439,7 +450,7 @@ def _run_isolated(cfg, peak_tflops: float | None, timeout_s: float | None) -> di
         raise RuntimeError(f"benchmark {cfg.name} failed (exit code {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/52_bench.ipynb #c052a
+# %% ../nbs/52_bench.ipynb #c059
 def run_benchmarks(configs: Sequence[BenchConfig | TokenizerBenchConfig], isolate: bool = True,
                    peak_tflops: float | None = None, timeout_s: float | None = None, echo: bool = False) -> list[dict]:
     "Measure each configuration (in its own process when `isolate`); a failure is recorded, not raised."
@@ -456,7 +467,7 @@ def run_benchmarks(configs: Sequence[BenchConfig | TokenizerBenchConfig], isolat
             print(format_table([row]).splitlines()[-1], flush=True)
     return results
 
-# %% ../nbs/52_bench.ipynb #c055
+# %% ../nbs/52_bench.ipynb #c062
 _COLUMNS = [("name", "config", "{}"), ("device", "device_name", "{}"), ("batch×seq", None, "{}"),
             ("layers", None, "{}"), ("step s", "step_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
             ("peak MB", "peak_mem_mb", "{:,.0f}"), ("TFLOP/s", "achieved_tflops", "{:.3f}"), ("MFU", "mfu", "{:.1%}")]
@@ -467,7 +478,7 @@ def _layers_cell(c: dict) -> str:
         return f"{c['layers']}×{c['width']} (+{c['encoder_layers']})"
     return f"{c['encoder_layers']}×{c['encoder_width']} (dec 2×{c['decoder_layers']})"  # the tokenizer
 
-# %% ../nbs/52_bench.ipynb #c055a
+# %% ../nbs/52_bench.ipynb #c063
 def format_table(results: Sequence[dict]) -> str:
     "A plain-text table of `run_benchmarks` results (one row each; failures show their error; tokenizer tokens = patches)."
     rows = []
@@ -492,7 +503,7 @@ def format_table(results: Sequence[dict]) -> str:
     line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
-# %% ../nbs/52_bench.ipynb #c059
+# %% ../nbs/52_bench.ipynb #c067
 def measure_optimizers(cfg: BenchConfig, impls: Sequence[str] = ("plain", "auto")) -> dict:
     "Step time per AdamW implementation, steps interleaved; `ratio[i]`: median step of impls[0] / of i (`ratio_best`: fastest)."
     device = torch.device(cfg.device)
@@ -525,7 +536,7 @@ def measure_optimizers(cfg: BenchConfig, impls: Sequence[str] = ("plain", "auto"
             "ratio": {i: med[impls[0]] / med[i] for i in impls[1:]},
             "ratio_best": {i: min(step_s[impls[0]]) / min(step_s[i]) for i in impls[1:]}}
 
-# %% ../nbs/52_bench.ipynb #c059a
+# %% ../nbs/52_bench.ipynb #c068
 def format_optimizers(result: dict) -> str:
     "One line per implementation: step and optimizer time; then the ratios against the first."
     base = next(iter(result["step_s"]))
@@ -535,7 +546,131 @@ def format_optimizers(result: dict) -> str:
               f"{result['ratio_best'][i]:.3f}x (fastest step of each)" for i, v in result["ratio"].items()]
     return "\n".join(lines)
 
-# %% ../nbs/52_bench.ipynb #c060
+# %% ../nbs/52_bench.ipynb #c071
+STAGE2_RECIPES = {  # what differs between the two steps; model, batch, mask, loss, clipping and dtype are shared
+    "official": {"encoder_passes": 2, "logits": "every position", "optimizer_impl": "plain"},
+    "ours": {"encoder_passes": 1, "logits": "supervised positions", "optimizer_impl": "auto"},
+}
+
+
+def stage2_setup(cfg: BenchConfig, text_windows: int = 0) -> tuple[VQTokenizer, PretrainModel, dict]:
+    "(frozen VQ tokenizer, our PretrainModel with a copy of its encoder, a batch [+ `text_windows` × seq text ids])."
+    seed_everything(cfg.seed)
+    vq = VQConfig.neurolm(dim=cfg.encoder_width, n_heads=cfg.encoder_heads, encoder_depth=cfg.encoder_layers,
+                          n_codes=cfg.n_codes, decoder_depth=0, kmeans_init=False, domain_classes=0, text_vocab_size=0)
+    tokenizer = VQTokenizer(vq).requires_grad_(False).eval()
+    gpt = GPTConfig(n_layer=cfg.layers, n_head=cfg.heads, n_embd=cfg.width, attn_impl=cfg.attn_impl)
+    lm = NeuroLM(NeuroLMConfig(gpt=gpt, tokenizer=vq, vocab=VocabLayout(cfg.text_vocab, cfg.n_codes)),
+                 encoder=copy.deepcopy(tokenizer.encoder))
+    batch = {k: v for k, v in bench_batch(cfg, lm.config.vocab).items() if k != "eeg_targets"}  # targets: per step
+    if text_windows:
+        ids = torch.randint(0, cfg.text_vocab, (text_windows, cfg.seq + 1), generator=torch.Generator().manual_seed(1))
+        batch.update(text=ids[:, :-1].contiguous(), text_targets=ids[:, 1:].contiguous())
+    device = torch.device(cfg.device)
+    return (tokenizer.to(device), PretrainModel(lm, CodeHead(tokenizer)).to(device).train(),
+            {k: v.to(device) for k, v in batch.items()})
+
+# %% ../nbs/52_bench.ipynb #c074
+def official_loss(tokenizer: VQTokenizer, model: PretrainModel, batch: dict, tick=lambda part: None) -> torch.Tensor:
+    "The original's loss: codes from the full VQ, NeuroLM on the raw EEG (its own encoder pass), logits everywhere."
+    lm, X, chans, time_, mask = model.lm, batch["X"], batch["input_chans"], batch["input_time"], batch["input_mask"]
+    targets = next_second_targets(tokenizer.get_codes(X, chans, time_, mask), time_, mask, vocab=lm.config.vocab)
+    tick("targets")
+    embeds = lm.embed_eeg(X, chans, time_, mask)
+    tick("encoder")
+    loss = lm(eeg_embeds=embeds, input_chans=chans, input_time=time_, input_mask=mask, eeg_targets=targets).loss
+    if "text" in batch:
+        loss = loss + lm(text=batch["text"], text_targets=batch["text_targets"]).loss
+    tick("forward")
+    return loss
+
+
+def our_loss(tokenizer: VQTokenizer, model: PretrainModel, batch: dict, tick=lambda part: None) -> torch.Tensor:
+    "Our loss (`PretrainModel.forward`): one encoder pass gives the codes and the GPT input; supervised logits only."
+    embeds, targets, _ = model.eeg_inputs(batch)
+    tick("encoder")
+    loss = model.lm(eeg_embeds=embeds, input_chans=batch["input_chans"], input_time=batch["input_time"],
+                    input_mask=batch["input_mask"], eeg_targets=targets, supervised_only=True).loss
+    if "text" in batch:
+        loss = loss + model.text_output(batch).loss
+    tick("forward")
+    return loss
+
+
+STAGE2_LOSSES = {"official": official_loss, "ours": our_loss}
+
+# %% ../nbs/52_bench.ipynb #c077
+STAGE2_PARTS = ("targets", "encoder", "forward", "backward", "clip", "optimizer")
+
+
+def _stage2_step(loss_fn, tokenizer, model, batch, opt, params, clip, device, dtype) -> dict[str, tuple]:
+    "One timed training step: {part: (wall seconds, CPU seconds of this process)}."
+    times, last = {}, [(time.perf_counter(), time.process_time())]
+    def tick(part):
+        _sync(device)
+        now = (time.perf_counter(), time.process_time())
+        times[part], last[0] = (now[0] - last[0][0], now[1] - last[0][1]), now
+    with autocast_context(device, dtype):
+        loss = loss_fn(tokenizer, model, batch, tick)
+    loss.backward(); tick("backward")
+    torch.nn.utils.clip_grad_norm_(params, clip); tick("clip")
+    opt.step(); opt.zero_grad(set_to_none=True); tick("optimizer")
+    return {p: times.get(p, (0.0, 0.0)) for p in STAGE2_PARTS}
+
+# %% ../nbs/52_bench.ipynb #c079
+def measure_stage2(cfg: BenchConfig, text_windows: int = 0, grad_clip: float = 1.0) -> dict:
+    "Per-part step times of the official and our stage-2 step, interleaved; `ratio`: official / ours (median)."
+    device = torch.device(cfg.device)
+    _check_device(device)
+    dtype = get_dtype(cfg.dtype, device)
+    tokenizer, model, batch = stage2_setup(cfg, text_windows)
+    with torch.no_grad(), autocast_context(device, dtype):
+        first = {k: fn(tokenizer, model, batch).item() for k, fn in STAGE2_LOSSES.items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opts = {k: torch.optim.AdamW(weight_decay_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95),
+                                 **adamw_impl(r["optimizer_impl"], device)) for k, r in STAGE2_RECIPES.items()}
+    parts = {k: [] for k in STAGE2_RECIPES}
+    for r in range(cfg.warmup + cfg.steps):
+        for k, opt in opts.items():
+            row = _stage2_step(STAGE2_LOSSES[k], tokenizer, model, batch, opt, params, grad_clip, device, dtype)
+            if r >= cfg.warmup:
+                parts[k].append(row)
+    out = {}
+    for clock, i in (("", 0), ("_cpu", 1)):  # "": wall clock; "_cpu": this process's CPU time
+        totals = {k: [sum(row[p][i] for p in STAGE2_PARTS) for row in rows] for k, rows in parts.items()}
+        med = {k: statistics.median(v) for k, v in totals.items()}
+        out.update({f"parts{clock}_s": {k: {p: statistics.median(row[p][i] for row in rows) for p in STAGE2_PARTS}
+                                        for k, rows in parts.items()},
+                    f"step{clock}_s": med, f"step{clock}_s_all": totals, f"ratio{clock}": med["official"] / med["ours"],
+                    f"ratio{clock}_best": min(totals["official"]) / min(totals["ours"])})
+    rel = abs(first["ours"] - first["official"]) / abs(first["official"])
+    return {"config": asdict(cfg), "text_windows": text_windows, "grad_clip": grad_clip, "recipes": STAGE2_RECIPES,
+            "device_name": _device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "trainable_params": sum(p.numel() for p in params), "first_loss": first, "loss_rel_diff": rel,
+            "loss_ok": rel <= TOLERANCES["loss"].rtol, "kernel": {k: optimizer_impl_of(o) for k, o in opts.items()},
+            **out}
+
+# %% ../nbs/52_bench.ipynb #c082
+def format_stage2(result: dict) -> str:
+    "A per-part table (median seconds, wall and CPU) of `measure_stage2`, the first-step losses and the ratios."
+    c, names = result["config"], list(result["parts_s"])
+    cols = [(n, clock) for clock in ("", "_cpu") for n in names]
+    lines = [f"stage-2 step, {c['layers']}x{c['width']} GPT + {c['encoder_layers']}x{c['encoder_width']} encoder, "
+             f"{c['batch']}x{c['seq']} EEG tokens + {result['text_windows']}x{c['seq']} text, {c['attn_impl']}, "
+             f"{c['dtype']}, {result['threads']} threads, median of {c['steps']} interleaved steps",
+             f"{'part':<10}" + "".join(f"{n + (' cpu' if clock else ' wall'):>15}" for n, clock in cols)]
+    for p in STAGE2_PARTS:
+        lines.append(f"{p:<10}" + "".join(f"{result[f'parts{k}_s'][n][p]:>14.3f}s" for n, k in cols))
+    lines.append(f"{'step':<10}" + "".join(f"{result[f'step{k}_s'][n]:>14.3f}s" for n, k in cols))
+    losses = ", ".join(f"{n} {v:.6f}" for n, v in result["first_loss"].items())
+    lines.append(f"first-step loss: {losses} (relative difference {result['loss_rel_diff']:.1e}: "
+                 f"{'ok' if result['loss_ok'] else 'NOT within the loss tolerance'})")
+    lines.append(f"stage-2 step time, official / ours: {result['ratio']:.3f}x (median), "
+                 f"{result['ratio_best']:.3f}x (fastest step of each); CPU time: {result['ratio_cpu']:.3f}x (median), "
+                 f"{result['ratio_cpu_best']:.3f}x (fastest)")
+    return "\n".join(lines)
+
+# %% ../nbs/52_bench.ipynb #c084
 _LM_FLAGS = ("layers", "width", "heads")
 _SHARED_FLAGS = ("encoder_layers", "encoder_width", "encoder_heads", "seq", "channels", "batch", "steps", "warmup",
                  "seed")
@@ -550,7 +685,7 @@ def _env_float(name: str) -> float | None:
 def _flag_names(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
 
-# %% ../nbs/52_bench.ipynb #c063
+# %% ../nbs/52_bench.ipynb #c087
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurolm_nb.bench",
                                      description="Training tokens/s, peak memory and MFU of NeuroLM's stage-2 step "
@@ -572,6 +707,11 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZER_IMPLS, default=None,
                         help="AdamW implementations to compare on the first attention configuration (lm only), e.g. "
                              "'plain auto': the original's default loop against ours; prints the step-time ratio")
+    parser.add_argument("--vs-official", action="store_true",
+                        help="our stage-2 step against the original's configuration (lm only): per-part times, the "
+                             "step-time ratio and the first-step losses of both")
+    parser.add_argument("--text-windows", type=int, default=None,
+                        help="with --vs-official: web-text windows of --seq tokens per step (the original: 4 x 1024)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-tflops", type=float, default=_env_float("NEUROLM_PEAK_TFLOPS"),
                         help="the device's peak TFLOP/s for the MFU (default: $NEUROLM_PEAK_TFLOPS, else the table)")
@@ -584,7 +724,37 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one config as JSON (isolated child)
     return parser
 
-# %% ../nbs/52_bench.ipynb #c066
+# %% ../nbs/52_bench.ipynb #c090
+def cli_configs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list, BenchConfig | None]:
+    "(configurations to run one by one, the configuration of an --optimizers/--vs-official comparison or None)."
+    lm_only = _flag_names(args, _LM_FLAGS) + [f for f, on in (("--impls", args.impls), ("--optimizers", args.optimizers),
+                                                               ("--vs-official", args.vs_official),
+                                                               ("--text-windows", args.text_windows)) if on]
+    tokenizer_only = _flag_names(args, _TOKENIZER_FLAGS) + (["--no-text"] if args.no_text else [])
+    if args.model == "tokenizer" and lm_only:
+        parser.error(f"{', '.join(lm_only)} apply to --model lm (or all), not to --model tokenizer")
+    if args.model == "lm" and tokenizer_only:
+        parser.error(f"{', '.join(tokenizer_only)} apply to --model tokenizer (or all), not to --model lm")
+    if args.text_windows and not args.vs_official:
+        parser.error("--text-windows applies to --vs-official")
+    pick = lambda names: {k: v for k in names if (v := getattr(args, k)) is not None}
+    configs, compare = [], None
+    if args.model in ("lm", "all"):
+        lm_configs = default_configs(args.device, compile=args.compile, **pick(_LM_FLAGS + _SHARED_FLAGS))
+        if args.impls:
+            lm_configs = [dataclasses.replace(lm_configs[0], attn_impl=impl) for impl in args.impls]
+        if args.optimizers or args.vs_official:  # a comparison replaces the attention comparison
+            compare, lm_configs = lm_configs[-1], []
+        configs += lm_configs
+    if args.model in ("tokenizer", "all"):
+        configs += tokenizer_configs(args.device, compile=args.compile, text=not args.no_text,
+                                     **pick(_SHARED_FLAGS + _TOKENIZER_FLAGS))
+    if args.dtype:
+        configs = [dataclasses.replace(c, dtype=args.dtype) for c in configs]
+        compare = dataclasses.replace(compare, dtype=args.dtype) if compare else None
+    return configs, compare
+
+# %% ../nbs/52_bench.ipynb #c093
 def main(argv: Sequence[str] | None = None) -> int:
     "`python -m neurolm_nb.bench [flags]`: measure, print a table and the results as JSON."
     parser = bench_parser()
@@ -598,44 +768,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         cls, measure_fn = BENCH_MODELS[args.model]
         print(json.dumps(measure_fn(cls(**json.loads(args.single)), args.peak_tflops)), flush=True)
         return 0
-    lm_only = _flag_names(args, _LM_FLAGS) + (["--impls"] if args.impls else []) + (["--optimizers"] if args.optimizers else [])
-    tokenizer_only = _flag_names(args, _TOKENIZER_FLAGS) + (["--no-text"] if args.no_text else [])
-    if args.model == "tokenizer" and lm_only:
-        parser.error(f"{', '.join(lm_only)} apply to --model lm (or all), not to --model tokenizer")
-    if args.model == "lm" and tokenizer_only:
-        parser.error(f"{', '.join(tokenizer_only)} apply to --model tokenizer (or all), not to --model lm")
-    pick = lambda names: {k: v for k in names if (v := getattr(args, k)) is not None}
-    configs = []
-    if args.model in ("lm", "all"):
-        lm_configs = default_configs(args.device, compile=args.compile, **pick(_LM_FLAGS + _SHARED_FLAGS))
-        if args.impls:
-            lm_configs = [dataclasses.replace(lm_configs[0], attn_impl=impl) for impl in args.impls]
-        if args.optimizers:  # the AdamW comparison replaces the attention comparison
-            optimizer_cfg, lm_configs = lm_configs[-1], []
-        configs += lm_configs
-    if args.model in ("tokenizer", "all"):
-        configs += tokenizer_configs(args.device, compile=args.compile, text=not args.no_text,
-                                     **pick(_SHARED_FLAGS + _TOKENIZER_FLAGS))
-    if args.dtype:
-        configs = [dataclasses.replace(c, dtype=args.dtype) for c in configs]
+    configs, compare = cli_configs(args, parser)
+    report, ok = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+                  "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}, True
     if args.optimizers:
-        optimizers = measure_optimizers(dataclasses.replace(optimizer_cfg, dtype=args.dtype or optimizer_cfg.dtype),
-                                        args.optimizers)
-        print(format_optimizers(optimizers), flush=True)
-    results = run_benchmarks(configs, isolate=args.isolate, peak_tflops=args.peak_tflops) if configs else []
+        report["optimizers"] = measure_optimizers(compare, args.optimizers)
+        print(format_optimizers(report["optimizers"]), flush=True)
+    if args.vs_official:
+        report["stage2"] = measure_stage2(compare, args.text_windows or 0)
+        print(format_stage2(report["stage2"]), flush=True)
+        ok = report["stage2"]["loss_ok"]
+    report["results"] = results = run_benchmarks(configs, isolate=args.isolate, peak_tflops=args.peak_tflops)
     if results:
         print(format_table(results), flush=True)
-    report = {"results": results, "torch": torch.__version__, "python": platform.python_version(),
-              "machine": platform.machine(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
-    ok = all("error" not in r for r in results)
-    if args.optimizers:
-        report["optimizers"] = optimizers
+    ok = ok and all("error" not in r for r in results)
     if args.loss_check is not None:
         report["loss_check"] = run_loss_check(configs, results, args.loss_check, isolate=args.isolate)
         print(format_loss_check(report["loss_check"]), flush=True)
         ok = ok and all(row["ok"] for row in report["loss_check"])
     if args.json:
-        from neurolm_nb.core import save_json
         save_json(report, args.json)
     print(json.dumps(report), flush=True)
     return 0 if ok else 1

@@ -275,3 +275,46 @@ def test_optimizer_impl_reaches_the_step_and_the_ratio_is_reported(capsys):
     assert "step time, plain AdamW / auto (fused) AdamW" in out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["optimizers"]["kernel"] == {"plain": "plain", "auto": "fused"} and report["results"] == []
+
+
+def test_stage2_against_the_official_step_same_loss_less_work():
+    from neurolm_nb.bench import STAGE2_PARTS, format_stage2, measure_stage2, official_loss, our_loss, stage2_setup
+    cfg = BenchConfig(**TINY)
+    tokenizer, model, batch = stage2_setup(cfg, text_windows=2)
+    assert batch["text"].shape == (2, cfg.seq) and model.lm.encoder is not tokenizer.encoder
+    # a padded sample: the last second is padding (pad channel row, time 0), as the collate writes it
+    C = cfg.channels
+    batch["input_mask"][:, -C:] = False
+    batch["input_chans"][:, -C:] = 136
+    batch["input_time"][:, -C:] = 0
+    calls = []
+    with torch.no_grad():
+        official = official_loss(tokenizer, model, batch, calls.append)
+        ours = our_loss(tokenizer, model, batch, calls.append)
+        whole = model(batch)["loss"]
+    assert calls == ["targets", "encoder", "forward", "encoder", "forward"]
+    assert ours.item() == pytest.approx(official.item(), rel=1e-5)  # the fixtures' loss tolerance
+    assert ours.item() == pytest.approx(whole.item(), rel=1e-6)     # our_loss is PretrainModel.forward
+    res = measure_stage2(cfg, text_windows=1)
+    assert res["loss_ok"] and res["kernel"] == {"official": "plain", "ours": "fused"}
+    assert all(len(v) == cfg.steps for v in res["step_s_all"].values()) and res["ratio"] > 0 < res["ratio_cpu"]
+    # two timed steps: each median is a mean, so the step's median is the sum of the parts' medians
+    assert all(res["step_cpu_s"][k] == pytest.approx(sum(res["parts_cpu_s"][k].values()), rel=1e-9) for k in res["step_s"])
+    assert list(res["parts_s"]["ours"]) == list(STAGE2_PARTS) and res["parts_s"]["ours"]["targets"] == 0.0
+    assert res["parts_s"]["official"]["targets"] > 0
+    assert "official / ours" in format_stage2(res) and "(relative difference" in format_stage2(res)
+
+
+def test_command_line_vs_official(capsys):
+    flags = ["--device", "cpu", "--no-isolate", "--layers", "1", "--width", "32", "--heads", "2", "--encoder-layers", "1",
+             "--encoder-width", "32", "--encoder-heads", "2", "--seq", "32", "--steps", "1", "--warmup", "0"]
+    assert main(flags + ["--vs-official", "--text-windows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "stage-2 step time, official / ours" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["stage2"]["text_windows"] == 1 and report["stage2"]["loss_ok"] and report["results"] == []
+    for bad, named in ((["--text-windows", "2"], "--text-windows applies to --vs-official"),
+                       (["--model", "tokenizer", "--vs-official"], "--vs-official apply to --model lm")):
+        with pytest.raises(SystemExit) as e:
+            main(["--device", "cpu"] + bad)
+        assert e.value.code == 2 and named in capsys.readouterr().err
