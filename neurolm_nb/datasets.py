@@ -239,7 +239,7 @@ LATER_FIELDS: dict = {"val_subjects": (), "test_subjects": (), "exclude_from": (
 # %% ../nbs/03_datasets.ipynb #c032
 @dataclass(frozen=True)
 class DatasetSpec:
-    "How one dataset is prepared (reference §5). Subclasses override the fields and `discover` / `windows`."
+    "How one dataset is prepared (the table in this notebook's introduction). Subclasses override the fields and `discover` / `windows`."
     name: str = "base"
     channels: tuple[str, ...] | None = None  # canonical names in this order; None = every channel that normalises
     classes: tuple[str, ...] = ()

@@ -57,7 +57,7 @@ PAPER_RESULTS: dict[str, dict[str, dict[str, float]]] = {
     "LaBraM-Base (single task)": {"tuab": {"balanced_accuracy": 0.8140}, "tuev": {"balanced_accuracy": 0.6409}},
     "BIOT (single task)": {"tuab": {"balanced_accuracy": 0.7959}, "tuev": {"balanced_accuracy": 0.5281}},
 }
-PAPER_NOTE = ("reference/neurolm.md §6: 'NeuroLM' is one variant's reported row (most likely NeuroLM-B); the original "
+PAPER_NOTE = ("The paper's results tables: 'NeuroLM' is one variant's reported row (most likely NeuroLM-B); the original "
               "scored AUROC/AUC-PR from hard predictions and mapped unparseable answers to the last class. "
               "Independent re-runs generally land below the papers.")
 

@@ -48,7 +48,7 @@ METRIC_ALIASES = {"bacc": "balanced_accuracy", "balanced_acc": "balanced_accurac
                   "wf1": "f1_weighted", "weighted_f1": "f1_weighted", "f1": "f1_weighted", "auroc": "roc_auc",
                   "auc": "roc_auc", "auc_pr": "pr_auc", "auprc": "pr_auc", "acc": "accuracy"}
 
-# reference/labram.md "Reported results" (means over seeds; TUAB and TUEV only).
+# LaBraM paper's results tables (means over seeds; TUAB and TUEV only).
 PAPER_SINGLE_TASK = {
     "BIOT": {"tuab": {"balanced_accuracy": 0.7959, "pr_auc": 0.8792, "roc_auc": 0.8815},
              "tuev": {"balanced_accuracy": 0.5281, "cohen_kappa": 0.5273, "f1_weighted": 0.7492}},
@@ -78,14 +78,14 @@ def numeric_metrics(d: Any) -> dict[str, float]:
     return out
 
 
-# reference/neurolm.md §6: NeuroLM's published multi-task row (most likely NeuroLM-B). The numbers live
+# The NeuroLM paper's results tables: NeuroLM's published multi-task row (most likely NeuroLM-B). The numbers live
 # once, in 32_evaluation's PAPER_RESULTS; here they only get the metric names of this module.
 PAPER_NEUROLM = {task: numeric_metrics(m) for task, m in PAPER_RESULTS["NeuroLM"].items()}
 
 
 def paper_results() -> tuple[dict[str, dict[str, float]], str]:
     "NeuroLM's published numbers {task: {metric: value}} and where they came from."
-    return PAPER_NEUROLM, "neurolm_nb.evaluation.PAPER_RESULTS['NeuroLM'] (reference/neurolm.md §6)"
+    return PAPER_NEUROLM, "neurolm_nb.evaluation.PAPER_RESULTS['NeuroLM'] (the paper's results tables)"
 
 # %% ../nbs/90_paper_figures.ipynb #c012
 class MissingInput(Exception):
@@ -622,8 +622,8 @@ def results_table(ctx: FigureContext) -> Made:
     paper, source = paper_results()
     notes.append(f"paper numbers: {source}")
     rows, columns = results_rows(evaluation, labram, paper)
-    header = ("Balanced accuracy unless named. Paper: NeuroLM's published multi-task row (reference/neurolm.md §6) "
-              "and LaBraM-Base (reference/labram.md, TUAB/TUEV only). This run: 'corrected' evaluation (probabilistic "
+    header = ("Balanced accuracy unless named. Paper: NeuroLM's published multi-task row "
+              "and LaBraM-Base (TUAB/TUEV only). This run: 'corrected' evaluation (probabilistic "
               "AUROC, unparseable answers wrong) and the original code's evaluation; n: the examples NeuroLM's "
               "evaluation scored.\n\n")
     write_text(ctx.out_dir / "results.md", header + markdown_table(rows, columns))

@@ -40,7 +40,7 @@ class Tolerance:
     def exact(self) -> bool:
         return self.atol == 0 and self.rtol == 0
 
-# The fixtures' README §5 ("Recommended tolerances"), kind by kind.
+# The tolerances the fixtures' authors recommend, kind by kind (each row says why).
 TOLERANCES: dict[str, Tolerance] = {
     "float": Tolerance(1e-5, 1e-5, "features, hidden states, logit slices, logsumexp, log-probs"),
     "fft": Tolerance(1e-5, 1e-5, "FFT-based targets (Y_freq, LaBraM amplitude): float32 FFT rounding "
@@ -67,14 +67,14 @@ def max_abs_diff(ours, ref) -> float:
 
 
 def check_parity(ours, ref, kind: str, name: str = "value") -> float:
-    "Assert `ours` matches `ref` within the fixtures' README §5 tolerance for `kind`; return max |diff|."
+    "Assert `ours` matches `ref` within the `TOLERANCES` row for `kind`; return max |diff|."
     if kind not in TOLERANCES:
         raise KeyError(f"unknown tolerance kind {kind!r}; one of {sorted(TOLERANCES)}")
     tol, diff = TOLERANCES[kind], max_abs_diff(ours, ref)
     a, b = _as_double(ours), _as_double(ref)
     if not bool(torch.all((a - b).abs() <= tol.atol + tol.rtol * b.abs())):
         raise AssertionError(f"{name}: max |diff| {diff:.3g} exceeds the {kind!r} tolerance (atol {tol.atol:g}, "
-                             f"rtol {tol.rtol:g}; fixtures README §5: {tol.why})")
+                             f"rtol {tol.rtol:g}: {tol.why})")
     return diff
 
 # %% ../nbs/45_testing.ipynb #c011
@@ -97,7 +97,7 @@ def load_fixture(name: str) -> dict[str, torch.Tensor]:
 
 # %% ../nbs/45_testing.ipynb #c012
 def fixture_state_dict(name: str, tensors: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    "The complete official state dict (float32) of fixture `name`, with the tensors it omits rebuilt (README §2.3)."
+    "The complete official state dict (float32) of fixture `name`, with the tensors it omits rebuilt."
     t = tensors if tensors is not None else load_fixture(name)
     sd = {k[len("weights."):]: v.float() for k, v in t.items() if k.startswith("weights.")}
     if name == "neurolm_vq_tiny":
@@ -126,7 +126,7 @@ def lm_fixture_state_dict(lm_tensors: Mapping[str, torch.Tensor], vq_tensors: Ma
 # %% ../nbs/45_testing.ipynb #c019
 def compare_with_fixture(ours: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
                          atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, dict]:
-    "Per output: max |difference| and whether it is within README §5 (losses: rtol; indices: exact; else atol+rtol)."
+    "Per output: max |difference| and whether it is within tolerance (losses: rtol; indices: exact; else atol+rtol)."
     report = {}
     for name, value in ours.items():
         ref = t[f"output.{name}"]

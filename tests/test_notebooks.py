@@ -93,3 +93,49 @@ def test_parameters_tag_survives_nbdev_clean(tmp_path):
     bare = json.loads(source.read_text())
     clean_nb(bare, allowed_cell_metadata_keys=[])
     assert not any("parameters" in c["metadata"].get("tags", []) for c in bare["cells"])
+
+
+MAX_EXPORTED_CELL = 40   # lines of one exported cell (issue #11: "about 40 lines at most")
+MAX_EXPORTED_RUN = 50    # lines of exported code in a row before a demo cell runs something
+
+
+def _is_export(src: str) -> bool:
+    return any(line.replace(" ", "").startswith("#|export") for line in src.splitlines()[:3])
+
+
+@pytest.mark.parametrize("notebook", [pytest.param(nb, id=nb.stem) for nb in NOTEBOOKS])
+def test_notebook_reads_in_short_steps(notebook):
+    "Exported cells stay short, and a demo (a non-exported code cell) follows every few of them."
+    run, worst_cell, worst_run = 0, (0, -1), (0, -1)
+    for i, cell in enumerate(nbformat.read(notebook, as_version=4).cells):
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue
+        if _is_export(cell.source):
+            n = len(cell.source.strip().splitlines())
+            worst_cell, run = max(worst_cell, (n, i)), run + n
+            worst_run = max(worst_run, (run, i))
+        else:
+            run = 0
+    assert worst_cell[0] <= MAX_EXPORTED_CELL, f"{notebook.name}: exported cell {worst_cell[1]} has {worst_cell[0]} lines"
+    assert worst_run[0] <= MAX_EXPORTED_RUN, (f"{notebook.name}: {worst_run[0]} lines of exported code in a row "
+                                              f"up to cell {worst_run[1]} with no demo between")
+
+
+@pytest.mark.parametrize("notebook", [pytest.param(nb, id=nb.stem) for nb in NOTEBOOKS])
+def test_notebook_cites_only_what_a_reader_has(notebook):
+    "Quirk codes and sections point into the repository (chapter 41) or the papers, never to files outside it."
+    text = notebook.read_text()
+    for outside in ("reference/neurolm.md", "reference/labram.md", "README §", "reference §"):
+        assert outside not in text, f"{notebook.name} cites {outside!r}, which is not in the repository"
+
+
+def test_every_cited_quirk_is_in_the_glossary():
+    "A quirk code a chapter cites (quirk N4, (L5)) has an entry in 41_quirks."
+    import re
+    defined = set(re.findall(r"\b([NL]\d{1,2})\b", (ROOT / "nbs" / "41_quirks.ipynb").read_text()))
+    cited = {}
+    for nb in NOTEBOOKS:
+        for code in re.findall(r"\bquirks? ([NL]\d{1,2})\b|\(([NL]\d{1,2})\)", nb.read_text()):
+            cited.setdefault("".join(code), nb.name)
+    missing = {c: where for c, where in cited.items() if c not in defined}
+    assert cited and not missing, f"quirk codes cited but not in 41_quirks: {missing}"
