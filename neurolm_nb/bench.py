@@ -23,7 +23,7 @@ import torch
 from fastcore.basics import patch
 
 from .alignment import TextAlignedVQ
-from .core import autocast_context, get_dtype, save_json, seed_everything
+from .core import autocast_context, get_dtype, in_notebook, save_json, seed_everything
 from .gpt import ATTN_IMPLS, GPTConfig
 from .neurolm import NeuroLM, NeuroLMConfig, VocabLayout, next_second_targets
 from .pretrain import CodeHead, PretrainModel
@@ -792,5 +792,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".bench"):
-    sys.exit(main())  # only under `python -m neurolm_nb.bench` (not when a notebook kernel runs this cell)
+if __name__ == "__main__" and not in_notebook():
+    sys.exit(main())

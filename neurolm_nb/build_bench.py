@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .core import in_notebook
+
 # %% auto #0
 __all__ = ['OFFICIAL_DROP', 'OFFICIAL_ORDER', 'OFFICIAL_NAMES', 'official_recipe', 'fixture_check', 'fixture_check_fresh',
            'eegmat_files', 'eeg_hours', 'measure_here', 'measure_fresh', 'loader_throughput', 'gpu_demand', 'summary',
@@ -291,5 +293,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".build_bench"):
+if __name__ == "__main__" and not in_notebook():
     sys.exit(main())

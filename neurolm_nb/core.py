@@ -301,11 +301,8 @@ def die_with_parent(sig: int = getattr(signal, "SIGKILL", signal.SIGTERM), expec
 # %% ../nbs/00_core.ipynb #c046
 def in_notebook() -> bool:
     "True when notebook cells run here (a Jupyter kernel, papermill, nbdev_test); False in scripts and torchrun workers."
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
+    ipython = sys.modules.get("IPython")  # a kernel imported it long ago; a script never needs to import it
+    return ipython is not None and ipython.get_ipython() is not None
 
 # %% ../nbs/00_core.ipynb #c047
 def save_fig(fig, path: str | Path, formats: tuple[str, ...] = ("png",), dpi: int = 110,

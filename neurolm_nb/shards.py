@@ -35,7 +35,7 @@ from fastcore.basics import patch
 from tqdm import tqdm
 
 from .channels import channel_indices
-from .core import atomic_write, atomic_write_bytes, load_json, project_root, publish_folder, save_json, to_jsonable
+from .core import atomic_write, atomic_write_bytes, in_notebook, load_json, project_root, publish_folder, save_json, to_jsonable
 from .datasets import (DATASET_SPECS, HMC_CHANNELS, SEED_CHANNELS, SEED_TRIAL_LABELS, SPLITS, TUH_CHANNELS,
                                  WORKLOAD_CHANNELS, DatasetError, DatasetSpec, HMCSpec, PretrainSpec, RecordingEntry,
                                  TUSLSpec, downstream_overlap, duplicate_groups, get_spec)
@@ -1415,7 +1415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules:
+if __name__ == "__main__" and not in_notebook():
     sys.exit(main())
 
 # %% ../nbs/03b_shards.ipynb #c176

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .core import (PARENT_PID_ENV, atomic_write_bytes, autocast_context, die_with_parent, get_device,
-                             get_dtype, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_fig,
+                             get_dtype, in_notebook, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_fig,
                              save_json, seed_everything, set_rng_state, to_jsonable)
 
 # %% auto #0
@@ -1270,5 +1270,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", "").endswith(".training"):
-    sys.exit(main())  # only under `python -m neurolm_nb.training` (not when a notebook kernel runs this cell)
+if __name__ == "__main__" and not in_notebook():
+    sys.exit(main())

@@ -139,3 +139,18 @@ def test_launch_files_refuse_missing_parts_and_unknown_keys(tmp_path):
     path.write_text('{"setup": {"x": 1, "y": 2}, "train": {}}')
     with pytest.raises(KeyError, match=r"setup has unknown keys \['y'\]"):
         read_launch_config(path, setup=A, train=A)
+
+
+def test_one_main_guard_convention_and_in_notebook_outside_a_kernel():
+    "Every entry point is guarded the same way, and in_notebook() is False in a script even with IPython imported."
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    pkg = Path(__file__).resolve().parent.parent / "neurolm_nb"
+    guards = {p.name: re.findall(r"^if __name__ == .*$", p.read_text(), re.M) for p in pkg.glob("*.py")}
+    used = {g for gs in guards.values() for g in gs}
+    assert used == {'if __name__ == "__main__" and not in_notebook():'}, guards
+    code = "import IPython; from neurolm_nb.core import in_notebook; print(in_notebook())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
