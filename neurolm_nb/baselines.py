@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .core import in_notebook, save_json, seed_everything
 from .instructions import InstructionTask, get_task
+from .evaluation import save_predictions
 from .metrics import prob_metrics
 from .shards import INDEX_FILE, WindowDataset
 
@@ -96,7 +97,7 @@ def braindecode_baseline(root: str | Path, task: str | InstructionTask, model: s
     if why is not None:
         return {"model": model, "skipped": f"braindecode {model} not run: {why}"}
     task = get_task(task)
-    (xtr, ytr, _), (xva, yva, _), (xte, yte, ste) = [window_arrays(root, s, task) for s in ("train", "val", "test")]
+    (xtr, ytr, _), (xva, yva, sva), (xte, yte, ste) = [window_arrays(root, s, task) for s in ("train", "val", "test")]
     if len(np.unique(ytr)) < 2 or len(xva) == 0 or len(xte) == 0:
         raise ValueError(f"{root}: needs train windows of two classes, and validation and test windows")
     scale = float(xtr.std()) or 1.0
@@ -119,7 +120,8 @@ def braindecode_baseline(root: str | Path, task: str | InstructionTask, model: s
     probs = predict_probs(net, xte, device=device)
     return {"model": model, "seed": seed, **prob_metrics(yte, probs), "val": best[2], "best_epoch": best[1],
             "select_metric": key, "epochs": rows, "scale": scale, "seconds": time.perf_counter() - t0,
-            "labels": yte, "probs": probs, "subjects": ste}
+            "labels": yte, "probs": probs, "subjects": ste,
+            "val_predictions": {"labels": yva, "probs": predict_probs(net, xva, device=device), "subjects": sva}}
 
 # %% ../nbs/33_baselines.ipynb #c019
 def summarise(runs: Sequence[dict], keys: Sequence[str] = ("balanced_accuracy", "roc_auc", "pr_auc")) -> dict:
@@ -137,8 +139,12 @@ def summarise(runs: Sequence[dict], keys: Sequence[str] = ("balanced_accuracy", 
     return out
 
 # %% ../nbs/33_baselines.ipynb #c021
-def run_baselines(root, task, models: Sequence[str], seeds: Sequence[int], out: str | Path, **train_kw) -> dict:
-    "braindecode_baseline for every (model, seed): `out`/metrics.json and `out`/predictions/<model>_seed<k>.npz."
+def run_baselines(root, task, models: Sequence[str], seeds: Sequence[int], out: str | Path,
+                  floors_dir: str | Path | None = None, **train_kw) -> dict:
+    """braindecode_baseline for every (model, seed): `out`/metrics.json and `out`/predictions/<model>_seed<k>.npz.
+
+    `floors_dir` (an evaluated run's `evaluation/floors`): test and validation predictions also go to
+    `<model>/seed<k>/<split>/<task>.npz` there, where the evaluation's results and `cv-summary` read them."""
     out = Path(out)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     runs = []
@@ -146,8 +152,10 @@ def run_baselines(root, task, models: Sequence[str], seeds: Sequence[int], out: 
         for seed in seeds:
             r = braindecode_baseline(root, task, name, seed=seed, **train_kw)
             if "skipped" not in r:
-                np.savez(out / "predictions" / f"{name}_seed{seed}.npz", labels=r.pop("labels"), probs=r.pop("probs"),
-                         subjects=r.pop("subjects"))
+                test, val = {k: r.pop(k) for k in ("labels", "probs", "subjects")}, r.pop("val_predictions")
+                np.savez(out / "predictions" / f"{name}_seed{seed}.npz", **test)
+                for split, pred in (("test", test), ("val", val)) if floors_dir is not None else ():
+                    save_predictions(pred, task, Path(floors_dir) / name / f"seed{seed}" / split / f"{get_task(task).name}.npz")
                 print(f"{name} seed {seed}: test bal. acc {r['balanced_accuracy']:.3f}, AUROC {r['roc_auc']}, "
                       f"epoch {r['best_epoch']} ({r['seconds']:.0f} s)", flush=True)
             runs.append({**r, "seed": seed})
@@ -168,9 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--floors-dir", default=None,
+                   help="an evaluated run's evaluation/floors folder: predictions per seed for its results and cv-summary")
     a = p.parse_args(argv)
-    report = run_baselines(a.root, a.task, a.models, a.seeds, a.out, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                           device=a.device)
+    report = run_baselines(a.root, a.task, a.models, a.seeds, a.out, floors_dir=a.floors_dir, epochs=a.epochs, lr=a.lr,
+                           batch_size=a.batch_size, device=a.device)
     print(json.dumps(report["summary"], indent=1))
     return 0 if all("skipped" not in r for r in report["runs"]) else 2
 

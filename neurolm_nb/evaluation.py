@@ -467,6 +467,12 @@ def _floor_runs(run_root: Path, ev: Path, task: str, split: str, val_split: str 
     "Each floor's [{seed: None, test, val}] of one run: the saved predictions, else fitted again on datasets/<task>."
     out, saved = {}, sorted(p.name for p in (ev / "floors").glob("*") if p.is_dir() and p.name not in FLOORS)
     for kind, name in [*FLOORS.items(), *((k, f"{k} (braindecode)") for k in saved)]:   # + deep baselines, saved only
+        seeded = sorted((ev / "floors" / kind).glob("seed*")) if kind not in FLOORS else []
+        if seeded:  # a deep baseline trained per seed (python -m neurolm_nb.baselines --floors-dir): <kind>/seed<k>/<split>/
+            runs = [{"seed": int(d.name[4:]), "test": _load_if(d / split / f"{task}.npz"),
+                     "val": _load_if(d / val_split / f"{task}.npz") if val_split else None} for d in seeded]
+            out[name] = [r for r in runs if r["test"] is not None and len(r["test"]["labels"])]
+            continue
         test = _load_if(floor_path(ev, kind, split, task))
         val = _load_if(floor_path(ev, kind, val_split, task)) if val_split else None
         if test is None and kind in FLOORS and (run_root / "datasets" / task / "index.json").exists():

@@ -108,3 +108,21 @@ def test_cli_writes_metrics_and_predictions(eegmat_root, tmp_path):
     for seed in (0, 1):
         with np.load(tmp_path / "predictions" / f"EEGNet_seed{seed}.npz") as z:
             assert z["probs"].shape == (len(z["labels"]), 2) and len(z["subjects"]) == len(z["labels"])
+
+
+def test_cli_floors_dir_feeds_the_cv_summary(eegmat_root, tmp_path):
+    "--floors-dir puts each seed's test and validation predictions where collect_run / cv-summary read them."
+    need_braindecode()
+    from neurolm_nb.evaluation import collect_run
+    ev = tmp_path / "run" / "evaluation"
+    ev.mkdir(parents=True)
+    (ev / "metrics.json").write_text(json.dumps({"split": "test", "val_split": "val", "seeds": [0, 1]}))
+    assert main(["--root", str(eegmat_root), "--models", "EEGNet", "--seeds", "0", "1", "--epochs", "1",
+                 "--out", str(tmp_path / "out"), "--floors-dir", str(ev / "floors")]) == 0
+    runs = collect_run(tmp_path / "run")["EEGNet (braindecode)"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    y_val = window_arrays(eegmat_root, "val", "workload")[1]
+    for r in runs:
+        assert np.array_equal(r["val"]["labels"], y_val) and r["val"]["probs"].shape == (len(y_val), 2)
+        with np.load(tmp_path / "out" / "predictions" / f"EEGNet_seed{r['seed']}.npz") as z:
+            assert np.array_equal(r["test"]["probs"], z["probs"])

@@ -281,7 +281,11 @@ def test_cv_summary_pools_real_folds(eegmat_dir, tmp_path):
     fit = fit_floor(folds[1] / "datasets" / "workload", "workload", "bandpower")
     for split, pred in fit["predictions"].items():
         save_predictions(pred, "workload", floor_path(folds[1] / "evaluation", "bandpower", split, "workload"))
+        for k in (0, 1):  # a deep baseline per seed, as `python -m neurolm_nb.baselines --floors-dir` saves it (fold 1 only)
+            save_predictions(pred, "workload", folds[1] / "evaluation" / "floors" / "EEGNet" / f"seed{k}" / split / "workload.npz")
     done = cv_summary(runs=folds, out_dir=tmp_path / "cv", n_boot=200)
+    deep = done["models"]["EEGNet (braindecode)"]
+    assert deep["n_runs"] == 2 and [r["seed"] for r in deep["runs"]] == [0, 1] and done["missing"]["EEGNet (braindecode)"] == [str(folds[0])]
     neurolm = done["models"]["NeuroLM (option scores)"]
     assert (neurolm["n_runs"], neurolm["n_folds"], neurolm["n_subjects"]) == (4, 2, 4)
     assert neurolm["mean"]["balanced_accuracy"] == pytest.approx(np.mean([e[0] for e in expected]))
