@@ -254,6 +254,10 @@ def test_gpu_check_fails_clearly_without_cuda(tmp_path):
     assert "===" not in proc.stdout  # no stage started
 
 
+# a 1-layer, 32-wide stage-2 model on the command line, timed in this process for one step
+TINY_CLI = ["--device", "cpu", "--no-isolate", "--layers", "1", "--width", "32", "--heads", "2", "--encoder-layers", "1",
+            "--encoder-width", "32", "--encoder-heads", "2", "--seq", "32", "--steps", "1", "--warmup", "0"]
+
 def test_optimizer_impl_reaches_the_step_and_the_ratio_is_reported(capsys):
     from neurolm_nb.bench import format_optimizers, measure_optimizers
     with pytest.raises(ValueError, match="optimizer_impl"):
@@ -268,8 +272,7 @@ def test_optimizer_impl_reaches_the_step_and_the_ratio_is_reported(capsys):
     assert all(len(v) == TINY["steps"] for v in cmp["step_s_all"].values())
     assert all(cmp["optimizer_s"][i] < cmp["step_s"][i] for i in cmp["step_s"])
     assert "step time, plain AdamW / auto (fused) AdamW" in format_optimizers(cmp)
-    flags = ["--device", "cpu", "--no-isolate", "--layers", "1", "--width", "32", "--heads", "2", "--encoder-layers", "1",
-             "--encoder-width", "32", "--encoder-heads", "2", "--seq", "32", "--steps", "1", "--warmup", "0"]
+    flags = TINY_CLI
     assert main(flags + ["--optimizers", "plain", "auto"]) == 0
     out = capsys.readouterr().out
     assert "step time, plain AdamW / auto (fused) AdamW" in out
@@ -306,8 +309,7 @@ def test_stage2_against_the_official_step_same_loss_less_work():
 
 
 def test_command_line_vs_official(capsys):
-    flags = ["--device", "cpu", "--no-isolate", "--layers", "1", "--width", "32", "--heads", "2", "--encoder-layers", "1",
-             "--encoder-width", "32", "--encoder-heads", "2", "--seq", "32", "--steps", "1", "--warmup", "0"]
+    flags = TINY_CLI
     assert main(flags + ["--vs-official", "--text-windows", "1"]) == 0
     out = capsys.readouterr().out
     assert "stage-2 step time, official / ours" in out
