@@ -464,10 +464,11 @@ def _load_if(path: Path) -> dict | None:
 
 # %% ../nbs/32_evaluation.ipynb #c055
 def _floor_runs(run_root: Path, ev: Path, task: str, split: str, val_split: str | None) -> dict[str, list]:
-    "Each floor's [{seed: None, test, val}] of one run: the saved predictions, else fitted again on datasets/<task>."
+    "Each floor's [{seed: None, test, val}] of one run (a deep baseline: one per seed): saved, else fitted again."
     out, saved = {}, sorted(p.name for p in (ev / "floors").glob("*") if p.is_dir() and p.name not in FLOORS)
     for kind, name in [*FLOORS.items(), *((k, f"{k} (braindecode)") for k in saved)]:   # + deep baselines, saved only
-        seeded = sorted((ev / "floors" / kind).glob("seed*")) if kind not in FLOORS else []
+        seeded = [] if kind in FLOORS else sorted((d for d in (ev / "floors" / kind).glob("seed*") if d.name[4:].isdigit()),
+                                                  key=lambda d: int(d.name[4:]))
         if seeded:  # a deep baseline trained per seed (python -m neurolm_nb.baselines --floors-dir): <kind>/seed<k>/<split>/
             runs = [{"seed": int(d.name[4:]), "test": _load_if(d / split / f"{task}.npz"),
                      "val": _load_if(d / val_split / f"{task}.npz") if val_split else None} for d in seeded]
