@@ -34,7 +34,7 @@ from .vq import CodebookStats, VQTokenizer, channel_major_tokens
 __all__ = ['vqnsp_loss', 'MEM_DEFAULTS', 'MEM_NO_WEIGHT_DECAY', 'predict', 'tokenizer_codes', 'VQNSPLoss', 'train_vqnsp',
            'codebook_usage', 'check_codebook', 'mem_loss_fn', 'pretrain_mem', 'ModelEMA', 'FinetuneConfig',
            'finetune_loss', 'BestEpoch', 'FinetuneResult', 'finetune', 'scores_to_probs', 'prediction_arrays',
-           'save_stage_predictions', 'labram_card']
+           'save_stage_predictions', 'SecondsChunks', 'ssl_dataset', 'labram_card']
 
 # %% ../nbs/16_labram_training.ipynb #c007
 @torch.no_grad()
@@ -329,6 +329,62 @@ def save_stage_predictions(model: nn.Module, splits: Mapping[str, Dataset], fold
         if world_info().rank == 0:
             paths[split] = save_predictions(pred, task, Path(folder) / "predictions" / f"{split}.npz")
     return paths
+
+# %% ../nbs/16_labram_training.ipynb #c040b
+def _window_lengths(dataset: Dataset) -> list[int]:
+    "Samples per window: from the shard index of a WindowDataset (nothing read), else by reading each item."
+    if hasattr(dataset, "shards"):
+        return [int(s["n_times"]) for s in dataset.shards for _ in range(int(s["n"]))]
+    return [int(dataset[i]["x"].shape[-1]) for i in range(len(dataset))]
+
+
+class SecondsChunks(Dataset):
+    "Every non-overlapping `seconds`-long piece of every window of `dataset` (a shorter remainder is dropped)."
+    def __init__(self, dataset: Dataset, seconds: float, sfreq: float = 200.0):
+        if not seconds > 0:
+            raise ValueError(f"SecondsChunks: seconds={seconds!r} must be > 0")
+        self.dataset, self.sfreq, self.size = dataset, float(sfreq), int(round(seconds * sfreq))
+        self.index = [(i, k * self.size) for i, n in enumerate(_window_lengths(dataset)) for k in range(n // self.size)]
+        if not self.index:
+            raise ValueError(f"SecondsChunks: no window of {getattr(dataset, 'root', 'the dataset')} lasts {seconds} s")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def subjects(self) -> list:
+        "The subject of every piece."
+        names = getattr(self.dataset, "subjects", None)
+        return [names[i] if names is not None else self.dataset[i].get("subject") for i, _ in self.index]
+
+    def __getitem__(self, j: int) -> dict:
+        i, start = self.index[j]
+        item = dict(self.dataset[i])
+        item["x"] = item["x"][..., start:start + self.size]
+        if "start_s" in item:
+            item["start_s"] = float(item["start_s"]) + start / self.sfreq
+        return item
+
+
+# %% ../nbs/16_labram_training.ipynb #c040c
+def ssl_dataset(run_root: str | Path, names, seconds: float) -> Dataset:
+    "The train splits of the datasets `names` built in <run_root>/datasets, cut into `seconds` pieces (one montage)."
+    from neurolm_nb.shards import WindowDataset
+    parts, montages = [], {}
+    for name in [names] if isinstance(names, str) else list(names):
+        root = Path(run_root) / "datasets" / name
+        if not (root / "index.json").exists():
+            raise FileNotFoundError(f"pretrain_datasets: {root} holds no built dataset; add {name!r} to the "
+                                    "datasets stage of the profile (it writes <run_root>/datasets/<name>)")
+        windows = WindowDataset(root, "train")
+        for s in windows.shards:
+            montages.setdefault(tuple(s["ch_names"]), str(root))
+        parts.append(SecondsChunks(windows, seconds, windows.sfreq))
+    if len(montages) > 1:
+        raise ValueError(f"pretrain_datasets: several montages ({len(montages)}: first seen in "
+                         f"{sorted(set(montages.values()))}); a LaBraM batch needs one montage")
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
 
 # %% ../nbs/16_labram_training.ipynb #c058
 def labram_card(data_root: str | Path, metrics: Mapping, options: Mapping | None = None) -> ModelCard:

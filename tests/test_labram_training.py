@@ -268,3 +268,36 @@ def test_stage_predictions_are_what_the_evaluation_stage_reads(tmp_path):
         np.testing.assert_allclose(pred["probs"].sum(1), 1.0)
         assert list(pred["subjects"]) == list(d.subjects) and len(set(pred["subjects"])) >= 1
     np.testing.assert_allclose(scores_to_probs(np.array([[0.0, 0.0, np.log(2.0)]])), [[0.25, 0.25, 0.5]])
+
+
+def test_labram_stage_pretrains_on_whole_training_recordings(tmp_path, nbs_dir):
+    "pretrain_datasets: VQ-NSP and MEM read the whole recordings of the training subjects, cut into 4 s pieces, while"
+    " fine-tuning keeps the paper's labelled windows; a corpus that holds a validation or test subject is refused."
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+    from test_splits_leakage import _eegmat_copy
+    from neurolm_nb.core import load_json
+    from neurolm_nb.shards import WindowDataset, build_dataset
+    raw, run = _eegmat_copy(tmp_path / "raw"), tmp_path / "run"
+    workload = run / "datasets" / "workload"
+    build_dataset("workload", raw, workload, seed=0, val_subjects=["Subject03"], test_subjects=["Subject02"])
+    build_dataset("pretrain", raw, run / "datasets" / "pretrain", seed=0, exclude_from=[str(workload)])
+    build_dataset("pretrain", raw, run / "datasets" / "everything", seed=0)
+    corpus = WindowDataset(run / "datasets" / "pretrain", "train")
+    pieces = sum(int(s["n_times"]) // 800 * int(s["n"]) for s in corpus.shards)
+    params = dict(run_root=str(run), pretrain_datasets=["pretrain"], vq_steps=4, usage_every=2, mem_epochs=1,
+                  finetune_epochs=1, batch_size=16)
+    pm.execute_notebook(str(nbs_dir / "16_labram_training.ipynb"), str(tmp_path / "ok.ipynb"),
+                        parameters={**params, "out_dir": str(tmp_path / "ok")}, kernel_name="python3",
+                        cwd=str(nbs_dir), progress_bar=False, execution_timeout=600)
+    m = load_json(tmp_path / "ok" / "metrics.json")
+    ssl = m["self_supervised_data"]
+    assert ssl["datasets"] == ["pretrain"] and ssl["seconds"] == 4.0 and ssl["pieces"] == pieces
+    assert ssl["subjects"] == sorted(set(corpus.subjects)) and not {"Subject02", "Subject03"} & set(ssl["subjects"])
+    assert m["pretraining"]["steps"] == pieces // 16                       # one MEM epoch over the pieces (full batches),
+    assert len(WindowDataset(workload, "train")) // 16 != pieces // 16     # not over the labelled windows
+    assert m["windows"]["train"] == len(WindowDataset(workload, "train"))  # fine-tuning: the paper's windows
+    with pytest.raises(PapermillExecutionError, match="in Workload's val or test split"):
+        pm.execute_notebook(str(nbs_dir / "16_labram_training.ipynb"), str(tmp_path / "leak.ipynb"),
+                            parameters={**params, "pretrain_datasets": ["everything"], "out_dir": str(tmp_path / "leak")},
+                            kernel_name="python3", cwd=str(nbs_dir), progress_bar=False, execution_timeout=600)
