@@ -27,9 +27,10 @@ from .training import (TrainConfig, TrainResult, cleanup_distributed, die_with_t
                                  move_to_device, setup_distributed, stage_datasets_root, train, unwrap_model, world_info)
 
 # %% auto #0
-__all__ = ['PRETRAINED', 'checkpoint_text_tokenizer', 'tiny_neurolm', 'resolve_start_model', 'load_start_model', 'InstructModel',
-           'InstructLoss', 'spread_indices', 'evaluate_instructions', 'InstructSetup', 'instruct_data', 'instruct_text',
-           'PreparedInstruct', 'prepare_instruct', 'instruct_card', 'report_validation', 'run_instruct', 'main']
+__all__ = ['PRETRAINED', 'SELECT_METRICS', 'checkpoint_text_tokenizer', 'tiny_neurolm', 'resolve_start_model', 'load_start_model',
+           'InstructModel', 'InstructLoss', 'spread_indices', 'evaluate_instructions', 'InstructSetup', 'instruct_data',
+           'instruct_text', 'PreparedInstruct', 'prepare_instruct', 'instruct_card', 'report_validation',
+           'KeepBestValidation', 'run_instruct', 'main']
 
 # %% ../nbs/31_instruction_tuning.ipynb #c008
 PRETRAINED = Path("pretrain") / "neurolm.pt"  # relative to run_root; written by 22_pretrain
@@ -130,28 +131,34 @@ def spread_indices(n: int, k: int | None) -> np.ndarray:
 @torch.no_grad()
 def evaluate_instructions(lm: NeuroLM, val_sets: Sequence[InstructionDataset], tokenizer, batch_size: int = 16,
                           max_samples: int | None = None) -> dict[str, float]:
-    "Per task: option-scoring balanced accuracy and the mean NLL of the true answer on (a spread of) its val split."
-    from sklearn.metrics import balanced_accuracy_score
+    "Per task on (a spread of) its val split: option-scoring balanced accuracy, AUROC (two options) and the true answer's mean NLL."
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
     device = next(lm.gpt.parameters()).device
     out = {}
     for ds in val_sets:
         idx = spread_indices(len(ds), max_samples)
-        labels, preds, nll = [], [], []
+        labels, preds, nll, p1 = [], [], [], []
         for start in range(0, len(idx), batch_size):
             batch = move_to_device(collate_instructions([ds[int(i)] for i in idx[start:start + batch_size]]), device)
             scores = score_options(lm, batch, ds.task, tokenizer)
             truth = batch["label"]
             labels.append(truth.cpu()); preds.append(scores.pred.cpu())
             nll.append(-(scores.loglik.gather(1, truth[:, None])[:, 0]).cpu())
+            p1.append(torch.softmax(scores.loglik.float(), 1)[:, -1].cpu())
         if idx.size:
             y, p = torch.cat(labels).numpy(), torch.cat(preds).numpy()
             with warnings.catch_warnings():  # tiny validation sets may lack classes; the score is still defined
                 warnings.simplefilter("ignore")
                 out[f"{ds.task.name}_balanced_accuracy"] = float(balanced_accuracy_score(y, p))
             out[f"{ds.task.name}_answer_nll"] = float(torch.cat(nll).mean())
+            if ds.task.n_classes == 2 and len(np.unique(y)) == 2:   # P(second option), from the option scores
+                out[f"{ds.task.name}_roc_auc"] = float(roc_auc_score(y, torch.cat(p1).numpy()))
     return out
 
 # %% ../nbs/31_instruction_tuning.ipynb #c023
+SELECT_METRICS = {"roc_auc": 1, "balanced_accuracy": 1, "answer_nll": -1}  # metric -> +1: higher is better
+
+
 @dataclass
 class InstructSetup:
     "What stage 3 trains on and with; the optimiser, schedule and batch are a `TrainConfig`."
@@ -169,11 +176,14 @@ class InstructSetup:
     text_block: int = 1024
     max_train_windows: int | None = None   # per task
     val_samples: int | None = 64           # validation windows per task and evaluation (None: all)
+    select_metric: str | None = None       # None: the final weights; else the validated update best on this metric
     export_pretrained: str | None = None   # a folder: also write the final NeuroLM there in hub format (with a card)
 
     def __post_init__(self):
         if self.eeg_max_len < 1 or (self.text_max_len is not None and self.text_max_len < 2):
             raise ValueError(f"eeg_max_len={self.eeg_max_len} / text_max_len={self.text_max_len} are too small")
+        if self.select_metric is not None and self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric={self.select_metric!r}: None or one of {sorted(SELECT_METRICS)}")
         if self.text_batch < 0:
             raise ValueError(f"text_batch must be >= 0, got {self.text_batch}")
         if isinstance(self.tasks, (list, tuple)) and list(self.tasks) == ["auto"]:
@@ -274,18 +284,58 @@ def report_validation(state) -> None:
         print(f"update {state.step}/{state.max_steps}: loss {row['loss']:.4g}, "
               + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), flush=True)
 
+# %% ../nbs/31_instruction_tuning.ipynb #c039b
+class KeepBestValidation:
+    "A `train` callback: after every validated update, keep (on CPU) the NeuroLM weights with the best mean `metric`."
+    checkpoint_key = "best_validation"
+
+    def __init__(self, metric: str):
+        if metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric={metric!r}: one of {sorted(SELECT_METRICS)}")
+        self.metric, self.sign = metric, SELECT_METRICS[metric]
+        self.step, self.value, self.weights = None, None, None
+
+    def __call__(self, state) -> None:
+        vals = [v for k, v in (state.row or {}).items() if k.startswith("eval_") and k.endswith("_" + self.metric)]
+        if not vals:
+            return  # not validated (or the metric is undefined on every task)
+        value = float(np.mean(vals))
+        if self.value is None or self.sign * value > self.sign * self.value:
+            self.step, self.value = state.step, value
+            lm = unwrap_model(state.model).lm
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "step": self.step, "value": self.value, "weights": self.weights}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state["metric"] != self.metric:
+            raise ValueError(f"the checkpoint kept weights by {state['metric']!r}, this run selects by {self.metric!r}")
+        self.step, self.value, self.weights = state["step"], state["value"], state["weights"]
+
+
 # %% ../nbs/31_instruction_tuning.ipynb #c041
 def run_instruct(setup: InstructSetup, cfg: TrainConfig, callbacks: Sequence[Callable] = ()) -> TrainResult:
     "Stage 3 in this process (alone, or as one rank under torchrun); rank 0 writes neurolm.pt and run_info.json."
     from neurolm_nb.pretrain import save_stage_model
     setup_distributed(timeout_s=cfg.dist_timeout_s)
     prep = prepare_instruct(setup, cfg)
-    callbacks = list(callbacks) + ([] if cfg.progress else [report_validation])
+    keeper = KeepBestValidation(setup.select_metric) if setup.select_metric else None
+    if keeper is not None and prep.eval_fn is None:
+        raise ValueError(f"select_metric={setup.select_metric!r} needs validation: eval_every > 0 and a val split "
+                         f"(eval_every={cfg.eval_every}, tasks with val windows: {len(prep.val_sets)})")
+    callbacks = list(callbacks) + ([keeper] if keeper else []) + ([] if cfg.progress else [report_validation])
     result = train(prep.model, prep.train_data, prep.loss_fn, cfg, collate_fn=collate_instructions,
                    eval_fn=prep.eval_fn, tokens_fn=prep.tokens_fn, callbacks=callbacks)
-    save_stage_model(prep.model.lm, setup, cfg, result, prep.info, instruct_card,
+    selected = None
+    if keeper is not None and keeper.weights is not None:
+        prep.model.lm.load_state_dict(keeper.weights)
+        selected = {"metric": keeper.metric, "step": keeper.step, "value": keeper.value}
+        prep.info["selected"] = selected
+    save_stage_model(prep.model.lm, setup, cfg, result, prep.info, instruct_card, selected=selected,
                      text_tokenizer=prep.info["text_tokenizer"], tasks=list(prep.info["tasks"]))
     return result
+
 
 # %% ../nbs/31_instruction_tuning.ipynb #c042
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ weights of one process on the same global batch."""
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,22 @@ def test_prepare_steps_read_the_setup_and_stop_with_clear_errors(run_root):
     assert stream.batch(0)[0].shape == (2, 16) and info["text_train_tokens"] > 0
     with pytest.raises(ValueError, match="exceeds the GPT"):
         instruct_text(InstructSetup(text_block=lm.config.gpt.block_size + 1), lm, spec)
+
+
+def test_select_metric_keeps_the_best_validated_weights(run_root, tmp_path):
+    "select_metric: neurolm.pt holds the weights of the validated update with the best mean metric over the tasks"
+    " (read back from that update's own checkpoint); AUROC is reported for the two-option task; no validation, no selection."
+    setup = InstructSetup(run_root=str(run_root), text_max_len=None, text_batch=0, val_samples=8, select_metric="answer_nll")
+    run_instruct(setup, cfg(tmp_path, max_steps=5, eval_every=1, ckpt_every=1, keep_last=10, lr=3e-3))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_workload_answer_nll" in r]
+    assert len(rows) == 5 and all(0 <= r["eval_workload_roc_auc"] <= 1 for r in rows)
+    assert not any("eval_tusl_roc_auc" in r for r in rows)                     # three options: no AUROC
+    mean_nll = [(r["eval_workload_answer_nll"] + r["eval_tusl_answer_nll"]) / 2 for r in rows]
+    best = rows[int(np.argmin(mean_nll))]["step"]
+    ckpt = load_checkpoint(tmp_path / "neurolm.pt")
+    assert ckpt["selected"]["step"] == best and ckpt["selected"]["value"] == pytest.approx(min(mean_nll))
+    at_best = load_checkpoint(tmp_path / "checkpoints" / f"step_{best:08d}.pt")["model"]
+    assert all(torch.equal(v, at_best["lm." + k]) for k, v in load_neurolm(ckpt).state_dict().items())
+    assert json.loads((tmp_path / "run_info.json").read_text())["selected"]["step"] == best
+    with pytest.raises(ValueError, match="needs validation"):
+        run_instruct(setup, cfg(tmp_path / "noval", max_steps=2, eval_every=0))
