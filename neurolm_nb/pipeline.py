@@ -444,7 +444,9 @@ def missing_inputs(stage: str, params: dict, root: Path, earlier: Iterable[str],
                    seeded: Iterable[str] = (), seed_roots: Iterable[Path] = ()) -> list[str]:
     "What `stage` needs that neither `root` holds nor an `earlier` stage of this run will write (see `plan_stages` for seeds)."
     problems, seeded, seed_roots = [], set(seeded), [Path(r) for r in seed_roots]
-    for rel, producer, override in STAGE_INPUTS.get(stage, []):
+    named = params.get("pretrain_datasets") if stage == "labram" else None   # datasets a parameter names
+    named = [(f"datasets/{n}/index.json", "datasets", None) for n in ([named] if isinstance(named, str) else named or [])]
+    for rel, producer, override in STAGE_INPUTS.get(stage, []) + named:
         if override is not None and params.get(override) not in (None, "auto"):
             continue                                      # the profile names its own source
         if producer in seeded and stage not in seeded and seed_roots:

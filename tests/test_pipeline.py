@@ -350,6 +350,8 @@ def test_wrong_types_and_missing_upstream_stop_before_any_kernel(tmp_path):
         run_pipeline("smoke", stages="pretrain", runs_dir=tmp_path, verbose=False)
     with pytest.raises(ProfileError, match="instruct/neurolm.pt"):
         run_pipeline("smoke", stages="evaluation", runs_dir=tmp_path, verbose=False)
+    with pytest.raises(ProfileError, match=r"stage 'labram' needs datasets/pretrain/index.json"):
+        run_pipeline("workload", stages="labram", runs_dir=tmp_path, verbose=False)   # whole recordings never built
     for section, message in [({"max_files": "two"}, "parameter 'max_files' = 'two'"),
                              ({"build_options": {"workload": {"window_s": "four"}}}, "WorkloadSpec.window_s = 'four'")]:
         with pytest.raises(ProfileError, match=message):
